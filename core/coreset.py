@@ -1,0 +1,555 @@
+"""Greedy k-center (farthest-first) coreset selection, offline and incremental.
+
+PatchCore keeps a *coreset* of the training patch features: a subset S such that every
+training patch lies close to some member of S. Farthest-first traversal (Gonzalez) picks, at
+each step, the point farthest from everything picked so far; it is a 2-approximation of the
+optimal k-center radius.
+
+Why this module looks the way it does:
+
+* **Seeded random projection.** Distances are compared in a ``projection_dim``-dimensional
+  Gaussian random projection (Johnson-Lindenstrauss), which makes each pick ~8x cheaper for
+  D=1024. The projection comes from a ``torch.Generator`` seeded by ``seed``, so the same input and
+  seed give the same coreset (patchcore-inspection builds an unseeded ``nn.Linear`` on every call).
+* **The start point is part of the coreset** (a long-standing omission in anomalib).
+* **Memory O(N), never N x N.** We keep one running min-distance per point.
+* **Triangle-inequality pruning.** Each point remembers its nearest center. A new center ``c`` can
+  only move points of a cluster ``j`` whose radius ``R_j`` satisfies ``|c - c_j| < 2 R_j``; other
+  clusters are skipped. Early picks touch every point (one memory-bound matrix-vector product over
+  the projections), later picks only the clusters near ``c``. The selection order is exactly that of
+  plain farthest-first (``tests/test_coreset.py`` checks it against a naive reference).
+* **Radii are reported in the original feature space**, not in the projection, because they feed
+  the federated coverage certificate (a projection distorts distances by 1 +- eps).
+
+On CPU the loop runs in NumPy: on this kind of machine ``numpy.dot`` (OpenBLAS) computes the
+[N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CoresetResult",
+    "IncrementalCoreset",
+    "IncrementalSelection",
+    "coverage_radius",
+    "farthest_first",
+    "greedy_coreset",
+    "projection_matrix",
+]
+
+# Slack on the pruning test |c - c_j|^2 < 4 R_j^2: squared distances come from the expansion
+# |x|^2 - 2 x.c + |c|^2 in float32, whose rounding error is relative to |x|^2. Pruning is only
+# skipped (never wrongly applied) when the slack is generous.
+_PRUNE_REL_SLACK = 1e-3
+# Recompute exact cluster radii after this many unpruned (full) passes; in between the stale radii
+# are valid upper bounds (points only ever leave a cluster), so pruning stays correct.
+_RADIUS_REFRESH_PERIOD = 16
+
+
+@dataclass(frozen=True)
+class CoresetResult:
+    """The outcome of a coreset selection.
+
+    Attributes:
+        indices: [k] int64 positions of the selected rows in the input, in selection order
+            (``indices[0]`` is the start point).
+        radius: coverage radius in the original feature space (Euclidean): every input row lies
+            within ``radius`` of some selected row. Exact for :func:`greedy_coreset`; a certified
+            upper bound for :class:`IncrementalCoreset` (it has forgotten the dropped rows).
+            None when the caller asked not to compute it.
+    """
+
+    indices: np.ndarray
+    radius: float | None
+
+
+def projection_matrix(in_dim: int, out_dim: int, seed: int) -> torch.Tensor:
+    """A Gaussian JL projection [in_dim, out_dim] with N(0, 1/out_dim) entries.
+
+    Scaled so that squared distances are preserved in expectation: projected and original radii are
+    on the same scale (the incremental selector adds the two). Generated on the CPU from a seeded
+    ``torch.Generator`` so the matrix is identical on every machine and device.
+    """
+    if in_dim < 1 or out_dim < 1:
+        raise ValueError(f"projection dims must be >= 1, got in_dim={in_dim}, out_dim={out_dim}")
+    generator = torch.Generator().manual_seed(seed)
+    matrix = torch.randn(in_dim, out_dim, generator=generator, dtype=torch.float32)
+    return matrix / math.sqrt(out_dim)
+
+
+def _as_float32_numpy(features: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(features, torch.Tensor):
+        features = features.detach().cpu().numpy()
+    array = np.ascontiguousarray(features, dtype=np.float32)
+    if array.ndim != 2:
+        raise ValueError(f"features must be a 2-D [N, D] array, got shape {array.shape}")
+    return array
+
+
+def _project(features: np.ndarray, projection_dim: int | None, seed: int) -> np.ndarray:
+    """[N, D] -> [N, projection_dim] float32 (or the input itself when no projection helps)."""
+    dim = features.shape[1]
+    if projection_dim is None or projection_dim >= dim:
+        return features
+    matrix = projection_matrix(dim, projection_dim, seed)
+    return (torch.from_numpy(features) @ matrix).numpy()
+
+
+def farthest_first(
+    points: np.ndarray,
+    k: int,
+    *,
+    start: int = 0,
+    radii: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Farthest-first traversal on ``points`` [N, d] (float32), CPU, with exact pruning.
+
+    Args:
+        points: [N, d] rows to choose from (usually random projections).
+        k: how many to choose, 1 <= k <= N.
+        start: index of the first pick (included in the result).
+        radii: optional [N] non-negative "already represented" radius of each row. A row that
+            stands in for other, forgotten rows within ``radii[i]`` of it is picked by priority
+            ``dist(i, chosen) + radii[i]``: the incremental selector's weighted merge, which keeps
+            the bound dist + radius over everything ever seen as small as farthest-first can.
+
+    Returns:
+        (indices [k] int64 in pick order, assignment [N] int64: for each row, the position in
+        ``indices`` of its nearest chosen row in ``points``' space).
+    """
+    n, dim = points.shape
+    if not 1 <= k <= n:
+        raise ValueError(f"k must be in [1, {n}] for {n} points, got {k}")
+    if not 0 <= start < n:
+        raise ValueError(f"start index {start} out of range for {n} points")
+    sq_norms = np.einsum("ij,ij->i", points, points)
+    centers = np.empty((k, dim), dtype=np.float32)
+    center_sq = np.empty(k, dtype=np.float32)
+    cluster_r2 = np.zeros(k, dtype=np.float32)  # squared radius bound of each center's cluster
+    cluster_size = np.zeros(k, dtype=np.int64)
+    assignment = np.zeros(n, dtype=np.int64)
+    selected = np.empty(k, dtype=np.int64)
+    scratch = np.empty(n, dtype=np.float32)
+
+    is_selected = np.zeros(n, dtype=bool)
+    # Chosen rows get -inf priority: their represented radius is already in the bank.
+    bonus = None if radii is None else np.asarray(radii, dtype=np.float32).copy()
+    if bonus is not None and bonus.shape != (n,):
+        raise ValueError(f"radii must have shape ({n},), got {bonus.shape}")
+
+    def next_pick(d2: np.ndarray) -> int:
+        if bonus is None:
+            best = int(d2.argmax())
+        else:
+            best = int((np.sqrt(np.maximum(d2, 0.0)) + bonus).argmax())
+        if is_selected[best]:
+            # Everything left coincides with a chosen row (duplicates): any unchosen row will do.
+            best = int(np.flatnonzero(~is_selected)[0])
+        is_selected[best] = True
+        if bonus is not None:
+            bonus[best] = -np.inf
+        return best
+
+    def distances_to(index: int, out: np.ndarray) -> np.ndarray:
+        # |x|^2 - 2 x.c + |c|^2 in three passes (the -2 folded into the 128-vector); tiny negative
+        # rounding results are harmless here: they only ever compare or get clamped below.
+        np.dot(points, points[index] * -2.0, out=out)
+        out += sq_norms
+        out += sq_norms[index]
+        return out
+
+    is_selected[start] = True
+    if bonus is not None:
+        bonus[start] = -np.inf
+    min_d2 = distances_to(start, np.empty(n, dtype=np.float32))
+    min_d2[start] = 0.0
+    selected[0], centers[0], center_sq[0] = start, points[start], sq_norms[start]
+    cluster_r2[0], cluster_size[0] = min_d2.max(), n
+    full_passes_since_refresh = 0
+    pick = next_pick(min_d2)
+
+    for t in range(1, k):
+        selected[t], centers[t], center_sq[t] = pick, points[pick], sq_norms[pick]
+        c = points[pick]
+        # Squared distances from the new center to every earlier center: [t].
+        dc2 = center_sq[:t] - 2.0 * (centers[:t] @ c) + sq_norms[pick]
+        candidate = dc2 < 4.0 * cluster_r2[:t] * (1.0 + _PRUNE_REL_SLACK) + 1e-6
+        touched_points = int(cluster_size[:t][candidate].sum())
+        if 2 * touched_points > n:
+            # Most points may move: one dense pass is cheaper than gathering.
+            dist = distances_to(pick, scratch)
+            moved = np.flatnonzero(dist < min_d2)
+            cluster_size[:t] -= np.bincount(assignment[moved], minlength=t)[:t]
+            cluster_size[t] = moved.size
+            min_d2[moved] = dist[moved]
+            assignment[moved] = t
+            min_d2[pick] = 0.0
+            full_passes_since_refresh += 1
+            if full_passes_since_refresh >= _RADIUS_REFRESH_PERIOD:
+                cluster_r2[: t + 1] = 0.0
+                np.maximum.at(cluster_r2, assignment, min_d2)
+                full_passes_since_refresh = 0
+            else:
+                # Stale radii of the old clusters stay valid upper bounds (points only leave).
+                cluster_r2[t] = min_d2[moved].max() if moved.size else 0.0
+        else:
+            rows = np.flatnonzero(candidate[assignment])
+            dist = sq_norms[rows] - 2.0 * (points[rows] @ c) + sq_norms[pick]
+            np.maximum(dist, 0.0, out=dist)
+            better = dist < min_d2[rows]
+            moved = rows[better]
+            np.subtract.at(cluster_size, assignment[moved], 1)
+            cluster_size[t] = moved.size
+            min_d2[moved] = dist[better]
+            assignment[moved] = t
+            min_d2[pick] = 0.0
+            # Exact radii for every cluster that could have changed.
+            changed = np.flatnonzero(candidate)
+            cluster_r2[changed] = 0.0
+            cluster_r2[t] = 0.0
+            np.maximum.at(cluster_r2, assignment[rows], min_d2[rows])
+        pick = next_pick(min_d2)
+    return selected, assignment
+
+
+def _farthest_first_torch(
+    points: torch.Tensor, k: int, start: int, radii: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Plain farthest-first on a (CUDA) tensor [N, d]: one fused ``addmv`` per pick.
+
+    No pruning: on a GPU the dense pass is bandwidth-cheap and pruning's gathers would cost more.
+    Same pick rule and ``radii`` priority as :func:`farthest_first` (ties aside).
+    """
+    n = points.shape[0]
+    bonus = None
+    if radii is not None:
+        bonus = torch.as_tensor(radii, dtype=torch.float32, device=points.device).clone()
+    sq_norms = (points * points).sum(dim=1)
+    min_d2 = torch.full((n,), float("inf"), device=points.device)
+    assignment = torch.zeros(n, dtype=torch.long, device=points.device)
+    selected = torch.empty(k, dtype=torch.long, device=points.device)
+    dist = torch.empty(n, device=points.device)
+    pick = torch.tensor(start, device=points.device)
+    for t in range(k):
+        selected[t] = pick
+        torch.addmv(sq_norms, points, points[pick], alpha=-2.0, out=dist)
+        dist.add_(sq_norms[pick]).clamp_(min=0.0)
+        assignment = torch.where(dist < min_d2, t, assignment)
+        torch.minimum(min_d2, dist, out=min_d2)
+        # -1 sticks (distances are >= 0), so a chosen row is never picked twice, even among
+        # duplicates; keeping it a tensor op avoids a host sync per pick.
+        min_d2[pick] = -1.0
+        if bonus is None:
+            pick = torch.argmax(min_d2)
+        else:
+            bonus[pick] = -torch.inf
+            pick = torch.argmax(min_d2.clamp_min(0.0).sqrt() + bonus)
+    return selected.cpu().numpy(), assignment.cpu().numpy()
+
+
+def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Euclidean distance [Q] from each query row to its nearest bank row (one [Q, k] block)."""
+    d2 = (
+        (queries * queries).sum(1, keepdim=True)
+        - 2.0 * queries @ bank.T
+        + (bank * bank).sum(1)[None, :]
+    )
+    return d2.min(dim=1).values.clamp_min(0.0).sqrt()
+
+
+def coverage_radius(
+    features: np.ndarray | torch.Tensor,
+    bank: np.ndarray | torch.Tensor,
+    *,
+    chunk_rows: int = 2048,
+) -> float:
+    """Exact coverage radius max_i min_j |features_i - bank_j| (Euclidean, original space).
+
+    Costs N x k x D multiply-adds in chunks of ``chunk_rows`` queries (memory chunk_rows x k);
+    meant for benchmarks and tests. :func:`greedy_coreset` gets the same number far cheaper.
+    """
+    x = torch.as_tensor(_as_float32_numpy(features))
+    b = torch.as_tensor(_as_float32_numpy(bank))
+    if x.shape[1] != b.shape[1]:
+        raise ValueError(f"feature dims differ: features {tuple(x.shape)}, bank {tuple(b.shape)}")
+    radius = 0.0
+    for lo in range(0, x.shape[0], chunk_rows):
+        radius = max(radius, float(_nearest_distance(x[lo : lo + chunk_rows], b).max()))
+    return radius
+
+
+def _exact_radius(
+    features: np.ndarray,
+    bank_indices: np.ndarray,
+    assignment: np.ndarray,
+    offsets: np.ndarray | None = None,
+) -> float:
+    """Exact max_i (min_j |x_i - x_bank_j| + offsets_i), touching few rows.
+
+    ``upper[i] = |x_i - x_bank[assignment[i]]|`` bounds row i's true nearest-bank distance from
+    above (the projection may have assigned it to a slightly farther member). Visiting rows by
+    decreasing ``upper + offset`` and computing exact distances in blocks, we can stop as soon as
+    the best exact value found is >= the next row's upper bound: no later row can exceed it.
+    ``offsets`` (default 0) are the radii that rows already stand in for.
+    """
+    bank = torch.from_numpy(features[bank_indices])
+    upper = np.empty(features.shape[0], dtype=np.float32)
+    step = 8192  # bounds the [step, D] difference block
+    for lo in range(0, features.shape[0], step):
+        diffs = features[lo : lo + step] - features[bank_indices[assignment[lo : lo + step]]]
+        upper[lo : lo + step] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+    if offsets is not None:
+        upper += offsets
+    order = np.argsort(-upper, kind="stable")
+    radius = 0.0
+    block = 256
+    for lo in range(0, order.size, block):
+        if radius >= upper[order[lo]]:
+            break
+        rows = order[lo : lo + block]
+        exact = _nearest_distance(torch.from_numpy(features[rows]), bank).numpy()
+        if offsets is not None:
+            exact = exact + offsets[rows]
+        radius = max(radius, float(exact.max()))
+    return radius
+
+
+def greedy_coreset(
+    features: np.ndarray | torch.Tensor,
+    k: int,
+    *,
+    projection_dim: int | None = 128,
+    seed: int = 0,
+    device: str | torch.device | None = None,
+    compute_radius: bool = True,
+) -> CoresetResult:
+    """Select ``k`` rows of ``features`` [N, D] by farthest-first traversal.
+
+    Args:
+        features: [N, D] float features (NumPy or torch, any device).
+        k: coreset size, 1 <= k <= N.
+        projection_dim: dimension of the seeded Gaussian projection used to compare distances;
+            None (or >= D) compares in the original space.
+        seed: seeds both the projection and the start point (a uniformly drawn row).
+        device: where to run the selection loop: "cuda" runs it in torch on the GPU; None or "cpu"
+            runs the pruned NumPy loop. None picks CUDA when ``features`` already lives there.
+        compute_radius: also compute the exact coverage radius (original space). It costs up to
+            about as much as the selection on unstructured data; skip it when only indices count.
+
+    Returns:
+        :class:`CoresetResult` with the picks in order and (unless ``compute_radius`` is False)
+        the exact coverage radius in the original space.
+    """
+    on_cuda = isinstance(features, torch.Tensor) and features.is_cuda
+    run_device = torch.device(device) if device is not None else torch.device(
+        "cuda" if on_cuda else "cpu"
+    )
+    array = _as_float32_numpy(features)
+    n = array.shape[0]
+    if not 1 <= k <= n:
+        raise ValueError(f"coreset size k must be in [1, {n}] for {n} rows, got {k}")
+    if not np.isfinite(array).all():
+        raise ValueError("features contain NaN or inf; a coreset of them is meaningless")
+    generator = torch.Generator().manual_seed(seed)
+    start = int(torch.randint(n, (1,), generator=generator))
+    projected = _project(array, projection_dim, seed)
+    indices, assignment = _run_farthest_first(projected, k, start, None, run_device)
+    radius = _exact_radius(array, indices, assignment) if compute_radius else None
+    return CoresetResult(indices=indices, radius=radius)
+
+
+def _run_farthest_first(
+    projected: np.ndarray,
+    k: int,
+    start: int,
+    radii: np.ndarray | None,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
+    if device.type == "cuda":
+        return _farthest_first_torch(torch.from_numpy(projected).to(device), k, start, radii)
+    return farthest_first(projected, k, start=start, radii=radii)
+
+
+@dataclass(frozen=True)
+class IncrementalSelection:
+    """What :meth:`IncrementalCoreset.select` returns.
+
+    Attributes:
+        features: [k, D] float32 selected rows (original space).
+        radius_bound: certified coverage radius: every row ever passed to ``add`` lies within
+            this Euclidean distance of some row of ``features``.
+        num_seen: rows passed to ``add`` so far.
+    """
+
+    features: np.ndarray
+    radius_bound: float
+    num_seen: int
+
+
+class IncrementalCoreset:
+    """Streaming farthest-first selection with memory bounded by ``capacity`` rows.
+
+    Rows arrive in batches (a client's images, a server's upload chunks). They are buffered; when
+    the buffer exceeds ``capacity`` it is *reduced* to ``k`` rows by farthest-first (merge and
+    reduce). Each kept row remembers the radius of the rows it now stands in for, and the reduce
+    picks by ``distance + represented radius``, so the bound it reports holds for every row ever
+    added, not just the buffered ones. With ``capacity >= total rows`` this is exactly the offline
+    :func:`greedy_coreset` (same projection, start drawn from the same seed).
+
+    Memory: ``capacity x (D + projection_dim + 1)`` float32, allocated lazily on the first add.
+
+    Args:
+        k: rows to keep (the coreset size).
+        capacity: buffer rows before a reduce; default ``max(2 k, k + 8192)``. Must be > k.
+        projection_dim: as in :func:`greedy_coreset`.
+        seed: seeds the projection and every reduce's start point.
+        device: "cuda" to run the reduce loops on the GPU, else CPU.
+    """
+
+    def __init__(
+        self,
+        k: int,
+        *,
+        capacity: int | None = None,
+        projection_dim: int | None = 128,
+        seed: int = 0,
+        device: str | torch.device | None = None,
+    ) -> None:
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        capacity = max(2 * k, k + 8192) if capacity is None else capacity
+        if capacity <= k:
+            raise ValueError(f"capacity must exceed k={k}, got {capacity}")
+        self.k = k
+        self.capacity = capacity
+        self.projection_dim = projection_dim
+        self.seed = seed
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._reduce_generator = torch.Generator().manual_seed(seed + 1)
+        self._features: np.ndarray | None = None  # [capacity, D]
+        self._projected: np.ndarray | None = None  # [capacity, p]
+        self._radii: np.ndarray | None = None  # [capacity] represented radius per buffered row
+        self._projection: np.ndarray | None = None  # [D, p] or None
+        self._size = 0
+        self.num_seen = 0
+        self.num_reduces = 0
+
+    @property
+    def feature_dim(self) -> int | None:
+        """D, fixed by the first batch (None before any add)."""
+        return None if self._features is None else self._features.shape[1]
+
+    @property
+    def num_buffered(self) -> int:
+        return self._size
+
+    def _allocate(self, dim: int) -> None:
+        width = dim
+        if self.projection_dim is not None and self.projection_dim < dim:
+            self._projection = projection_matrix(dim, self.projection_dim, self.seed).numpy()
+            width = self.projection_dim
+        self._features = np.empty((self.capacity, dim), dtype=np.float32)
+        self._projected = np.empty((self.capacity, width), dtype=np.float32)
+        self._radii = np.zeros(self.capacity, dtype=np.float32)
+
+    def add(self, features: np.ndarray | torch.Tensor) -> None:
+        """Buffer a batch [n, D] (reducing whenever the buffer fills). n may be 0."""
+        batch = _as_float32_numpy(features)
+        if self._features is None:
+            self._allocate(batch.shape[1])
+        assert self._features is not None and self._projected is not None
+        assert self._radii is not None
+        if batch.shape[1] != self._features.shape[1]:
+            raise ValueError(
+                f"feature dim changed: buffer holds D={self._features.shape[1]}, "
+                f"batch has D={batch.shape[1]}"
+            )
+        if not np.isfinite(batch).all():
+            raise ValueError("features contain NaN or inf")
+        offset = 0
+        while offset < batch.shape[0]:
+            if self._size == self.capacity:
+                self._reduce()
+            take = min(self.capacity - self._size, batch.shape[0] - offset)
+            rows = batch[offset : offset + take]
+            end = self._size + take
+            self._features[self._size : end] = rows
+            self._projected[self._size : end] = (
+                rows if self._projection is None else rows @ self._projection
+            )
+            self._radii[self._size : end] = 0.0
+            self._size = end
+            offset += take
+        self.num_seen += batch.shape[0]
+
+    def _farthest_first(
+        self, k: int, generator: torch.Generator
+    ) -> tuple[np.ndarray, np.ndarray]:
+        assert self._projected is not None and self._radii is not None
+        start = int(torch.randint(self._size, (1,), generator=generator))
+        radii = self._radii[: self._size]
+        return _run_farthest_first(
+            self._projected[: self._size],
+            k,
+            start,
+            radii if radii.any() else None,
+            self.device,
+        )
+
+    def _reduce(self) -> None:
+        """Buffer -> k rows; kept rows absorb the radius of the rows they now represent."""
+        assert self._features is not None and self._projected is not None
+        assert self._radii is not None
+        keep, assignment = self._farthest_first(self.k, self._reduce_generator)
+        size = self._size
+        features, radii = self._features[:size], self._radii[:size]
+        # Original-space distance from every buffered row to the kept row it is assigned to.
+        reach = np.empty(size, dtype=np.float32)
+        step = 8192
+        for lo in range(0, size, step):
+            diffs = features[lo : lo + step] - features[keep[assignment[lo : lo + step]]]
+            reach[lo : lo + step] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+        reach += radii
+        new_radii = np.zeros(self.k, dtype=np.float32)
+        np.maximum.at(new_radii, assignment, reach)
+        self._features[: self.k] = features[keep]
+        self._projected[: self.k] = self._projected[:size][keep]
+        self._radii[: self.k] = new_radii
+        self._size = self.k
+        self.num_reduces += 1
+        logger.debug("reduced %d buffered rows to %d (bound %.4f)", size, self.k, new_radii.max())
+
+    def select(self, k: int | None = None) -> IncrementalSelection:
+        """The current coreset of (at most) ``k`` rows (default: the constructor's ``k``).
+
+        Does not change the buffer, so more rows may be added afterwards.
+        """
+        k = self.k if k is None else k
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if self._size == 0:
+            raise ValueError("no features were added; nothing to select from")
+        assert self._features is not None and self._radii is not None
+        if self._size <= k:
+            return IncrementalSelection(
+                features=self._features[: self._size].copy(),
+                radius_bound=float(self._radii[: self._size].max()),
+                num_seen=self.num_seen,
+            )
+        # A fresh generator from the seed: select() is repeatable, and with no reduce so far it
+        # draws the same start as greedy_coreset(seed=seed).
+        keep, assignment = self._farthest_first(k, torch.Generator().manual_seed(self.seed))
+        features = self._features[: self._size]
+        bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
+        return IncrementalSelection(
+            features=features[keep].copy(), radius_bound=bound, num_seen=self.num_seen
+        )

@@ -1,0 +1,217 @@
+"""PatchCore patch embeddings on any timm CNN backbone.
+
+For each image the backbone's intermediate maps (default ``layer2`` and ``layer3``) become one
+feature vector per cell of the first layer's grid (28 x 28 for a 224 px input), exactly as the
+original implementation (amazon-science/patchcore-inspection) computes them:
+
+1. every layer: a 3 x 3 neighbourhood with stride 1 and zero padding is gathered around each cell
+   (``Unfold``), giving C*9 values per cell, and adaptively average-pooled to
+   ``pretrain_embed_dim`` values (the original's ``MeanMapper``);
+2. deeper layers are bilinearly resized (``align_corners=False``) to the first layer's grid;
+3. the per-layer vectors are concatenated and average-pooled to ``target_embed_dim`` (the
+   original's ``Aggregator``).
+
+The original resizes the unfolded C*9 maps before pooling; resizing and pooling are both linear
+and act on different axes, so pooling first and resizing the pooled maps gives the same numbers
+for 9x less memory and work on the deeper layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from torch import nn
+
+from core.preprocess import ImageTransform
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FeatureConfig", "PatchFeatureExtractor", "iterate_batches"]
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """How patch features are computed. Sites of one federation must share it exactly.
+
+    Attributes:
+        backbone: timm model name, e.g. "wide_resnet50_2" (timm's default weights) or
+            "wide_resnet50_2.tv_in1k" (the torchvision weights of the PatchCore paper).
+        layers: backbone stages to use, by timm module name, shallowest first.
+        pretrained: load pretrained weights through timm (needs network or a warm HF cache).
+        weights: path of a local .safetensors/.pth state dict for air-gapped sites; implies
+            pretrained weights from that file. ``.pth`` is read with ``weights_only=True``.
+        pretrain_embed_dim: per-layer dimension after the first pooling.
+        target_embed_dim: final feature dimension D.
+        patch_size: side of the local neighbourhood (3 in the paper).
+        transform: resize/crop applied to images (and masks).
+    """
+
+    backbone: str = "wide_resnet50_2"
+    layers: tuple[str, ...] = ("layer2", "layer3")
+    pretrained: bool = True
+    weights: str | None = None
+    pretrain_embed_dim: int = 1024
+    target_embed_dim: int = 1024
+    patch_size: int = 3
+    transform: ImageTransform = field(default_factory=ImageTransform)
+
+    def __post_init__(self) -> None:
+        if not self.layers:
+            raise ValueError("layers must name at least one backbone stage")
+        if self.pretrain_embed_dim < 1 or self.target_embed_dim < 1:
+            raise ValueError(
+                f"embedding dims must be >= 1, got pretrain={self.pretrain_embed_dim}, "
+                f"target={self.target_embed_dim}"
+            )
+        if self.patch_size < 1 or self.patch_size % 2 == 0:
+            raise ValueError(f"patch_size must be a positive odd int, got {self.patch_size}")
+        if self.weights is not None and not Path(self.weights).is_file():
+            raise ValueError(f"weights file not found: {self.weights}")
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-friendly form (saved with a model, compared across federation sites)."""
+        return {
+            "backbone": self.backbone,
+            "layers": list(self.layers),
+            "pretrain_embed_dim": self.pretrain_embed_dim,
+            "target_embed_dim": self.target_embed_dim,
+            "patch_size": self.patch_size,
+            "resize": self.transform.resize
+            if isinstance(self.transform.resize, int)
+            else list(self.transform.resize),
+            "crop": self.transform.crop,
+        }
+
+    @classmethod
+    def from_dict(
+        cls, data: dict[str, object], *, pretrained: bool = True, weights: str | None = None
+    ) -> FeatureConfig:
+        resize = data["resize"]
+        return cls(
+            backbone=str(data["backbone"]),
+            layers=tuple(str(x) for x in data["layers"]),  # type: ignore[attr-defined]
+            pretrained=pretrained,
+            weights=weights,
+            pretrain_embed_dim=int(data["pretrain_embed_dim"]),  # type: ignore[call-overload]
+            target_embed_dim=int(data["target_embed_dim"]),  # type: ignore[call-overload]
+            patch_size=int(data["patch_size"]),  # type: ignore[call-overload]
+            transform=ImageTransform(
+                resize=resize if isinstance(resize, int) else tuple(resize),  # type: ignore[arg-type]
+                crop=None if data["crop"] is None else int(data["crop"]),  # type: ignore[call-overload]
+            ),
+        )
+
+
+def _create_backbone(config: FeatureConfig) -> nn.Module:
+    probe = timm.create_model(config.backbone, pretrained=False, features_only=True)
+    names = list(probe.feature_info.module_name())
+    missing = [layer for layer in config.layers if layer not in names]
+    if missing:
+        raise ValueError(
+            f"backbone {config.backbone!r} has no stage(s) {missing}; available: {names}"
+        )
+    out_indices = tuple(names.index(layer) for layer in config.layers)
+    if list(out_indices) != sorted(out_indices):
+        raise ValueError(f"layers must be ordered shallowest first, got {config.layers}")
+    if config.weights is not None:
+        logger.info("loading %s weights from local file %s", config.backbone, config.weights)
+        return timm.create_model(
+            config.backbone,
+            pretrained=True,
+            features_only=True,
+            out_indices=out_indices,
+            pretrained_cfg_overlay={"file": str(config.weights)},
+        )
+    if not config.pretrained:
+        logger.warning(
+            "BACKBONE %s HAS RANDOM WEIGHTS (pretrained=False, no weights file): features are "
+            "not ImageNet features and detection quality will be far below published PatchCore",
+            config.backbone,
+        )
+    return timm.create_model(
+        config.backbone,
+        pretrained=config.pretrained,
+        features_only=True,
+        out_indices=out_indices,
+    )
+
+
+class PatchFeatureExtractor(nn.Module):
+    """Images -> PatchCore patch features. Frozen, always in eval mode.
+
+    ``forward(images [B, 3, H, W]) -> (features [B, h*w, D] float32, (h, w))`` where (h, w) is
+    the grid of the first chosen layer (H/8 x W/8 for layer2 of a ResNet) and D is
+    ``config.target_embed_dim``.
+    """
+
+    def __init__(self, config: FeatureConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.backbone = _create_backbone(config).eval()
+        for parameter in self.backbone.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> PatchFeatureExtractor:
+        # Batch-norm statistics must never move: the bank is only valid for one set of weights.
+        return super().train(False)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.config.target_embed_dim
+
+    def _embed_layer(self, feature_map: torch.Tensor) -> torch.Tensor:
+        """[B, C, h, w] -> [B, pretrain_embed_dim, h, w] (3x3 neighbourhood, then mean-pool)."""
+        b, c, h, w = feature_map.shape
+        p = self.config.patch_size
+        patches = F.unfold(feature_map, kernel_size=p, padding=p // 2)  # [B, C*p*p, h*w]
+        patches = patches.transpose(1, 2).reshape(b * h * w, 1, c * p * p)
+        pooled = F.adaptive_avg_pool1d(patches, self.config.pretrain_embed_dim)
+        return pooled.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        maps = self.backbone(images)
+        grid = maps[0].shape[-2:]
+        embedded = []
+        for feature_map in maps:
+            layer = self._embed_layer(feature_map.float())
+            if layer.shape[-2:] != grid:
+                layer = F.interpolate(layer, size=grid, mode="bilinear", align_corners=False)
+            embedded.append(layer)
+        b = images.shape[0]
+        h, w = int(grid[0]), int(grid[1])
+        # [B, L, Dp, h, w] -> [B*h*w, 1, L*Dp] -> pool -> [B, h*w, D]
+        stacked = torch.stack(embedded, dim=1).permute(0, 3, 4, 1, 2).reshape(b * h * w, 1, -1)
+        features = F.adaptive_avg_pool1d(stacked, self.config.target_embed_dim)
+        return features.reshape(b, h * w, -1).contiguous(), (h, w)
+
+
+def iterate_batches(
+    load_image: Callable[[int], np.ndarray],
+    indices: Sequence[int],
+    transform: ImageTransform,
+    batch_size: int,
+) -> Iterator[tuple[list[int], torch.Tensor]]:
+    """Yield (indices, images [b, 3, h, w]) batches, loading and transforming lazily.
+
+    ``load_image(i)`` returns a uint8 [H, W, 3] image. Only one batch of pixels is in memory.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for lo in range(0, len(indices), batch_size):
+        batch = list(indices[lo : lo + batch_size])
+        images = [transform.image(np.asarray(load_image(i))) for i in batch]
+        shapes = {tuple(img.shape) for img in images}
+        if len(shapes) != 1:
+            raise ValueError(
+                f"images of one batch have different sizes after the transform: {sorted(shapes)}; "
+                "set a crop or a fixed (h, w) resize"
+            )
+        yield batch, torch.stack(images)

@@ -1,0 +1,390 @@
+"""The single-site PatchCore model: fit a memory bank, score images, save and load.
+
+``fit`` streams batches of patch features into an :class:`~core.coreset.IncrementalCoreset`, so
+memory stays bounded by the selector's buffer (about k + one batch of rows) however many images a
+site has: the full [N, D] training feature matrix is never built (anomalib issues #372, #2016).
+
+``predict`` scores each test patch by its Euclidean distance to the nearest bank row; the image
+score is the largest patch score (optionally reweighted as in the paper's Eq. 7, the way anomalib
+implements it) and the anomaly map is the patch-score grid bilinearly upsampled to the model's
+input size and smoothed with a gaussian (sigma 4 px).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812 (the conventional alias)
+from safetensors.numpy import load_file, save_file
+
+from core.coreset import IncrementalCoreset
+from core.features import FeatureConfig, PatchFeatureExtractor, iterate_batches
+from core.knn import Backend, NearestNeighbourIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ImageSource", "PatchCore", "PatchCoreConfig", "Predictions", "gaussian_blur"]
+
+FORMAT_VERSION = 1
+
+
+class ImageSource(Protocol):
+    """What PatchCore reads images from: any sized collection with ``load_image``."""
+
+    def __len__(self) -> int: ...
+
+    def load_image(self, index: int) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class PatchCoreConfig:
+    """Everything that shapes a PatchCore model.
+
+    Attributes:
+        features: how patch features are computed.
+        coreset_ratio: bank size as a fraction of the training patches, in (0, 1].
+        coreset_size: absolute bank size; overrides ``coreset_ratio`` when set.
+        projection_dim: random-projection dimension for coreset selection (None: none).
+        buffer_rows: rows the incremental selector may buffer before reducing (None: its
+            default, max(2k, k + 8192)). Peak memory of ``fit`` is about
+            ``buffer_rows x D x 4`` bytes plus the backbone.
+        num_neighbors: 1 scores an image by its largest patch score; > 1 applies the paper's
+            Eq. 7 reweighting with that many bank neighbours (anomalib uses 9).
+        gaussian_sigma: smoothing of the anomaly maps, in pixels of the model input.
+        batch_size: images per backbone forward pass.
+        seed: seeds projection and coreset start points.
+        device: "cpu", "cuda", or None for CUDA when available.
+        knn_backend: "auto", "faiss" or "torch" (see :class:`~core.knn.NearestNeighbourIndex`).
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    coreset_ratio: float = 0.1
+    coreset_size: int | None = None
+    projection_dim: int | None = 128
+    buffer_rows: int | None = None
+    num_neighbors: int = 1
+    gaussian_sigma: float = 4.0
+    batch_size: int = 8
+    seed: int = 0
+    device: str | None = None
+    knn_backend: Backend = "auto"
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.coreset_ratio <= 1.0:
+            raise ValueError(f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
+        if self.coreset_size is not None and self.coreset_size < 1:
+            raise ValueError(f"coreset_size must be >= 1, got {self.coreset_size}")
+        if self.num_neighbors < 1:
+            raise ValueError(f"num_neighbors must be >= 1, got {self.num_neighbors}")
+        if self.gaussian_sigma < 0:
+            raise ValueError(f"gaussian_sigma must be >= 0, got {self.gaussian_sigma}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    def bank_size(self, num_patches: int) -> int:
+        """Coreset size for ``num_patches`` training patches (at least 1, at most all)."""
+        if self.coreset_size is not None:
+            return min(self.coreset_size, num_patches)
+        return max(1, min(num_patches, math.ceil(self.coreset_ratio * num_patches)))
+
+    def resolved_device(self) -> torch.device:
+        if self.device is not None:
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """Scores of a set of images.
+
+    Attributes:
+        image_scores: [N] float32 image anomaly scores (Euclidean feature distance units).
+        anomaly_maps: [N, H, W] float32 per-pixel scores at the model input size.
+        patch_grid: (h, w) of the patch-score grid the maps were upsampled from.
+    """
+
+    image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+    patch_grid: tuple[int, int]
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable gaussian smoothing of [B, 1, H, W] maps, reflect padding, radius 4 sigma.
+
+    Matches ``scipy.ndimage.gaussian_filter(sigma=sigma)`` (truncate 4.0, mode "reflect"), the
+    filter of the original PatchCore, up to float rounding.
+    """
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    # scipy's "reflect" is torch's "symmetric" (edge sample repeated); pad by hand for it.
+    padded = _symmetric_pad(maps, radius)
+    out = F.conv2d(padded, kernel.view(1, 1, 1, -1))
+    return F.conv2d(out, kernel.view(1, 1, -1, 1))
+
+
+def _symmetric_pad(maps: torch.Tensor, radius: int) -> torch.Tensor:
+    """Pad the last two dims by ``radius`` mirroring *including* the edge (scipy "reflect")."""
+    h, w = maps.shape[-2:]
+    while radius > 0:
+        step = min(radius, h, w)
+        top = maps[..., :step, :].flip(-2)
+        bottom = maps[..., -step:, :].flip(-2)
+        maps = torch.cat([top, maps, bottom], dim=-2)
+        left = maps[..., :, :step].flip(-1)
+        right = maps[..., :, -step:].flip(-1)
+        maps = torch.cat([left, maps, right], dim=-1)
+        radius -= step
+        h, w = maps.shape[-2:]
+    return maps
+
+
+class PatchCore:
+    """Single-site PatchCore.
+
+    Example (with a dataset of uint8 images)::
+
+        model = PatchCore(PatchCoreConfig()).fit(train_dataset)
+        predictions = model.predict(test_dataset)
+        model.save("bank.safetensors")
+        same = PatchCore.load("bank.safetensors")
+    """
+
+    def __init__(self, config: PatchCoreConfig | None = None) -> None:
+        self.config = config or PatchCoreConfig()
+        self.device = self.config.resolved_device()
+        self._extractor: PatchFeatureExtractor | None = None
+        self._memory_bank: np.ndarray | None = None
+        self._index: NearestNeighbourIndex | None = None
+        self.coverage_radius: float | None = None
+        self.num_training_patches = 0
+        self.num_training_images = 0
+
+    # -- features --------------------------------------------------------------------------
+
+    @property
+    def extractor(self) -> PatchFeatureExtractor:
+        """The frozen backbone (built on first use: loading weights is slow)."""
+        if self._extractor is None:
+            self._extractor = PatchFeatureExtractor(self.config.features).to(self.device)
+        return self._extractor
+
+    def iter_features(
+        self, images: ImageSource, indices: Sequence[int] | None = None
+    ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
+        """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch."""
+        indices = list(range(len(images))) if indices is None else list(indices)
+        for batch, pixels in iterate_batches(
+            images.load_image, indices, self.config.features.transform, self.config.batch_size
+        ):
+            features, grid = self.extractor(pixels.to(self.device))
+            yield batch, features.cpu(), grid
+
+    # -- fitting ---------------------------------------------------------------------------
+
+    def fit(self, images: ImageSource) -> PatchCore:
+        """Build the memory bank from normal training images; returns self."""
+        if len(images) == 0:
+            raise ValueError("cannot fit PatchCore on an empty dataset")
+        selector: IncrementalCoreset | None = None
+        for _, features, grid in self.iter_features(images):
+            if selector is None:
+                total = len(images) * grid[0] * grid[1]
+                k = self.config.bank_size(total)
+                selector = IncrementalCoreset(
+                    k,
+                    capacity=self.config.buffer_rows,
+                    projection_dim=self.config.projection_dim,
+                    seed=self.config.seed,
+                    device=self.device if self.device.type == "cuda" else None,
+                )
+                logger.info(
+                    "fitting on %d images x %d patches -> bank of %d rows (buffer %d rows)",
+                    len(images), grid[0] * grid[1], k, selector.capacity,
+                )
+            selector.add(features.reshape(-1, features.shape[-1]))
+        assert selector is not None
+        selection = selector.select()
+        self.num_training_images = len(images)
+        self.num_training_patches = selection.num_seen
+        self.set_memory_bank(selection.features)
+        self.coverage_radius = selection.radius_bound
+        logger.info(
+            "bank: %d x %d, coverage radius <= %.4f",
+            *selection.features.shape, selection.radius_bound,
+        )
+        return self
+
+    # -- the bank --------------------------------------------------------------------------
+
+    @property
+    def memory_bank(self) -> np.ndarray:
+        """[K, D] float32 bank (raises if the model is not fitted)."""
+        if self._memory_bank is None:
+            raise RuntimeError("PatchCore has no memory bank yet: call fit() or load()")
+        return self._memory_bank
+
+    def set_memory_bank(self, bank: np.ndarray) -> None:
+        """Replace the bank ([K, D] float32), e.g. with a federated global bank."""
+        array = np.ascontiguousarray(bank, dtype=np.float32)
+        expected = self.config.features.target_embed_dim
+        if array.ndim != 2 or array.shape[0] == 0 or array.shape[1] != expected:
+            raise ValueError(f"memory bank must be [K>0, {expected}], got shape {array.shape}")
+        if not np.isfinite(array).all():
+            raise ValueError("memory bank contains NaN or inf")
+        self._memory_bank = array
+        self._index = NearestNeighbourIndex(
+            array, backend=self.config.knn_backend, device=self.device
+        )
+
+    # -- scoring ---------------------------------------------------------------------------
+
+    def score_patches(self, features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """features [b, L, D] -> (patch scores [b, L], image scores [b]), Euclidean."""
+        if self._index is None:
+            raise RuntimeError("PatchCore has no memory bank yet: call fit() or load()")
+        b, num_patches, dim = features.shape
+        flat = features.reshape(-1, dim)
+        distances, nn_index = self._index.search(flat, 1)
+        patch_scores = distances[:, 0].reshape(b, num_patches)
+        image_scores = patch_scores.max(axis=1)
+        if self.config.num_neighbors > 1:
+            image_scores = self._reweight(flat.numpy(), patch_scores, nn_index[:, 0].reshape(b, -1))
+        return patch_scores, image_scores.astype(np.float32)
+
+    def _reweight(
+        self, flat: np.ndarray, patch_scores: np.ndarray, nn_index: np.ndarray
+    ) -> np.ndarray:
+        """Paper Eq. 7 as anomalib implements it.
+
+        For the highest-scoring test patch m* with score s* and nearest bank row b*, take the
+        ``num_neighbors`` bank rows nearest to b* (b* itself first) and weight
+        s* by 1 - softmax(-free distances of m* to them)[0].
+        """
+        assert self._index is not None
+        b, num_patches = patch_scores.shape
+        rows = np.arange(b)
+        worst = patch_scores.argmax(axis=1)
+        worst_features = flat.reshape(b, num_patches, -1)[rows, worst]  # [b, D]
+        score = patch_scores[rows, worst]
+        anchor = self.memory_bank[nn_index[rows, worst]]  # [b, D]
+        k = min(self.config.num_neighbors, self.memory_bank.shape[0])
+        _, support = self._index.search(anchor, k)  # [b, k]
+        support_features = self.memory_bank[support]  # [b, k, D]
+        distances = np.linalg.norm(support_features - worst_features[:, None, :], axis=2)
+        weights = 1.0 - torch.softmax(torch.from_numpy(distances), dim=1)[:, 0].numpy()
+        return weights * score
+
+    def predict(self, images: ImageSource) -> Predictions:
+        """Score every image: image scores [N] and anomaly maps [N, H, W] at the input size."""
+        scores: list[np.ndarray] = []
+        maps: list[np.ndarray] = []
+        grid: tuple[int, int] = (0, 0)
+        for _, features, grid in self.iter_features(images):
+            patch_scores, image_scores = self.score_patches(features)
+            scores.append(image_scores)
+            maps.append(self._anomaly_maps(patch_scores, grid))
+        if not scores:
+            raise ValueError("cannot predict on an empty dataset")
+        return Predictions(
+            image_scores=np.concatenate(scores),
+            anomaly_maps=np.concatenate(maps),
+            patch_grid=grid,
+        )
+
+    def _anomaly_maps(self, patch_scores: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
+        """[b, h*w] patch scores -> [b, H, W] smoothed maps at the transformed input size."""
+        b = patch_scores.shape[0]
+        size = self._input_size(grid)
+        tensor = torch.from_numpy(patch_scores).reshape(b, 1, *grid)
+        upsampled = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
+        return gaussian_blur(upsampled, self.config.gaussian_sigma)[:, 0].numpy()
+
+    def _input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
+        # The first layer's stride maps the grid back to pixels (8 for ResNet layer2).
+        reduction = self.extractor.backbone.feature_info.reduction()[0]
+        return grid[0] * reduction, grid[1] * reduction
+
+    # -- persistence -----------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, object]:
+        """JSON-friendly description saved next to the bank."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "features": self.config.features.to_dict(),
+            "num_neighbors": self.config.num_neighbors,
+            "gaussian_sigma": self.config.gaussian_sigma,
+            "seed": self.config.seed,
+            "coverage_radius": self.coverage_radius,
+            "num_training_images": self.num_training_images,
+            "num_training_patches": self.num_training_patches,
+        }
+
+    def save(self, path: str | Path) -> Path:
+        """Write the bank and its config to one .safetensors file (no pickle)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {"memory_bank": self.memory_bank},
+            str(path),
+            metadata={"fedpatchcore": json.dumps(self.metadata())},
+        )
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        pretrained: bool = True,
+        weights: str | None = None,
+        device: str | None = None,
+        knn_backend: Backend = "auto",
+    ) -> PatchCore:
+        """Read a model written by :meth:`save`.
+
+        The backbone weights are not in the file: ``pretrained`` / ``weights`` say where they come
+        from (they must be the ones the bank was built with).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no model file at {path}")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            raw = (handle.metadata() or {}).get("fedpatchcore")
+        if raw is None:
+            raise ValueError(f"{path} is not a FedPatchCore model (no 'fedpatchcore' metadata)")
+        meta = json.loads(raw)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{path}: unsupported format_version {meta.get('format_version')!r}, "
+                f"expected {FORMAT_VERSION}"
+            )
+        features = FeatureConfig.from_dict(meta["features"], pretrained=pretrained, weights=weights)
+        config = replace(
+            PatchCoreConfig(),
+            features=features,
+            num_neighbors=int(meta["num_neighbors"]),
+            gaussian_sigma=float(meta["gaussian_sigma"]),
+            seed=int(meta["seed"]),
+            device=device,
+            knn_backend=knn_backend,
+        )
+        model = cls(config)
+        model.set_memory_bank(load_file(str(path))["memory_bank"])
+        model.coverage_radius = meta.get("coverage_radius")
+        model.num_training_images = int(meta.get("num_training_images", 0))
+        model.num_training_patches = int(meta.get("num_training_patches", 0))
+        return model
