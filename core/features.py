@@ -51,6 +51,9 @@ class FeatureConfig:
         target_embed_dim: final feature dimension D.
         patch_size: side of the local neighbourhood (3 in the paper).
         transform: resize/crop applied to images (and masks).
+        init_seed: seeds the random initialisation when no pretrained weights are loaded, so
+            every site of a federation (and a reloaded model) builds the *same* random backbone;
+            features from differently initialised backbones are not comparable.
     """
 
     backbone: str = "wide_resnet50_2"
@@ -61,6 +64,7 @@ class FeatureConfig:
     target_embed_dim: int = 1024
     patch_size: int = 3
     transform: ImageTransform = field(default_factory=ImageTransform)
+    init_seed: int = 0
 
     def __post_init__(self) -> None:
         if not self.layers:
@@ -87,6 +91,7 @@ class FeatureConfig:
             if isinstance(self.transform.resize, int)
             else list(self.transform.resize),
             "crop": self.transform.crop,
+            "init_seed": self.init_seed,
         }
 
     @classmethod
@@ -106,6 +111,7 @@ class FeatureConfig:
                 resize=resize if isinstance(resize, int) else tuple(resize),  # type: ignore[arg-type]
                 crop=None if data["crop"] is None else int(data["crop"]),  # type: ignore[call-overload]
             ),
+            init_seed=int(data.get("init_seed", 0)),  # type: ignore[call-overload]
         )
 
 
@@ -135,12 +141,15 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
             "not ImageNet features and detection quality will be far below published PatchCore",
             config.backbone,
         )
-    return timm.create_model(
-        config.backbone,
-        pretrained=config.pretrained,
-        features_only=True,
-        out_indices=out_indices,
-    )
+    # Seeded init (pretrained weights overwrite it): identical random backbones everywhere.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.init_seed)
+        return timm.create_model(
+            config.backbone,
+            pretrained=config.pretrained,
+            features_only=True,
+            out_indices=out_indices,
+        )
 
 
 class PatchFeatureExtractor(nn.Module):

@@ -135,18 +135,22 @@ def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def _symmetric_pad(maps: torch.Tensor, radius: int) -> torch.Tensor:
-    """Pad the last two dims by ``radius`` mirroring *including* the edge (scipy "reflect")."""
-    h, w = maps.shape[-2:]
-    while radius > 0:
-        step = min(radius, h, w)
-        top = maps[..., :step, :].flip(-2)
-        bottom = maps[..., -step:, :].flip(-2)
-        maps = torch.cat([top, maps, bottom], dim=-2)
-        left = maps[..., :, :step].flip(-1)
-        right = maps[..., :, -step:].flip(-1)
-        maps = torch.cat([left, maps, right], dim=-1)
-        radius -= step
-        h, w = maps.shape[-2:]
+    """Pad the last two dims by ``radius`` mirroring *including* the edge (scipy "reflect").
+
+    A radius larger than the map repeats the mirroring (period 2 x size), as scipy does.
+    """
+    for dim in (-2, -1):
+        left = right = radius
+        while left > 0:
+            step = min(left, maps.shape[dim])
+            head = maps.narrow(dim, 0, step).flip(dim)
+            maps = torch.cat([head, maps], dim=dim)
+            left -= step
+        while right > 0:
+            step = min(right, maps.shape[dim])
+            tail = maps.narrow(dim, maps.shape[dim] - step, step).flip(dim)
+            maps = torch.cat([maps, tail], dim=dim)
+            right -= step
     return maps
 
 

@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import ndimage
+
+from core.data import AutoVIDataset
+from core.evaluation import evaluate
+from core.features import FeatureConfig
+from core.patchcore import PatchCore, PatchCoreConfig, gaussian_blur
+
+
+def test_gaussian_blur_matches_scipy() -> None:
+    rng = np.random.default_rng(0)
+    maps = rng.random((2, 40, 56)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(maps)[:, None], 4.0)[:, 0].numpy()
+    for i in range(2):
+        np.testing.assert_allclose(ours[i], ndimage.gaussian_filter(maps[i], 4.0), atol=1e-5)
+    small = rng.random((1, 1, 6, 7)).astype(np.float32)  # radius 16 > size: repeated mirroring
+    np.testing.assert_allclose(
+        gaussian_blur(torch.from_numpy(small), 4.0)[0, 0].numpy(),
+        ndimage.gaussian_filter(small[0, 0], 4.0),
+        atol=1e-5,
+    )
+
+
+@pytest.fixture(scope="module")
+def category_data(synthetic_root: Path) -> tuple[AutoVIDataset, AutoVIDataset]:
+    return (
+        AutoVIDataset(synthetic_root, objects=["washer"], split="train"),
+        AutoVIDataset(synthetic_root, objects=["washer"], split="test"),
+    )
+
+
+def test_fit_predict_detects_defects(
+    category_data: tuple[AutoVIDataset, AutoVIDataset], small_features: FeatureConfig
+) -> None:
+    train, test = category_data
+    model = PatchCore(PatchCoreConfig(features=small_features, coreset_ratio=0.25, seed=0))
+    model.fit(train)
+    patches = len(train) * 8 * 8
+    assert model.memory_bank.shape == (int(np.ceil(0.25 * patches)), 128)
+    assert model.num_training_patches == patches
+    predictions = model.predict(test)
+    assert predictions.anomaly_maps.shape == (len(test), 64, 64)
+    result = evaluate(predictions, test, small_features.transform)
+    assert result.image_auroc is not None and result.image_auroc >= 0.9
+    assert result.pixel_auroc is not None and result.pixel_auroc >= 0.9
+    # A training image scores within the certified coverage radius of its own bank.
+    train_scores = model.predict(train.subset([0, 1])).image_scores
+    assert model.coverage_radius is not None
+    assert (train_scores <= model.coverage_radius + 1e-4).all()
+
+
+def test_streaming_fit_with_small_buffer_is_certified(
+    category_data: tuple[AutoVIDataset, AutoVIDataset], small_features: FeatureConfig
+) -> None:
+    train, _ = category_data
+    config = PatchCoreConfig(features=small_features, coreset_size=40, buffer_rows=100, batch_size=2)
+    model = PatchCore(config).fit(train)
+    assert model.memory_bank.shape == (40, 128)
+    all_train = model.predict(train)  # patch maxima are the training patches' 1-NN distances
+    assert model.coverage_radius is not None
+    assert all_train.image_scores.max() <= model.coverage_radius + 1e-4
+
+
+def test_save_load_gives_identical_scores(
+    tmp_path: Path,
+    category_data: tuple[AutoVIDataset, AutoVIDataset],
+    small_features: FeatureConfig,
+) -> None:
+    train, test = category_data
+    model = PatchCore(PatchCoreConfig(features=small_features, coreset_ratio=0.2)).fit(train)
+    path = model.save(tmp_path / "model" / "bank.safetensors")
+    before = model.predict(test)
+
+    torch.manual_seed(1234)  # the global RNG must not matter: the backbone init is seeded
+    loaded = PatchCore.load(path, pretrained=False)
+    np.testing.assert_array_equal(loaded.memory_bank, model.memory_bank)
+    assert loaded.config.features.to_dict() == small_features.to_dict()
+    assert loaded.coverage_radius == model.coverage_radius
+    after = loaded.predict(test)
+    np.testing.assert_array_equal(after.image_scores, before.image_scores)
+    np.testing.assert_array_equal(after.anomaly_maps, before.anomaly_maps)
+
+
+def test_load_rejects_foreign_files(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    foreign = tmp_path / "other.safetensors"
+    save_file({"x": np.zeros(3, np.float32)}, str(foreign))
+    with pytest.raises(ValueError, match="not a FedPatchCore model"):
+        PatchCore.load(foreign)
+    with pytest.raises(FileNotFoundError):
+        PatchCore.load(tmp_path / "missing.safetensors")
+
+
+def test_reweighting_matches_anomalib_formula(small_features: FeatureConfig) -> None:
+    rng = np.random.default_rng(0)
+    bank = rng.standard_normal((50, 128)).astype(np.float32)
+    features = torch.from_numpy(rng.standard_normal((3, 20, 128)).astype(np.float32))
+    model = PatchCore(PatchCoreConfig(features=small_features, num_neighbors=5))
+    model.set_memory_bank(bank)
+    patch_scores, image_scores = model.score_patches(features)
+    # independent computation, straight from anomalib's compute_anomaly_score
+    for b in range(3):
+        dists = np.linalg.norm(features[b].numpy()[:, None] - bank[None], axis=2)
+        np.testing.assert_allclose(patch_scores[b], dists.min(1), rtol=1e-4)
+        m = int(dists.min(1).argmax())
+        s_star = dists[m].min()
+        nn = bank[dists[m].argmin()]
+        support = np.argsort(np.linalg.norm(bank - nn, axis=1))[:5]
+        d = np.linalg.norm(bank[support] - features[b].numpy()[m], axis=1)
+        weight = 1 - np.exp(d[0]) / np.exp(d).sum()
+        assert image_scores[b] == pytest.approx(weight * s_star, rel=1e-4)
+
+
+def test_config_validation(small_features: FeatureConfig) -> None:
+    with pytest.raises(ValueError, match="coreset_ratio"):
+        PatchCoreConfig(coreset_ratio=0.0)
+    with pytest.raises(ValueError, match="num_neighbors"):
+        PatchCoreConfig(num_neighbors=0)
+    model = PatchCore(PatchCoreConfig(features=small_features))
+    with pytest.raises(RuntimeError, match="no memory bank"):
+        _ = model.memory_bank
+    with pytest.raises(ValueError, match=r"\[K>0, 128\]"):
+        model.set_memory_bank(np.zeros((4, 64), np.float32))
+    assert replace(PatchCoreConfig(), coreset_size=5).bank_size(3) == 3
