@@ -18,6 +18,8 @@ for 9x less memory and work on the deeper layer.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -93,6 +95,25 @@ class FeatureConfig:
             "crop": self.transform.crop,
             "init_seed": self.init_seed,
         }
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of everything that determines the features, weights included.
+
+        Sites whose fingerprints differ produce incomparable features; the server refuses to
+        merge them. A local weights file is hashed by content (about 1 s for WRN-50).
+        """
+        if self.weights is not None:
+            digest = hashlib.sha256()
+            with open(self.weights, "rb") as handle:
+                for block in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(block)
+            source = f"file:sha256:{digest.hexdigest()}"
+        elif self.pretrained:
+            source = f"timm-pretrained:{self.backbone}"
+        else:
+            source = f"random-init:{self.init_seed}"
+        description = {**self.to_dict(), "weights": source}
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def from_dict(

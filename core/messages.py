@@ -135,7 +135,8 @@ class BankChunk:
 
     round: uint32, from 1. sequence / row_offset / last: as in FeatureChunk. features: encoded rows.
     server_coverage_radius: r_S, largest distance from any uploaded coreset row to the global
-        bank (original feature space), finite >= 0.
+        bank (original feature space), >= 0; +inf when the strategy certifies nothing (random
+        sampling).
     max_site_coverage_radius: max_i r_i over the merged sites, finite >= 0.
     Both radii are the same in every chunk of one bank.
     """
@@ -151,7 +152,9 @@ class BankChunk:
     def __post_init__(self) -> None:
         _check_uint("BankChunk.round", self.round, _UINT32_MAX, minimum=1)
         _check_position("BankChunk", self.sequence, self.row_offset, self.last, self.features)
-        _check_radius("BankChunk.server_coverage_radius", self.server_coverage_radius)
+        _check_radius(
+            "BankChunk.server_coverage_radius", self.server_coverage_radius, allow_inf=True
+        )
         _check_radius("BankChunk.max_site_coverage_radius", self.max_site_coverage_radius)
 
     @property
@@ -190,11 +193,12 @@ def _check_site_id(name: str, value: object) -> None:
         )
 
 
-def _check_radius(name: str, value: object) -> None:
+def _check_radius(name: str, value: object, *, allow_inf: bool = False) -> None:
     if not isinstance(value, float | int) or isinstance(value, bool):
         raise InvalidMessageError(f"{name} must be a float, got {type(value).__name__}")
-    if not math.isfinite(value) or value < 0:
-        raise InvalidMessageError(f"{name} must be finite and >= 0, got {value!r}")
+    if math.isnan(value) or value < 0 or (math.isinf(value) and not allow_inf):
+        expected = ">= 0 (inf allowed)" if allow_inf else "finite and >= 0"
+        raise InvalidMessageError(f"{name} must be {expected}, got {value!r}")
 
 
 def _check_position(

@@ -73,6 +73,8 @@ __all__ = [
     "site_summary_to_proto",
     "split_bank_into_chunks",
     "split_into_chunks",
+    "upload_request_from_proto",
+    "upload_request_to_proto",
 ]
 
 DEFAULT_MAX_CHUNK_BYTES: Final[int] = 1 << 20
@@ -270,6 +272,26 @@ def bank_chunk_from_proto(message: pb.BankChunk) -> BankChunk:
         server_coverage_radius=message.server_coverage_radius,
         max_site_coverage_radius=message.max_site_coverage_radius,
     )
+
+
+def upload_request_to_proto(item: SiteSummary | FeatureChunk) -> pb.UploadFeaturesRequest:
+    """A site's upload-stream element (its summary or one chunk) -> UploadFeaturesRequest."""
+    if isinstance(item, SiteSummary):
+        return pb.UploadFeaturesRequest(summary=site_summary_to_proto(item))
+    if isinstance(item, FeatureChunk):
+        return pb.UploadFeaturesRequest(chunk=feature_chunk_to_proto(item))
+    raise TypeError(f"expected a SiteSummary or FeatureChunk, got {type(item).__name__}")
+
+
+def upload_request_from_proto(message: pb.UploadFeaturesRequest) -> SiteSummary | FeatureChunk:
+    """UploadFeaturesRequest -> SiteSummary or FeatureChunk; an empty body is rejected."""
+    _check_type(message, pb.UploadFeaturesRequest)
+    body = message.WhichOneof("body")
+    if body == "summary":
+        return site_summary_from_proto(message.summary)
+    if body == "chunk":
+        return feature_chunk_from_proto(message.chunk)
+    raise InvalidMessageError("UploadFeaturesRequest has no body (neither summary nor chunk)")
 
 
 # --- chunking ----------------------------------------------------------------------------------

@@ -81,6 +81,7 @@ def test_generated_modules_import() -> None:
 
 # Field numbers and types are the wire contract: changing one breaks every deployed peer.
 EXPECTED_FIELDS = {
+    "UploadFeaturesRequest": [("summary", 1, "message"), ("chunk", 2, "message")],
     "CodecConfig": [
         ("value_type", 1, "enum"), ("byte_shuffle", 2, "bool"), ("zstd_level", 3, "uint32"),
         ("checksum_type", 4, "enum"),

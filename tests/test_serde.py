@@ -714,3 +714,15 @@ def test_later_rounds_may_upload_nothing_but_round_one_may_not() -> None:
         SiteSummary(round=1, coreset_rows=0, **fields)  # type: ignore[arg-type]
     with pytest.raises(InvalidMessageError, match="feature_fingerprint"):
         SiteSummary(round=1, coreset_rows=1, **{**fields, "feature_fingerprint": "xyz"})  # type: ignore[arg-type]
+
+
+def test_upload_request_wraps_summary_or_chunk() -> None:
+    from core.serde import upload_request_from_proto, upload_request_to_proto
+
+    summary = site_summary_from_proto(_summary_proto())
+    chunk = next(split_into_chunks(dense_features(3, 3, 0), config=DEFAULT_CODEC, site_id="s", round=1))
+    for item in (summary, chunk):
+        wire = pb.UploadFeaturesRequest.FromString(upload_request_to_proto(item).SerializeToString())
+        assert upload_request_from_proto(wire) == item
+    with pytest.raises(InvalidMessageError, match="no body"):
+        upload_request_from_proto(pb.UploadFeaturesRequest())

@@ -126,3 +126,11 @@ class BankChunk(_message.Message):
     server_coverage_radius: float
     max_site_coverage_radius: float
     def __init__(self, round: _Optional[int] = ..., sequence: _Optional[int] = ..., row_offset: _Optional[int] = ..., last: _Optional[bool] = ..., features: _Optional[_Union[EncodedMatrix, _Mapping]] = ..., server_coverage_radius: _Optional[float] = ..., max_site_coverage_radius: _Optional[float] = ...) -> None: ...
+
+class UploadFeaturesRequest(_message.Message):
+    __slots__ = ("summary", "chunk")
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    summary: SiteSummary
+    chunk: FeatureChunk
+    def __init__(self, summary: _Optional[_Union[SiteSummary, _Mapping]] = ..., chunk: _Optional[_Union[FeatureChunk, _Mapping]] = ...) -> None: ...
