@@ -335,16 +335,28 @@ class PatchCore:
             "num_training_patches": self.num_training_patches,
         }
 
-    def save(self, path: str | Path) -> Path:
-        """Write the bank and its config to one .safetensors file (no pickle)."""
+    def save(self, path: str | Path, *, extra: dict[str, object] | None = None) -> Path:
+        """Write the bank and its config to one .safetensors file (no pickle).
+
+        ``extra`` (JSON-serialisable) is stored beside the metadata, e.g. a federation's round
+        reports; :meth:`read_extra` returns it.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(
-            {"memory_bank": self.memory_bank},
-            str(path),
-            metadata={"fedpatchcore": json.dumps(self.metadata())},
-        )
+        metadata = {"fedpatchcore": json.dumps(self.metadata())}
+        if extra is not None:
+            metadata["extra"] = json.dumps(extra)
+        save_file({"memory_bank": self.memory_bank}, str(path), metadata=metadata)
         return path
+
+    @staticmethod
+    def read_extra(path: str | Path) -> dict[str, object]:
+        """The ``extra`` dict saved with a model ({} when none)."""
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="numpy") as handle:
+            raw = (handle.metadata() or {}).get("extra")
+        return {} if raw is None else json.loads(raw)
 
     @classmethod
     def load(

@@ -1,0 +1,34 @@
+"""The spec's in-process federated API (src/federated/ in federated-api.md).
+
+Sites (``PatchCoreClient``) build local coresets; ``FederatedServer`` aggregates them through
+``GlobalBankAggregator`` (shared with the gRPC daemon); ``CommunicationProtocol`` carries the
+exact wire messages and counts their bytes.
+"""
+
+from core.federated.aggregator import GlobalBankAggregator as GlobalBankAggregator
+from core.federated.aggregator import RoundOutcome as RoundOutcome
+from core.federated.client import PatchCoreClient as PatchCoreClient
+from core.federated.communication import CommunicationProtocol as CommunicationProtocol
+from core.federated.federated_patchcore import FederatedPatchCore as FederatedPatchCore
+from core.federated.server import FederatedServer as FederatedServer
+from core.federated.server import RoundReport as RoundReport
+from core.federated.strategies import (
+    federated_coreset_aggregation as federated_coreset_aggregation,
+)
+from core.federated.strategies import (
+    federated_random_aggregation as federated_random_aggregation,
+)
+from core.federated.strategies import federated_weighted_union as federated_weighted_union
+
+__all__ = [
+    "CommunicationProtocol",
+    "FederatedPatchCore",
+    "FederatedServer",
+    "GlobalBankAggregator",
+    "PatchCoreClient",
+    "RoundOutcome",
+    "RoundReport",
+    "federated_coreset_aggregation",
+    "federated_random_aggregation",
+    "federated_weighted_union",
+]

@@ -1,0 +1,282 @@
+"""The server's transport-agnostic handler: site summaries and feature chunks in, global bank out.
+
+Both the in-process simulation (:class:`~core.federated.server.FederatedServer`) and the gRPC
+daemon feed this class decoded domain messages; neither has its own aggregation logic.
+
+A round goes: ``begin_round(r)``; per site one :class:`~core.messages.SiteSummary`, then its
+:class:`~core.messages.FeatureChunk` stream (in order; identical resends are ignored, so a retried
+upload is idempotent); ``finish_round()`` selects the bank. Rows are consumed as each chunk
+arrives, by the :class:`~core.coreset.IncrementalCoreset` (strategy "coreset") or a
+:class:`~core.federated.reservoir.WeightedReservoir` (strategy "random"), so the server never
+holds all uploads: memory is about the selector's buffer plus one chunk.
+
+Errors are typed; a rejected message changes nothing, so nothing already accepted is lost.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from core.coreset import IncrementalCoreset
+from core.federated.reservoir import WeightedReservoir
+from core.messages import FeatureChunk, SiteSummary
+from core.serde import ChunkAssembler
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "AggregationError",
+    "GlobalBankAggregator",
+    "IncompatibleSiteError",
+    "RoundOutcome",
+    "RoundStateError",
+    "Strategy",
+]
+
+Strategy = Literal["coreset", "random"]
+
+
+class AggregationError(ValueError):
+    """A message does not fit the aggregation's state (the message says why)."""
+
+
+class RoundStateError(AggregationError):
+    """Wrong round, a chunk before its site's summary, finishing with uploads missing, ..."""
+
+
+class IncompatibleSiteError(AggregationError):
+    """A site's features cannot be merged: other extractor (fingerprint) or dimension."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """The result of one round.
+
+    Attributes:
+        round: round number (from 1).
+        bank: [k, D] float32 global bank.
+        server_radius: r_S, a certified bound on the distance from every row any site uploaded
+            in any round so far to the bank (coreset strategy); inf for random sampling, which
+            certifies nothing.
+        max_site_radius: max_i r_i over the sites merged so far.
+        rows_received: rows accepted this round, per site.
+    """
+
+    round: int
+    bank: np.ndarray
+    server_radius: float
+    max_site_radius: float
+    rows_received: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def certificate(self) -> float:
+        """max_i r_i + r_S: every training patch of every site lies this close to the bank, so
+        a site's 1-NN score of a training patch exceeds full-bank PatchCore's by at most this."""
+        return self.max_site_radius + self.server_radius
+
+
+@dataclass
+class _SiteUpload:
+    summary: SiteSummary
+    assembler: ChunkAssembler
+
+
+class GlobalBankAggregator:
+    """Incremental global-bank selection over the sites' uploads.
+
+    Args:
+        global_bank_size: k, the size of the global bank.
+        strategy: "coreset" (farthest-first over the union) or "random" (weighted sampling).
+        weighted: random strategy only: a row's weight is its site's ``num_images`` divided by
+            the rows the site uploads that round, so each site's expected share of the bank
+            follows its data size. (The coreset strategy covers every site's patterns to the
+            same radius and takes no weights; see core.federated.strategies.)
+        seed: seeds projection/start points (coreset) or sampling keys (random).
+        projection_dim: coreset projection dimension.
+        buffer_rows: coreset selector buffer (memory bound); default max(2k, k + 8192).
+        device: where the coreset selector's reduce loops run ("cuda" when available).
+    """
+
+    def __init__(
+        self,
+        global_bank_size: int,
+        *,
+        strategy: Strategy = "coreset",
+        weighted: bool = True,
+        seed: int = 0,
+        projection_dim: int | None = 128,
+        buffer_rows: int | None = None,
+        device: str | None = None,
+    ) -> None:
+        if global_bank_size < 1:
+            raise ValueError(f"global_bank_size must be >= 1, got {global_bank_size}")
+        if strategy not in ("coreset", "random"):
+            raise ValueError(f"aggregation strategy must be 'coreset' or 'random', got {strategy!r}")
+        self.global_bank_size = global_bank_size
+        self.strategy: Strategy = strategy
+        self.weighted = weighted
+        self.seed = seed
+        self._selector: IncrementalCoreset | None = None
+        self._reservoir: WeightedReservoir | None = None
+        if strategy == "coreset":
+            self._selector = IncrementalCoreset(
+                global_bank_size,
+                capacity=buffer_rows,
+                projection_dim=projection_dim,
+                seed=seed,
+                device=device,
+            )
+        else:
+            self._reservoir = WeightedReservoir(global_bank_size, seed=seed)
+        self.round = 0
+        self._open = False
+        self._fingerprint: str | None = None
+        self._feature_dim: int | None = None
+        self._site_radius: dict[str, float] = {}
+        self._uploads: dict[str, _SiteUpload] = {}
+        self.last_outcome: RoundOutcome | None = None
+
+    # -- round lifecycle -------------------------------------------------------------------
+
+    def begin_round(self, round_number: int) -> None:
+        """Open round ``round_number`` (must be the next one)."""
+        if self._open:
+            raise RoundStateError(f"round {self.round} is still open; finish it first")
+        if round_number != self.round + 1:
+            raise RoundStateError(f"expected round {self.round + 1}, got {round_number}")
+        self.round = round_number
+        self._open = True
+        self._uploads = {}
+
+    def receive_summary(self, summary: SiteSummary) -> None:
+        """Register a site's upload for the open round (before its chunks).
+
+        An identical resend is ignored; a different summary for the same site and round, a
+        different feature extractor or dimension, or a site unknown after round 1 is rejected.
+        """
+        self._check_round(summary.round, f"summary of site {summary.site_id!r}")
+        previous = self._uploads.get(summary.site_id)
+        if previous is not None:
+            if previous.summary != summary:
+                raise RoundStateError(
+                    f"site {summary.site_id!r} already sent a different summary for round "
+                    f"{self.round}"
+                )
+            return
+        if self._fingerprint is not None and summary.feature_fingerprint != self._fingerprint:
+            raise IncompatibleSiteError(
+                f"site {summary.site_id!r} extracts features with fingerprint "
+                f"{summary.feature_fingerprint[:12]}..., the federation uses "
+                f"{self._fingerprint[:12]}... (backbone, weights, layers, dims and image size "
+                "must match)"
+            )
+        if self._feature_dim is not None and summary.feature_dim != self._feature_dim:
+            raise IncompatibleSiteError(
+                f"site {summary.site_id!r} sends D={summary.feature_dim}, the federation uses "
+                f"D={self._feature_dim}"
+            )
+        if self.round > 1 and summary.site_id not in self._site_radius:
+            raise RoundStateError(
+                f"site {summary.site_id!r} did not take part in round 1; it cannot join in "
+                f"round {self.round} (its coverage radius is not part of the certificate)"
+            )
+        self._fingerprint = summary.feature_fingerprint
+        self._feature_dim = summary.feature_dim
+        self._uploads[summary.site_id] = _SiteUpload(
+            summary,
+            ChunkAssembler(
+                max_rows=summary.coreset_rows, expected_cols=summary.feature_dim, retain=False
+            ),
+        )
+
+    def receive_chunk(self, chunk: FeatureChunk) -> bool:
+        """Consume one chunk; True if new, False for an identical resend (ignored).
+
+        Raises RoundStateError (wrong round, no summary yet) or the ChunkAssembler's errors
+        (order, conflict, too many rows, undecodable matrix); on error nothing changes.
+        """
+        self._check_round(chunk.round, f"chunk {chunk.sequence} of site {chunk.site_id!r}")
+        upload = self._uploads.get(chunk.site_id)
+        if upload is None:
+            raise RoundStateError(
+                f"chunk {chunk.sequence} of site {chunk.site_id!r} arrived before the site's "
+                f"summary for round {self.round}"
+            )
+        rows = upload.assembler.accept(chunk)
+        if rows is None:
+            return False
+        if rows.shape[0]:
+            if self._selector is not None:
+                self._selector.add(rows)
+            else:
+                assert self._reservoir is not None
+                summary = upload.summary
+                weight = summary.num_images / summary.coreset_rows if self.weighted else 1.0
+                self._reservoir.add(rows, weight)
+        if chunk.last:
+            logger.info(
+                "round %d: site %s upload complete (%d rows)",
+                self.round, chunk.site_id, upload.assembler.rows_received,
+            )
+        return True
+
+    def next_sequence(self, site_id: str) -> int:
+        """Where a site's interrupted upload resumes (0 when nothing was accepted)."""
+        upload = self._uploads.get(site_id)
+        return 0 if upload is None else upload.assembler.next_sequence
+
+    def finish_round(self, expected_sites: int | None = None) -> RoundOutcome:
+        """Close the round and select the global bank.
+
+        Every site that sent a summary must have completed its upload; with
+        ``expected_sites``, that many sites must have taken part.
+        """
+        if not self._open:
+            raise RoundStateError("no round is open")
+        incomplete = [s for s, u in self._uploads.items() if not u.assembler.complete]
+        if incomplete:
+            raise RoundStateError(
+                f"round {self.round}: upload(s) of {sorted(incomplete)} are incomplete"
+            )
+        if expected_sites is not None and len(self._uploads) != expected_sites:
+            raise RoundStateError(
+                f"round {self.round}: {len(self._uploads)} site(s) uploaded, expected "
+                f"{expected_sites}"
+            )
+        if self.round == 1 and not self._uploads:
+            raise RoundStateError("round 1 ended without any site upload")
+        for site_id, upload in self._uploads.items():
+            if self.round == 1:
+                self._site_radius[site_id] = upload.summary.coverage_radius
+        if self._selector is not None:
+            selection = self._selector.select()
+            bank, server_radius = selection.features, selection.radius_bound
+        else:
+            assert self._reservoir is not None
+            bank, server_radius = self._reservoir.sample(), math.inf
+        outcome = RoundOutcome(
+            round=self.round,
+            bank=bank,
+            server_radius=server_radius,
+            max_site_radius=max(self._site_radius.values()),
+            rows_received={s: u.assembler.rows_received for s, u in self._uploads.items()},
+        )
+        self._open = False
+        self.last_outcome = outcome
+        logger.info(
+            "round %d: bank %d rows, r_S <= %.4f, max r_i = %.4f, certificate %.4f",
+            self.round, bank.shape[0], outcome.server_radius, outcome.max_site_radius,
+            outcome.certificate,
+        )
+        return outcome
+
+    def _check_round(self, round_number: int, what: str) -> None:
+        if not self._open:
+            raise RoundStateError(f"{what} arrived while no round is open")
+        if round_number != self.round:
+            raise RoundStateError(f"{what} is for round {round_number}, round {self.round} is open")

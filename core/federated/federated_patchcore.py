@@ -1,0 +1,181 @@
+"""High-level federated PatchCore: clients + server + rounds behind one object."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from core.codec import DEFAULT_CODEC, CodecConfig
+from core.features import FeatureConfig
+from core.federated.aggregator import Strategy
+from core.federated.client import PatchCoreClient
+from core.federated.server import FederatedServer, RoundReport
+from core.knn import Backend
+from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FederatedPatchCore"]
+
+
+class FederatedPatchCore:
+    """High-level federated PatchCore trainer.
+
+    Args:
+        num_clients: number of federated clients.
+        backbone: feature extractor backbone (timm name), or a full FeatureConfig.
+        global_bank_size: target global memory bank size.
+        coreset_percentage: each client's local coreset, as a fraction of its patches.
+        aggregation_strategy: "coreset" or "random" (see FederatedServer).
+        weighted: see FederatedServer.
+        codec: wire codec (default fp16 + shuffle + zstd).
+        seed: seeds every selection (the same on all sites).
+        device: "cpu", "cuda", or None for CUDA when available.
+        batch_size: images per backbone pass.
+        num_neighbors: image-score reweighting (1 = max patch score).
+
+    Example::
+
+        fed_model = FederatedPatchCore(num_clients=5)
+        fed_model.setup_clients(client_datasets)
+        fed_model.train()
+        anomaly_maps = fed_model.predict(test_dataset).anomaly_maps
+    """
+
+    def __init__(
+        self,
+        num_clients: int = 5,
+        backbone: str | FeatureConfig = "wide_resnet50_2",
+        global_bank_size: int = 10000,
+        *,
+        coreset_percentage: float = 0.1,
+        aggregation_strategy: Strategy = "coreset",
+        weighted: bool = True,
+        codec: CodecConfig = DEFAULT_CODEC,
+        seed: int = 0,
+        device: str | None = None,
+        batch_size: int = 8,
+        num_neighbors: int = 1,
+        knn_backend: Backend = "auto",
+    ) -> None:
+        self.num_clients = num_clients
+        self.feature_config = (
+            backbone if isinstance(backbone, FeatureConfig) else FeatureConfig(backbone)
+        )
+        self.global_bank_size = global_bank_size
+        self.coreset_percentage = coreset_percentage
+        self.seed = seed
+        self.device = device
+        self.batch_size = batch_size
+        self.server = FederatedServer(
+            num_clients,
+            global_bank_size,
+            aggregation_strategy,
+            weighted,
+            codec=codec,
+            seed=seed,
+            device=device,
+        )
+        self.clients: list[PatchCoreClient] = []
+        self.global_model = PatchCore(
+            PatchCoreConfig(
+                features=self.feature_config,
+                seed=seed,
+                device=device,
+                batch_size=batch_size,
+                num_neighbors=num_neighbors,
+                knn_backend=knn_backend,
+            )
+        )
+
+    @property
+    def reports(self) -> list[RoundReport]:
+        """One report per round trained so far (bytes, radii, certificate)."""
+        return self.server.reports
+
+    def setup_clients(self, client_datasets: Sequence[ImageSource]) -> None:
+        """Initialize clients with their data partitions (one dataset per client)."""
+        if len(client_datasets) != self.num_clients:
+            raise ValueError(
+                f"expected {self.num_clients} client datasets, got {len(client_datasets)}"
+            )
+        self.clients = [
+            PatchCoreClient(
+                i,
+                dataset,
+                self.feature_config,
+                self.coreset_percentage,
+                seed=self.seed,
+                device=self.device,
+                batch_size=self.batch_size,
+                num_neighbors=self.global_model.config.num_neighbors,
+            )
+            for i, dataset in enumerate(client_datasets)
+        ]
+
+    def train(self, num_rounds: int = 1) -> FederatedPatchCore:
+        """Execute federated training.
+
+        Args:
+            num_rounds: number of communication rounds. PatchCore needs only 1; later rounds
+                upload only patches the bank covers worse than its coverage radius.
+
+        Returns:
+            self
+        """
+        if not self.clients:
+            raise RuntimeError("no clients: call setup_clients(client_datasets) first")
+        if num_rounds < 1:
+            raise ValueError(f"num_rounds must be >= 1, got {num_rounds}")
+        for _ in range(num_rounds):
+            bank = self.server.train_round(self.clients)
+            self.global_model.set_memory_bank(bank)
+            last = self.reports[-1]
+            self.global_model.coverage_radius = last.certificate
+        self.global_model.num_training_images = sum(c.data_size for c in self.clients)
+        self.global_model.num_training_patches = sum(
+            c.model.num_training_patches for c in self.clients
+        )
+        return self
+
+    @property
+    def global_bank(self) -> np.ndarray:
+        return self.global_model.memory_bank
+
+    def predict(self, dataset: ImageSource) -> Predictions:
+        """Generate anomaly maps (and image scores) using the global model."""
+        return self.global_model.predict(dataset)
+
+    def save(self, path: str | Path) -> Path:
+        """Save federated model: the global bank, its feature config and the round reports."""
+        return self.global_model.save(
+            path,
+            extra={
+                "federation": {
+                    "num_clients": self.num_clients,
+                    "global_bank_size": self.global_bank_size,
+                    "coreset_percentage": self.coreset_percentage,
+                    "aggregation_strategy": self.server.aggregation_strategy,
+                    "codec": self.server.codec.value_type,
+                    "rounds": [r.as_dict() for r in self.reports],
+                }
+            },
+        )
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        pretrained: bool = True,
+        weights: str | None = None,
+        device: str | None = None,
+    ) -> PatchCore:
+        """Load a saved federated model as the PatchCore that scores with its global bank.
+
+        The round reports are in ``PatchCore.read_extra(path)["federation"]``.
+        """
+        return PatchCore.load(path, pretrained=pretrained, weights=weights, device=device)

@@ -1,0 +1,291 @@
+"""The federated server of the in-process API: rounds over clients, aggregation, reports.
+
+``train_round`` moves every byte as a wire message (:class:`CommunicationProtocol`) and feeds the
+decoded messages to the same :class:`GlobalBankAggregator` the gRPC daemon uses.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from core.codec import DEFAULT_CODEC, CodecConfig
+from core.federated.aggregator import GlobalBankAggregator, RoundOutcome, Strategy
+from core.federated.client import PatchCoreClient
+from core.federated.communication import CommunicationProtocol, parse_upload
+from core.federated.strategies import (
+    federated_coreset_aggregation,
+    federated_random_aggregation,
+)
+from core.messages import FeatureChunk, SiteSummary
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FederatedServer", "RoundReport"]
+
+
+@dataclass(frozen=True)
+class RoundReport:
+    """What one round cost and achieved.
+
+    Attributes:
+        round: round number (from 1).
+        bytes_up: serialized upload messages, per site (summary + chunks).
+        bytes_down: serialized bank messages, per site (each site receives the whole bank).
+        rows_up: rows uploaded, per site.
+        bank_rows: global bank size after the round.
+        server_radius: r_S, certified bound over all uploaded rows (inf for random sampling).
+        max_site_radius: max_i r_i.
+        certificate: max_i r_i + r_S.
+        realised_radius: the largest distance from any row any site ever uploaded to the bank
+            the sites received (measured by the sites, after decoding).
+        num_novel: round > 1: training patches farther than the threshold, per site.
+        training_radius: round > 1: the largest distance from any training patch of any site to
+            the bank the round started from (the sites measure it while looking for novel
+            patches): the realised coverage the certificate bounds.
+    """
+
+    round: int
+    bytes_up: dict[str, int]
+    bytes_down: dict[str, int]
+    rows_up: dict[str, int]
+    bank_rows: int
+    server_radius: float
+    max_site_radius: float
+    certificate: float
+    realised_radius: float
+    num_novel: dict[str, int] = field(default_factory=dict)
+    training_radius: float | None = None
+
+    @property
+    def total_bytes_up(self) -> int:
+        return sum(self.bytes_up.values())
+
+    @property
+    def total_bytes_down(self) -> int:
+        return sum(self.bytes_down.values())
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "round": self.round,
+            "bytes_up": self.bytes_up,
+            "bytes_down": self.bytes_down,
+            "rows_up": self.rows_up,
+            "bank_rows": self.bank_rows,
+            "server_radius": self.server_radius,
+            "max_site_radius": self.max_site_radius,
+            "certificate": self.certificate,
+            "realised_radius": self.realised_radius,
+            "num_novel": self.num_novel,
+            "training_radius": self.training_radius,
+        }
+
+
+class FederatedServer:
+    """Federated learning server for PatchCore aggregation.
+
+    Args:
+        num_clients: expected number of clients (every round must hear from all of them).
+        global_bank_size: target global memory bank size.
+        aggregation_strategy: "coreset" (greedy k-center over the union) or "random".
+        weighted: weight by client data size where a weight has a meaning: the random strategy
+            draws rows in proportion to the images they stand for. The coreset strategy
+            covers every site to the same radius (see core.federated.strategies).
+        codec: wire codec of uploads and broadcasts (default fp16 + shuffle + zstd).
+        seed: seeds the selection.
+        buffer_rows: memory bound of the coreset selector (rows); default max(2k, k + 8192).
+        device: "cuda" to run selection on the GPU.
+
+    Example::
+
+        server = FederatedServer(num_clients=5, global_bank_size=10000)
+        global_model = server.aggregate(client_coresets, client_sizes)
+    """
+
+    def __init__(
+        self,
+        num_clients: int = 5,
+        global_bank_size: int = 10000,
+        aggregation_strategy: Strategy = "coreset",
+        weighted: bool = True,
+        *,
+        codec: CodecConfig = DEFAULT_CODEC,
+        seed: int = 0,
+        buffer_rows: int | None = None,
+        device: str | None = None,
+    ) -> None:
+        if num_clients < 1:
+            raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+        if global_bank_size < 1:
+            raise ValueError(f"global_bank_size must be >= 1, got {global_bank_size}")
+        if aggregation_strategy not in ("coreset", "random"):
+            raise ValueError(
+                f"aggregation_strategy must be 'coreset' or 'random', got {aggregation_strategy!r}"
+            )
+        self.num_clients = num_clients
+        self.global_bank_size = global_bank_size
+        self.aggregation_strategy: Strategy = aggregation_strategy
+        self.weighted = weighted
+        self.codec = codec
+        self.seed = seed
+        self.device = device
+        self.aggregator = GlobalBankAggregator(
+            global_bank_size,
+            strategy=aggregation_strategy,
+            weighted=weighted,
+            seed=seed,
+            buffer_rows=buffer_rows,
+            device=device,
+        )
+        self._global_bank: np.ndarray | None = None
+        self.reports: list[RoundReport] = []
+
+    # -- the spec's direct API -------------------------------------------------------------
+
+    def aggregate(
+        self,
+        client_coresets: Sequence[np.ndarray],
+        client_sizes: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Aggregate client memory banks (arrays already at the server; no rounds, no bytes).
+
+        Args:
+            client_coresets: local coresets [n_i, D] from the clients.
+            client_sizes: client dataset sizes, used as weights when ``weighted``.
+
+        Returns:
+            Global memory bank features [k, D] float32.
+        """
+        if len(client_coresets) != self.num_clients:
+            raise ValueError(
+                f"expected {self.num_clients} client coresets, got {len(client_coresets)}"
+            )
+        if client_sizes is not None and len(client_sizes) != len(client_coresets):
+            raise ValueError(
+                f"{len(client_sizes)} client sizes for {len(client_coresets)} coresets"
+            )
+        weights = list(client_sizes) if (self.weighted and client_sizes is not None) else None
+        if self.aggregation_strategy == "coreset":
+            bank = federated_coreset_aggregation(
+                client_coresets, self.global_bank_size, weights, seed=self.seed
+            )
+        else:
+            bank = federated_random_aggregation(
+                client_coresets, self.global_bank_size, weights, seed=self.seed
+            )
+        self._global_bank = bank
+        return bank
+
+    def get_global_model(self) -> np.ndarray:
+        """Return current global memory bank [k, D]."""
+        if self._global_bank is None:
+            raise RuntimeError("no global bank yet: call aggregate() or train_round()")
+        return self._global_bank
+
+    # -- rounds over real messages ---------------------------------------------------------
+
+    def train_round(self, clients: Sequence[PatchCoreClient]) -> np.ndarray:
+        """Execute one federated training round.
+
+        Round 1: every client trains and uploads its local coreset. Later rounds: every client
+        uploads only its patches farther from the current bank than the server's coverage
+        radius (novel patches). The bank is rebuilt from the stream and broadcast; the round's
+        costs and radii are appended to ``reports``.
+
+        Returns:
+            Updated global memory bank [k, D] (as the clients decoded it).
+        """
+        if len(clients) != self.num_clients:
+            raise ValueError(f"expected {self.num_clients} clients, got {len(clients)}")
+        ids = [c.site_id for c in clients]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"client ids must be unique, got {ids}")
+        round_number = self.aggregator.round + 1
+        previous = self.aggregator.last_outcome
+        self.aggregator.begin_round(round_number)
+        bytes_up: dict[str, int] = {}
+        rows_up: dict[str, int] = {}
+        num_novel: dict[str, int] = {}
+        training_radius: float | None = None
+        for client in clients:
+            if previous is None:
+                rows = client.train()
+            else:
+                threshold = previous.server_radius
+                if not np.isfinite(threshold):  # random strategy: no radius; use the realised
+                    threshold = self.reports[-1].realised_radius
+                upload = client.novel_features(self.get_global_model(), threshold)
+                rows, num_novel[client.site_id] = upload.features, upload.num_novel
+                training_radius = max(training_radius or 0.0, upload.max_distance)
+            summary = client.summary(round_number, rows.shape[0], self.codec)
+            messages = CommunicationProtocol.send_to_server(
+                client.site_id, rows, round_number=round_number, codec=self.codec,
+                summary=summary,
+            )
+            self._receive(parse_upload(messages))
+            client.record_upload(rows)
+            bytes_up[client.site_id] = CommunicationProtocol.compute_communication_cost(messages)
+            rows_up[client.site_id] = rows.shape[0]
+        outcome = self.aggregator.finish_round(expected_sites=self.num_clients)
+        per_site_down = 0
+        if previous is None or sum(rows_up.values()) > 0:
+            bank_messages = CommunicationProtocol.broadcast_to_clients(
+                clients,
+                outcome.bank,
+                round_number=round_number,
+                codec=self.codec,
+                server_radius=outcome.server_radius,
+                max_site_radius=outcome.max_site_radius,
+            )
+            per_site_down = CommunicationProtocol.compute_communication_cost(bank_messages)
+        else:
+            logger.info("round %d: no novel patches anywhere; the bank is unchanged", round_number)
+        delivered = clients[0].global_bank
+        assert delivered is not None
+        self._global_bank = delivered
+        report = self._report(
+            outcome, clients, bytes_up, rows_up, per_site_down, num_novel, training_radius
+        )
+        self.reports.append(report)
+        return delivered
+
+    def _receive(self, items: Sequence[SiteSummary | FeatureChunk]) -> None:
+        for item in items:
+            if isinstance(item, SiteSummary):
+                self.aggregator.receive_summary(item)
+            else:
+                self.aggregator.receive_chunk(item)
+
+    def _report(
+        self,
+        outcome: RoundOutcome,
+        clients: Sequence[PatchCoreClient],
+        bytes_up: dict[str, int],
+        rows_up: dict[str, int],
+        per_site_down: int,
+        num_novel: dict[str, int],
+        training_radius: float | None,
+    ) -> RoundReport:
+        realised = max(c.uploaded_radius(c.global_bank) for c in clients)  # type: ignore[arg-type]
+        report = RoundReport(
+            round=outcome.round,
+            bytes_up=bytes_up,
+            bytes_down={c.site_id: per_site_down for c in clients},
+            rows_up=rows_up,
+            bank_rows=outcome.bank.shape[0],
+            server_radius=outcome.server_radius,
+            max_site_radius=outcome.max_site_radius,
+            certificate=outcome.certificate,
+            realised_radius=realised,
+            num_novel=num_novel,
+            training_radius=training_radius,
+        )
+        logger.info(
+            "round %d: up %d B, down %d B, bank %d, realised %.4f, certificate %.4f",
+            report.round, report.total_bytes_up, report.total_bytes_down, report.bank_rows,
+            report.realised_radius, report.certificate,
+        )
+        return report
