@@ -9,6 +9,7 @@ from core.coreset import (
     _farthest_first_torch,
     coverage_radius,
     farthest_first,
+    fit_projection,
     greedy_coreset,
     projection_matrix,
 )
@@ -90,12 +91,32 @@ def test_radius_is_exact_in_original_space() -> None:
     assert coverage_radius(x[:500], x[result.indices]) == pytest.approx(brute, rel=1e-5)
 
 
-def test_projection_keeps_quality() -> None:
+@pytest.mark.parametrize("kind", ["pca", "gaussian"])
+def test_projection_keeps_quality(kind: str) -> None:
     rng = np.random.default_rng(2)
     x = clustered(rng, 5000, 512, clusters=60)
-    projected = greedy_coreset(x, 200, projection_dim=128, seed=0).radius
+    projected = greedy_coreset(x, 200, projection_dim=128, projection=kind, seed=0).radius  # type: ignore[arg-type]
     full = greedy_coreset(x, 200, projection_dim=None, seed=0).radius
+    assert projected is not None and full is not None
     assert projected <= 1.15 * full
+
+
+def test_pca_projection_is_seeded_and_preserves_scale() -> None:
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((3000, 16)) @ rng.standard_normal((16, 256))).astype(np.float32)
+    a = fit_projection(x, 32, seed=5)
+    b = fit_projection(x, 32, seed=5)
+    assert a is not None and b is not None
+    np.testing.assert_array_equal(a.matrix, b.matrix)
+    # rank-16 data: 32 principal directions keep every distance (up to float error)
+    pairs = rng.integers(0, 3000, size=(200, 2))
+    original = np.linalg.norm(x[pairs[:, 0]] - x[pairs[:, 1]], axis=1)
+    p = a.apply(x)
+    projected = np.linalg.norm(p[pairs[:, 0]] - p[pairs[:, 1]], axis=1)
+    np.testing.assert_allclose(projected, original, rtol=1e-3, atol=1e-3)
+    assert fit_projection(x, None, seed=0) is None
+    with pytest.raises(ValueError, match="projection must be"):
+        fit_projection(x, 8, seed=0, kind="sparse")  # type: ignore[arg-type]
 
 
 def test_rejects_bad_input() -> None:
