@@ -136,6 +136,9 @@ class FeatureConfig:
         )
 
 
+_WARNED_RANDOM: set[str] = set()
+
+
 def _create_backbone(config: FeatureConfig) -> nn.Module:
     probe = timm.create_model(config.backbone, pretrained=False, features_only=True)
     names = list(probe.feature_info.module_name())
@@ -156,7 +159,8 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
             out_indices=out_indices,
             pretrained_cfg_overlay={"file": str(config.weights)},
         )
-    if not config.pretrained:
+    if not config.pretrained and config.backbone not in _WARNED_RANDOM:
+        _WARNED_RANDOM.add(config.backbone)  # once per process and backbone: loud, not noisy
         logger.warning(
             "BACKBONE %s HAS RANDOM WEIGHTS (pretrained=False, no weights file): features are "
             "not ImageNet features and detection quality will be far below published PatchCore",

@@ -44,7 +44,10 @@ def test_matches_original_patchcore_pipeline() -> None:
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-5)
 
 
-def test_random_weights_are_announced(caplog: pytest.LogCaptureFixture) -> None:
+def test_random_weights_are_announced(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("core.features._WARNED_RANDOM", set())
     with caplog.at_level(logging.WARNING, logger="core.features"):
         PatchFeatureExtractor(FeatureConfig(backbone="resnet18", pretrained=False))
     assert any("RANDOM WEIGHTS" in r.message for r in caplog.records)
