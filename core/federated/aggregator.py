@@ -40,6 +40,10 @@ __all__ = [
 
 Strategy = Literal["coreset", "random"]
 
+#: Default rows the server's coreset selector buffers before its first reduce (uploads beyond
+#: it are merged and reduced with a certified radius). Pages are touched only as rows arrive.
+SERVER_BUFFER_ROWS = 131072
+
 
 class AggregationError(ValueError):
     """A message does not fit the aggregation's state (the message says why)."""
@@ -98,7 +102,9 @@ class GlobalBankAggregator:
             same radius and takes no weights; see core.federated.strategies.)
         seed: seeds projection/start points (coreset) or sampling keys (random).
         projection_dim: coreset projection dimension.
-        buffer_rows: coreset selector buffer (memory bound); default max(2k, k + 8192).
+        buffer_rows: coreset selector buffer (memory bound, rows); default
+            max(2k, SERVER_BUFFER_ROWS): a server holds more than a site (512 MiB of D=1024
+            rows), so typical federations select from the exact union, without reduces.
         device: where the coreset selector's reduce loops run ("cuda" when available).
     """
 
@@ -116,7 +122,9 @@ class GlobalBankAggregator:
         if global_bank_size < 1:
             raise ValueError(f"global_bank_size must be >= 1, got {global_bank_size}")
         if strategy not in ("coreset", "random"):
-            raise ValueError(f"aggregation strategy must be 'coreset' or 'random', got {strategy!r}")
+            raise ValueError(
+                f"aggregation_strategy must be 'coreset' or 'random', got {strategy!r}"
+            )
         self.global_bank_size = global_bank_size
         self.strategy: Strategy = strategy
         self.weighted = weighted
@@ -126,7 +134,9 @@ class GlobalBankAggregator:
         if strategy == "coreset":
             self._selector = IncrementalCoreset(
                 global_bank_size,
-                capacity=buffer_rows,
+                capacity=buffer_rows
+                if buffer_rows is not None
+                else max(2 * global_bank_size, SERVER_BUFFER_ROWS),
                 projection_dim=projection_dim,
                 seed=seed,
                 device=device,

@@ -96,7 +96,7 @@ class FederatedServer:
             covers every site to the same radius (see core.federated.strategies).
         codec: wire codec of uploads and broadcasts (default fp16 + shuffle + zstd).
         seed: seeds the selection.
-        buffer_rows: memory bound of the coreset selector (rows); default max(2k, k + 8192).
+        buffer_rows: memory bound of the coreset selector (rows); see GlobalBankAggregator.
         device: "cuda" to run selection on the GPU.
 
     Example::
@@ -119,12 +119,6 @@ class FederatedServer:
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
-        if global_bank_size < 1:
-            raise ValueError(f"global_bank_size must be >= 1, got {global_bank_size}")
-        if aggregation_strategy not in ("coreset", "random"):
-            raise ValueError(
-                f"aggregation_strategy must be 'coreset' or 'random', got {aggregation_strategy!r}"
-            )
         self.num_clients = num_clients
         self.global_bank_size = global_bank_size
         self.aggregation_strategy: Strategy = aggregation_strategy
