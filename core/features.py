@@ -24,6 +24,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import timm
@@ -140,8 +141,11 @@ _WARNED_RANDOM: set[str] = set()
 
 
 def _create_backbone(config: FeatureConfig) -> nn.Module:
-    probe = timm.create_model(config.backbone, pretrained=False, features_only=True)
-    names = list(probe.feature_info.module_name())
+    # Stage names only: build the probe on the meta device (no weights allocated).
+    with torch.device("meta"):
+        probe = timm.create_model(config.backbone, pretrained=False, features_only=True)
+    feature_info: Any = probe.feature_info
+    names = list(feature_info.module_name())
     missing = [layer for layer in config.layers if layer not in names]
     if missing:
         raise ValueError(
@@ -191,6 +195,9 @@ class PatchFeatureExtractor(nn.Module):
         self.backbone = _create_backbone(config).eval()
         for parameter in self.backbone.parameters():
             parameter.requires_grad_(False)
+        feature_info: Any = self.backbone.feature_info
+        #: Input pixels per grid cell of the first chosen layer (8 for ResNet layer2).
+        self.stride: int = int(feature_info.reduction()[0])
 
     def train(self, mode: bool = True) -> PatchFeatureExtractor:
         # Batch-norm statistics must never move: the bank is only valid for one set of weights.

@@ -13,7 +13,7 @@ Backends:
 from __future__ import annotations
 
 import logging
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -82,7 +82,7 @@ class NearestNeighbourIndex:
         if backend == "faiss":
             import faiss
 
-            index = faiss.IndexFlatL2(self.dim)
+            index: Any = faiss.IndexFlatL2(self.dim)
             if self.device.type == "cuda" and _faiss_gpu_available():
                 self._gpu_resources = faiss.StandardGpuResources()
                 index = faiss.index_cpu_to_gpu(self._gpu_resources, self.device.index or 0, index)

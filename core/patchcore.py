@@ -323,8 +323,8 @@ class PatchCore:
 
     def _input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
         # The first layer's stride maps the grid back to pixels (8 for ResNet layer2).
-        reduction = self.extractor.backbone.feature_info.reduction()[0]
-        return grid[0] * reduction, grid[1] * reduction
+        stride = self.extractor.stride
+        return grid[0] * stride, grid[1] * stride
 
     # -- persistence -----------------------------------------------------------------------
 
