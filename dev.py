@@ -48,9 +48,6 @@ def ensure_environment() -> Path:
     if not STAMP.exists() or STAMP.read_text() != fingerprint:
         print("[dev] installing fedpatchcore[dev] (first run takes a few minutes)", flush=True)
         subprocess.run(
-            [str(python), "-m", "pip", "install", "--quiet", "--upgrade", "pip"], check=True
-        )
-        subprocess.run(
             [str(python), "-m", "pip", "install", "--quiet",
              "-c", str(ROOT / "constraints.txt"), "-e", f"{ROOT}[dev]"],
             check=True,
