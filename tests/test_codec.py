@@ -559,3 +559,18 @@ def test_bomb_behind_a_small_declared_size_is_rejected_without_allocating(
         tracemalloc.stop()
     assert time.perf_counter() - start < 2.0
     assert peak < 16 << 20
+
+
+def test_quantised_codes_travel_column_major() -> None:
+    """Wire contract: INT8 codes are column-major (all rows of column 0 first)."""
+    import zstandard
+
+    x = np.array([[0.0, 10.0], [1.0, 20.0], [2.0, 30.0]], dtype=np.float32)
+    encoded = encode_matrix(x, CodecConfig(value_type="int8", byte_shuffle=False))
+    codes = np.frombuffer(zstandard.ZstdDecompressor().decompress(encoded.payload), np.uint8)
+    # column-major: [col0 rows..., col1 rows...]; row-major would read [0, 0, m, m, 255, 255]
+    assert codes[0] == codes[3] == 0 and codes[2] == codes[5] == 255
+    assert 0 < codes[1] == codes[4] < 255
+    np.testing.assert_allclose(
+        decode_matrix(encoded, max_decoded_bytes=1 << 20), x, atol=0.05
+    )
