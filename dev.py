@@ -38,7 +38,7 @@ def _install_fingerprint() -> str:
 
 def ensure_environment() -> Path:
     """Create/refresh .venv so that it holds the project as described by pyproject.toml."""
-    if sys.version_info < (3, 11):
+    if sys.version_info < (3, 11):  # noqa: UP036 (dev.py itself may run on an older python3)
         raise SystemExit(f"FedPatchCore needs Python >= 3.11, this is {sys.version.split()[0]}")
     python = _venv_python()
     if not python.exists():

@@ -41,22 +41,25 @@ logger = logging.getLogger(__name__)
 def _dataset(root: Path, images: int) -> MVTecDataset:
     categories = ("washer", "screw", "mesh", "stripes", "fabric")
     per_category = -(-images // len(categories))
-    generate_synthetic_dataset(root, categories=categories, num_train=per_category, num_test=0,
-                               image_size=224, seed=0)
+    generate_synthetic_dataset(
+        root, categories=categories, num_train=per_category, num_test=0, image_size=224, seed=0
+    )
     return MVTecDataset(root, split="train")
 
 
 def anomalib_style_embeddings(dataset: MVTecDataset, rows: int) -> np.ndarray:
     """[rows, 1536]: layer2 (512) + upsampled layer3 (1024) after 3x3 average pooling, as
     anomalib's PatchcoreModel builds its embedding (random-init WRN-50, 224 px)."""
-    config = FeatureConfig(backbone="wide_resnet50_2", pretrained=False,
-                           transform=ImageTransform(224, None))
+    config = FeatureConfig(
+        backbone="wide_resnet50_2", pretrained=False, transform=ImageTransform(224, None)
+    )
     backbone = PatchFeatureExtractor(config).backbone
     out: list[np.ndarray] = []
     total = 0
     with torch.no_grad():
-        for _, images in iterate_batches(dataset.load_image, range(len(dataset)),
-                                         config.transform, 8):
+        for _, images in iterate_batches(
+            dataset.load_image, range(len(dataset)), config.transform, 8
+        ):
             l2, l3 = backbone(images)
             l2 = F.avg_pool2d(l2, 3, 1, 1)
             l3 = F.interpolate(F.avg_pool2d(l3, 3, 1, 1), size=l2.shape[-2:], mode="bilinear")
@@ -70,8 +73,9 @@ def anomalib_style_embeddings(dataset: MVTecDataset, rows: int) -> np.ndarray:
 
 def patchcore_features(dataset: MVTecDataset, rows: int) -> tuple[np.ndarray, float]:
     """[rows, 1024] default PatchCore features (random-init WRN-50 at 224 px) and the seconds."""
-    config = FeatureConfig(backbone="wide_resnet50_2", pretrained=False,
-                           transform=ImageTransform(224, None))
+    config = FeatureConfig(
+        backbone="wide_resnet50_2", pretrained=False, transform=ImageTransform(224, None)
+    )
     extractor = PatchFeatureExtractor(config)
     start = time.perf_counter()
     out: list[np.ndarray] = []
@@ -103,9 +107,18 @@ def time_anomalib(x: np.ndarray, k: int) -> tuple[float, np.ndarray] | None:
         np.save(source, x)
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TQDM_DISABLE": "1"}
         subprocess.run(
-            [sys.executable, "-m", "benchmarks.coreset_speed", "--anomalib-worker",
-             str(source), str(k), str(target)],
-            check=True, env=env, cwd=Path(__file__).resolve().parent.parent,
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.coreset_speed",
+                "--anomalib-worker",
+                str(source),
+                str(k),
+                str(target),
+            ],
+            check=True,
+            env=env,
+            cwd=Path(__file__).resolve().parent.parent,
         )
         result = np.load(target)
         return float(result["seconds"]), result["indices"]
@@ -140,19 +153,55 @@ def case_a(x: np.ndarray, name: str, k: int) -> list[list[object]]:
     if anomalib is not None:
         a_time, a_idx = anomalib
         a_radius = coverage_radius(x, x[a_idx])
-        rows.append([name, "anomalib 2.7 KCenterGreedy", len(a_idx), a_time, "1.00x", a_radius, "1.000"])
-        rows.append([name, "greedy_coreset (indices)", k, ours_time, f"{a_time / ours_time:.1f}x",
-                     ours_radius, f"{ours_radius / a_radius:.3f}"])
-        rows.append([name, "greedy_coreset (+ exact radius)", k, ours_radius_time,
-                     f"{a_time / ours_radius_time:.1f}x", with_radius.radius,
-                     f"{with_radius.radius / a_radius:.3f}"])
-        rows.append([name, "greedy_coreset (gaussian projection)", k, gaussian_time,
-                     f"{a_time / gaussian_time:.1f}x", gaussian_radius,
-                     f"{gaussian_radius / a_radius:.3f}"])
+        rows.append(
+            [name, "anomalib 2.7 KCenterGreedy", len(a_idx), a_time, "1.00x", a_radius, "1.000"]
+        )
+        rows.append(
+            [
+                name,
+                "greedy_coreset (indices)",
+                k,
+                ours_time,
+                f"{a_time / ours_time:.1f}x",
+                ours_radius,
+                f"{ours_radius / a_radius:.3f}",
+            ]
+        )
+        rows.append(
+            [
+                name,
+                "greedy_coreset (+ exact radius)",
+                k,
+                ours_radius_time,
+                f"{a_time / ours_radius_time:.1f}x",
+                with_radius.radius,
+                f"{with_radius.radius / a_radius:.3f}",
+            ]
+        )
+        rows.append(
+            [
+                name,
+                "greedy_coreset (gaussian projection)",
+                k,
+                gaussian_time,
+                f"{a_time / gaussian_time:.1f}x",
+                gaussian_radius,
+                f"{gaussian_radius / a_radius:.3f}",
+            ]
+        )
     else:
         rows.append([name, "greedy_coreset (indices)", k, ours_time, "-", ours_radius, "-"])
-        rows.append([name, "greedy_coreset (+ exact radius)", k, ours_radius_time, "-",
-                     with_radius.radius, "-"])
+        rows.append(
+            [
+                name,
+                "greedy_coreset (+ exact radius)",
+                k,
+                ours_radius_time,
+                "-",
+                with_radius.radius,
+                "-",
+            ]
+        )
     return rows
 
 
@@ -179,19 +228,25 @@ def case_b(x: np.ndarray, k: int, batch: int) -> list[list[object]]:
         selection = selector.select()
         seconds = time.perf_counter() - start
         realised = coverage_radius(stream, selection.features)
-        rows.append([
-            f"IncrementalCoreset, {batch}-row batches, buffer {selector.capacity}", name, seconds,
-            realised, f"{realised / offline.radius:.3f}",
-            f"{selection.radius_bound:.4g} ({selector.num_reduces} reduces)",
-        ])
+        rows.append(
+            [
+                f"IncrementalCoreset, {batch}-row batches, buffer {selector.capacity}",
+                name,
+                seconds,
+                realised,
+                f"{realised / offline.radius:.3f}",
+                f"{selection.radius_bound:.4g} ({selector.num_reduces} reduces)",
+            ]
+        )
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--skip-large", action="store_true", help="only case A")
-    parser.add_argument("--anomalib-worker", nargs=3, metavar=("X_NPY", "K", "OUT_NPZ"),
-                        help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--anomalib-worker", nargs=3, metavar=("X_NPY", "K", "OUT_NPZ"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args(argv)
     if args.anomalib_worker:
         source, k, target = args.anomalib_worker
@@ -207,8 +262,18 @@ def main(argv: list[str] | None = None) -> int:
         rows_a += case_a(gauss, "Gaussian", 2_000)
         append_results(
             "Coreset speed: 20,000 x 1536 -> 2,000 vs anomalib KCenterGreedy",
-            markdown_table(["input", "method", "k", "seconds", "speed-up", "coverage radius",
-                            "radius / anomalib"], rows_a),
+            markdown_table(
+                [
+                    "input",
+                    "method",
+                    "k",
+                    "seconds",
+                    "speed-up",
+                    "coverage radius",
+                    "radius / anomalib",
+                ],
+                rows_a,
+            ),
             "Radius: exact max distance of any input row to the selection (original space). "
             "anomalib's projection/start are unseeded; torch.manual_seed(0) pins them here.",
         )
@@ -217,8 +282,17 @@ def main(argv: list[str] | None = None) -> int:
             rows_b = case_b(features, 15_680, 784)
             append_results(
                 "Coreset speed: 156,800 x 1024 -> 15,680 (one 200-image category, 224 px)",
-                markdown_table(["method", "stream", "seconds", "realised radius",
-                                "ratio to offline", "certified bound"], rows_b),
+                markdown_table(
+                    [
+                        "method",
+                        "stream",
+                        "seconds",
+                        "realised radius",
+                        "ratio to offline",
+                        "certified bound",
+                    ],
+                    rows_b,
+                ),
                 f"Features: random-init WRN-50 layer2+layer3 on 200 generated 224 px images "
                 f"(extraction {seconds:.0f} s, not included).",
             )

@@ -37,18 +37,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python3 dev.py demo", description=__doc__.split("\n\n")[0]
     )
-    parser.add_argument("--data", type=Path, default=None,
-                        help="dataset folder (AutoVI layout); generated there if missing or "
-                             "empty (default: a temporary folder)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="dataset folder (AutoVI layout); generated there if missing or "
+        "empty (default: a temporary folder)",
+    )
     parser.add_argument("--backbone", default="resnet18", help="timm backbone (default resnet18)")
-    parser.add_argument("--pretrained", action="store_true",
-                        help="load pretrained weights through timm (needs network or cache)")
+    parser.add_argument(
+        "--pretrained",
+        action="store_true",
+        help="load pretrained weights through timm (needs network or cache)",
+    )
     parser.add_argument("--weights", default=None, help="local backbone weights file")
     parser.add_argument("--image-size", type=int, default=128, help="image side in px")
-    parser.add_argument("--coreset-percentage", type=float, default=0.25,
-                        help="each site's local coreset, fraction of its patches")
-    parser.add_argument("--bank-ratio", type=float, default=0.1,
-                        help="global bank size as a fraction of all training patches")
+    parser.add_argument(
+        "--coreset-percentage",
+        type=float,
+        default=0.25,
+        help="each site's local coreset, fraction of its patches",
+    )
+    parser.add_argument(
+        "--bank-ratio",
+        type=float,
+        default=0.1,
+        help="global bank size as a fraction of all training patches",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -99,8 +114,17 @@ def _run_on(root: Path, args: argparse.Namespace) -> dict[str, EvaluationResult]
     federated_result = evaluate(federated.predict(test), test, features.transform)
     federated_seconds = time.perf_counter() - start
 
-    _print_report(args, sites, federated, central_result, federated_result,
-                  central_seconds, federated_seconds, bank_size, features)
+    _print_report(
+        args,
+        sites,
+        federated,
+        central_result,
+        federated_result,
+        central_seconds,
+        federated_seconds,
+        bank_size,
+        features,
+    )
     return {"centralised": central_result, "federated": federated_result}
 
 
@@ -116,38 +140,54 @@ def _print_report(
     features: FeatureConfig,
 ) -> None:
     weights = "pretrained" if (args.pretrained or args.weights) else "RANDOM weights"
-    print(f"\nFedPatchCore demo: {len(sites)} sites, {args.backbone} ({weights}), "
-          f"{args.image_size} px, D={features.target_embed_dim}, global bank {bank_size} rows")
+    print(
+        f"\nFedPatchCore demo: {len(sites)} sites, {args.backbone} ({weights}), "
+        f"{args.image_size} px, D={features.target_embed_dim}, global bank {bank_size} rows"
+    )
     for client in federated.clients:
         categories = ",".join(client.dataset.categories)  # type: ignore[attr-defined]
-        print(f"  site {client.site_id}: {client.data_size:3d} images of {categories:<10} "
-              f"local coreset {client.get_coreset().shape[0]:5d} rows, r_i = "
-              f"{client.coverage_radius:.3f}")
+        print(
+            f"  site {client.site_id}: {client.data_size:3d} images of {categories:<10} "
+            f"local coreset {client.get_coreset().shape[0]:5d} rows, r_i = "
+            f"{client.coverage_radius:.3f}"
+        )
 
     print("\nCommunication (serialized wire messages, fp16 + zstd):")
-    print(f"  {'round':>5} {'rows up':>8} {'bytes up':>10} {'raw fp32':>10} {'ratio':>6} "
-          f"{'bytes down':>11} {'certificate':>11}")
+    print(
+        f"  {'round':>5} {'rows up':>8} {'bytes up':>10} {'raw fp32':>10} {'ratio':>6} "
+        f"{'bytes down':>11} {'certificate':>11}"
+    )
     dim = features.target_embed_dim
     for report in federated.reports:
         rows = sum(report.rows_up.values())
         raw = rows * dim * 4
         ratio = f"{report.total_bytes_up / raw:.3f}" if raw else "-"
-        print(f"  {report.round:>5} {rows:>8} {report.total_bytes_up:>10} {raw:>10} {ratio:>6} "
-              f"{report.total_bytes_down:>11} {report.certificate:>11.3f}")
+        print(
+            f"  {report.round:>5} {rows:>8} {report.total_bytes_up:>10} {raw:>10} {ratio:>6} "
+            f"{report.total_bytes_down:>11} {report.certificate:>11.3f}"
+        )
     last = federated.reports[-1]
-    print(f"  certificate = max_i r_i ({last.max_site_radius:.3f}) + r_S "
-          f"({last.server_radius:.3f}): every training patch of every site lies within it "
-          "of the global bank")
+    print(
+        f"  certificate = max_i r_i ({last.max_site_radius:.3f}) + r_S "
+        f"({last.server_radius:.3f}): every training patch of every site lies within it "
+        "of the global bank"
+    )
 
     print("\nScores on the whole test set:")
-    header = (f"  {'model':<12} {'img AUROC':>9} {'pix AUROC':>9} {'AU-PRO':>7} "
-              f"{'AU-sPRO@0.3':>11} {'seconds':>8}")
+    header = (
+        f"  {'model':<12} {'img AUROC':>9} {'pix AUROC':>9} {'AU-PRO':>7} "
+        f"{'AU-sPRO@0.3':>11} {'seconds':>8}"
+    )
     print(header)
-    for name, result, seconds in (("centralised", central, central_seconds),
-                                  ("federated", fed, federated_seconds)):
+    for name, result, seconds in (
+        ("centralised", central, central_seconds),
+        ("federated", fed, federated_seconds),
+    ):
         spro = result.au_spro.get(0.3)
-        print(f"  {name:<12} {_fmt(result.image_auroc, 9)} {_fmt(result.pixel_auroc, 9)} "
-              f"{_fmt(result.au_pro, 7)} {_fmt(spro, 11)} {seconds:>8.1f}")
+        print(
+            f"  {name:<12} {_fmt(result.image_auroc, 9)} {_fmt(result.pixel_auroc, 9)} "
+            f"{_fmt(result.au_pro, 7)} {_fmt(spro, 11)} {seconds:>8.1f}"
+        )
 
 
 def _fmt(value: float | None, width: int) -> str:

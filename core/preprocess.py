@@ -74,7 +74,9 @@ class ImageTransform:
             raise ValueError(
                 f"expected a uint8 [H, W, 3] RGB image, got {image.dtype} {image.shape}"
             )
-        tensor = torch.tensor(image).permute(2, 0, 1).float() / 255.0  # copies: inputs may be read-only
+        tensor = (
+            torch.tensor(image).permute(2, 0, 1).float() / 255.0
+        )  # copies: inputs may be read-only
         size = self.resized_shape(*image.shape[:2])
         tensor = F.interpolate(
             tensor[None], size=size, mode="bilinear", align_corners=False, antialias=True

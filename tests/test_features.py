@@ -14,7 +14,9 @@ from core.features import FeatureConfig, PatchFeatureExtractor
 from core.preprocess import ImageTransform
 
 
-def reference_embedding(maps: list[torch.Tensor], pretrain_dim: int, target_dim: int) -> torch.Tensor:
+def reference_embedding(
+    maps: list[torch.Tensor], pretrain_dim: int, target_dim: int
+) -> torch.Tensor:
     """patchcore-inspection's order of operations: unfold every layer at its own resolution,
     resize the *unfolded* C*9 maps to the first grid, MeanMapper per layer, then Aggregator."""
     ref_h, ref_w = maps[0].shape[-2:]
@@ -23,7 +25,9 @@ def reference_embedding(maps: list[torch.Tensor], pretrain_dim: int, target_dim:
         b, c, h, w = fmap.shape
         unfolded = F.unfold(fmap, kernel_size=3, padding=1).reshape(b, c * 9, h, w)
         if (h, w) != (ref_h, ref_w):
-            unfolded = F.interpolate(unfolded, size=(ref_h, ref_w), mode="bilinear", align_corners=False)
+            unfolded = F.interpolate(
+                unfolded, size=(ref_h, ref_w), mode="bilinear", align_corners=False
+            )
         flat = unfolded.permute(0, 2, 3, 1).reshape(-1, 1, c * 9)
         per_layer.append(F.adaptive_avg_pool1d(flat, pretrain_dim).squeeze(1))
     stacked = torch.stack(per_layer, dim=1).reshape(len(per_layer[0]), 1, -1)
@@ -32,8 +36,13 @@ def reference_embedding(maps: list[torch.Tensor], pretrain_dim: int, target_dim:
 
 def test_matches_original_patchcore_pipeline() -> None:
     torch.manual_seed(0)
-    config = FeatureConfig(backbone="resnet18", pretrained=False, pretrain_embed_dim=96,
-                           target_embed_dim=80, transform=ImageTransform(64, None))
+    config = FeatureConfig(
+        backbone="resnet18",
+        pretrained=False,
+        pretrain_embed_dim=96,
+        target_embed_dim=80,
+        transform=ImageTransform(64, None),
+    )
     extractor = PatchFeatureExtractor(config)
     images = torch.randn(2, 3, 64, 64)
     features, grid = extractor(images)
@@ -58,17 +67,23 @@ def test_local_weights_file_is_loaded(tmp_path: Path, caplog: pytest.LogCaptureF
     source = timm.create_model("resnet18", pretrained=False)
     weights = tmp_path / "resnet18.safetensors"
     save_file(source.state_dict(), str(weights))
-    config = FeatureConfig(backbone="resnet18", weights=str(weights), transform=ImageTransform(64, None))
+    config = FeatureConfig(
+        backbone="resnet18", weights=str(weights), transform=ImageTransform(64, None)
+    )
     with caplog.at_level(logging.WARNING, logger="core.features"):
         extractor = PatchFeatureExtractor(config)
     assert not any("RANDOM WEIGHTS" in r.message for r in caplog.records)
     loaded = extractor.backbone.state_dict()
-    torch.testing.assert_close(loaded["layer2.0.conv1.weight"], source.state_dict()["layer2.0.conv1.weight"])
+    torch.testing.assert_close(
+        loaded["layer2.0.conv1.weight"], source.state_dict()["layer2.0.conv1.weight"]
+    )
 
 
 def test_bad_configs_are_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no stage"):
-        PatchFeatureExtractor(FeatureConfig(backbone="resnet18", pretrained=False, layers=("layer9",)))
+        PatchFeatureExtractor(
+            FeatureConfig(backbone="resnet18", pretrained=False, layers=("layer9",))
+        )
     with pytest.raises(ValueError, match="shallowest first"):
         PatchFeatureExtractor(
             FeatureConfig(backbone="resnet18", pretrained=False, layers=("layer3", "layer2"))
@@ -108,4 +123,6 @@ def test_random_backbones_are_identical_across_sites() -> None:
     b = PatchFeatureExtractor(config).backbone.state_dict()
     c = PatchFeatureExtractor(FeatureConfig(backbone="resnet18", pretrained=False, init_seed=8))
     torch.testing.assert_close(a["layer3.0.conv1.weight"], b["layer3.0.conv1.weight"])
-    assert not torch.equal(a["layer3.0.conv1.weight"], c.backbone.state_dict()["layer3.0.conv1.weight"])
+    assert not torch.equal(
+        a["layer3.0.conv1.weight"], c.backbone.state_dict()["layer3.0.conv1.weight"]
+    )

@@ -60,7 +60,9 @@ def test_basic_federated_training_example(
     assert set(report.bytes_up) == {str(i) for i in range(5)}
     predictions = fed_model.predict(test_set)
     assert predictions.anomaly_maps.shape == (len(test_set), 64, 64)
-    loaded = FederatedPatchCore.load(tmp_path / "outputs/federated/global_model.pt", pretrained=False)
+    loaded = FederatedPatchCore.load(
+        tmp_path / "outputs/federated/global_model.pt", pretrained=False
+    )
     np.testing.assert_array_equal(loaded.predict(test_set).image_scores, predictions.image_scores)
     rounds = PatchCore.read_extra(tmp_path / "outputs/federated/global_model.pt")["federation"]
     assert rounds["rounds"][0]["bytes_up"] == report.bytes_up  # type: ignore[index]
@@ -199,11 +201,21 @@ def test_reservoir_is_seeded_and_order_free_in_distribution() -> None:
         a.add(rows, 0.0)
 
 
-def _summary(site: str, rows: int, fingerprint: str = "ab" * 32, round_number: int = 1) -> SiteSummary:
+def _summary(
+    site: str, rows: int, fingerprint: str = "ab" * 32, round_number: int = 1
+) -> SiteSummary:
     return SiteSummary(
-        site_id=site, round=round_number, num_images=4, num_patches=1000, coreset_rows=rows,
-        coverage_radius=0.5, feature_dim=16, backbone="resnet18", layers=("layer2", "layer3"),
-        codec=CODEC_PRESETS["fp16"], feature_fingerprint=fingerprint,
+        site_id=site,
+        round=round_number,
+        num_images=4,
+        num_patches=1000,
+        coreset_rows=rows,
+        coverage_radius=0.5,
+        feature_dim=16,
+        backbone="resnet18",
+        layers=("layer2", "layer3"),
+        codec=CODEC_PRESETS["fp16"],
+        feature_fingerprint=fingerprint,
     )
 
 

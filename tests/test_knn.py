@@ -8,7 +8,9 @@ from core.knn import NearestNeighbourIndex
 
 
 def brute(queries: np.ndarray, bank: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    d = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64), axis=2)
+    d = np.linalg.norm(
+        queries[:, None, :].astype(np.float64) - bank[None].astype(np.float64), axis=2
+    )
     idx = np.argsort(d, axis=1, kind="stable")[:, :k]
     return np.take_along_axis(d, idx, axis=1), idx
 
@@ -30,7 +32,9 @@ def test_query_on_bank_row_gives_zero() -> None:
     bank = np.arange(12, dtype=np.float32).reshape(4, 3)
     dist, idx = NearestNeighbourIndex(bank, backend="torch").search(bank[[2]] + 0.0, 1)
     assert idx[0, 0] == 2 and dist[0, 0] == pytest.approx(0.0, abs=1e-3)
-    dist, _ = NearestNeighbourIndex(bank, backend="faiss").search(np.array([[0, 0, 3.0]], np.float32), 1)
+    dist, _ = NearestNeighbourIndex(bank, backend="faiss").search(
+        np.array([[0, 0, 3.0]], np.float32), 1
+    )
     assert dist[0, 0] == pytest.approx(np.sqrt(1 + 1 + 4 - 4 + 0), rel=1e-5)  # |(0,0,3)-(0,1,2)|
 
 
@@ -51,6 +55,8 @@ def test_gpu_torch_backend_matches_cpu(cuda_device: torch.device) -> None:
     bank = rng.standard_normal((5000, 64)).astype(np.float32)
     queries = rng.standard_normal((2000, 64)).astype(np.float32)
     cpu_d, cpu_i = NearestNeighbourIndex(bank, backend="faiss").search(queries, 3)
-    gpu_d, gpu_i = NearestNeighbourIndex(bank, backend="torch", device=cuda_device).search(queries, 3)
+    gpu_d, gpu_i = NearestNeighbourIndex(bank, backend="torch", device=cuda_device).search(
+        queries, 3
+    )
     np.testing.assert_allclose(gpu_d, cpu_d, rtol=1e-3, atol=1e-3)
     assert np.mean(gpu_i == cpu_i) > 0.999

@@ -60,7 +60,9 @@ def test_streaming_fit_with_small_buffer_is_certified(
     category_data: tuple[AutoVIDataset, AutoVIDataset], small_features: FeatureConfig
 ) -> None:
     train, _ = category_data
-    config = PatchCoreConfig(features=small_features, coreset_size=40, buffer_rows=100, batch_size=2)
+    config = PatchCoreConfig(
+        features=small_features, coreset_size=40, buffer_rows=100, batch_size=2
+    )
     model = PatchCore(config).fit(train)
     assert model.memory_bank.shape == (40, 128)
     all_train = model.predict(train)  # patch maxima are the training patches' 1-NN distances

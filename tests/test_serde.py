@@ -93,7 +93,8 @@ def encoded_matrices(draw: st.DrawFn) -> EncodedMatrix:
     shape = draw(st.tuples(st.integers(0, 12), st.integers(1, 12)))
     x = draw(
         hnp.arrays(
-            np.float32, shape,
+            np.float32,
+            shape,
             elements=st.floats(-1e4, 1e4, width=32, allow_nan=False, allow_infinity=False),
         )
     )
@@ -102,12 +103,23 @@ def encoded_matrices(draw: st.DrawFn) -> EncodedMatrix:
 
 
 feature_chunks = st.builds(
-    FeatureChunk, site_id=site_ids, round=rounds, sequence=uint64s, row_offset=uint64s,
-    last=st.booleans(), features=encoded_matrices(),
+    FeatureChunk,
+    site_id=site_ids,
+    round=rounds,
+    sequence=uint64s,
+    row_offset=uint64s,
+    last=st.booleans(),
+    features=encoded_matrices(),
 )
 bank_chunks = st.builds(
-    BankChunk, round=rounds, sequence=uint64s, row_offset=uint64s, last=st.booleans(),
-    features=encoded_matrices(), server_coverage_radius=radii, max_site_coverage_radius=radii,
+    BankChunk,
+    round=rounds,
+    sequence=uint64s,
+    row_offset=uint64s,
+    last=st.booleans(),
+    features=encoded_matrices(),
+    server_coverage_radius=radii,
+    max_site_coverage_radius=radii,
 )
 
 
@@ -151,7 +163,11 @@ def wire_roundtrip(message: object) -> object:
 
 def test_codec_wire_codes_equal_the_proto_enums() -> None:
     proto_names = {
-        "fp32": "FLOAT32", "fp16": "FLOAT16", "bf16": "BFLOAT16", "int8": "INT8", "int4": "INT4",
+        "fp32": "FLOAT32",
+        "fp16": "FLOAT16",
+        "bf16": "BFLOAT16",
+        "int8": "INT8",
+        "int4": "INT4",
     }
     assert set(proto_names) == set(VALUE_TYPE_WIRE_CODES)
     for name, code in VALUE_TYPE_WIRE_CODES.items():
@@ -205,9 +221,17 @@ def test_bank_chunk_roundtrip(chunk: BankChunk) -> None:
 
 def test_site_summary_layers_are_stored_as_a_tuple() -> None:
     summary = SiteSummary(
-        site_id="a", round=1, num_images=1, num_patches=10, coreset_rows=2, coverage_radius=0.5,
-        feature_dim=8, backbone="wide_resnet50_2", layers=["layer2", "layer3"],  # type: ignore[arg-type]
-        codec=DEFAULT_CODEC, feature_fingerprint="ab" * 32,
+        site_id="a",
+        round=1,
+        num_images=1,
+        num_patches=10,
+        coreset_rows=2,
+        coverage_radius=0.5,
+        feature_dim=8,
+        backbone="wide_resnet50_2",
+        layers=["layer2", "layer3"],  # type: ignore[arg-type]
+        codec=DEFAULT_CODEC,
+        feature_fingerprint="ab" * 32,
     )
     assert summary.layers == ("layer2", "layer3")
     hash(summary)
@@ -267,17 +291,29 @@ def _chunk_proto() -> pb.FeatureChunk:
 
 def _summary_proto() -> pb.SiteSummary:
     return pb.SiteSummary(
-        site_id="site-a", round=1, num_images=10, num_patches=7840, coreset_rows=784,
-        coverage_radius=2.5, feature_dim=3, backbone="wide_resnet50_2",
-        layers=["layer2", "layer3"], codec=codec_config_to_proto(DEFAULT_CODEC),
+        site_id="site-a",
+        round=1,
+        num_images=10,
+        num_patches=7840,
+        coreset_rows=784,
+        coverage_radius=2.5,
+        feature_dim=3,
+        backbone="wide_resnet50_2",
+        layers=["layer2", "layer3"],
+        codec=codec_config_to_proto(DEFAULT_CODEC),
         feature_fingerprint="0f" * 32,
     )
 
 
 def _bank_proto() -> pb.BankChunk:
     return pb.BankChunk(
-        round=3, sequence=0, row_offset=0, last=True, features=_encoded_proto(),
-        server_coverage_radius=1.0, max_site_coverage_radius=2.0,
+        round=3,
+        sequence=0,
+        row_offset=0,
+        last=True,
+        features=_encoded_proto(),
+        server_coverage_radius=1.0,
+        max_site_coverage_radius=2.0,
     )
 
 
@@ -309,21 +345,36 @@ def _extend_layers(values: list[str]) -> Callable[[object], None]:
         (_summary_proto, site_summary_from_proto, _set("num_images", 0), "num_images"),
         (_summary_proto, site_summary_from_proto, _set("coreset_rows", 0), "coreset_rows"),
         (_summary_proto, site_summary_from_proto, _set("num_patches", 783), "num_patches"),
-        (_summary_proto, site_summary_from_proto, _set("coverage_radius", float("nan")),
-         "coverage_radius"),
-        (_summary_proto, site_summary_from_proto, _set("coverage_radius", -1.0),
-         "coverage_radius"),
-        (_summary_proto, site_summary_from_proto, _set("coverage_radius", float("inf")),
-         "coverage_radius"),
+        (
+            _summary_proto,
+            site_summary_from_proto,
+            _set("coverage_radius", float("nan")),
+            "coverage_radius",
+        ),
+        (_summary_proto, site_summary_from_proto, _set("coverage_radius", -1.0), "coverage_radius"),
+        (
+            _summary_proto,
+            site_summary_from_proto,
+            _set("coverage_radius", float("inf")),
+            "coverage_radius",
+        ),
         (_summary_proto, site_summary_from_proto, _set("feature_dim", 0), "feature_dim"),
         (_summary_proto, site_summary_from_proto, _set("backbone", ""), "backbone"),
         (_summary_proto, site_summary_from_proto, _extend_layers([]), "at least one layer"),
         (_summary_proto, site_summary_from_proto, _extend_layers(["layer2", ""]), r"layers\[1\]"),
         (_bank_proto, bank_chunk_from_proto, _clear("features"), "features is required"),
-        (_bank_proto, bank_chunk_from_proto, _set("server_coverage_radius", float("nan")),
-         "server_coverage_radius"),
-        (_bank_proto, bank_chunk_from_proto, _set("max_site_coverage_radius", -0.5),
-         "max_site_coverage_radius"),
+        (
+            _bank_proto,
+            bank_chunk_from_proto,
+            _set("server_coverage_radius", float("nan")),
+            "server_coverage_radius",
+        ),
+        (
+            _bank_proto,
+            bank_chunk_from_proto,
+            _set("max_site_coverage_radius", -0.5),
+            "max_site_coverage_radius",
+        ),
     ],
 )
 def test_from_proto_rejects_invalid_messages(
@@ -373,9 +424,7 @@ def test_split_then_assemble_roundtrips(
     x = np.random.default_rng(seed).standard_normal(shape).astype(np.float32)
     config = dataclasses.replace(config, zstd_level=1)
     chunks = list(
-        split_into_chunks(
-            x, config=config, site_id="s", round=7, max_chunk_bytes=max_chunk_bytes
-        )
+        split_into_chunks(x, config=config, site_id="s", round=7, max_chunk_bytes=max_chunk_bytes)
     )
     # Independent expectation of the sizing: as many rows as fit the decoded payload bound.
     step = int(max_chunk_bytes // (cols * BYTES_PER_VALUE[config.value_type]))
@@ -394,8 +443,11 @@ def test_split_then_assemble_roundtrips(
             stream.append(chunk)
     assembled = assemble_chunks(stream, max_rows=rows, expected_cols=cols)
     expected = np.concatenate(
-        [decode_matrix(encode_matrix(x[i : i + step], config), max_decoded_bytes=1 << 20)
-         for i in range(0, rows, step)] or [np.empty((0, cols), np.float32)]
+        [
+            decode_matrix(encode_matrix(x[i : i + step], config), max_decoded_bytes=1 << 20)
+            for i in range(0, rows, step)
+        ]
+        or [np.empty((0, cols), np.float32)]
     )
     np.testing.assert_array_equal(assembled, expected)
     if config.value_type == "fp32":
@@ -406,8 +458,12 @@ def test_bank_split_roundtrips_and_carries_radii() -> None:
     x = np.random.default_rng(0).standard_normal((300, 64)).astype(np.float32)
     chunks = list(
         split_bank_into_chunks(
-            x, config=CODEC_PRESETS["lossless"], round=2, server_coverage_radius=1.5,
-            max_site_coverage_radius=2.25, max_chunk_bytes=64 * 4 * 100,
+            x,
+            config=CODEC_PRESETS["lossless"],
+            round=2,
+            server_coverage_radius=1.5,
+            max_site_coverage_radius=2.25,
+            max_chunk_bytes=64 * 4 * 100,
         )
     )
     assert [c.features.rows for c in chunks] == [100, 100, 100]
@@ -435,7 +491,10 @@ def test_split_validates_everything_before_the_first_chunk() -> None:
         split_into_chunks(x, config=DEFAULT_CODEC, site_id="s", round=0)
     with pytest.raises(InvalidMessageError, match="server_coverage_radius"):
         split_bank_into_chunks(
-            x, config=DEFAULT_CODEC, round=1, server_coverage_radius=float("nan"),
+            x,
+            config=DEFAULT_CODEC,
+            round=1,
+            server_coverage_radius=float("nan"),
             max_site_coverage_radius=0.0,
         )
 
@@ -445,7 +504,10 @@ def test_split_rejects_bad_chunk_sizes(max_chunk_bytes: object) -> None:
     x = np.zeros((4, 4), dtype=np.float32)
     with pytest.raises(ValueError, match="max_chunk_bytes"):
         split_into_chunks(
-            x, config=DEFAULT_CODEC, site_id="s", round=1,
+            x,
+            config=DEFAULT_CODEC,
+            site_id="s",
+            round=1,
             max_chunk_bytes=max_chunk_bytes,  # type: ignore[arg-type]
         )
 
@@ -476,7 +538,10 @@ def test_serialized_chunks_stay_under_grpc_default_limit() -> None:
         sizes = [
             len(feature_chunk_to_proto(chunk).SerializeToString())
             for chunk in split_into_chunks(
-                x, config=config, site_id="s" * MAX_SITE_ID_BYTES, round=2**32 - 1,
+                x,
+                config=config,
+                site_id="s" * MAX_SITE_ID_BYTES,
+                round=2**32 - 1,
                 max_chunk_bytes=MAX_CHUNK_BYTES_LIMIT,
             )
         ]
@@ -603,8 +668,12 @@ def test_bank_radii_must_agree_across_chunks() -> None:
     x = np.ones((20, 4), dtype=np.float32)
     chunks = list(
         split_bank_into_chunks(
-            x, config=DEFAULT_CODEC, round=1, server_coverage_radius=1.0,
-            max_site_coverage_radius=1.0, max_chunk_bytes=80,
+            x,
+            config=DEFAULT_CODEC,
+            round=1,
+            server_coverage_radius=1.0,
+            max_site_coverage_radius=1.0,
+            max_chunk_bytes=80,
         )
     )
     assembler = ChunkAssembler(max_rows=20)
@@ -693,7 +762,9 @@ def test_core_serde_does_not_import_grpc() -> None:
 def test_streaming_assembler_hands_rows_over_without_keeping_them() -> None:
     x = dense_features(1000, 16, seed=3)
     chunks = list(
-        split_into_chunks(x, config=CODEC_PRESETS["lossless"], site_id="s", round=1, max_chunk_bytes=4096)
+        split_into_chunks(
+            x, config=CODEC_PRESETS["lossless"], site_id="s", round=1, max_chunk_bytes=4096
+        )
     )
     assembler = ChunkAssembler(max_rows=1000, retain=False)
     parts = [assembler.accept(c) for c in chunks]
@@ -706,8 +777,15 @@ def test_streaming_assembler_hands_rows_over_without_keeping_them() -> None:
 
 def test_later_rounds_may_upload_nothing_but_round_one_may_not() -> None:
     fields = dict(
-        site_id="a", num_images=1, num_patches=10, coverage_radius=0.5, feature_dim=8,
-        backbone="b", layers=("l",), codec=DEFAULT_CODEC, feature_fingerprint="ab" * 32,
+        site_id="a",
+        num_images=1,
+        num_patches=10,
+        coverage_radius=0.5,
+        feature_dim=8,
+        backbone="b",
+        layers=("l",),
+        codec=DEFAULT_CODEC,
+        feature_fingerprint="ab" * 32,
     )
     assert SiteSummary(round=2, coreset_rows=0, **fields).coreset_rows == 0  # type: ignore[arg-type]
     with pytest.raises(InvalidMessageError, match="coreset_rows"):
@@ -720,9 +798,13 @@ def test_upload_request_wraps_summary_or_chunk() -> None:
     from core.serde import upload_request_from_proto, upload_request_to_proto
 
     summary = site_summary_from_proto(_summary_proto())
-    chunk = next(split_into_chunks(dense_features(3, 3, 0), config=DEFAULT_CODEC, site_id="s", round=1))
+    chunk = next(
+        split_into_chunks(dense_features(3, 3, 0), config=DEFAULT_CODEC, site_id="s", round=1)
+    )
     for item in (summary, chunk):
-        wire = pb.UploadFeaturesRequest.FromString(upload_request_to_proto(item).SerializeToString())
+        wire = pb.UploadFeaturesRequest.FromString(
+            upload_request_to_proto(item).SerializeToString()
+        )
         assert upload_request_from_proto(wire) == item
     with pytest.raises(InvalidMessageError, match="no body"):
         upload_request_from_proto(pb.UploadFeaturesRequest())
