@@ -223,17 +223,23 @@ def farthest_first(
     if bonus is not None and bonus.shape != (n,):
         raise ValueError(f"radii must have shape ({n},), got {bonus.shape}")
 
-    def next_pick(d2: np.ndarray) -> int:
-        if bonus is None:
-            best = int(d2.argmax())
-        else:
-            best = int((np.sqrt(np.maximum(d2, 0.0)) + bonus).argmax())
+    # Pick priority: min_d2 itself, or sqrt(min_d2) + radius kept up to date for the rows that
+    # move (recomputing it for all rows on every pick was three O(N) passes per pick).
+    priority: np.ndarray | None = None
+
+    def refresh_priority(rows: np.ndarray | slice) -> None:
+        if priority is not None and bonus is not None:
+            priority[rows] = np.sqrt(np.maximum(min_d2[rows], 0.0)) + bonus[rows]
+
+    def next_pick() -> int:
+        best = int(min_d2.argmax()) if priority is None else int(priority.argmax())
         if is_selected[best]:
             # Everything left coincides with a chosen row (duplicates): any unchosen row will do.
             best = int(np.flatnonzero(~is_selected)[0])
         is_selected[best] = True
-        if bonus is not None:
+        if bonus is not None and priority is not None:
             bonus[best] = -np.inf
+            priority[best] = -np.inf
         return best
 
     def distances_to(index: int, out: np.ndarray) -> np.ndarray:
@@ -249,12 +255,15 @@ def farthest_first(
         bonus[start] = -np.inf
     min_d2 = distances_to(start, np.empty(n, dtype=np.float32))
     min_d2[start] = 0.0
+    if bonus is not None:
+        priority = np.empty(n, dtype=np.float32)
+        refresh_priority(slice(None))
     selected[0], centers[0], center_sq[0] = start, points[start], sq_norms[start]
     lead_centers[0] = points[start, :lead]
     lead_sq[0] = float(lead_centers[0] @ lead_centers[0])
     cluster_r2[0], cluster_size[0] = min_d2.max(), n
     full_passes_since_refresh = 0
-    pick = next_pick(min_d2)
+    pick = next_pick()
 
     for t in range(1, k):
         selected[t], centers[t], center_sq[t] = pick, points[pick], sq_norms[pick]
@@ -283,6 +292,7 @@ def farthest_first(
             min_d2[moved] = dist[moved]
             assignment[moved] = t
             min_d2[pick] = 0.0
+            refresh_priority(moved)
             full_passes_since_refresh += 1
             if full_passes_since_refresh >= _RADIUS_REFRESH_PERIOD:
                 cluster_r2[: t + 1] = 0.0
@@ -302,12 +312,13 @@ def farthest_first(
             min_d2[moved] = dist[better]
             assignment[moved] = t
             min_d2[pick] = 0.0
+            refresh_priority(moved)
             # Exact radii for every cluster that could have changed.
             changed = np.flatnonzero(candidate)
             cluster_r2[changed] = 0.0
             cluster_r2[t] = 0.0
             np.maximum.at(cluster_r2, assignment[rows], min_d2[rows])
-        pick = next_pick(min_d2)
+        pick = next_pick()
     return selected, assignment
 
 

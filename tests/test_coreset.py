@@ -185,3 +185,21 @@ def test_gpu_selection_matches_cpu(cuda_device: torch.device) -> None:
     agree = np.mean(cpu.indices == gpu.indices)
     assert agree > 0.95  # float rounding may reorder near-ties late in the sequence
     assert gpu.radius == pytest.approx(cpu.radius, rel=0.02)
+
+
+def test_radius_weighted_order_matches_naive_reference() -> None:
+    """farthest_first(radii=r) picks by dist-to-chosen + r among unchosen rows."""
+    rng = np.random.default_rng(11)
+    points = clustered(rng, 300, 8)
+    radii = rng.random(300).astype(np.float32) * 2
+    k, start = 60, 4
+    chosen = [start]
+    dist = np.linalg.norm(points - points[start], axis=1).astype(np.float64)
+    for _ in range(k - 1):
+        priority = dist + radii
+        priority[chosen] = -np.inf
+        nxt = int(priority.argmax())
+        chosen.append(nxt)
+        dist = np.minimum(dist, np.linalg.norm(points - points[nxt], axis=1))
+    got, _ = farthest_first(points, k, start=start, radii=radii)
+    np.testing.assert_array_equal(got, chosen)
