@@ -1,0 +1,1 @@
+"""fedclient: the site CLI and gRPC client over core.federated.PatchCoreClient (next issue)."""

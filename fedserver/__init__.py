@@ -1,0 +1,1 @@
+"""fedserver: the gRPC daemon over core.federated.GlobalBankAggregator (next issue)."""
