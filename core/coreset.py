@@ -119,10 +119,16 @@ class Projection:
     mean: np.ndarray  # [D]
     matrix: np.ndarray  # [D, d]
 
-    def apply(self, features: np.ndarray) -> np.ndarray:
+    def apply(self, features: np.ndarray, *, block_rows: int = 16384) -> np.ndarray:
+        """[N, D] -> [N, d] float32, in row blocks so the centred copy stays block-sized."""
+        out = np.empty((features.shape[0], self.matrix.shape[1]), dtype=np.float32)
+        mean = torch.from_numpy(self.mean)
+        matrix = torch.from_numpy(self.matrix)
         # torch's matmul is ~2x faster than numpy's here; both are float32.
-        centred = torch.from_numpy(features) - torch.from_numpy(self.mean)
-        return (centred @ torch.from_numpy(self.matrix)).numpy()
+        for lo in range(0, features.shape[0], block_rows):
+            block = torch.from_numpy(features[lo : lo + block_rows]) - mean
+            torch.matmul(block, matrix, out=torch.from_numpy(out[lo : lo + block_rows]))
+        return out
 
 
 def fit_projection(
@@ -357,12 +363,20 @@ def _farthest_first_torch(
     return selected.cpu().numpy(), assignment.cpu().numpy()
 
 
-def _nearest_distance(queries: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
-    """Euclidean distance [Q] from each query row to its nearest bank row (one [Q, k] block)."""
+def _nearest_distance(
+    queries: torch.Tensor, bank: torch.Tensor, bank_sq: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Euclidean distance [Q] from each query row to its nearest bank row (one [Q, k] block).
+
+    ``bank_sq`` ([k] squared row norms) may be passed by callers that query one bank often;
+    ``vector_norm`` computes it without a [k, D] temporary.
+    """
+    if bank_sq is None:
+        bank_sq = torch.linalg.vector_norm(bank, dim=1) ** 2
     d2 = (
-        (queries * queries).sum(1, keepdim=True)
+        torch.linalg.vector_norm(queries, dim=1, keepdim=True) ** 2
         - 2.0 * queries @ bank.T
-        + (bank * bank).sum(1)[None, :]
+        + bank_sq[None, :]
     )
     return d2.min(dim=1).values.clamp_min(0.0).sqrt()
 
@@ -382,9 +396,10 @@ def coverage_radius(
     b = torch.as_tensor(_as_float32_numpy(bank))
     if x.shape[1] != b.shape[1]:
         raise ValueError(f"feature dims differ: features {tuple(x.shape)}, bank {tuple(b.shape)}")
+    b_sq = torch.linalg.vector_norm(b, dim=1) ** 2
     radius = 0.0
     for lo in range(0, x.shape[0], chunk_rows):
-        radius = max(radius, float(_nearest_distance(x[lo : lo + chunk_rows], b).max()))
+        radius = max(radius, float(_nearest_distance(x[lo : lo + chunk_rows], b, b_sq).max()))
     return radius
 
 
@@ -393,6 +408,7 @@ def _exact_radius(
     bank_indices: np.ndarray,
     assignment: np.ndarray,
     offsets: np.ndarray | None = None,
+    bank: np.ndarray | None = None,
 ) -> float:
     """Exact max_i (min_j |x_i - x_bank_j| + offsets_i), touching few rows.
 
@@ -400,9 +416,11 @@ def _exact_radius(
     above (the projection may have assigned it to a slightly farther member). Visiting rows by
     decreasing ``upper + offset`` and computing exact distances in blocks, we can stop as soon as
     the best exact value found is >= the next row's upper bound: no later row can exceed it.
-    ``offsets`` (default 0) are the radii that rows already stand in for.
+    ``offsets`` (default 0) are the radii that rows already stand in for. ``bank`` may pass
+    ``features[bank_indices]`` when the caller has it already (saves a [k, D] copy).
     """
-    bank = torch.from_numpy(features[bank_indices])
+    bank_rows = torch.from_numpy(features[bank_indices] if bank is None else bank)
+    bank_sq = torch.linalg.vector_norm(bank_rows, dim=1) ** 2
     upper = np.empty(features.shape[0], dtype=np.float32)
     step = 8192  # bounds the [step, D] difference block
     for lo in range(0, features.shape[0], step):
@@ -417,7 +435,7 @@ def _exact_radius(
         if radius >= upper[order[lo]]:
             break
         rows = order[lo : lo + block]
-        exact = _nearest_distance(torch.from_numpy(features[rows]), bank).numpy()
+        exact = _nearest_distance(torch.from_numpy(features[rows]), bank_rows, bank_sq).numpy()
         if offsets is not None:
             exact = exact + offsets[rows]
         radius = max(radius, float(exact.max()))
@@ -621,7 +639,14 @@ class IncrementalCoreset:
         reach += radii
         new_radii = np.zeros(self.k, dtype=np.float32)
         np.maximum.at(new_radii, assignment, reach)
-        self._features[: self.k] = features[keep]
+        # Compact in place, in ascending source order and row blocks: destination row i never
+        # exceeds its source keep[i], so no row is overwritten before it is read, and the
+        # temporary is one block instead of a [k, D] copy.
+        order = np.argsort(keep, kind="stable")
+        keep, new_radii = keep[order], new_radii[order]
+        for lo in range(0, self.k, step):
+            hi = min(lo + step, self.k)
+            self._features[lo:hi] = self._features[keep[lo:hi]]
         self._radii[: self.k] = new_radii
         self._size = self.k
         self.num_reduces += 1
@@ -648,7 +673,8 @@ class IncrementalCoreset:
         # draws the same start as greedy_coreset(seed=seed).
         keep, assignment = self._farthest_first(k, torch.Generator().manual_seed(self.seed))
         features = self._features[: self._size]
-        bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
+        selected = features[keep]  # fancy indexing: already a copy
+        bound = _exact_radius(features, keep, assignment, self._radii[: self._size], selected)
         return IncrementalSelection(
-            features=features[keep].copy(), radius_bound=bound, num_seen=self.num_seen
+            features=selected, radius_bound=bound, num_seen=self.num_seen
         )

@@ -226,6 +226,7 @@ class PatchCore:
             selector.add(features.reshape(-1, features.shape[-1]))
         assert selector is not None
         selection = selector.select()
+        del selector  # free the buffer (2k x D floats) before the index copies the bank
         self.num_training_images = len(images)
         self.num_training_patches = selection.num_seen
         self.set_memory_bank(selection.features)
