@@ -26,7 +26,6 @@ from core.federated.communication import parse_upload
 from core.federated.reservoir import WeightedReservoir
 from core.knn import NearestNeighbourIndex
 from core.messages import SiteSummary
-from core.patchcore import PatchCore
 from core.serde import ChunkOrderError
 
 
@@ -64,8 +63,13 @@ def test_basic_federated_training_example(
         tmp_path / "outputs/federated/global_model.pt", pretrained=False
     )
     np.testing.assert_array_equal(loaded.predict(test_set).image_scores, predictions.image_scores)
-    rounds = PatchCore.read_extra(tmp_path / "outputs/federated/global_model.pt")["federation"]
-    assert rounds["rounds"][0]["bytes_up"] == report.bytes_up  # type: ignore[index]
+    assert isinstance(loaded, FederatedPatchCore) and loaded.saved_federation is not None
+    assert loaded.saved_federation["rounds"][0]["bytes_up"] == report.bytes_up  # type: ignore[index]
+    np.testing.assert_array_equal(loaded.global_bank, fed_model.global_bank)
+    with pytest.raises(ValueError, match="no federation record"):
+        FederatedPatchCore.load(
+            fed_model.global_model.save(tmp_path / "plain.safetensors"), pretrained=False
+        )
 
 
 def test_manual_client_server_control_and_communication_examples(

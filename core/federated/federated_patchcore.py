@@ -80,6 +80,8 @@ class FederatedPatchCore:
             device=device,
         )
         self.clients: list[PatchCoreClient] = []
+        #: The federation record read by :meth:`load` (None for a model trained here).
+        self.saved_federation: dict[str, object] | None = None
         self.global_model = PatchCore(
             PatchCoreConfig(
                 features=self.feature_config,
@@ -173,9 +175,25 @@ class FederatedPatchCore:
         pretrained: bool = True,
         weights: str | None = None,
         device: str | None = None,
-    ) -> PatchCore:
-        """Load a saved federated model as the PatchCore that scores with its global bank.
-
-        The round reports are in ``PatchCore.read_extra(path)["federation"]``.
+    ) -> FederatedPatchCore:
+        """Load what :meth:`save` wrote: a FederatedPatchCore whose ``predict`` scores with the
+        saved global bank. The backbone weights are not in the file: ``pretrained`` / ``weights``
+        say where they come from. The saved round reports are in ``saved_federation``.
         """
-        return PatchCore.load(path, pretrained=pretrained, weights=weights, device=device)
+        model = PatchCore.load(path, pretrained=pretrained, weights=weights, device=device)
+        federation = PatchCore.read_extra(path).get("federation")
+        if not isinstance(federation, dict):
+            raise ValueError(f"{path} holds a PatchCore model but no federation record")
+        loaded = cls(
+            num_clients=int(federation["num_clients"]),
+            backbone=model.config.features,
+            global_bank_size=int(federation["global_bank_size"]),
+            coreset_percentage=float(federation["coreset_percentage"]),
+            aggregation_strategy=federation["aggregation_strategy"],
+            seed=model.config.seed,
+            device=device,
+            num_neighbors=model.config.num_neighbors,
+        )
+        loaded.global_model = model
+        loaded.saved_federation = federation
+        return loaded
