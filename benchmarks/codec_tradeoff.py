@@ -316,10 +316,7 @@ def run(args: argparse.Namespace) -> bool:
         table, notes, met = run_setting(settings[name], args)
         all_met &= met
         title = f"Codec trade-off on PatchCore banks: {name}"
-        if args.no_append:
-            print(f"\n## {title}\n\n{table}\n\n{notes}")
-        else:
-            append_results(title, table, notes)
+        append_results(title, table, notes, append=not args.no_append)
     return all_met
 
 

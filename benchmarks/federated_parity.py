@@ -395,10 +395,7 @@ def run(args: argparse.Namespace) -> bool:
     title = "Federated parity: local-only vs centralised vs federated" + (
         " (quick)" if args.quick else ""
     )
-    if args.no_append:
-        print(f"\n## {title}\n\n{table}\n\n{notes}")
-    else:
-        append_results(title, table, notes)
+    append_results(title, table, notes, append=not args.no_append)
     return all_met
 
 

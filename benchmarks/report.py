@@ -57,8 +57,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def append_results(title: str, table: str, notes: str = "") -> None:
-    """Print ``table`` and append it to RESULTS.md with the command line and machine."""
+def append_results(title: str, table: str, notes: str = "", *, append: bool = True) -> None:
+    """Print ``table`` and (unless ``append`` is False) append it to RESULTS.md with the
+    command line and machine."""
     script = Path(sys.argv[0])
     if script.parent.name == "benchmarks":  # run as `python -m benchmarks.x`: say so
         head = f"python -m benchmarks.{script.stem}"
@@ -71,5 +72,6 @@ def append_results(title: str, table: str, notes: str = "") -> None:
         + (f"\n{notes}\n" if notes else "")
     )
     print(block)
-    with RESULTS.open("a") as handle:
-        handle.write(block)
+    if append:
+        with RESULTS.open("a") as handle:
+            handle.write(block)
