@@ -430,7 +430,7 @@ def _exact_radius(
         upper += offsets
     order = np.argsort(-upper, kind="stable")
     radius = 0.0
-    block = 256
+    block = max(16, min(256, (1 << 22) // max(1, bank_rows.shape[0])))  # [block, k] <= 16 MiB
     for lo in range(0, order.size, block):
         if radius >= upper[order[lo]]:
             break
@@ -566,8 +566,13 @@ class IncrementalCoreset:
         self._projection: Projection | None = None
         self._projection_fitted = False
         self._size = 0
+        self._released = False
         self.num_seen = 0
         self.num_reduces = 0
+
+    def _check_usable(self) -> None:
+        if self._released:
+            raise RuntimeError("this selector handed its buffer to select(release=True)")
 
     @property
     def feature_dim(self) -> int | None:
@@ -580,6 +585,7 @@ class IncrementalCoreset:
 
     def add(self, features: np.ndarray | torch.Tensor) -> None:
         """Buffer a batch [n, D] (reducing whenever the buffer fills). n may be 0."""
+        self._check_usable()
         batch = _as_float32_numpy(features)
         if self._features is None:
             self._features = np.empty((self.capacity, batch.shape[1]), dtype=np.float32)
@@ -652,11 +658,15 @@ class IncrementalCoreset:
         self.num_reduces += 1
         logger.debug("reduced %d buffered rows to %d (bound %.4f)", size, self.k, new_radii.max())
 
-    def select(self, k: int | None = None) -> IncrementalSelection:
+    def select(self, k: int | None = None, *, release: bool = False) -> IncrementalSelection:
         """The current coreset of (at most) ``k`` rows (default: the constructor's ``k``).
 
-        Does not change the buffer, so more rows may be added afterwards.
+        Does not change the buffer, so more rows may be added afterwards, unless ``release``:
+        then the selection is compacted into the buffer's first rows and the buffer is shrunk
+        to it in place (no [k, D] copy beside the full buffer: the peak of a large fit), and
+        the selector cannot be used afterwards.
         """
+        self._check_usable()
         k = self.k if k is None else k
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -673,8 +683,21 @@ class IncrementalCoreset:
         # draws the same start as greedy_coreset(seed=seed).
         keep, assignment = self._farthest_first(k, torch.Generator().manual_seed(self.seed))
         features = self._features[: self._size]
-        selected = features[keep]  # fancy indexing: already a copy
-        bound = _exact_radius(features, keep, assignment, self._radii[: self._size], selected)
-        return IncrementalSelection(
-            features=selected, radius_bound=bound, num_seen=self.num_seen
-        )
+        if not release:
+            selected = features[keep]  # fancy indexing: already a copy
+            bound = _exact_radius(features, keep, assignment, self._radii[: self._size], selected)
+            return IncrementalSelection(
+                features=selected, radius_bound=bound, num_seen=self.num_seen
+            )
+        bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
+        order = np.argsort(keep, kind="stable")  # ascending sources: safe in-place compaction
+        keep = keep[order]
+        step = 8192
+        for lo in range(0, k, step):
+            hi = min(lo + step, k)
+            self._features[lo:hi] = self._features[keep[lo:hi]]
+        buffer, self._features, self._radii = self._features, None, None
+        self._size, self._released = 0, True
+        del features
+        buffer.resize((k, buffer.shape[1]), refcheck=False)  # realloc: shrinks in place
+        return IncrementalSelection(features=buffer, radius_bound=bound, num_seen=self.num_seen)

@@ -225,8 +225,9 @@ class PatchCore:
                 )
             selector.add(features.reshape(-1, features.shape[-1]))
         assert selector is not None
-        selection = selector.select()
-        del selector  # free the buffer (2k x D floats) before the index copies the bank
+        # release: the buffer shrinks into the bank in place instead of being copied out.
+        selection = selector.select(release=True)
+        del selector
         self.num_training_images = len(images)
         self.num_training_patches = selection.num_seen
         self.set_memory_bank(selection.features)

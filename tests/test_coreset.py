@@ -203,3 +203,22 @@ def test_radius_weighted_order_matches_naive_reference() -> None:
         dist = np.minimum(dist, np.linalg.norm(points - points[nxt], axis=1))
     got, _ = farthest_first(points, k, start=start, radii=radii)
     np.testing.assert_array_equal(got, chosen)
+
+
+def test_release_select_gives_the_same_bank_in_selection_order_free() -> None:
+    rng = np.random.default_rng(8)
+    x = clustered(rng, 3000, 32)
+    kept = IncrementalCoreset(100, capacity=800, seed=2)
+    released = IncrementalCoreset(100, capacity=800, seed=2)
+    for lo in range(0, 3000, 250):
+        kept.add(x[lo : lo + 250])
+        released.add(x[lo : lo + 250])
+    a = kept.select()
+    b = released.select(release=True)
+    assert b.features.shape == (100, 32) and b.radius_bound == a.radius_bound
+    # same rows, compacted in buffer order rather than pick order
+    assert {r.tobytes() for r in a.features} == {r.tobytes() for r in b.features}
+    with pytest.raises(RuntimeError, match="release=True"):
+        released.select()
+    with pytest.raises(RuntimeError, match="release=True"):
+        released.add(x[:5])
