@@ -11,7 +11,7 @@
    AU-PRO and AU-sPRO next to a centralised PatchCore (all images in one place, same bank size),
    the bytes each round moved and the coverage certificate.
 
-Runs on CPU in about a minute with a small random-weight backbone (no network needed); pass
+Runs on CPU in about 15 seconds with a small random-weight backbone (no network needed); pass
 ``--backbone wide_resnet50_2 --pretrained`` (or ``--weights FILE``) for real ImageNet features.
 """
 
