@@ -403,6 +403,33 @@ def coverage_radius(
     return radius
 
 
+_ROW_BLOCK = 8192  # rows per block of the [block, D] temporaries below
+
+
+def _assigned_distances(features: np.ndarray, chosen: np.ndarray) -> np.ndarray:
+    """[N] Euclidean |features[i] - features[chosen[i]]|, in row blocks (no [N, D] temporary)."""
+    out = np.empty(features.shape[0], dtype=np.float32)
+    for lo in range(0, features.shape[0], _ROW_BLOCK):
+        diffs = features[lo : lo + _ROW_BLOCK] - features[chosen[lo : lo + _ROW_BLOCK]]
+        out[lo : lo + _ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+    return out
+
+
+def _compact_in_place(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Move rows ``keep`` to the front of ``buffer``; returns the permutation of ``keep`` used.
+
+    Sources are visited in ascending order and copied in row blocks: destination row i never
+    exceeds its source, so no row is overwritten before it is read, and the temporary is one
+    block instead of a [k, D] copy. Row i of the result is ``buffer[keep[order[i]]]``.
+    """
+    order = np.argsort(keep, kind="stable")
+    ordered = keep[order]
+    for lo in range(0, ordered.size, _ROW_BLOCK):
+        hi = min(lo + _ROW_BLOCK, ordered.size)
+        buffer[lo:hi] = buffer[ordered[lo:hi]]
+    return order
+
+
 def _exact_radius(
     features: np.ndarray,
     bank_indices: np.ndarray,
@@ -421,11 +448,7 @@ def _exact_radius(
     """
     bank_rows = torch.from_numpy(features[bank_indices] if bank is None else bank)
     bank_sq = torch.linalg.vector_norm(bank_rows, dim=1) ** 2
-    upper = np.empty(features.shape[0], dtype=np.float32)
-    step = 8192  # bounds the [step, D] difference block
-    for lo in range(0, features.shape[0], step):
-        diffs = features[lo : lo + step] - features[bank_indices[assignment[lo : lo + step]]]
-        upper[lo : lo + step] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+    upper = _assigned_distances(features, bank_indices[assignment])
     if offsets is not None:
         upper += offsets
     order = np.argsort(-upper, kind="stable")
@@ -637,23 +660,11 @@ class IncrementalCoreset:
         size = self._size
         features, radii = self._features[:size], self._radii[:size]
         # Original-space distance from every buffered row to the kept row it is assigned to.
-        reach = np.empty(size, dtype=np.float32)
-        step = 8192
-        for lo in range(0, size, step):
-            diffs = features[lo : lo + step] - features[keep[assignment[lo : lo + step]]]
-            reach[lo : lo + step] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
-        reach += radii
+        reach = _assigned_distances(features, keep[assignment]) + radii
         new_radii = np.zeros(self.k, dtype=np.float32)
         np.maximum.at(new_radii, assignment, reach)
-        # Compact in place, in ascending source order and row blocks: destination row i never
-        # exceeds its source keep[i], so no row is overwritten before it is read, and the
-        # temporary is one block instead of a [k, D] copy.
-        order = np.argsort(keep, kind="stable")
-        keep, new_radii = keep[order], new_radii[order]
-        for lo in range(0, self.k, step):
-            hi = min(lo + step, self.k)
-            self._features[lo:hi] = self._features[keep[lo:hi]]
-        self._radii[: self.k] = new_radii
+        order = _compact_in_place(self._features, keep)
+        self._radii[: self.k] = new_radii[order]
         self._size = self.k
         self.num_reduces += 1
         logger.debug("reduced %d buffered rows to %d (bound %.4f)", size, self.k, new_radii.max())
@@ -690,12 +701,7 @@ class IncrementalCoreset:
                 features=selected, radius_bound=bound, num_seen=self.num_seen
             )
         bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
-        order = np.argsort(keep, kind="stable")  # ascending sources: safe in-place compaction
-        keep = keep[order]
-        step = 8192
-        for lo in range(0, k, step):
-            hi = min(lo + step, k)
-            self._features[lo:hi] = self._features[keep[lo:hi]]
+        _compact_in_place(self._features, keep)
         buffer, self._features, self._radii = self._features, None, None
         self._size, self._released = 0, True
         del features
