@@ -27,6 +27,7 @@ the sender can resend from ``next_sequence``.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final
@@ -63,6 +64,7 @@ __all__ = [
     "assemble_chunks",
     "bank_chunk_from_proto",
     "bank_chunk_to_proto",
+    "chunked_roundtrip",
     "codec_config_from_proto",
     "codec_config_to_proto",
     "encoded_matrix_from_proto",
@@ -412,6 +414,39 @@ def _split(
             yield _Piece(sequence, start, sequence == count - 1, encode_matrix(block, config))
 
     return pieces()
+
+
+def chunked_roundtrip(
+    features: NDArray[np.float32],
+    *,
+    config: CodecConfig,
+    max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+) -> tuple[NDArray[np.float32], float]:
+    """What a receiver decodes from ``features`` [n, D] sent as chunks, and the codec's error.
+
+    Encodes and decodes chunk by chunk exactly as :func:`split_into_chunks` /
+    :func:`split_bank_into_chunks` cut the matrix (int8/int4 quantisation parameters are per
+    chunk, so the chunking is part of the result), so the returned rows equal, bit for bit, what
+    the other side's :class:`ChunkAssembler` yields for the same ``config`` and
+    ``max_chunk_bytes``.
+
+    Returns:
+        (decoded [n, D] float32, error): error is max_j ||features_j - decoded_j|| (Euclidean,
+        computed in float64), 0.0 for n = 0. A coverage radius r measured on ``features`` holds
+        for the decoded rows as r + error (triangle inequality): that is how sites and the
+        server certify radii for the rows as decoded under a lossy codec.
+    """
+    matrix = validate_feature_matrix(features, config)
+    decoded = np.empty(matrix.shape, dtype=np.float32)
+    squared = 0.0
+    for piece in _split(matrix, config, max_chunk_bytes):
+        part = decode_matrix(piece.features, max_decoded_bytes=piece.features.decoded_size)
+        rows = slice(piece.row_offset, piece.row_offset + part.shape[0])
+        decoded[rows] = part
+        if part.shape[0]:  # float64, one chunk at a time: no [n, D] float64 temporary
+            difference = matrix[rows].astype(np.float64) - part
+            squared = max(squared, float(np.einsum("ij,ij->i", difference, difference).max()))
+    return decoded, math.sqrt(squared)
 
 
 def _rows_per_chunk(cols: int, value_type: str, max_chunk_bytes: int) -> int:

@@ -36,6 +36,7 @@ __all__ = [
     "RoundOutcome",
     "RoundStateError",
     "Strategy",
+    "UploadSizeMismatchError",
 ]
 
 Strategy = Literal["coreset", "random"]
@@ -57,6 +58,11 @@ class IncompatibleSiteError(AggregationError):
     """A site's features cannot be merged: other extractor (fingerprint) or dimension."""
 
 
+class UploadSizeMismatchError(AggregationError):
+    """A site's last chunk ends its upload at another row count than its SiteSummary declared
+    (``coreset_rows``): its summary (r_i, num_patches) would describe rows that never came."""
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
     """The result of one round.
@@ -65,8 +71,10 @@ class RoundOutcome:
         round: round number (from 1).
         bank: [k, D] float32 global bank.
         server_radius: r_S, a certified bound on the distance from every row any site uploaded
-            in any round so far to the bank (coreset strategy); inf for random sampling, which
-            certifies nothing.
+            in any round so far (as the server decoded it) to the bank (coreset strategy); inf
+            for random sampling, which certifies nothing. It holds for ``bank`` as selected;
+            under a lossy codec the sites decode another bank, for which r_S grows by the
+            bank's codec error (``core.serde.chunked_roundtrip``; FederatedServer reports that).
         max_site_radius: max_i r_i over the sites merged so far.
         rows_received: rows accepted this round, per site.
     """
@@ -207,8 +215,10 @@ class GlobalBankAggregator:
     def receive_chunk(self, chunk: FeatureChunk) -> bool:
         """Consume one chunk; True if new, False for an identical resend (ignored).
 
-        Raises RoundStateError (wrong round, no summary yet) or the ChunkAssembler's errors
-        (order, conflict, too many rows, undecodable matrix); on error nothing changes.
+        Raises RoundStateError (wrong round, no summary yet), UploadSizeMismatchError (the
+        last chunk ends the upload short of the rows the summary declared) or the
+        ChunkAssembler's errors (order, conflict, too many rows, undecodable matrix); on error
+        nothing changes.
         """
         self._check_round(chunk.round, f"chunk {chunk.sequence} of site {chunk.site_id!r}")
         upload = self._uploads.get(chunk.site_id)
@@ -217,7 +227,22 @@ class GlobalBankAggregator:
                 f"chunk {chunk.sequence} of site {chunk.site_id!r} arrived before the site's "
                 f"summary for round {self.round}"
             )
-        rows = upload.assembler.accept(chunk)
+        assembler = upload.assembler
+        declared = upload.summary.coreset_rows
+        # Checked before the assembler commits the chunk, so a refused last chunk changes
+        # nothing: the rows accepted before it stay, and a corrected last chunk can follow.
+        if (
+            chunk.last
+            and chunk.sequence == assembler.next_sequence
+            and not assembler.complete
+            and assembler.rows_received + chunk.features.rows != declared
+        ):
+            raise UploadSizeMismatchError(
+                f"site {chunk.site_id!r} declared {declared} rows in its summary for round "
+                f"{self.round}, but its last chunk ({chunk.sequence}) ends the upload at "
+                f"{assembler.rows_received + chunk.features.rows} rows"
+            )
+        rows = assembler.accept(chunk)
         if rows is None:
             return False
         if rows.shape[0]:

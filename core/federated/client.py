@@ -18,6 +18,7 @@ from core.features import FeatureConfig
 from core.knn import NearestNeighbourIndex
 from core.messages import SiteSummary
 from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
+from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip
 
 logger = logging.getLogger(__name__)
 
@@ -94,6 +95,7 @@ class PatchCoreClient:
         )
         self._coreset: np.ndarray | None = None
         self._uploaded: list[np.ndarray] = []
+        self._codec_error: dict[tuple[CodecConfig, int], float] = {}
         self._fingerprint: str | None = None
         self.global_bank: np.ndarray | None = None
 
@@ -113,15 +115,38 @@ class PatchCoreClient:
 
     @property
     def coverage_radius(self) -> float:
-        """r_i: every local training patch lies within this distance of the local coreset."""
+        """r_i: every local training patch lies within this distance of the local coreset
+        (float32 rows, before any codec; see :meth:`decoded_coverage_radius`)."""
         if self.model.coverage_radius is None:
             raise RuntimeError(f"client {self.client_id!r} has not trained yet")
         return self.model.coverage_radius
+
+    def decoded_coverage_radius(
+        self, codec: CodecConfig, *, max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES
+    ) -> float:
+        """r_i for the coreset as the server decodes it under ``codec``: what the site reports.
+
+        The server selects from decoded rows, so the certificate needs every training patch
+        within r_i of the *decoded* coreset. Each decoded row lies within e of its float32
+        original (e: the largest row error of this coreset's chunks under ``codec``), so
+        r_i + e bounds it (triangle inequality); e = 0 for the lossless codec. Re-measuring
+        against the decoded rows exactly would cost a second pass of the backbone over every
+        training image.
+        """
+        if self._coreset is None:
+            raise RuntimeError(f"client {self.client_id!r} has not trained yet: call train()")
+        key = (codec, max_chunk_bytes)
+        if key not in self._codec_error:
+            _, self._codec_error[key] = chunked_roundtrip(
+                self._coreset, config=codec, max_chunk_bytes=max_chunk_bytes
+            )
+        return self.coverage_radius + self._codec_error[key]
 
     def train(self) -> np.ndarray:
         """Extract features and build the local coreset ([k_i, D] float32)."""
         self.model.fit(self.dataset)
         self._coreset = self.model.memory_bank.copy()
+        self._codec_error.clear()
         logger.info(
             "client %s: %d images, %d patches -> coreset %d rows (r_i = %.4f)",
             self.client_id, self.data_size, self.model.num_training_patches,
@@ -148,7 +173,8 @@ class PatchCoreClient:
     # -- federation plumbing ---------------------------------------------------------------
 
     def record_upload(self, rows: np.ndarray) -> None:
-        """Remember rows this site sent (their realised coverage is reported per round)."""
+        """Remember rows this site sent, as the server decoded them (their realised coverage
+        is reported per round)."""
         self._uploaded.append(np.asarray(rows, dtype=np.float32))
 
     def uploaded_radius(self, bank: np.ndarray) -> float:
@@ -202,8 +228,19 @@ class PatchCoreClient:
         )
         return NovelUpload(rows, threshold, num_novel, max_distance)
 
-    def summary(self, round_number: int, rows: int, codec: CodecConfig) -> SiteSummary:
-        """The SiteSummary message that precedes this site's chunks in ``round_number``."""
+    def summary(
+        self,
+        round_number: int,
+        rows: int,
+        codec: CodecConfig,
+        *,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+    ) -> SiteSummary:
+        """The SiteSummary message that precedes this site's chunks in ``round_number``.
+
+        Its coverage radius is :meth:`decoded_coverage_radius` for the codec and chunk size
+        the chunks are sent with: the radius of the rows the server will actually hold.
+        """
         config = self.feature_config
         if self._fingerprint is None:
             self._fingerprint = config.fingerprint()
@@ -213,7 +250,7 @@ class PatchCoreClient:
             num_images=self.data_size,
             num_patches=max(self.model.num_training_patches, rows),
             coreset_rows=rows,
-            coverage_radius=self.coverage_radius,
+            coverage_radius=self.decoded_coverage_radius(codec, max_chunk_bytes=max_chunk_bytes),
             feature_dim=config.target_embed_dim,
             backbone=config.backbone,
             layers=config.layers,

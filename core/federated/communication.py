@@ -11,17 +11,20 @@ prefix per message and HTTP/2 adds 9 bytes per data frame (at most 16 KiB each b
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
+import torch
+from google.protobuf.message import DecodeError, Message
 
 from core.codec import DEFAULT_CODEC, CodecConfig
-from core.messages import FeatureChunk, SiteSummary
+from core.messages import FeatureChunk, InvalidMessageError, SiteSummary
 from core.serde import (
     DEFAULT_MAX_CHUNK_BYTES,
     ChunkAssembler,
+    IncompleteUploadError,
     bank_chunk_from_proto,
     bank_chunk_to_proto,
     split_bank_into_chunks,
@@ -33,7 +36,15 @@ from fedpatchcore.v1 import features_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BankDelivery", "BankReceiver", "CommunicationProtocol", "parse_upload"]
+__all__ = [
+    "BankDelivery",
+    "BankReceiver",
+    "CommunicationProtocol",
+    "parse_upload",
+    "receive_bank",
+]
+
+_M = TypeVar("_M", bound=Message)
 
 
 class BankReceiver(Protocol):
@@ -52,17 +63,41 @@ class BankDelivery:
     max_site_radius: float
 
 
+def _parse(message_type: type[_M], data: bytes, position: int) -> _M:
+    """One serialized message -> the generated class; undecodable bytes raise
+    InvalidMessageError (a ValueError, like every validation error of core.serde), not
+    protobuf's DecodeError, so a transport maps every bad input to one status code."""
+    try:
+        return message_type.FromString(data)
+    except DecodeError as exc:
+        raise InvalidMessageError(
+            f"message {position} is not a serialized {message_type.DESCRIPTOR.full_name} "
+            f"({len(data)} bytes): {exc}"
+        ) from exc
+
+
 def parse_upload(messages: Iterable[bytes]) -> list[SiteSummary | FeatureChunk]:
-    """Wire messages of an upload -> domain messages (validated; see core.serde)."""
+    """Wire messages of an upload -> domain messages (validated; see core.serde).
+
+    Raises InvalidMessageError for bytes that do not parse, and core.serde's typed errors for
+    messages that parse but are invalid.
+    """
     return [
-        upload_request_from_proto(pb.UploadFeaturesRequest.FromString(m)) for m in messages
+        upload_request_from_proto(_parse(pb.UploadFeaturesRequest, m, i))
+        for i, m in enumerate(messages)
     ]
 
 
 def receive_bank(messages: Sequence[bytes], *, max_rows: int) -> BankDelivery:
-    """Parse and decode a BankChunk stream the way a site does (order, resends, bounds)."""
+    """Parse and decode a BankChunk stream the way a site does (order, resends, bounds).
+
+    Raises IncompleteUploadError for an empty stream or one without its last chunk,
+    InvalidMessageError for bytes that do not parse, and the ChunkAssembler's errors.
+    """
+    if len(messages) == 0:
+        raise IncompleteUploadError("the bank stream is empty: no BankChunk message arrived")
     assembler = ChunkAssembler(max_rows=max_rows)
-    chunks = [bank_chunk_from_proto(pb.BankChunk.FromString(m)) for m in messages]
+    chunks = [bank_chunk_from_proto(_parse(pb.BankChunk, m, i)) for i, m in enumerate(messages)]
     for chunk in chunks:
         assembler.add(chunk)
     first = chunks[0]
@@ -146,7 +181,7 @@ class CommunicationProtocol:
 
     @staticmethod
     def compute_communication_cost(
-        data: np.ndarray | bytes | Iterable[bytes],
+        data: np.ndarray | torch.Tensor | bytes | Iterable[bytes | np.ndarray | torch.Tensor],
         *,
         codec: CodecConfig | None = None,
         client_id: int | str = 0,
@@ -154,16 +189,46 @@ class CommunicationProtocol:
     ) -> int:
         """Exact cost in bytes of the serialized messages that carry ``data``.
 
-        An array [n, D] is costed as the upload messages that would carry it under ``codec``
-        (the chunks of :meth:`send_to_server` for ``client_id`` and ``round_number``, which are
-        part of each message; no summary); bytes, or an iterable of messages, are costed as
-        their total length.
+        * An array or tensor [n, D] is costed as the upload messages that would carry it under
+          ``codec`` (the chunks of :meth:`send_to_server` for ``client_id`` and
+          ``round_number``, which are part of each message; no summary): the same bytes the
+          round reports count.
+        * Serialized messages (bytes, bytearray, memoryview) cost their length.
+        * A list (any iterable) of these costs the sum of its items: a list of coresets is the
+          sum of their uploads, a list of messages the sum of their lengths.
+
+        Raises TypeError for anything else (str, dict, numbers, None, ...): it cannot be
+        measured, and guessing (e.g. ``len()``, which is a row count for a list of arrays)
+        would report a wrong number.
         """
-        if isinstance(data, bytes | bytearray):
-            return len(data)
-        if isinstance(data, np.ndarray):
+        if isinstance(data, bytes | bytearray | memoryview):
+            return memoryview(data).nbytes
+        if isinstance(data, np.ndarray | torch.Tensor):
+            matrix = (  # any float tensor (bf16 included) goes as float32 features
+                data.detach().to("cpu", torch.float32).numpy()
+                if isinstance(data, torch.Tensor)
+                else data
+            )
             messages = CommunicationProtocol.send_to_server(
-                client_id, data, codec=codec, round_number=round_number
+                client_id, matrix, codec=codec, round_number=round_number
             )
             return sum(len(m) for m in messages)
-        return sum(len(m) for m in data)
+        if isinstance(data, str | Mapping) or not isinstance(data, Iterable):
+            raise TypeError(
+                "compute_communication_cost measures a feature matrix (numpy array or torch "
+                "tensor [n, D]), serialized messages (bytes), or a list of these; got "
+                f"{type(data).__name__}"
+            )
+        total = 0
+        for position, item in enumerate(data):
+            if not isinstance(item, bytes | bytearray | memoryview | np.ndarray | torch.Tensor):
+                raise TypeError(
+                    "compute_communication_cost: item "
+                    f"{position} of the {type(data).__name__} is a {type(item).__name__}; "
+                    "items must be feature matrices (numpy array or torch tensor [n, D]) or "
+                    "serialized messages (bytes)"
+                )
+            total += CommunicationProtocol.compute_communication_cost(
+                item, codec=codec, client_id=client_id, round_number=round_number
+            )
+        return total

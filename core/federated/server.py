@@ -21,6 +21,7 @@ from core.federated.strategies import (
     federated_random_aggregation,
 )
 from core.messages import FeatureChunk, SiteSummary
+from core.serde import chunked_roundtrip
 
 logger = logging.getLogger(__name__)
 
@@ -37,15 +38,18 @@ class RoundReport:
         bytes_down: serialized bank messages, per site (each site receives the whole bank).
         rows_up: rows uploaded, per site.
         bank_rows: global bank size after the round.
-        server_radius: r_S, certified bound over all uploaded rows (inf for random sampling).
-        max_site_radius: max_i r_i.
-        certificate: max_i r_i + r_S.
+        server_radius: r_S, certified bound on the distance from every uploaded row (as the
+            server decoded it) to the bank as the sites decoded it (inf for random sampling).
+        max_site_radius: max_i r_i, each for the site's coreset as the server decoded it.
+        certificate: max_i r_i + r_S: holds for the decoded rows under any codec.
         realised_radius: the largest distance from any row any site ever uploaded to the bank
             the sites received (measured by the sites, after decoding).
         num_novel: round > 1: training patches farther than the threshold, per site.
         training_radius: round > 1: the largest distance from any training patch of any site to
             the bank the round started from (the sites measure it while looking for novel
             patches): the realised coverage the certificate bounds.
+        bank_changed: whether the round's bank differs (as a set of rows) from the one the
+            sites held; only then was it broadcast (``bytes_down`` is 0 otherwise).
     """
 
     round: int
@@ -59,6 +63,7 @@ class RoundReport:
     realised_radius: float
     num_novel: dict[str, int] = field(default_factory=dict)
     training_radius: float | None = None
+    bank_changed: bool = True
 
     @property
     def total_bytes_up(self) -> int:
@@ -81,6 +86,7 @@ class RoundReport:
             "realised_radius": self.realised_radius,
             "num_novel": self.num_novel,
             "training_radius": self.training_radius,
+            "bank_changed": self.bank_changed,
         }
 
 
@@ -135,6 +141,10 @@ class FederatedServer:
             device=device,
         )
         self._global_bank: np.ndarray | None = None
+        #: The bank last broadcast (float32, as selected) and its largest row error under the
+        #: codec: what a round compares its new bank with, and what r_S grows by.
+        self._sent_bank: np.ndarray | None = None
+        self._bank_codec_error = 0.0
         self.reports: list[RoundReport] = []
 
     # -- the spec's direct API -------------------------------------------------------------
@@ -186,8 +196,14 @@ class FederatedServer:
 
         Round 1: every client trains and uploads its local coreset. Later rounds: every client
         uploads only its patches farther from the current bank than the server's coverage
-        radius (novel patches). The bank is rebuilt from the stream and broadcast; the round's
-        costs and radii are appended to ``reports``.
+        radius (novel patches). The bank is rebuilt from the stream and broadcast only if its
+        rows changed (a round that changes nothing costs no download); the round's costs and
+        radii are appended to ``reports``.
+
+        Every radius is certified for the rows as decoded under the codec: the sites report
+        r_i for their decoded coresets (PatchCoreClient.decoded_coverage_radius), the server's
+        selector sees decoded rows, and r_S is reported for the bank as the sites decode it
+        (the selector's bound plus the bank's largest row error under the codec).
 
         Returns:
             Updated global memory bank [k, D] (as the clients decoded it).
@@ -198,17 +214,17 @@ class FederatedServer:
         if len(set(ids)) != len(ids):
             raise ValueError(f"client ids must be unique, got {ids}")
         round_number = self.aggregator.round + 1
-        previous = self.aggregator.last_outcome
+        first_round = self.aggregator.last_outcome is None
         self.aggregator.begin_round(round_number)
         bytes_up: dict[str, int] = {}
         rows_up: dict[str, int] = {}
         num_novel: dict[str, int] = {}
         training_radius: float | None = None
         for client in clients:
-            if previous is None:
+            if first_round:
                 rows = client.train()
             else:
-                threshold = previous.server_radius
+                threshold = self.reports[-1].server_radius  # r_S of the bank the sites hold
                 if not np.isfinite(threshold):  # random strategy: no radius; use the realised
                     threshold = self.reports[-1].realised_radius
                 upload = client.novel_features(self.get_global_model(), threshold)
@@ -220,28 +236,36 @@ class FederatedServer:
                 summary=summary,
             )
             self._receive(parse_upload(messages))
-            client.record_upload(rows)
+            client.record_upload(chunked_roundtrip(rows, config=self.codec)[0])
             bytes_up[client.site_id] = CommunicationProtocol.compute_communication_cost(messages)
             rows_up[client.site_id] = rows.shape[0]
         outcome = self.aggregator.finish_round(expected_sites=self.num_clients)
+        changed = self._sent_bank is None or not _same_rows(outcome.bank, self._sent_bank)
         per_site_down = 0
-        if previous is None or sum(rows_up.values()) > 0:
+        if changed:
+            _, self._bank_codec_error = chunked_roundtrip(outcome.bank, config=self.codec)
+            server_radius = outcome.server_radius + self._bank_codec_error
             bank_messages = CommunicationProtocol.broadcast_to_clients(
                 clients,
                 outcome.bank,
                 round_number=round_number,
                 codec=self.codec,
-                server_radius=outcome.server_radius,
+                server_radius=server_radius,
                 max_site_radius=outcome.max_site_radius,
             )
             per_site_down = CommunicationProtocol.compute_communication_cost(bank_messages)
+            self._sent_bank = outcome.bank
         else:
-            logger.info("round %d: no novel patches anywhere; the bank is unchanged", round_number)
+            # The sites keep the bank they decoded before; the same rows cover this round's
+            # uploads to outcome.server_radius, and that decoded bank's error is unchanged.
+            server_radius = outcome.server_radius + self._bank_codec_error
+            logger.info("round %d: the bank is unchanged; not re-broadcast", round_number)
         delivered = clients[0].global_bank
         assert delivered is not None
         self._global_bank = delivered
         report = self._report(
-            outcome, clients, bytes_up, rows_up, per_site_down, num_novel, training_radius
+            outcome, clients, bytes_up, rows_up, per_site_down, num_novel, training_radius,
+            server_radius=server_radius, bank_changed=changed,
         )
         self.reports.append(report)
         return delivered
@@ -262,6 +286,9 @@ class FederatedServer:
         per_site_down: int,
         num_novel: dict[str, int],
         training_radius: float | None,
+        *,
+        server_radius: float,
+        bank_changed: bool,
     ) -> RoundReport:
         realised = max(c.uploaded_radius(c.global_bank) for c in clients)  # type: ignore[arg-type]
         report = RoundReport(
@@ -270,12 +297,13 @@ class FederatedServer:
             bytes_down={c.site_id: per_site_down for c in clients},
             rows_up=rows_up,
             bank_rows=outcome.bank.shape[0],
-            server_radius=outcome.server_radius,
+            server_radius=server_radius,
             max_site_radius=outcome.max_site_radius,
-            certificate=outcome.certificate,
+            certificate=outcome.max_site_radius + server_radius,
             realised_radius=realised,
             num_novel=num_novel,
             training_radius=training_radius,
+            bank_changed=bank_changed,
         )
         logger.info(
             "round %d: up %d B, down %d B, bank %d, realised %.4f, certificate %.4f",
@@ -283,3 +311,16 @@ class FederatedServer:
             report.realised_radius, report.certificate,
         )
         return report
+
+
+def _same_rows(a: np.ndarray, b: np.ndarray) -> bool:
+    """True if ``a`` and ``b`` ([k, D]) hold the same rows, bit for bit, in any order."""
+    if a.shape != b.shape:
+        return False
+    if np.array_equal(a, b):
+        return True
+    # Rows as opaque byte strings, sorted: a reordered selection of the same rows is no change.
+    row_bytes = np.dtype((np.void, a.shape[1] * a.itemsize))
+    rows_a = np.sort(np.ascontiguousarray(a).view(row_bytes).ravel())
+    rows_b = np.sort(np.ascontiguousarray(b, dtype=a.dtype).view(row_bytes).ravel())
+    return bool(np.array_equal(rows_a, rows_b))
