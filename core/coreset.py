@@ -181,6 +181,17 @@ def _project(projection: Projection | None, features: np.ndarray) -> np.ndarray:
     return features if projection is None else projection.apply(features)
 
 
+def _centred(rows: np.ndarray) -> np.ndarray:
+    """``rows`` [N, d] float32 minus their mean (a new array; the mean accumulated in float64).
+
+    Every distance below is |x|^2 - 2 x.c + |c|^2, which cancels catastrophically when the rows
+    sit far from the origin compared with their spread: at an offset of 1000 float32 keeps no
+    correct digit of a squared distance of about 1. Distances do not change under translation,
+    so the rows are centred first; the cost is one copy of the (projected) rows.
+    """
+    return rows - rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+
+
 def farthest_first(
     points: np.ndarray,
     k: int,
@@ -208,6 +219,7 @@ def farthest_first(
         raise ValueError(f"k must be in [1, {n}] for {n} points, got {k}")
     if not 0 <= start < n:
         raise ValueError(f"start index {start} out of range for {n} points")
+    points = _centred(points)
     sq_norms = np.einsum("ij,ij->i", points, points)
     centers = np.empty((k, dim), dtype=np.float32)
     center_sq = np.empty(k, dtype=np.float32)
@@ -337,6 +349,7 @@ def _farthest_first_torch(
     Same pick rule and ``radii`` priority as :func:`farthest_first` (ties aside).
     """
     n = points.shape[0]
+    points = points - points.mean(dim=0, dtype=torch.float64).to(points.dtype)  # see _centred
     bonus = None
     if radii is not None:
         bonus = torch.as_tensor(radii, dtype=torch.float32, device=points.device).clone()
@@ -368,8 +381,10 @@ def _nearest_distance(
 ) -> torch.Tensor:
     """Euclidean distance [Q] from each query row to its nearest bank row (one [Q, k] block).
 
-    ``bank_sq`` ([k] squared row norms) may be passed by callers that query one bank often;
-    ``vector_norm`` computes it without a [k, D] temporary.
+    Callers pass rows already shifted into the bank's frame (see _centred): the expansion below
+    cancels catastrophically far from the origin. ``bank_sq`` ([k] squared row norms) may be
+    passed by callers that query one bank often; ``vector_norm`` computes it without a [k, D]
+    temporary.
     """
     if bank_sq is None:
         bank_sq = torch.linalg.vector_norm(bank, dim=1) ** 2
@@ -393,13 +408,18 @@ def coverage_radius(
     meant for benchmarks and tests. :func:`greedy_coreset` gets the same number far cheaper.
     """
     x = torch.as_tensor(_as_float32_numpy(features))
-    b = torch.as_tensor(_as_float32_numpy(bank))
-    if x.shape[1] != b.shape[1]:
-        raise ValueError(f"feature dims differ: features {tuple(x.shape)}, bank {tuple(b.shape)}")
+    bank_array = _as_float32_numpy(bank)
+    if x.shape[1] != bank_array.shape[1]:
+        raise ValueError(
+            f"feature dims differ: features {tuple(x.shape)}, bank {tuple(bank_array.shape)}"
+        )
+    origin = torch.from_numpy(bank_array.mean(axis=0, dtype=np.float64).astype(np.float32))
+    b = torch.from_numpy(bank_array) - origin  # distances in the bank's frame: see _centred
     b_sq = torch.linalg.vector_norm(b, dim=1) ** 2
     radius = 0.0
     for lo in range(0, x.shape[0], chunk_rows):
-        radius = max(radius, float(_nearest_distance(x[lo : lo + chunk_rows], b, b_sq).max()))
+        block = x[lo : lo + chunk_rows] - origin
+        radius = max(radius, float(_nearest_distance(block, b, b_sq).max()))
     return radius
 
 
@@ -446,7 +466,11 @@ def _exact_radius(
     ``offsets`` (default 0) are the radii that rows already stand in for. ``bank`` may pass
     ``features[bank_indices]`` when the caller has it already (saves a [k, D] copy).
     """
-    bank_rows = torch.from_numpy(features[bank_indices] if bank is None else bank)
+    bank_array = features[bank_indices] if bank is None else bank
+    # Distances in the bank's frame (see _centred); the subtraction makes a copy, so a ``bank``
+    # passed in is not modified.
+    origin = torch.from_numpy(bank_array.mean(axis=0, dtype=np.float64).astype(np.float32))
+    bank_rows = torch.from_numpy(bank_array) - origin
     bank_sq = torch.linalg.vector_norm(bank_rows, dim=1) ** 2
     upper = _assigned_distances(features, bank_indices[assignment])
     if offsets is not None:
@@ -458,7 +482,8 @@ def _exact_radius(
         if radius >= upper[order[lo]]:
             break
         rows = order[lo : lo + block]
-        exact = _nearest_distance(torch.from_numpy(features[rows]), bank_rows, bank_sq).numpy()
+        queries = torch.from_numpy(features[rows]) - origin
+        exact = _nearest_distance(queries, bank_rows, bank_sq).numpy()
         if offsets is not None:
             exact = exact + offsets[rows]
         radius = max(radius, float(exact.max()))

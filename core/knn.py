@@ -79,6 +79,12 @@ class NearestNeighbourIndex:
         self.backend: Literal["faiss", "torch"] = backend
         self.block = block
         self.size, self.dim = array.shape
+        # Both backends compute |q|^2 - 2 q.b + |b|^2, which cancels catastrophically for rows
+        # far from the origin compared with their distances (float32 keeps no correct digit of
+        # d^2 ~ 1 at an offset of 1000). Distances do not change under translation: bank and
+        # queries are shifted by the bank's mean (accumulated in float64).
+        self._origin = array.mean(axis=0, dtype=np.float64).astype(np.float32)
+        array = array - self._origin
         if backend == "faiss":
             import faiss
 
@@ -114,6 +120,7 @@ class NearestNeighbourIndex:
             raise ValueError(f"queries must be [Q, {self.dim}], got shape {q.shape}")
         if not 1 <= k <= self.size:
             raise ValueError(f"k must be in [1, {self.size}], got {k}")
+        q = q - self._origin  # the bank's frame (see __init__); a new array, inputs untouched
         if self.backend == "faiss":
             d2, idx = self._index.search(q, k)
             return np.sqrt(np.maximum(d2, 0.0)).astype(np.float32), idx.astype(np.int64)
