@@ -193,7 +193,8 @@ def score_change(
     Δ AU-PRO, largest relative change of an image score). Leaves ``bank`` in ``model``."""
     model.set_memory_bank(bank)
     predictions = predict_cached(model, cache)
-    result = evaluate(predictions, test, model.config.features.transform)
+    # model resolution: the full setting crops (resize 256, crop 224), as the PatchCore paper
+    result = evaluate(predictions, test, model.config.features.transform, resolution="model")
     img, pix, pro, _ = metric_row(result)
     base_img, base_pix, base_pro = baseline.metrics
     rel_score = float(np.max(
@@ -212,7 +213,9 @@ def measure_presets(
     raw_bytes = rows * dim * 4
     raw_mb = raw_bytes / 1e6
     predictions = predict_cached(model, cache)
-    img, pix, pro, _ = metric_row(evaluate(predictions, test, model.config.features.transform))
+    img, pix, pro, _ = metric_row(
+        evaluate(predictions, test, model.config.features.transform, resolution="model")
+    )
     baseline = Baseline((float(img), float(pix), float(pro)),  # type: ignore[arg-type]
                         predictions.image_scores)
 

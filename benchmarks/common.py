@@ -110,22 +110,27 @@ class FeatureCache:
     yields them.
 
     batches: per batch, features [b, h*w, D] float32 (CPU). grid: (h, w) of the patch grid.
+    input_size: (H, W) of the transformed images (the anomaly maps' size).
     Memory is N x h*w x D x 4 bytes (a 64-image test set at 64 px: 17 MB; at 224 px: 206 MB).
     """
 
     batches: tuple[torch.Tensor, ...]
     grid: tuple[int, int]
+    input_size: tuple[int, int]
 
     @classmethod
     def extract(cls, model: PatchCore, images: ImageSource) -> FeatureCache:
         batches: list[torch.Tensor] = []
-        grids: set[tuple[int, int]] = set()
-        for _, features, grid in model.iter_features(images):
+        grids: set[tuple[tuple[int, int], tuple[int, int]]] = set()
+        for _, features, grid, size in model._iter_batches(images):
             batches.append(features)
-            grids.add(grid)
+            grids.add((grid, size))
         if len(grids) != 1:
-            raise ValueError(f"need one patch grid for the whole image set, got {sorted(grids)}")
-        return cls(tuple(batches), grids.pop())
+            raise ValueError(
+                f"need one patch grid and input size for the whole image set, got {sorted(grids)}"
+            )
+        grid, size = grids.pop()
+        return cls(tuple(batches), grid, size)
 
     @property
     def num_images(self) -> int:
@@ -145,7 +150,7 @@ def predict_cached(model: PatchCore, cache: FeatureCache) -> Predictions:
         patch_scores, image_scores = model.score_patches(features)
         scores.append(image_scores)
         # PatchCore.predict's own upsample + blur, so the maps cannot drift from it.
-        maps.append(model._anomaly_maps(patch_scores, cache.grid))
+        maps.append(model._anomaly_maps(patch_scores, cache.grid, cache.input_size))
     return Predictions(
         image_scores=np.concatenate(scores),
         anomaly_maps=np.concatenate(maps),
@@ -169,7 +174,9 @@ def evaluate_cached(
     model: PatchCore, cache: FeatureCache, test: AnomalyDataset
 ) -> EvaluationResult:
     """Score ``test`` (cached as ``cache``) with ``model``'s bank and evaluate it."""
-    return evaluate(predict_cached(model, cache), test, model.config.features.transform)
+    return evaluate(
+        predict_cached(model, cache), test, model.config.features.transform, resolution="model"
+    )
 
 
 def metric_row(result: EvaluationResult) -> list[object]:

@@ -145,8 +145,9 @@ def pixel_auroc(masks: ArrayLike, anomaly_maps: ArrayLike) -> float:
     """ROC AUC of all pixels of all images pooled together.
 
     Args:
-        masks: [N, H, W] bool (or 0/1), True on defect pixels.
-        anomaly_maps: [N, H, W] float, higher = more anomalous.
+        masks: [N, H, W] bool (or 0/1), True on defect pixels; or a sequence of N [H_i, W_i]
+            masks when images differ in size (evaluation at each image's original size).
+        anomaly_maps: [N, H, W] float, higher = more anomalous (or a sequence, as ``masks``).
 
     Returns:
         Area under the ROC curve in [0, 1], identical to ``roc_auc_score(masks.ravel(),
@@ -156,10 +157,8 @@ def pixel_auroc(masks: ArrayLike, anomaly_maps: ArrayLike) -> float:
         ValueError: if shapes differ or are not 3-D, masks are not binary, maps are not finite, or
             all pixels belong to one class.
     """
-    m = _as_binary("masks", masks)
-    s = _as_finite_scores("anomaly_maps", anomaly_maps)
-    _check_stack_shapes(m, s)
-    return _roc_auc(m.ravel(), s.ravel(), what="masks")
+    m, s, _ = _flat_pixels(masks, anomaly_maps, label_regions=False)
+    return _roc_auc(m, s, what="masks")
 
 
 def au_pro(masks: ArrayLike, anomaly_maps: ArrayLike, fpr_limit: float = 0.3) -> float:
@@ -174,9 +173,10 @@ def au_pro(masks: ArrayLike, anomaly_maps: ArrayLike, fpr_limit: float = 0.3) ->
     ``fpr_limit / 2``.
 
     Args:
-        masks: [N, H, W] bool (or 0/1), True on defect pixels. At least one image must have a
-            defect and at least one pixel must be OK.
-        anomaly_maps: [N, H, W] float, higher = more anomalous.
+        masks: [N, H, W] bool (or 0/1), True on defect pixels, or a sequence of N [H_i, W_i]
+            masks when images differ in size. At least one image must have a defect and at
+            least one pixel must be OK.
+        anomaly_maps: [N, H, W] float, higher = more anomalous (or a sequence, as ``masks``).
         fpr_limit: upper integration limit, in (0, 1].
 
     Returns:
@@ -187,18 +187,16 @@ def au_pro(masks: ArrayLike, anomaly_maps: ArrayLike, fpr_limit: float = 0.3) ->
             outside (0, 1], no defect region, or no OK pixel.
     """
     limit = _check_fpr_limit("fpr_limit", fpr_limit)
-    m = _as_binary("masks", masks)
-    s = _as_finite_scores("anomaly_maps", anomaly_maps)
-    _check_stack_shapes(m, s)
-
-    regions, num_regions = ndimage.label(m, structure=_EIGHT_CONNECTED_PER_IMAGE)
+    m, s, labelled = _flat_pixels(masks, anomaly_maps, label_regions=True)
+    assert labelled is not None
+    regions, num_regions = labelled
     if num_regions == 0:
-        raise ValueError(f"au_pro needs at least one defect region; masks {m.shape} are all False")
-    regions = regions.ravel()
+        raise ValueError(f"au_pro needs at least one defect region; all {m.size} mask pixels "
+                         "are False")
     ok = regions == 0
     num_ok = int(np.count_nonzero(ok))
     if num_ok == 0:
-        raise ValueError(f"au_pro needs OK pixels for the FPR; masks {m.shape} are all True")
+        raise ValueError(f"au_pro needs OK pixels for the FPR; all {m.size} mask pixels are True")
 
     # Each pixel of region r adds 1 / |r| to the PRO sum once the threshold passes its score; OK
     # pixels add 0. [pixels] float64.
@@ -207,7 +205,7 @@ def au_pro(masks: ArrayLike, anomaly_maps: ArrayLike, fpr_limit: float = 0.3) ->
     pro_change = 1.0 / region_sizes[regions]
     del regions, region_sizes
 
-    order, last_of_tie = _descending_order(s.ravel())
+    order, last_of_tie = _descending_order(s)
     fpr = np.cumsum(ok[order], dtype=np.int64)[last_of_tie] / num_ok
     pro = np.cumsum(pro_change[order])[last_of_tie] / num_regions
     np.minimum(pro, 1.0, out=pro)  # float rounding of the cumulative sum can exceed 1 by an ulp
@@ -364,6 +362,59 @@ def _as_finite_scores(name: str, values: ArrayLike) -> NDArray[np.floating]:
             f"{name} contains {int(np.count_nonzero(~np.isfinite(arr)))} non-finite values"
         )
     return arr
+
+
+def _flat_pixels(
+    masks: ArrayLike | Sequence[ArrayLike],
+    anomaly_maps: ArrayLike | Sequence[ArrayLike],
+    *,
+    label_regions: bool,
+) -> tuple[NDArray[np.bool_], NDArray[np.floating], tuple[NDArray[np.intp], int] | None]:
+    """Masks and maps of all images as flat pixel arrays, plus (with ``label_regions``) each
+    pixel's 8-connected defect region (0 = OK, 1..R numbered across images) and R.
+
+    Takes one [N, H, W] stack each, or two sequences of per-image [H_i, W_i] arrays (images of
+    different sizes, e.g. AutoVI at original resolution).
+    """
+    if isinstance(masks, np.ndarray) and isinstance(anomaly_maps, np.ndarray):
+        m = _as_binary("masks", masks)
+        s = _as_finite_scores("anomaly_maps", anomaly_maps)
+        _check_stack_shapes(m, s)
+        labelled = None
+        if label_regions:
+            regions, count = ndimage.label(m, structure=_EIGHT_CONNECTED_PER_IMAGE)
+            labelled = (regions.ravel(), int(count))
+        return m.ravel(), s.ravel(), labelled
+    if len(masks) != len(anomaly_maps):  # type: ignore[arg-type]
+        raise ValueError(
+            f"masks has {len(masks)} images but anomaly_maps has "  # type: ignore[arg-type]
+            f"{len(anomaly_maps)}"  # type: ignore[arg-type]
+        )
+    if len(masks) == 0:  # type: ignore[arg-type]
+        raise ValueError("masks and anomaly_maps hold no image")
+    flat_masks: list[NDArray[np.bool_]] = []
+    flat_maps: list[NDArray[np.floating]] = []
+    flat_regions: list[NDArray[np.intp]] = []
+    num_regions = 0
+    for i, (raw_mask, raw_map) in enumerate(zip(masks, anomaly_maps, strict=True)):  # type: ignore[call-overload]
+        mask = _as_binary(f"masks[{i}]", raw_mask)
+        score_map = _as_finite_scores(f"anomaly_maps[{i}]", raw_map)
+        if mask.shape != score_map.shape or mask.ndim != 2:
+            raise ValueError(
+                f"masks[{i}] and anomaly_maps[{i}] must both have shape [H, W], got "
+                f"{mask.shape} and {score_map.shape}"
+            )
+        flat_masks.append(mask.ravel())
+        flat_maps.append(score_map.ravel())
+        if label_regions:
+            regions, count = ndimage.label(mask, structure=np.ones((3, 3), dtype=bool))
+            regions = regions.ravel().astype(np.intp)
+            regions[regions > 0] += num_regions
+            flat_regions.append(regions)
+            num_regions += int(count)
+    scores = np.concatenate(flat_maps)  # mixed float32 / float64 maps promote to float64
+    labelled = (np.concatenate(flat_regions), num_regions) if label_regions else None
+    return np.concatenate(flat_masks), scores, labelled
 
 
 def _check_stack_shapes(masks: NDArray[np.bool_], maps: NDArray[np.floating]) -> None:

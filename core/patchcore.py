@@ -188,12 +188,19 @@ class PatchCore:
         self, images: ImageSource, indices: Sequence[int] | None = None
     ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
         """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch."""
+        for batch, features, grid, _ in self._iter_batches(images, indices):
+            yield batch, features, grid
+
+    def _iter_batches(
+        self, images: ImageSource, indices: Sequence[int] | None = None
+    ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int], tuple[int, int]]]:
+        """Like :meth:`iter_features`, plus the (H, W) of the transformed input pixels."""
         indices = list(range(len(images))) if indices is None else list(indices)
         for batch, pixels in iterate_batches(
             images.load_image, indices, self.config.features.transform, self.config.batch_size
         ):
             features, grid = self.extractor(pixels.to(self.device))
-            yield batch, features.cpu(), grid
+            yield batch, features.cpu(), grid, (int(pixels.shape[-2]), int(pixels.shape[-1]))
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -303,10 +310,10 @@ class PatchCore:
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         grid: tuple[int, int] = (0, 0)
-        for _, features, grid in self.iter_features(images):
+        for _, features, grid, size in self._iter_batches(images):
             patch_scores, image_scores = self.score_patches(features)
             scores.append(image_scores)
-            maps.append(self._anomaly_maps(patch_scores, grid))
+            maps.append(self._anomaly_maps(patch_scores, grid, size))
         if not scores:
             raise ValueError("cannot predict on an empty dataset")
         return Predictions(
@@ -315,18 +322,20 @@ class PatchCore:
             patch_grid=grid,
         )
 
-    def _anomaly_maps(self, patch_scores: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
-        """[b, h*w] patch scores -> [b, H, W] smoothed maps at the transformed input size."""
+    def _anomaly_maps(
+        self, patch_scores: np.ndarray, grid: tuple[int, int], size: tuple[int, int]
+    ) -> np.ndarray:
+        """[b, h*w] patch scores -> [b, H, W] smoothed maps at the transformed input size.
+
+        ``size`` is the input's own (H, W), not grid x stride: for a side that is not a multiple
+        of the stride (100 px -> a 13-cell grid) the grid spans more than the image (104 px),
+        and the maps must still match the image and its masks pixel for pixel. The original
+        PatchCore likewise interpolates patch scores straight to the image size.
+        """
         b = patch_scores.shape[0]
-        size = self._input_size(grid)
         tensor = torch.from_numpy(patch_scores).reshape(b, 1, *grid)
         upsampled = F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)
         return gaussian_blur(upsampled, self.config.gaussian_sigma)[:, 0].numpy()
-
-    def _input_size(self, grid: tuple[int, int]) -> tuple[int, int]:
-        # The first layer's stride maps the grid back to pixels (8 for ResNet layer2).
-        stride = self.extractor.stride
-        return grid[0] * stride, grid[1] * stride
 
     # -- persistence -----------------------------------------------------------------------
 
