@@ -17,7 +17,8 @@ Why this module looks the way it does:
   classic JL projection. Both are scaled to preserve the mean squared distance and come from a
   ``torch.Generator`` seeded by ``seed``, so the same input and seed give the same coreset
   (patchcore-inspection builds an unseeded ``nn.Linear`` on every call).
-* **The start point is part of the coreset** (a long-standing omission in anomalib).
+* **The start point is part of the coreset**, as farthest-first defines it (anomalib long left it
+  out; its 2.7 KCenterGreedy includes it).
 * **Memory O(N), never N x N.** We keep one running min-distance per point.
 * **Triangle-inequality pruning.** Each point remembers its nearest center. A new center ``c`` can
   only move points of a cluster ``j`` whose radius ``R_j`` satisfies ``|c - c_j| < 2 R_j``; other
