@@ -36,7 +36,24 @@ from core.preprocess import ImageTransform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FeatureConfig", "PatchFeatureExtractor", "iterate_batches"]
+__all__ = [
+    "FeatureConfig",
+    "PatchFeatureExtractor",
+    "WeightsUnavailableError",
+    "iterate_batches",
+]
+
+#: Seconds the reachability probe waits for the weights host before giving up. timm's own
+#: download retries for about a minute offline and ends in a long huggingface traceback.
+PROBE_TIMEOUT_S = 5.0
+
+
+class WeightsUnavailableError(RuntimeError):
+    """Pretrained weights were asked for but are neither cached nor downloadable.
+
+    The message names the three ways out: ``pretrained=False`` (random weights, tests only),
+    ``weights=FILE`` (a local state dict) and a warm cache (download once where there is network).
+    """
 
 
 @dataclass(frozen=True)
@@ -140,6 +157,85 @@ class FeatureConfig:
 _WARNED_RANDOM: set[str] = set()
 
 
+def _ways_out(backbone: str, where: str) -> str:
+    return (
+        f"pretrained weights of {backbone!r} are not in the local cache ({where}) and cannot be "
+        "downloaded. Ways out: (1) pretrained=False for random weights (tests only; demo: omit "
+        "--pretrained); (2) weights=FILE, a local .safetensors/.pth state dict (demo: --weights "
+        "FILE); (3) warm the cache where there is network (python -c \"import timm; "
+        f"timm.create_model('{backbone}', pretrained=True)\") and copy it here"
+    )
+
+
+def _probe(url: str) -> str | None:
+    """None if ``url``'s host answers HTTP within PROBE_TIMEOUT_S (any status), else why not.
+
+    Uses huggingface_hub's session, so proxies configured for the hub are honoured.
+    """
+    from huggingface_hub import get_session
+
+    try:
+        get_session().head(url, timeout=PROBE_TIMEOUT_S)
+    except Exception as exc:  # any transport failure means: not reachable
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def _pretrained_overlay(backbone: str, pretrained_cfg: dict[str, Any]) -> dict[str, Any]:
+    """Where timm should load pretrained weights from, checked before it tries.
+
+    Returns a ``pretrained_cfg_overlay``: ``{"file": path}`` when the weights are already in
+    the huggingface or torch hub cache (loaded from there without touching the network, so a
+    warm cache works air-gapped), ``{}`` when they must be downloaded and the host answers.
+    Raises WeightsUnavailableError at once when neither holds (HF_HUB_OFFLINE set, or the probe
+    fails), instead of timm's minute of retries.
+    """
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models._builder import _resolve_pretrained_source  # timm >= 1.0
+
+    load_from, location = _resolve_pretrained_source(pretrained_cfg)
+    if load_from in ("file", "state_dict", "local-dir"):
+        return {}
+    if load_from == "hf-hub":
+        repo, _, revision = str(location if isinstance(location, str) else location[0]).partition(
+            "@"
+        )
+        names = (
+            [location[1]]
+            if not isinstance(location, str)
+            else ["model.safetensors", "pytorch_model.bin"]  # timm's order of preference
+        )
+        cache = str(constants.HF_HUB_CACHE)
+        for name in names:
+            cached = try_to_load_from_cache(
+                repo, name, cache_dir=cache, revision=revision or None
+            )
+            if isinstance(cached, str):
+                logger.info("loading %s weights from the hub cache %s", backbone, cached)
+                return {"file": cached}
+        where, url = f"huggingface cache {cache}, repo {repo}", str(constants.ENDPOINT)
+        if constants.HF_HUB_OFFLINE:
+            raise WeightsUnavailableError(_ways_out(backbone, where) + " (HF_HUB_OFFLINE is set)")
+    elif load_from == "url":
+        from urllib.parse import urlparse
+
+        parsed = urlparse(str(location))
+        cached_file = Path(torch.hub.get_dir()) / "checkpoints" / Path(parsed.path).name
+        if cached_file.is_file():
+            logger.info("loading %s weights from the torch hub cache %s", backbone, cached_file)
+            return {"file": str(cached_file)}
+        where, url = f"torch hub cache {cached_file.parent}", f"{parsed.scheme}://{parsed.netloc}"
+    else:
+        raise WeightsUnavailableError(
+            f"{backbone!r} has no pretrained weights timm knows how to fetch ({load_from!r}); "
+            "use pretrained=False or weights=FILE"
+        )
+    reason = _probe(url)
+    if reason is not None:
+        raise WeightsUnavailableError(_ways_out(backbone, where) + f" ({url}: {reason})")
+    return {}
+
+
 def _create_backbone(config: FeatureConfig) -> nn.Module:
     # Stage names only: build the probe on the meta device (no weights allocated).
     with torch.device("meta"):
@@ -170,6 +266,9 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
             "not ImageNet features and detection quality will be far below published PatchCore",
             config.backbone,
         )
+    overlay: dict[str, Any] = {}
+    if config.pretrained:
+        overlay = _pretrained_overlay(config.backbone, probe.pretrained_cfg)
     # Seeded init (pretrained weights overwrite it): identical random backbones everywhere.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
@@ -178,6 +277,7 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
             pretrained=config.pretrained,
             features_only=True,
             out_indices=out_indices,
+            **({"pretrained_cfg_overlay": overlay} if overlay else {}),
         )
 
 
