@@ -31,9 +31,26 @@ from core.knn import Backend, NearestNeighbourIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageSource", "PatchCore", "PatchCoreConfig", "Predictions", "gaussian_blur"]
+__all__ = [
+    "FeatureMismatchError",
+    "ImageSource",
+    "PatchCore",
+    "PatchCoreConfig",
+    "Predictions",
+    "gaussian_blur",
+]
 
-FORMAT_VERSION = 1
+#: 2 added ``feature_fingerprint`` (the identity of the weights the bank was built with).
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+
+class FeatureMismatchError(ValueError):
+    """A saved bank and the extractor given to load it do not compute the same features.
+
+    Scoring would run, but every distance would be meaningless (a bank fitted with a weights
+    file and scored with random weights gave scores about 4x too large), so loading refuses.
+    """
 
 
 class ImageSource(Protocol):
@@ -331,10 +348,15 @@ class PatchCore:
     # -- persistence -----------------------------------------------------------------------
 
     def metadata(self) -> dict[str, object]:
-        """JSON-friendly description saved next to the bank."""
+        """JSON-friendly description saved next to the bank.
+
+        Includes the extractor's fingerprint (builds the backbone if it was not built yet: the
+        weights' identity cannot be known without them).
+        """
         return {
             "format_version": FORMAT_VERSION,
             "features": self.config.features.to_dict(),
+            "feature_fingerprint": self.extractor.fingerprint(),
             "num_neighbors": self.config.num_neighbors,
             "gaussian_sigma": self.config.gaussian_sigma,
             "seed": self.config.seed,
@@ -379,7 +401,9 @@ class PatchCore:
         """Read a model written by :meth:`save`.
 
         The backbone weights are not in the file: ``pretrained`` / ``weights`` say where they come
-        from (they must be the ones the bank was built with).
+        from. They must be the ones the bank was built with: the extractor is built here and its
+        weights digest compared with the saved one (FeatureMismatchError if they differ; a
+        format-1 file, saved before digests were recorded, is loaded with a warning).
         """
         path = Path(path)
         if not path.is_file():
@@ -391,10 +415,10 @@ class PatchCore:
         if raw is None:
             raise ValueError(f"{path} is not a FedPatchCore model (no 'fedpatchcore' metadata)")
         meta = json.loads(raw)
-        if meta.get("format_version") != FORMAT_VERSION:
+        if meta.get("format_version") not in _READABLE_VERSIONS:
             raise ValueError(
                 f"{path}: unsupported format_version {meta.get('format_version')!r}, "
-                f"expected {FORMAT_VERSION}"
+                f"expected one of {_READABLE_VERSIONS}"
             )
         features = FeatureConfig.from_dict(meta["features"], pretrained=pretrained, weights=weights)
         config = replace(
@@ -407,8 +431,30 @@ class PatchCore:
             knn_backend=knn_backend,
         )
         model = cls(config)
+        model._check_fingerprint(path, meta.get("feature_fingerprint"))
         model.set_memory_bank(load_file(str(path))["memory_bank"])
         model.coverage_radius = meta.get("coverage_radius")
         model.num_training_images = int(meta.get("num_training_images", 0))
         model.num_training_patches = int(meta.get("num_training_patches", 0))
         return model
+
+    def _check_fingerprint(self, path: Path, saved: object) -> None:
+        """Refuse an extractor whose weights differ from the ones the saved bank was built with."""
+        if saved is None:
+            logger.warning(
+                "%s was saved before models recorded their weights (format 1): cannot check that "
+                "the weights given to load() are the ones its bank was built with",
+                path,
+            )
+            return
+        if not isinstance(saved, dict) or "weights_sha256" not in saved:
+            raise ValueError(f"{path}: malformed feature_fingerprint {saved!r}")
+        current = self.extractor.fingerprint()
+        if saved["weights_sha256"] != current["weights_sha256"]:
+            raise FeatureMismatchError(
+                f"{path} was fitted with features from {saved.get('weights_source')} (weights "
+                f"sha256 {str(saved['weights_sha256'])[:12]}...), but load() was given "
+                f"{current['weights_source']} (sha256 {str(current['weights_sha256'])[:12]}...): "
+                "its scores would not be comparable. Pass the same weights (pretrained= / "
+                "weights=) the model was fitted with."
+            )

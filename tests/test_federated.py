@@ -26,6 +26,7 @@ from core.federated.communication import parse_upload
 from core.federated.reservoir import WeightedReservoir
 from core.knn import NearestNeighbourIndex
 from core.messages import SiteSummary
+from core.patchcore import FeatureMismatchError
 from core.serde import ChunkOrderError
 
 
@@ -66,6 +67,16 @@ def test_basic_federated_training_example(
     assert isinstance(loaded, FederatedPatchCore) and loaded.saved_federation is not None
     assert loaded.saved_federation["rounds"][0]["bytes_up"] == report.bytes_up  # type: ignore[index]
     np.testing.assert_array_equal(loaded.global_bank, fed_model.global_bank)
+    # Fitted with random weights: a weights file is another extractor, refused on load.
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(weights))
+    with pytest.raises(FeatureMismatchError, match="random init"):
+        FederatedPatchCore.load(
+            tmp_path / "outputs/federated/global_model.pt", weights=str(weights)
+        )
     with pytest.raises(ValueError, match="no federation record"):
         FederatedPatchCore.load(
             fed_model.global_model.save(tmp_path / "plain.safetensors"), pretrained=False

@@ -132,3 +132,73 @@ def test_config_validation(small_features: FeatureConfig) -> None:
     with pytest.raises(ValueError, match=r"\[K>0, 128\]"):
         model.set_memory_bank(np.zeros((4, 64), np.float32))
     assert replace(PatchCoreConfig(), coreset_size=5).bank_size(3) == 3
+
+
+def _weights_file(tmp_path: Path, seed: int) -> str:
+    """A resnet18 state dict as an air-gapped site would keep it (here: seeded random)."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    path = tmp_path / f"resnet18-{seed}.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(path))
+    return str(path)
+
+
+def test_load_refuses_weights_other_than_the_fitted_ones(
+    tmp_path: Path,
+    category_data: tuple[AutoVIDataset, AutoVIDataset],
+    small_features: FeatureConfig,
+) -> None:
+    """Fitted with weights=FILE, reloaded with pretrained=False: scores would silently change
+    scale, so load() refuses; the same weights under another file name are accepted."""
+    import shutil
+
+    from core.patchcore import FeatureMismatchError
+
+    train, test = category_data
+    weights = _weights_file(tmp_path, seed=11)
+    features = replace(small_features, pretrained=True, weights=weights)
+    model = PatchCore(PatchCoreConfig(features=features, coreset_ratio=0.2)).fit(train)
+    path = model.save(tmp_path / "bank.safetensors")
+    with pytest.raises(FeatureMismatchError, match=r"resnet18-11\.safetensors") as caught:
+        PatchCore.load(path, pretrained=False)
+    assert "random init" in str(caught.value)
+    with pytest.raises(FeatureMismatchError):
+        PatchCore.load(path, weights=_weights_file(tmp_path, seed=12))
+    renamed = tmp_path / "copy.safetensors"
+    shutil.copy(weights, renamed)
+    loaded = PatchCore.load(path, weights=str(renamed))
+    np.testing.assert_array_equal(
+        loaded.predict(test).image_scores, model.predict(test).image_scores
+    )
+    # and the other way round: fitted with random weights, loaded with a weights file
+    random_path = PatchCore(PatchCoreConfig(features=small_features, coreset_ratio=0.2)).fit(
+        train
+    ).save(tmp_path / "random.safetensors")
+    with pytest.raises(FeatureMismatchError, match="random init"):
+        PatchCore.load(random_path, weights=weights)
+
+
+def test_format_1_files_load_with_a_warning(
+    tmp_path: Path,
+    category_data: tuple[AutoVIDataset, AutoVIDataset],
+    small_features: FeatureConfig,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import json
+
+    from safetensors.numpy import save_file
+
+    model = PatchCore(PatchCoreConfig(features=small_features, coreset_ratio=0.2)).fit(
+        category_data[0]
+    )
+    meta = model.metadata()
+    meta["format_version"] = 1
+    del meta["feature_fingerprint"]
+    old = tmp_path / "old.safetensors"
+    save_file({"memory_bank": model.memory_bank}, str(old), {"fedpatchcore": json.dumps(meta)})
+    with caplog.at_level("WARNING", logger="core.patchcore"):
+        loaded = PatchCore.load(old, pretrained=False)
+    assert any("format 1" in r.message for r in caplog.records)
+    np.testing.assert_array_equal(loaded.memory_bank, model.memory_bank)
