@@ -23,7 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.data import AutoVIDataset, CategoryPartitioner, generate_synthetic_dataset
+from core.data import (
+    AutoVIDataset,
+    CategoryPartitioner,
+    DatasetError,
+    generate_synthetic_dataset,
+)
 from core.evaluation import EvaluationResult, evaluate
 from core.features import FeatureConfig
 from core.federated import FederatedPatchCore
@@ -41,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=None,
-        help="dataset folder (AutoVI layout); generated there if missing or "
-        "empty (default: a temporary folder)",
+        help="your dataset folder (AutoVI layout); it must exist. Default: a synthetic dataset "
+        "generated in a temporary folder",
+    )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate the synthetic dataset in --data (which must be missing or empty) and "
+        "keep it there",
     )
     parser.add_argument("--backbone", default="resnet18", help="timm backbone (default resnet18)")
     parser.add_argument(
@@ -70,12 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> dict[str, EvaluationResult]:
+    """Run the demo. Synthetic data is generated only where asked: in a temporary folder
+    without ``--data``, in ``--data`` with ``--generate``. A ``--data`` folder that is missing
+    or empty is an error (DatasetError naming it): a typo must not turn into made-up metrics."""
+    if args.data is not None and not args.generate:
+        root = Path(args.data)
+        if not root.is_dir() or not any(root.iterdir()):
+            state = "does not exist" if not root.exists() else "is empty or not a folder"
+            raise DatasetError(
+                f"--data {root} {state}. Give an existing AutoVI-layout folder, or add "
+                "--generate to write the synthetic demo dataset there, or omit --data"
+            )
+        logger.info("using the dataset in %s", root)
+        return _run_on(root, args)
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-demo-") as tmp:
         root = args.data if args.data is not None else Path(tmp) / "data"
-        if not root.exists() or not any(root.iterdir()):
-            generate_synthetic_dataset(
-                root, image_size=args.image_size, seed=args.seed, layout="autovi"
+        if args.data is not None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise DatasetError(
+                f"--generate: {root} is not an empty folder; drop --generate to use the data "
+                "there, or name a new folder"
             )
+        logger.info("generating the synthetic demo dataset in %s", root)
+        generate_synthetic_dataset(
+            root, image_size=args.image_size, seed=args.seed, layout="autovi"
+        )
         return _run_on(root, args)
 
 
@@ -195,9 +224,15 @@ def _fmt(value: float | None, width: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.generate and args.data is None:
+        parser.error("--generate needs --data DIR (without --data the demo uses a temp folder)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run(args)
+    try:
+        run(args)
+    except DatasetError as exc:
+        parser.error(str(exc))
     return 0
 
 
