@@ -171,7 +171,8 @@ def _print_report(
     weights = "pretrained" if (args.pretrained or args.weights) else "RANDOM weights"
     print(
         f"\nFedPatchCore demo: {len(sites)} sites, {args.backbone} ({weights}), "
-        f"{args.image_size} px, D={features.target_embed_dim}, global bank {bank_size} rows"
+        f"{args.image_size} px, D={features.target_embed_dim}, global bank "
+        f"{federated.global_bank.shape[0]} rows (asked for {bank_size})"
     )
     for client in federated.clients:
         categories = ",".join(client.dataset.categories)  # type: ignore[attr-defined]

@@ -229,6 +229,11 @@ class PatchCore:
             if selector is None:
                 total = len(images) * grid[0] * grid[1]
                 k = self.config.bank_size(total)
+                if self.config.coreset_size is not None and k < self.config.coreset_size:
+                    logger.warning(
+                        "coreset_size %d exceeds the %d training patches: the bank keeps all %d",
+                        self.config.coreset_size, total, k,
+                    )
                 selector = IncrementalCoreset(
                     k,
                     capacity=self.config.buffer_rows,

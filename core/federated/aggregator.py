@@ -36,6 +36,7 @@ __all__ = [
     "RoundOutcome",
     "RoundStateError",
     "Strategy",
+    "warn_if_bank_short",
 ]
 
 Strategy = Literal["coreset", "random"]
@@ -55,6 +56,23 @@ class RoundStateError(AggregationError):
 
 class IncompatibleSiteError(AggregationError):
     """A site's features cannot be merged: other extractor (fingerprint) or dimension."""
+
+
+def warn_if_bank_short(requested: int, bank_rows: int, available: int) -> bool:
+    """Warn when the bank came out smaller than asked for; True if it did.
+
+    A bank cannot hold more rows than the sites uploaded, so ``global_bank_size`` above that
+    silently meant a smaller bank (3,920 rows for 10,000 asked). Records should carry
+    ``bank_rows``, the real size.
+    """
+    if bank_rows >= requested:
+        return False
+    logger.warning(
+        "global bank has %d rows, fewer than the %d asked for: the sites uploaded only %d rows "
+        "(raise coreset_percentage, or lower global_bank_size)",
+        bank_rows, requested, available,
+    )
+    return True
 
 
 @dataclass(frozen=True)
@@ -266,9 +284,12 @@ class GlobalBankAggregator:
         if self._selector is not None:
             selection = self._selector.select()
             bank, server_radius = selection.features, selection.radius_bound
+            available = selection.num_seen
         else:
             assert self._reservoir is not None
             bank, server_radius = self._reservoir.sample(), math.inf
+            available = self._reservoir.num_seen
+        warn_if_bank_short(self.global_bank_size, bank.shape[0], available)
         outcome = RoundOutcome(
             round=self.round,
             bank=bank,
