@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from torch import nn
 
+from core.data.errors import DatasetError
 from core.preprocess import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,9 @@ __all__ = [
     "FeatureConfig",
     "PatchFeatureExtractor",
     "WeightsUnavailableError",
+    "check_image_sizes",
     "iterate_batches",
+    "size_mismatch",
 ]
 
 #: Seconds the reachability probe waits for the weights host before giving up. timm's own
@@ -373,25 +376,69 @@ class PatchFeatureExtractor(nn.Module):
         return features.reshape(b, h * w, -1).contiguous(), (h, w)
 
 
+def size_mismatch(
+    image: str,
+    raw_hw: Sequence[int],
+    shape: tuple[int, int],
+    first: str,
+    expected: tuple[int, int],
+) -> DatasetError:
+    """The error for an image whose transformed size differs from the first image's."""
+    return DatasetError(
+        f"{image} is {raw_hw[0]}x{raw_hw[1]} (HxW), {shape[0]}x{shape[1]} after the transform, "
+        f"but {first} gave {expected[0]}x{expected[1]}: all images of one fit or predict need "
+        "one size after the transform. Set a fixed resize, ImageTransform(resize=(h, w)), or a "
+        "crop"
+    )
+
+
+def check_image_sizes(paths: Sequence[Path], transform: ImageTransform) -> None:
+    """Raise :func:`size_mismatch` for the first file whose transformed size differs from the
+    first file's, reading image headers only (milliseconds per file, no pixels decoded): a
+    mixed-size dataset is refused before a fit spends minutes on it."""
+    from core.data.imageio import image_size
+
+    expected: tuple[int, int] | None = None
+    first = paths[0] if paths else None
+    for path in paths:
+        raw = image_size(path)
+        shape = transform.output_shape(*raw)
+        if expected is None:
+            expected = shape
+        elif shape != expected:
+            raise size_mismatch(f"image {path}", raw, shape, f"image {first}", expected)
+
+
 def iterate_batches(
     load_image: Callable[[int], np.ndarray],
     indices: Sequence[int],
     transform: ImageTransform,
     batch_size: int,
+    *,
+    describe: Callable[[int], str] | None = None,
 ) -> Iterator[tuple[list[int], torch.Tensor]]:
     """Yield (indices, images [b, 3, h, w]) batches, loading and transforming lazily.
 
     ``load_image(i)`` returns a uint8 [H, W, 3] image. Only one batch of pixels is in memory.
+    Every image must have the first image's size after the transform (one patch grid, one map
+    size): the first one that differs raises DatasetError naming it (``describe(i)``, e.g. its
+    file path; "image i" without it) and the image that set the size.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    name = describe if describe is not None else (lambda i: f"image {i}")
+    expected: tuple[int, int] | None = None
+    first = 0
     for lo in range(0, len(indices), batch_size):
         batch = list(indices[lo : lo + batch_size])
-        images = [transform.image(np.asarray(load_image(i))) for i in batch]
-        shapes = {tuple(img.shape) for img in images}
-        if len(shapes) != 1:
-            raise ValueError(
-                f"images of one batch have different sizes after the transform: {sorted(shapes)}; "
-                "set a crop or a fixed (h, w) resize"
-            )
+        images = []
+        for i in batch:
+            raw = np.asarray(load_image(i))
+            image = transform.image(raw)
+            shape = (int(image.shape[-2]), int(image.shape[-1]))
+            if expected is None:
+                expected, first = shape, i
+            elif shape != expected:
+                raise size_mismatch(name(i), raw.shape[:2], shape, name(first), expected)
+            images.append(image)
         yield batch, torch.stack(images)

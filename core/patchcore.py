@@ -26,7 +26,12 @@ import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from safetensors.numpy import load_file, save_file
 
 from core.coreset import IncrementalCoreset
-from core.features import FeatureConfig, PatchFeatureExtractor, iterate_batches
+from core.features import (
+    FeatureConfig,
+    PatchFeatureExtractor,
+    check_image_sizes,
+    iterate_batches,
+)
 from core.knn import Backend, NearestNeighbourIndex
 
 logger = logging.getLogger(__name__)
@@ -171,6 +176,15 @@ def _symmetric_pad(maps: torch.Tensor, radius: int) -> torch.Tensor:
     return maps
 
 
+def _describe_image(images: ImageSource, index: int) -> str:
+    """The image's file when the source knows it (AnomalyDataset samples), else its index."""
+    try:
+        path = images[index].image_path  # type: ignore[attr-defined]
+    except (TypeError, AttributeError, IndexError, KeyError):
+        return f"image {index}"
+    return f"image {path}"
+
+
 class PatchCore:
     """Single-site PatchCore.
 
@@ -204,10 +218,23 @@ class PatchCore:
     def iter_features(
         self, images: ImageSource, indices: Sequence[int] | None = None
     ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
-        """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch."""
+        """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch.
+
+        All images must have one size after the transform: a dataset with file paths is checked
+        from the image headers before any pixel is read; any source is checked image by image.
+        DatasetError names the file (or index) that differs.
+        """
         indices = list(range(len(images))) if indices is None else list(indices)
+        samples = getattr(images, "samples", None)  # an AnomalyDataset: check headers first
+        if samples is not None:
+            paths = [samples[i].image_path for i in indices]
+            check_image_sizes(paths, self.config.features.transform)
         for batch, pixels in iterate_batches(
-            images.load_image, indices, self.config.features.transform, self.config.batch_size
+            images.load_image,
+            indices,
+            self.config.features.transform,
+            self.config.batch_size,
+            describe=lambda i: _describe_image(images, i),
         ):
             features, grid = self.extractor(pixels.to(self.device))
             yield batch, features.cpu(), grid

@@ -202,3 +202,40 @@ def test_format_1_files_load_with_a_warning(
         loaded = PatchCore.load(old, pretrained=False)
     assert any("format 1" in r.message for r in caplog.records)
     np.testing.assert_array_equal(loaded.memory_bank, model.memory_bank)
+
+
+def test_mixed_image_sizes_are_refused_naming_the_file(
+    tmp_path: Path, small_features: FeatureConfig
+) -> None:
+    """Short side resized to 64 px, no crop: a 48 x 64 image among 64 x 64 ones cannot share a
+    patch grid. With file paths it is refused from the headers, before the backbone is built."""
+    from PIL import Image
+
+    from core.data import DatasetError, generate_synthetic_dataset
+
+    root = generate_synthetic_dataset(
+        tmp_path / "data", categories=("washer",), num_train=4, num_test=2, image_size=64,
+        layout="autovi",
+    )
+    odd = sorted((root / "washer" / "train" / "good").iterdir())[2]
+    Image.new("RGB", (64, 48)).save(odd)
+    model = PatchCore(PatchCoreConfig(features=small_features, batch_size=1))
+    with pytest.raises(DatasetError, match=str(odd)) as caught:
+        model.fit(AutoVIDataset(root, split="train"))
+    assert "48x64 (HxW), 64x85 after the transform" in str(caught.value)
+    assert model._extractor is None  # refused before any feature was computed
+
+    class InMemory:  # no file paths: checked image by image, named by index
+        def __init__(self, sizes: list[tuple[int, int]]) -> None:
+            self.sizes = sizes
+
+        def __len__(self) -> int:
+            return len(self.sizes)
+
+        def load_image(self, index: int) -> np.ndarray:
+            return np.zeros((*self.sizes[index], 3), dtype=np.uint8)
+
+    model.fit(InMemory([(64, 64)] * 3))
+    # batch_size=1: the odd image is alone in its batch (this was numpy's concatenate error)
+    with pytest.raises(DatasetError, match=r"image 2 is 48x64 \(HxW\)"):
+        model.predict(InMemory([(64, 64), (64, 64), (48, 64)]))
