@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FeatureMismatchError",
     "ImageSource",
+    "ModelFileError",
     "PatchCore",
     "PatchCoreConfig",
     "Predictions",
@@ -48,6 +49,51 @@ __all__ = [
 #: 2 added ``feature_fingerprint`` (the identity of the weights the bank was built with).
 FORMAT_VERSION = 2
 _READABLE_VERSIONS = (1, 2)
+
+
+class ModelFileError(ValueError):
+    """A model file cannot be read: truncated, not safetensors, or not a FedPatchCore model.
+
+    The message names the file (safetensors' own errors do not).
+    """
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata of ``path`` (ModelFileError naming it if unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as exc:
+        raise ModelFileError(
+            f"{path} is not a readable model file (truncated, or not safetensors): {exc}"
+        ) from exc
+
+
+def _read_bank(path: Path) -> np.ndarray:
+    """The [K, D] ``memory_bank`` tensor of ``path`` (ModelFileError naming it if unreadable)."""
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise ModelFileError(f"{path}: cannot read the memory bank (truncated?): {exc}") from exc
+    if "memory_bank" not in tensors:
+        raise ModelFileError(f"{path} has no 'memory_bank' tensor (found {sorted(tensors)})")
+    return tensors["memory_bank"]
+
+
+def _read_json(path: Path, metadata: dict[str, str], key: str) -> object:
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: the {key!r} metadata is not valid JSON: {exc}") from exc
 
 
 class FeatureMismatchError(ValueError):
@@ -414,11 +460,13 @@ class PatchCore:
     @staticmethod
     def read_extra(path: str | Path) -> dict[str, object]:
         """The ``extra`` dict saved with a model ({} when none)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            raw = (handle.metadata() or {}).get("extra")
-        return {} if raw is None else json.loads(raw)
+        path = Path(path)
+        extra = _read_json(path, _read_metadata(path), "extra")
+        if extra is None:
+            return {}
+        if not isinstance(extra, dict):
+            raise ModelFileError(f"{path}: the 'extra' metadata is not a JSON object")
+        return extra
 
     @classmethod
     def load(
@@ -438,33 +486,38 @@ class PatchCore:
         format-1 file, saved before digests were recorded, is loaded with a warning).
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file at {path}")
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            raw = (handle.metadata() or {}).get("fedpatchcore")
-        if raw is None:
-            raise ValueError(f"{path} is not a FedPatchCore model (no 'fedpatchcore' metadata)")
-        meta = json.loads(raw)
+        meta = _read_json(path, _read_metadata(path), "fedpatchcore")
+        if meta is None:
+            raise ModelFileError(
+                f"{path} is not a FedPatchCore model (no 'fedpatchcore' metadata)"
+            )
+        if not isinstance(meta, dict):
+            raise ModelFileError(f"{path}: the 'fedpatchcore' metadata is not a JSON object")
         if meta.get("format_version") not in _READABLE_VERSIONS:
-            raise ValueError(
+            raise ModelFileError(
                 f"{path}: unsupported format_version {meta.get('format_version')!r}, "
                 f"expected one of {_READABLE_VERSIONS}"
             )
-        features = FeatureConfig.from_dict(meta["features"], pretrained=pretrained, weights=weights)
+        try:
+            saved_features = meta["features"]
+            num_neighbors = int(meta["num_neighbors"])
+            gaussian_sigma = float(meta["gaussian_sigma"])
+            seed = int(meta["seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: missing or malformed metadata field {exc}") from exc
+        features = FeatureConfig.from_dict(saved_features, pretrained=pretrained, weights=weights)
         config = replace(
             PatchCoreConfig(),
             features=features,
-            num_neighbors=int(meta["num_neighbors"]),
-            gaussian_sigma=float(meta["gaussian_sigma"]),
-            seed=int(meta["seed"]),
+            num_neighbors=num_neighbors,
+            gaussian_sigma=gaussian_sigma,
+            seed=seed,
             device=device,
             knn_backend=knn_backend,
         )
         model = cls(config)
         model._check_fingerprint(path, meta.get("feature_fingerprint"))
-        model.set_memory_bank(load_file(str(path))["memory_bank"])
+        model.set_memory_bank(_read_bank(path))
         model.coverage_radius = meta.get("coverage_radius")
         model.num_training_images = int(meta.get("num_training_images", 0))
         model.num_training_patches = int(meta.get("num_training_patches", 0))

@@ -239,3 +239,34 @@ def test_mixed_image_sizes_are_refused_naming_the_file(
     # batch_size=1: the odd image is alone in its batch (this was numpy's concatenate error)
     with pytest.raises(DatasetError, match=r"image 2 is 48x64 \(HxW\)"):
         model.predict(InMemory([(64, 64), (64, 64), (48, 64)]))
+
+
+def test_truncated_or_foreign_model_files_are_named(
+    tmp_path: Path,
+    category_data: tuple[AutoVIDataset, AutoVIDataset],
+    small_features: FeatureConfig,
+) -> None:
+    from core.federated import FederatedPatchCore
+    from core.patchcore import ModelFileError
+
+    model = PatchCore(PatchCoreConfig(features=small_features, coreset_ratio=0.2)).fit(
+        category_data[0]
+    )
+    good = model.save(tmp_path / "bank.safetensors").read_bytes()
+    header_cut = tmp_path / "header-cut.safetensors"
+    header_cut.write_bytes(good[:20])
+    data_cut = tmp_path / "data-cut.safetensors"
+    data_cut.write_bytes(good[: len(good) - 100])
+    foreign = tmp_path / "photo.safetensors"
+    foreign.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    for bad in (header_cut, data_cut, foreign):
+        for load in (
+            lambda p: PatchCore.load(p, pretrained=False),
+            lambda p: FederatedPatchCore.load(p, pretrained=False),
+            PatchCore.read_extra,
+        ):
+            if bad is data_cut and load is PatchCore.read_extra:
+                continue  # the header is intact: its metadata reads fine
+            with pytest.raises(ModelFileError) as caught:
+                load(bad)
+            assert str(bad) in str(caught.value)
