@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 from core.data import (
     AutoVIDataset,
     CategoryPartitioner,
@@ -34,6 +36,7 @@ from core.features import FeatureConfig
 from core.federated import FederatedPatchCore
 from core.patchcore import PatchCore, PatchCoreConfig
 from core.preprocess import ImageTransform
+from core.progress import set_progress
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="what the steps log to stderr (default INFO: each fit, round and selection)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they show only when stderr is a terminal anyway)",
+    )
     return parser
 
 
@@ -229,9 +243,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.generate and args.data is None:
         parser.error("--generate needs --data DIR (without --data the demo uses a temp folder)")
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs CPU probing at INFO
+    if args.no_progress:
+        set_progress(False)
     try:
-        run(args)
+        with logging_redirect_tqdm():  # log lines print above the bars instead of through them
+            run(args)
     except DatasetError as exc:
         parser.error(str(exc))
     return 0

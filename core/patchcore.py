@@ -33,6 +33,7 @@ from core.features import (
     iterate_batches,
 )
 from core.knn import Backend, NearestNeighbourIndex
+from core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -262,28 +263,36 @@ class PatchCore:
         return self._extractor
 
     def iter_features(
-        self, images: ImageSource, indices: Sequence[int] | None = None
+        self,
+        images: ImageSource,
+        indices: Sequence[int] | None = None,
+        *,
+        desc: str = "features",
     ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
         """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch.
 
         All images must have one size after the transform: a dataset with file paths is checked
         from the image headers before any pixel is read; any source is checked image by image.
-        DatasetError names the file (or index) that differs.
+        DatasetError names the file (or index) that differs. A progress bar labelled ``desc``
+        counts images as the caller finishes each batch (core.progress says when it shows).
         """
         indices = list(range(len(images))) if indices is None else list(indices)
         samples = getattr(images, "samples", None)  # an AnomalyDataset: check headers first
         if samples is not None:
             paths = [samples[i].image_path for i in indices]
             check_image_sizes(paths, self.config.features.transform)
-        for batch, pixels in iterate_batches(
+        batches = iterate_batches(
             images.load_image,
             indices,
             self.config.features.transform,
             self.config.batch_size,
             describe=lambda i: _describe_image(images, i),
-        ):
-            features, grid = self.extractor(pixels.to(self.device))
-            yield batch, features.cpu(), grid
+        )
+        with progress_bar(len(indices), desc, "img") as bar:
+            for batch, pixels in batches:
+                features, grid = self.extractor(pixels.to(self.device))
+                yield batch, features.cpu(), grid
+                bar.update(len(batch))
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -298,7 +307,7 @@ class PatchCore:
         order = torch.randperm(
             len(images), generator=torch.Generator().manual_seed(self.config.seed)
         ).tolist()
-        for _, features, grid in self.iter_features(images, order):
+        for _, features, grid in self.iter_features(images, order, desc="fit"):
             if selector is None:
                 total = len(images) * grid[0] * grid[1]
                 k = self.config.bank_size(total)
@@ -398,7 +407,7 @@ class PatchCore:
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         grid: tuple[int, int] = (0, 0)
-        for _, features, grid in self.iter_features(images):
+        for _, features, grid in self.iter_features(images, desc="scoring"):
             patch_scores, image_scores = self.score_patches(features)
             scores.append(image_scores)
             maps.append(self._anomaly_maps(patch_scores, grid))
