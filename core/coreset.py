@@ -17,7 +17,8 @@ Why this module looks the way it does:
   classic JL projection. Both are scaled to preserve the mean squared distance and come from a
   ``torch.Generator`` seeded by ``seed``, so the same input and seed give the same coreset
   (patchcore-inspection builds an unseeded ``nn.Linear`` on every call).
-* **The start point is part of the coreset** (a long-standing omission in anomalib).
+* **The start point is part of the coreset**, as farthest-first defines it (anomalib long left it
+  out; its 2.7 KCenterGreedy includes it).
 * **Memory O(N), never N x N.** We keep one running min-distance per point.
 * **Triangle-inequality pruning.** Each point remembers its nearest center. A new center ``c`` can
   only move points of a cluster ``j`` whose radius ``R_j`` satisfies ``|c - c_j| < 2 R_j``; other
@@ -35,11 +36,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+
+from core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +202,7 @@ def farthest_first(
     *,
     start: int = 0,
     radii: np.ndarray | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Farthest-first traversal on ``points`` [N, d] (float32), CPU, with exact pruning.
 
@@ -209,6 +214,7 @@ def farthest_first(
             stands in for other, forgotten rows within ``radii[i]`` of it is picked by priority
             ``dist(i, chosen) + radii[i]``: the incremental selector's weighted merge, which keeps
             the bound dist + radius over everything ever seen as small as farthest-first can.
+        on_progress: called with the number of picks made, every ``_PROGRESS_EVERY`` picks.
 
     Returns:
         (indices [k] int64 in pick order, assignment [N] int64: for each row, the position in
@@ -284,6 +290,8 @@ def farthest_first(
     pick = next_pick()
 
     for t in range(1, k):
+        if on_progress is not None and t % _PROGRESS_EVERY == 0:
+            on_progress(t)
         selected[t], centers[t], center_sq[t] = pick, points[pick], sq_norms[pick]
         c = points[pick]
         c_lead = c[:lead]
@@ -341,7 +349,11 @@ def farthest_first(
 
 
 def _farthest_first_torch(
-    points: torch.Tensor, k: int, start: int, radii: np.ndarray | None = None
+    points: torch.Tensor,
+    k: int,
+    start: int,
+    radii: np.ndarray | None = None,
+    on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Plain farthest-first on a (CUDA) tensor [N, d]: one fused ``addmv`` per pick.
 
@@ -360,6 +372,8 @@ def _farthest_first_torch(
     dist = torch.empty(n, device=points.device)
     pick = torch.tensor(start, device=points.device)
     for t in range(k):
+        if on_progress is not None and t and t % _PROGRESS_EVERY == 0:
+            on_progress(t)
         selected[t] = pick
         torch.addmv(sq_norms, points, points[pick], alpha=-2.0, out=dist)
         dist.add_(sq_norms[pick]).clamp_(min=0.0)
@@ -422,6 +436,9 @@ def coverage_radius(
         radius = max(radius, float(_nearest_distance(block, b, b_sq).max()))
     return radius
 
+
+#: Picks between progress-bar updates (one Python call per 256 picks: nothing next to a pick).
+_PROGRESS_EVERY = 256
 
 _ROW_BLOCK = 8192  # rows per block of the [block, D] temporaries below
 
@@ -543,9 +560,15 @@ def _run_farthest_first(
     radii: np.ndarray | None,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
-    if device.type == "cuda":
-        return _farthest_first_torch(torch.from_numpy(projected).to(device), k, start, radii)
-    return farthest_first(projected, k, start=start, radii=radii)
+    with progress_bar(k, f"coreset {k:,} of {projected.shape[0]:,} rows", "pick") as bar:
+        def advance(picks: int) -> None:
+            bar.update(picks - bar.n)
+
+        if device.type == "cuda":
+            return _farthest_first_torch(
+                torch.from_numpy(projected).to(device), k, start, radii, advance
+            )
+        return farthest_first(projected, k, start=start, radii=radii, on_progress=advance)
 
 
 @dataclass(frozen=True)

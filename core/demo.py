@@ -23,12 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from core.data import AutoVIDataset, CategoryPartitioner, generate_synthetic_dataset
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from core.data import (
+    AutoVIDataset,
+    CategoryPartitioner,
+    DatasetError,
+    generate_synthetic_dataset,
+)
 from core.evaluation import EvaluationResult, evaluate
 from core.features import FeatureConfig
 from core.federated import FederatedPatchCore
 from core.patchcore import PatchCore, PatchCoreConfig
 from core.preprocess import ImageTransform
+from core.progress import set_progress
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--data",
         type=Path,
         default=None,
-        help="dataset folder (AutoVI layout); generated there if missing or "
-        "empty (default: a temporary folder)",
+        help="your dataset folder (AutoVI layout); it must exist. Default: a synthetic dataset "
+        "generated in a temporary folder",
+    )
+    parser.add_argument(
+        "--generate",
+        action="store_true",
+        help="generate the synthetic dataset in --data (which must be missing or empty) and "
+        "keep it there",
     )
     parser.add_argument("--backbone", default="resnet18", help="timm backbone (default resnet18)")
     parser.add_argument(
@@ -66,16 +80,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        help="what the steps log to stderr (default INFO: each fit, round and selection)",
+    )
+    parser.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars (they show only when stderr is a terminal anyway)",
+    )
     return parser
 
 
 def run(args: argparse.Namespace) -> dict[str, EvaluationResult]:
+    """Run the demo. Synthetic data is generated only where asked: in a temporary folder
+    without ``--data``, in ``--data`` with ``--generate``. A ``--data`` folder that is missing
+    or empty is an error (DatasetError naming it): a typo must not turn into made-up metrics."""
+    if args.data is not None and not args.generate:
+        root = Path(args.data)
+        if not root.is_dir() or not any(root.iterdir()):
+            state = "does not exist" if not root.exists() else "is empty or not a folder"
+            raise DatasetError(
+                f"--data {root} {state}. Give an existing AutoVI-layout folder, or add "
+                "--generate to write the synthetic demo dataset there, or omit --data"
+            )
+        logger.info("using the dataset in %s", root)
+        return _run_on(root, args)
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-demo-") as tmp:
         root = args.data if args.data is not None else Path(tmp) / "data"
-        if not root.exists() or not any(root.iterdir()):
-            generate_synthetic_dataset(
-                root, image_size=args.image_size, seed=args.seed, layout="autovi"
+        if args.data is not None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+            raise DatasetError(
+                f"--generate: {root} is not an empty folder; drop --generate to use the data "
+                "there, or name a new folder"
             )
+        logger.info("generating the synthetic demo dataset in %s", root)
+        generate_synthetic_dataset(
+            root, image_size=args.image_size, seed=args.seed, layout="autovi"
+        )
         return _run_on(root, args)
 
 
@@ -142,7 +185,8 @@ def _print_report(
     weights = "pretrained" if (args.pretrained or args.weights) else "RANDOM weights"
     print(
         f"\nFedPatchCore demo: {len(sites)} sites, {args.backbone} ({weights}), "
-        f"{args.image_size} px, D={features.target_embed_dim}, global bank {bank_size} rows"
+        f"{args.image_size} px, D={features.target_embed_dim}, global bank "
+        f"{federated.global_bank.shape[0]} rows (asked for {bank_size})"
     )
     for client in federated.clients:
         categories = ",".join(client.dataset.categories)  # type: ignore[attr-defined]
@@ -195,9 +239,23 @@ def _fmt(value: float | None, width: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    run(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.generate and args.data is None:
+        parser.error("--generate needs --data DIR (without --data the demo uses a temp folder)")
+    logging.basicConfig(
+        level=getattr(logging, args.log_level),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    logging.getLogger("faiss").setLevel(logging.WARNING)  # its loader logs CPU probing at INFO
+    if args.no_progress:
+        set_progress(False)
+    try:
+        with logging_redirect_tqdm():  # log lines print above the bars instead of through them
+            run(args)
+    except DatasetError as exc:
+        parser.error(str(exc))
     return 0
 
 

@@ -26,14 +26,83 @@ import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from safetensors.numpy import load_file, save_file
 
 from core.coreset import IncrementalCoreset
-from core.features import FeatureConfig, PatchFeatureExtractor, iterate_batches
+from core.features import (
+    FeatureConfig,
+    PatchFeatureExtractor,
+    check_image_sizes,
+    iterate_batches,
+)
 from core.knn import Backend, NearestNeighbourIndex
+from core.progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ImageSource", "PatchCore", "PatchCoreConfig", "Predictions", "gaussian_blur"]
+__all__ = [
+    "FeatureMismatchError",
+    "ImageSource",
+    "ModelFileError",
+    "PatchCore",
+    "PatchCoreConfig",
+    "Predictions",
+    "gaussian_blur",
+]
 
-FORMAT_VERSION = 1
+#: 2 added ``feature_fingerprint`` (the identity of the weights the bank was built with).
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+
+
+class ModelFileError(ValueError):
+    """A model file cannot be read: truncated, not safetensors, or not a FedPatchCore model.
+
+    The message names the file (safetensors' own errors do not).
+    """
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """The safetensors header metadata of ``path`` (ModelFileError naming it if unreadable)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"no model file at {path}")
+    try:
+        with safe_open(str(path), framework="numpy") as handle:
+            return dict(handle.metadata() or {})
+    except SafetensorError as exc:
+        raise ModelFileError(
+            f"{path} is not a readable model file (truncated, or not safetensors): {exc}"
+        ) from exc
+
+
+def _read_bank(path: Path) -> np.ndarray:
+    """The [K, D] ``memory_bank`` tensor of ``path`` (ModelFileError naming it if unreadable)."""
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(path))
+    except SafetensorError as exc:
+        raise ModelFileError(f"{path}: cannot read the memory bank (truncated?): {exc}") from exc
+    if "memory_bank" not in tensors:
+        raise ModelFileError(f"{path} has no 'memory_bank' tensor (found {sorted(tensors)})")
+    return tensors["memory_bank"]
+
+
+def _read_json(path: Path, metadata: dict[str, str], key: str) -> object:
+    raw = metadata.get(key)
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelFileError(f"{path}: the {key!r} metadata is not valid JSON: {exc}") from exc
+
+
+class FeatureMismatchError(ValueError):
+    """A saved bank and the extractor given to load it do not compute the same features.
+
+    Scoring would run, but every distance would be meaningless (a bank fitted with a weights
+    file and scored with random weights gave scores about 4x too large), so loading refuses.
+    """
 
 
 class ImageSource(Protocol):
@@ -154,6 +223,15 @@ def _symmetric_pad(maps: torch.Tensor, radius: int) -> torch.Tensor:
     return maps
 
 
+def _describe_image(images: ImageSource, index: int) -> str:
+    """The image's file when the source knows it (AnomalyDataset samples), else its index."""
+    try:
+        path = images[index].image_path  # type: ignore[attr-defined]
+    except (TypeError, AttributeError, IndexError, KeyError):
+        return f"image {index}"
+    return f"image {path}"
+
+
 class PatchCore:
     """Single-site PatchCore.
 
@@ -185,22 +263,47 @@ class PatchCore:
         return self._extractor
 
     def iter_features(
-        self, images: ImageSource, indices: Sequence[int] | None = None
+        self,
+        images: ImageSource,
+        indices: Sequence[int] | None = None,
+        *,
+        desc: str = "features",
     ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int]]]:
-        """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch."""
-        for batch, features, grid, _ in self._iter_batches(images, indices):
+        """Yield (indices, features [b, h*w, D] on CPU, grid) batch by batch.
+
+        All images must have one size after the transform: a dataset with file paths is checked
+        from the image headers before any pixel is read; any source is checked image by image.
+        DatasetError names the file (or index) that differs. A progress bar labelled ``desc``
+        counts images as the caller finishes each batch (core.progress says when it shows).
+        """
+        for batch, features, grid, _ in self._iter_batches(images, indices, desc=desc):
             yield batch, features, grid
 
     def _iter_batches(
-        self, images: ImageSource, indices: Sequence[int] | None = None
+        self,
+        images: ImageSource,
+        indices: Sequence[int] | None = None,
+        *,
+        desc: str = "features",
     ) -> Iterator[tuple[list[int], torch.Tensor, tuple[int, int], tuple[int, int]]]:
         """Like :meth:`iter_features`, plus the (H, W) of the transformed input pixels."""
         indices = list(range(len(images))) if indices is None else list(indices)
-        for batch, pixels in iterate_batches(
-            images.load_image, indices, self.config.features.transform, self.config.batch_size
-        ):
-            features, grid = self.extractor(pixels.to(self.device))
-            yield batch, features.cpu(), grid, (int(pixels.shape[-2]), int(pixels.shape[-1]))
+        samples = getattr(images, "samples", None)  # an AnomalyDataset: check headers first
+        if samples is not None:
+            paths = [samples[i].image_path for i in indices]
+            check_image_sizes(paths, self.config.features.transform)
+        batches = iterate_batches(
+            images.load_image,
+            indices,
+            self.config.features.transform,
+            self.config.batch_size,
+            describe=lambda i: _describe_image(images, i),
+        )
+        with progress_bar(len(indices), desc, "img") as bar:
+            for batch, pixels in batches:
+                features, grid = self.extractor(pixels.to(self.device))
+                yield batch, features.cpu(), grid, (int(pixels.shape[-2]), int(pixels.shape[-1]))
+                bar.update(len(batch))
 
     # -- fitting ---------------------------------------------------------------------------
 
@@ -215,10 +318,15 @@ class PatchCore:
         order = torch.randperm(
             len(images), generator=torch.Generator().manual_seed(self.config.seed)
         ).tolist()
-        for _, features, grid in self.iter_features(images, order):
+        for _, features, grid in self.iter_features(images, order, desc="fit"):
             if selector is None:
                 total = len(images) * grid[0] * grid[1]
                 k = self.config.bank_size(total)
+                if self.config.coreset_size is not None and k < self.config.coreset_size:
+                    logger.warning(
+                        "coreset_size %d exceeds the %d training patches: the bank keeps all %d",
+                        self.config.coreset_size, total, k,
+                    )
                 selector = IncrementalCoreset(
                     k,
                     capacity=self.config.buffer_rows,
@@ -310,7 +418,7 @@ class PatchCore:
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         grid: tuple[int, int] = (0, 0)
-        for _, features, grid, size in self._iter_batches(images):
+        for _, features, grid, size in self._iter_batches(images, desc="scoring"):
             patch_scores, image_scores = self.score_patches(features)
             scores.append(image_scores)
             maps.append(self._anomaly_maps(patch_scores, grid, size))
@@ -340,10 +448,15 @@ class PatchCore:
     # -- persistence -----------------------------------------------------------------------
 
     def metadata(self) -> dict[str, object]:
-        """JSON-friendly description saved next to the bank."""
+        """JSON-friendly description saved next to the bank.
+
+        Includes the extractor's fingerprint (builds the backbone if it was not built yet: the
+        weights' identity cannot be known without them).
+        """
         return {
             "format_version": FORMAT_VERSION,
             "features": self.config.features.to_dict(),
+            "feature_fingerprint": self.extractor.fingerprint(),
             "num_neighbors": self.config.num_neighbors,
             "gaussian_sigma": self.config.gaussian_sigma,
             "seed": self.config.seed,
@@ -369,11 +482,13 @@ class PatchCore:
     @staticmethod
     def read_extra(path: str | Path) -> dict[str, object]:
         """The ``extra`` dict saved with a model ({} when none)."""
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            raw = (handle.metadata() or {}).get("extra")
-        return {} if raw is None else json.loads(raw)
+        path = Path(path)
+        extra = _read_json(path, _read_metadata(path), "extra")
+        if extra is None:
+            return {}
+        if not isinstance(extra, dict):
+            raise ModelFileError(f"{path}: the 'extra' metadata is not a JSON object")
+        return extra
 
     @classmethod
     def load(
@@ -388,36 +503,65 @@ class PatchCore:
         """Read a model written by :meth:`save`.
 
         The backbone weights are not in the file: ``pretrained`` / ``weights`` say where they come
-        from (they must be the ones the bank was built with).
+        from. They must be the ones the bank was built with: the extractor is built here and its
+        weights digest compared with the saved one (FeatureMismatchError if they differ; a
+        format-1 file, saved before digests were recorded, is loaded with a warning).
         """
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file at {path}")
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="numpy") as handle:
-            raw = (handle.metadata() or {}).get("fedpatchcore")
-        if raw is None:
-            raise ValueError(f"{path} is not a FedPatchCore model (no 'fedpatchcore' metadata)")
-        meta = json.loads(raw)
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path}: unsupported format_version {meta.get('format_version')!r}, "
-                f"expected {FORMAT_VERSION}"
+        meta = _read_json(path, _read_metadata(path), "fedpatchcore")
+        if meta is None:
+            raise ModelFileError(
+                f"{path} is not a FedPatchCore model (no 'fedpatchcore' metadata)"
             )
-        features = FeatureConfig.from_dict(meta["features"], pretrained=pretrained, weights=weights)
+        if not isinstance(meta, dict):
+            raise ModelFileError(f"{path}: the 'fedpatchcore' metadata is not a JSON object")
+        if meta.get("format_version") not in _READABLE_VERSIONS:
+            raise ModelFileError(
+                f"{path}: unsupported format_version {meta.get('format_version')!r}, "
+                f"expected one of {_READABLE_VERSIONS}"
+            )
+        try:
+            saved_features = meta["features"]
+            num_neighbors = int(meta["num_neighbors"])
+            gaussian_sigma = float(meta["gaussian_sigma"])
+            seed = int(meta["seed"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ModelFileError(f"{path}: missing or malformed metadata field {exc}") from exc
+        features = FeatureConfig.from_dict(saved_features, pretrained=pretrained, weights=weights)
         config = replace(
             PatchCoreConfig(),
             features=features,
-            num_neighbors=int(meta["num_neighbors"]),
-            gaussian_sigma=float(meta["gaussian_sigma"]),
-            seed=int(meta["seed"]),
+            num_neighbors=num_neighbors,
+            gaussian_sigma=gaussian_sigma,
+            seed=seed,
             device=device,
             knn_backend=knn_backend,
         )
         model = cls(config)
-        model.set_memory_bank(load_file(str(path))["memory_bank"])
+        model._check_fingerprint(path, meta.get("feature_fingerprint"))
+        model.set_memory_bank(_read_bank(path))
         model.coverage_radius = meta.get("coverage_radius")
         model.num_training_images = int(meta.get("num_training_images", 0))
         model.num_training_patches = int(meta.get("num_training_patches", 0))
         return model
+
+    def _check_fingerprint(self, path: Path, saved: object) -> None:
+        """Refuse an extractor whose weights differ from the ones the saved bank was built with."""
+        if saved is None:
+            logger.warning(
+                "%s was saved before models recorded their weights (format 1): cannot check that "
+                "the weights given to load() are the ones its bank was built with",
+                path,
+            )
+            return
+        if not isinstance(saved, dict) or "weights_sha256" not in saved:
+            raise ValueError(f"{path}: malformed feature_fingerprint {saved!r}")
+        current = self.extractor.fingerprint()
+        if saved["weights_sha256"] != current["weights_sha256"]:
+            raise FeatureMismatchError(
+                f"{path} was fitted with features from {saved.get('weights_source')} (weights "
+                f"sha256 {str(saved['weights_sha256'])[:12]}...), but load() was given "
+                f"{current['weights_source']} (sha256 {str(current['weights_sha256'])[:12]}...): "
+                "its scores would not be comparable. Pass the same weights (pretrained= / "
+                "weights=) the model was fitted with."
+            )

@@ -497,8 +497,8 @@ def test_defect_image_without_mask(tmp_path: Path) -> None:
 def test_mask_size_mismatch_names_both_files(tmp_path: Path) -> None:
     root = _small(tmp_path)
     mask = root / "washer" / "ground_truth" / "spot" / "000_mask.png"
+    ds = MVTecDataset(root, split="test")  # read while the mask was right, damaged afterwards
     Image.fromarray(np.full((16, 32), 255, np.uint8)).save(mask)
-    ds = MVTecDataset(root, split="test")
     i = next(i for i, s in enumerate(ds) if s.defect == "spot")
     for load in (ds.load_mask, ds.load_mask_channels, ds.load_defect_channels):
         with pytest.raises(DatasetError) as info:
@@ -506,14 +506,36 @@ def test_mask_size_mismatch_names_both_files(tmp_path: Path) -> None:
         assert str(mask) in str(info.value) and str(ds[i].image_path) in str(info.value)
 
 
-def test_corrupt_mask_is_reported_when_loading(tmp_path: Path) -> None:
+@pytest.mark.parametrize("layout", ["mvtec", "autovi"])
+def test_wrong_size_mask_is_refused_when_the_dataset_is_read(tmp_path: Path, layout: str) -> None:
+    """Before any fit or predict: the reader compares mask and image headers."""
+    root = _small(tmp_path, layout)
+    test_dir = root / "washer" / "test" / "spot"
+    image = sorted(test_dir.iterdir())[0]
+    if layout == "mvtec":
+        mask = root / "washer" / "ground_truth" / "spot" / f"{image.stem}_mask.png"
+        reader = MVTecDataset
+    else:
+        mask = sorted((root / "washer" / "ground_truth" / "spot" / image.stem).iterdir())[0]
+        reader = AutoVIDataset
+    Image.fromarray(np.full((16, 32), 255, np.uint8)).save(mask)
+    reader(root, split="train")  # the train split has no masks and is unaffected
+    with pytest.raises(DatasetError) as info:
+        reader(root, split="test")
+    assert str(mask) in str(info.value) and str(image) in str(info.value)
+    assert "32x16" in str(info.value)
+
+
+def test_corrupt_mask_is_reported_when_reading_and_loading(tmp_path: Path) -> None:
     root = _small(tmp_path)
     mask = root / "washer" / "ground_truth" / "scratch" / "000_mask.png"
-    mask.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     ds = MVTecDataset(root, split="test")
+    mask.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     i = next(i for i, s in enumerate(ds) if s.defect == "scratch")
     with pytest.raises(DatasetError, match=str(mask)):
         ds.load_mask(i)
+    with pytest.raises(DatasetError, match=str(mask)):
+        MVTecDataset(root, split="test")
 
 
 @pytest.mark.parametrize(

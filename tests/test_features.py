@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 from safetensors.torch import save_file
 
-from core.features import FeatureConfig, PatchFeatureExtractor
+from core.features import FeatureConfig, PatchFeatureExtractor, WeightsUnavailableError
 from core.preprocess import ImageTransform
 
 
@@ -125,4 +125,82 @@ def test_random_backbones_are_identical_across_sites() -> None:
     torch.testing.assert_close(a["layer3.0.conv1.weight"], b["layer3.0.conv1.weight"])
     assert not torch.equal(
         a["layer3.0.conv1.weight"], c.backbone.state_dict()["layer3.0.conv1.weight"]
+    )
+
+
+@pytest.fixture
+def no_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty huggingface cache and a hub endpoint that refuses connections: really offline."""
+    import socket
+
+    from huggingface_hub import constants
+
+    with socket.socket() as sock:  # a port nothing listens on once the socket is closed
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cache = tmp_path / "hf-cache"
+    cache.mkdir()
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return cache
+
+
+def _assert_names_the_ways_out(message: str) -> None:
+    assert "pretrained=False" in message
+    assert "weights=FILE" in message
+    assert "cache" in message
+
+
+def test_default_pretrained_fails_fast_offline(no_hub: Path) -> None:
+    """The spec's default client (pretrained wide_resnet50_2) with no network and a cold cache:
+    one typed error naming the three ways out within seconds, not timm's minute of retries."""
+    import time
+
+    from core.federated import PatchCoreClient
+
+    class OneImage:
+        def __len__(self) -> int:
+            return 1
+
+        def load_image(self, index: int) -> np.ndarray:
+            return np.zeros((64, 64, 3), dtype=np.uint8)
+
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as caught:
+        PatchCoreClient(0, OneImage()).train()
+    assert time.perf_counter() - start < 30
+    _assert_names_the_ways_out(str(caught.value))
+    assert "127.0.0.1" in str(caught.value)  # says which host it could not reach
+
+
+def test_hf_hub_offline_fails_without_probing(
+    no_hub: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(
+        "core.features._probe", lambda url: pytest.fail("probed although HF_HUB_OFFLINE is set")
+    )
+    with pytest.raises(WeightsUnavailableError, match="HF_HUB_OFFLINE") as caught:
+        PatchFeatureExtractor(FeatureConfig("resnet18"))
+    _assert_names_the_ways_out(str(caught.value))
+
+
+def test_warm_hub_cache_loads_offline(no_hub: Path) -> None:
+    """Weights already in the huggingface cache load with the network unreachable."""
+    torch.manual_seed(5)
+    source = timm.create_model("resnet18", pretrained=False)
+    repo = "timm/resnet18.a1_in1k"  # timm's default tag of resnet18
+    model_dir = no_hub / ("models--" + repo.replace("/", "--"))
+    snapshot = model_dir / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (model_dir / "refs").mkdir()
+    (model_dir / "refs" / "main").write_text("0" * 40)
+    save_file(source.state_dict(), str(snapshot / "model.safetensors"))
+    extractor = PatchFeatureExtractor(FeatureConfig("resnet18", transform=ImageTransform(64, None)))
+    torch.testing.assert_close(
+        extractor.backbone.state_dict()["layer3.0.conv1.weight"],
+        source.state_dict()["layer3.0.conv1.weight"],
     )

@@ -26,6 +26,7 @@ from core.federated.communication import parse_upload
 from core.federated.reservoir import WeightedReservoir
 from core.knn import NearestNeighbourIndex
 from core.messages import SiteSummary
+from core.patchcore import FeatureMismatchError
 from core.serde import ChunkOrderError
 
 
@@ -66,6 +67,16 @@ def test_basic_federated_training_example(
     assert isinstance(loaded, FederatedPatchCore) and loaded.saved_federation is not None
     assert loaded.saved_federation["rounds"][0]["bytes_up"] == report.bytes_up  # type: ignore[index]
     np.testing.assert_array_equal(loaded.global_bank, fed_model.global_bank)
+    # Fitted with random weights: a weights file is another extractor, refused on load.
+    import timm
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "resnet18.safetensors"
+    save_file(timm.create_model("resnet18", pretrained=False).state_dict(), str(weights))
+    with pytest.raises(FeatureMismatchError, match="random init"):
+        FederatedPatchCore.load(
+            tmp_path / "outputs/federated/global_model.pt", weights=str(weights)
+        )
     with pytest.raises(ValueError, match="no federation record"):
         FederatedPatchCore.load(
             fed_model.global_model.save(tmp_path / "plain.safetensors"), pretrained=False
@@ -273,3 +284,33 @@ def test_server_validates_its_arguments(small_features: FeatureConfig) -> None:
     with pytest.raises(ValueError, match="expected 2 client datasets"):
         fed.setup_clients([])
     assert replace(small_features, init_seed=1).fingerprint() != small_features.fingerprint()
+
+
+def test_a_bank_larger_than_the_uploads_is_announced_and_recorded_truthfully(
+    train_set: AutoVIDataset,
+    small_features: FeatureConfig,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    sites = CategoryPartitioner(num_clients=3).partition(train_set)
+    fed_model = FederatedPatchCore(num_clients=3, backbone=small_features, global_bank_size=10000)
+    fed_model.setup_clients(sites)
+    with caplog.at_level("WARNING", logger="core.federated.aggregator"):
+        fed_model.train(num_rounds=1)
+    uploaded = sum(fed_model.reports[0].rows_up.values())
+    assert fed_model.global_bank.shape[0] == uploaded < 10000
+    assert any("fewer than the 10000 asked for" in r.getMessage() for r in caplog.records)
+    path = fed_model.save(tmp_path / "fed.safetensors")
+    record = FederatedPatchCore.load(path, pretrained=False).saved_federation
+    assert record is not None
+    assert record["global_bank_size"] == uploaded
+    assert record["requested_bank_size"] == 10000
+
+    # the spec's direct aggregate() says so as well
+    caplog.clear()
+    rng = np.random.default_rng(0)
+    coresets = [rng.standard_normal((30, 8)).astype(np.float32) for _ in range(2)]
+    with caplog.at_level("WARNING", logger="core.federated.aggregator"):
+        bank = FederatedServer(num_clients=2, global_bank_size=100).aggregate(coresets)
+    assert bank.shape == (60, 8)
+    assert any("fewer than the 100 asked for" in r.getMessage() for r in caplog.records)

@@ -67,7 +67,8 @@ class AutoVIDataset(AnomalyDataset):
 
     Every object must have a valid ``defects_config.json``; its defect types are kept per
     object (``defect_config(object)``, ``load_defect_channels(i)``). Only paths and the small
-    JSON configs are read here. Raises DatasetError naming the folder or file for a missing
+    JSON configs (and the headers of defect images and their channels, to check their sizes)
+    are read here. Raises DatasetError naming the folder or file for a missing
     root / object / train/good / split folder or config, a malformed config, or a defect image
     without ground-truth channels.
     """

@@ -18,7 +18,7 @@ import numpy as np
 
 from core.data.defects import DefectType, saturation_by_name
 from core.data.errors import DatasetError
-from core.data.imageio import image_size, read_channel, read_rgb
+from core.data.imageio import check_mask_size, image_size, read_channel, read_rgb
 from core.data.sample import ImageSample
 from core.metrics import SaturationSpec
 
@@ -249,11 +249,7 @@ class AnomalyDataset(Sequence[ImageSample]):
         out: list[tuple[np.ndarray, Path]] = []
         for path in sample.mask_paths:
             raw = read_channel(path)
-            if raw.shape != expected:
-                raise DatasetError(
-                    f"mask {path} has size {raw.shape[1]}x{raw.shape[0]} (WxH) but its image "
-                    f"{sample.image_path} has size {expected[1]}x{expected[0]}"
-                )
+            check_mask_size(path, raw.shape, sample.image_path, expected)  # type: ignore[arg-type]
             out.append((raw, path))
         return out
 

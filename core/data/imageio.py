@@ -88,3 +88,14 @@ def read_channel(path: str | Path) -> np.ndarray:
         # Mode "F": a float mask; only the zero / non-zero distinction is meaningful.
         arr = (arr != 0).astype(np.uint8) * np.uint8(255)
     return arr
+
+
+def check_mask_size(
+    mask: Path, mask_size: tuple[int, int], image: Path, image_hw: tuple[int, int]
+) -> None:
+    """DatasetError naming both files unless ``mask_size == image_hw`` ((height, width) each)."""
+    if tuple(mask_size) != tuple(image_hw):
+        raise DatasetError(
+            f"mask {mask} has size {mask_size[1]}x{mask_size[0]} (WxH) but its image "
+            f"{image} has size {image_hw[1]}x{image_hw[0]}"
+        )

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from core.data.errors import DatasetError
-from core.data.imageio import is_image_file
+from core.data.imageio import check_mask_size, image_size, is_image_file
 from core.data.sample import GOOD, SPLITS, ImageSample
 
 logger = logging.getLogger(__name__)
@@ -89,7 +89,11 @@ def resolve_categories(
 
 
 def read_split(root: Path, category: str, split: str, find_masks: MaskFinder) -> list[ImageSample]:
-    """Samples of ``<root>/<category>/<split>/<defect>/*``: "good" first, then defects by name."""
+    """Samples of ``<root>/<category>/<split>/<defect>/*``: "good" first, then defects by name.
+
+    Reads the headers (not the pixels) of defect images and their masks: a mask whose size
+    differs from its image's raises DatasetError naming both files.
+    """
     split_dir = root / category / split
     if not split_dir.is_dir():
         raise DatasetError(f"split folder {split_dir} does not exist")
@@ -105,6 +109,10 @@ def read_split(root: Path, category: str, split: str, find_masks: MaskFinder) ->
             logger.warning("no images in %s", split_dir / defect)
         for image in images:
             masks = () if defect == GOOD else find_masks(root / category, defect, image)
+            if masks:  # headers only: a wrong-size mask is named now, not after fit and predict
+                size = image_size(image)
+                for mask in masks:
+                    check_mask_size(mask, image_size(mask), image, size)
             samples.append(
                 ImageSample(
                     image_path=image,

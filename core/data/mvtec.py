@@ -38,9 +38,10 @@ class MVTecDataset(AnomalyDataset):
     split: "train" (normal images only) or "test" (good and defective images); "validation"
         is read the same way where the folder exists.
 
-    Only paths are listed here (no image is decoded), so construction is cheap; unreadable
-    files raise DatasetError when loaded. Raises DatasetError naming the folder or file for a
-    missing root / category / train/good / split folder, or a defect image without its mask.
+    Only paths and the headers of defect images and masks are read here (no image is
+    decoded), so construction is cheap; unreadable files raise DatasetError when loaded. Raises
+    DatasetError naming the folder or file for a missing root / category / train/good / split
+    folder, a defect image without its mask, or a mask whose size differs from its image's.
     """
 
     def __init__(

@@ -37,6 +37,7 @@ __all__ = [
     "RoundStateError",
     "Strategy",
     "UploadSizeMismatchError",
+    "warn_if_bank_short",
 ]
 
 Strategy = Literal["coreset", "random"]
@@ -61,6 +62,23 @@ class IncompatibleSiteError(AggregationError):
 class UploadSizeMismatchError(AggregationError):
     """A site's last chunk ends its upload at another row count than its SiteSummary declared
     (``coreset_rows``): its summary (r_i, num_patches) would describe rows that never came."""
+
+
+def warn_if_bank_short(requested: int, bank_rows: int, available: int) -> bool:
+    """Warn when the bank came out smaller than asked for; True if it did.
+
+    A bank cannot hold more rows than the sites uploaded, so ``global_bank_size`` above that
+    silently meant a smaller bank (3,920 rows for 10,000 asked). Records should carry
+    ``bank_rows``, the real size.
+    """
+    if bank_rows >= requested:
+        return False
+    logger.warning(
+        "global bank has %d rows, fewer than the %d asked for: the sites uploaded only %d rows "
+        "(raise coreset_percentage, or lower global_bank_size)",
+        bank_rows, requested, available,
+    )
+    return True
 
 
 @dataclass(frozen=True)
@@ -291,9 +309,12 @@ class GlobalBankAggregator:
         if self._selector is not None:
             selection = self._selector.select()
             bank, server_radius = selection.features, selection.radius_bound
+            available = selection.num_seen
         else:
             assert self._reservoir is not None
             bank, server_radius = self._reservoir.sample(), math.inf
+            available = self._reservoir.num_seen
+        warn_if_bank_short(self.global_bank_size, bank.shape[0], available)
         outcome = RoundOutcome(
             round=self.round,
             bank=bank,

@@ -208,7 +208,9 @@ class PatchCoreClient:
         )
         num_novel = 0
         max_distance = 0.0
-        for _, features, _ in self.model.iter_features(self.dataset):
+        for _, features, _ in self.model.iter_features(
+            self.dataset, desc=f"site {self.client_id}: novel patches"
+        ):
             flat = features.reshape(-1, features.shape[-1]).numpy()
             distances, _ = index.search(flat, 1)
             distances = distances[:, 0]

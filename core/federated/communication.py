@@ -5,7 +5,7 @@ Every transfer is carried as the serialized protobuf messages the gRPC services 
 same codec and chunking code, so the byte counts are exact rather than ``array.nbytes``
 estimates. They count the serialized messages; on a real connection gRPC adds a 5-byte length
 prefix per message and HTTP/2 adds 9 bytes per data frame (at most 16 KiB each by default), about
-0.06 % more, measured separately by the gRPC benchmark.
+0.06 % more by that arithmetic. No gRPC benchmark measures it yet (the daemon is in progress).
 """
 
 from __future__ import annotations

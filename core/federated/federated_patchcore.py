@@ -152,13 +152,18 @@ class FederatedPatchCore:
         return self.global_model.predict(dataset)
 
     def save(self, path: str | Path) -> Path:
-        """Save federated model: the global bank, its feature config and the round reports."""
+        """Save federated model: the global bank, its feature config and the round reports.
+
+        The record's ``global_bank_size`` is the bank's real row count; ``requested_bank_size``
+        is what was asked for (larger when the sites uploaded fewer rows than that).
+        """
         return self.global_model.save(
             path,
             extra={
                 "federation": {
                     "num_clients": self.num_clients,
-                    "global_bank_size": self.global_bank_size,
+                    "global_bank_size": int(self.global_bank.shape[0]),
+                    "requested_bank_size": self.global_bank_size,
                     "coreset_percentage": self.coreset_percentage,
                     "aggregation_strategy": self.server.aggregation_strategy,
                     "codec": self.server.codec.value_type,
@@ -187,7 +192,9 @@ class FederatedPatchCore:
         loaded = cls(
             num_clients=int(federation["num_clients"]),
             backbone=model.config.features,
-            global_bank_size=int(federation["global_bank_size"]),
+            global_bank_size=int(
+                federation.get("requested_bank_size", federation["global_bank_size"])
+            ),
             coreset_percentage=float(federation["coreset_percentage"]),
             aggregation_strategy=federation["aggregation_strategy"],
             seed=model.config.seed,

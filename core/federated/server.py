@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.codec import DEFAULT_CODEC, CodecConfig
-from core.federated.aggregator import GlobalBankAggregator, RoundOutcome, Strategy
+from core.federated.aggregator import (
+    GlobalBankAggregator,
+    RoundOutcome,
+    Strategy,
+    warn_if_bank_short,
+)
 from core.federated.client import PatchCoreClient
 from core.federated.communication import CommunicationProtocol, parse_upload
 from core.federated.strategies import (
@@ -180,6 +185,9 @@ class FederatedServer:
             bank = federated_random_aggregation(
                 client_coresets, self.global_bank_size, weights, seed=self.seed
             )
+        warn_if_bank_short(
+            self.global_bank_size, bank.shape[0], sum(len(c) for c in client_coresets)
+        )
         self._global_bank = bank
         return bank
 

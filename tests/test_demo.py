@@ -1,0 +1,41 @@
+"""The demo CLI (``python3 dev.py demo``): it generates data only where asked."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from core.data import DatasetError
+from core.demo import build_parser, main, run
+
+
+def test_missing_data_folder_is_an_error_not_a_generated_dataset(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    typo = tmp_path / "typo"
+    with pytest.raises(SystemExit) as caught:
+        main(["--data", str(typo)])
+    assert caught.value.code == 2
+    err = capsys.readouterr().err
+    assert str(typo) in err and "does not exist" in err and "--generate" in err
+    assert not typo.exists()  # nothing was generated at the typo
+
+
+def test_empty_data_folder_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="is empty"):
+        run(build_parser().parse_args(["--data", str(tmp_path)]))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_refuses_a_folder_with_files(tmp_path: Path) -> None:
+    (tmp_path / "mine.txt").write_text("a user's file")
+    with pytest.raises(DatasetError, match="not an empty folder"):
+        run(build_parser().parse_args(["--data", str(tmp_path), "--generate"]))
+    assert [p.name for p in tmp_path.iterdir()] == ["mine.txt"]
+
+
+def test_generate_needs_data(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--generate"])
+    assert "--generate needs --data" in capsys.readouterr().err
