@@ -67,7 +67,9 @@ class FeatureConfig:
         backbone: timm model name, e.g. "wide_resnet50_2" (timm's default weights) or
             "wide_resnet50_2.tv_in1k" (the torchvision weights of the PatchCore paper).
         layers: backbone stages to use, by timm module name, shallowest first.
-        pretrained: load pretrained weights through timm (needs network or a warm HF cache).
+        pretrained: load pretrained weights through timm: from the local huggingface / torch
+            hub cache when they are there (no network needed), else downloaded; with neither,
+            building the extractor raises WeightsUnavailableError at once.
         weights: path of a local .safetensors/.pth state dict for air-gapped sites; implies
             pretrained weights from that file. ``.pth`` is read with ``weights_only=True``.
         pretrain_embed_dim: per-layer dimension after the first pooling.
@@ -118,10 +120,14 @@ class FeatureConfig:
         }
 
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of everything that determines the features, weights included.
+        """SHA-256 (hex) of the feature configuration and of where the weights come from.
 
         Sites whose fingerprints differ produce incomparable features; the server refuses to
-        merge them. A local weights file is hashed by content (about 1 s for WRN-50).
+        merge them. A local weights file is hashed by content (about 1 s for WRN-50); pretrained
+        weights are identified by their timm name only and random ones by their seed, so equal
+        fingerprints do not prove equal weights (another timm or torch version may build other
+        ones). :meth:`PatchFeatureExtractor.weights_digest` hashes the weights themselves; a
+        saved model records and checks that.
         """
         if self.weights is not None:
             digest = hashlib.sha256()
