@@ -277,7 +277,8 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
         )
     overlay: dict[str, Any] = {}
     if config.pretrained:
-        overlay = _pretrained_overlay(config.backbone, probe.pretrained_cfg)
+        pretrained_cfg: Any = probe.pretrained_cfg
+        overlay = _pretrained_overlay(config.backbone, pretrained_cfg)
     # Seeded init (pretrained weights overwrite it): identical random backbones everywhere.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.init_seed)
@@ -286,7 +287,7 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
             pretrained=config.pretrained,
             features_only=True,
             out_indices=out_indices,
-            **({"pretrained_cfg_overlay": overlay} if overlay else {}),
+            pretrained_cfg_overlay=overlay or None,
         )
 
 
