@@ -226,7 +226,7 @@ def _symmetric_pad(maps: torch.Tensor, radius: int) -> torch.Tensor:
 def _describe_image(images: ImageSource, index: int) -> str:
     """The image's file when the source knows it (AnomalyDataset samples), else its index."""
     try:
-        path = images[index].image_path  # type: ignore[attr-defined]
+        path = images[index].image_path  # type: ignore[index]
     except (TypeError, AttributeError, IndexError, KeyError):
         return f"image {index}"
     return f"image {path}"

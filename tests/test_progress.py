@@ -13,10 +13,10 @@ from core.progress import progress_enabled, set_progress
 
 
 class Blank:
-    """Eight 64 px images of noise (no files needed)."""
+    """Four 64 px images of noise (no files needed)."""
 
     def __len__(self) -> int:
-        return 8
+        return 4
 
     def load_image(self, index: int) -> np.ndarray:
         rng = np.random.default_rng(index)
@@ -42,8 +42,8 @@ def test_bars_show_feature_extraction_selection_and_scoring_when_enabled(
     set_progress(True)
     _fit_and_score(small_features)
     err = capsys.readouterr().err
-    assert "fit" in err and "8/8" in err  # images through the backbone and the selector
-    assert "coreset 256 of 512 rows" in err  # 8 images x 8 x 8 patches -> 50 %
+    assert "fit" in err and "4/4" in err  # images through the backbone and the selector
+    assert "coreset 128 of 256 rows" in err  # 4 images x 8 x 8 patches -> 50 %
     assert "scoring" in err
 
 

@@ -112,7 +112,7 @@ def receive_bank(messages: Sequence[bytes], *, max_rows: int) -> BankDelivery:
 class CommunicationProtocol:
     """Simulated communication between server and clients, with exact wire bytes.
 
-    For actual deployment the gRPC services carry the same messages (fedserver / fedclient).
+    The gRPC services (fedserver / fedclient, in progress) are to carry these same messages.
     All methods are static; ``codec`` defaults to :data:`core.codec.DEFAULT_CODEC` (fp16 +
     byte-shuffle + zstd).
     """

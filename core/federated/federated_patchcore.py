@@ -193,7 +193,9 @@ class FederatedPatchCore:
             num_clients=int(federation["num_clients"]),
             backbone=model.config.features,
             global_bank_size=int(
-                federation.get("requested_bank_size", federation["global_bank_size"])
+                federation["requested_bank_size"]
+                if "requested_bank_size" in federation
+                else federation["global_bank_size"]
             ),
             coreset_percentage=float(federation["coreset_percentage"]),
             aggregation_strategy=federation["aggregation_strategy"],
