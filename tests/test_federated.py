@@ -214,6 +214,34 @@ def test_reservoir_is_seeded_and_order_free_in_distribution() -> None:
     np.testing.assert_array_equal(a.sample(), b.sample())
     with pytest.raises(ValueError, match="> 0"):
         a.add(rows, 0.0)
+    # Order-free in distribution: the same weighted rows arriving in another order and other
+    # chunks are kept with the same probabilities. Row r (value r) has weight 1 + r % 4.
+    weights = 1.0 + np.arange(12) % 4
+    permutation = np.random.default_rng(0).permutation(12)
+    trials, k = 3000, 3
+    counts = {"in order": np.zeros(12), "permuted": np.zeros(12)}
+    for trial in range(trials):
+        forward = WeightedReservoir(k, seed=trial)
+        forward.add(np.arange(12, dtype=np.float32)[:, None], weights)
+        counts["in order"][forward.sample()[:, 0].astype(int)] += 1
+        shuffled = WeightedReservoir(k, seed=trial)
+        for part in np.array_split(permutation, 4):  # another order, in 4 chunks
+            shuffled.add(part.astype(np.float32)[:, None], weights[part])
+        counts["permuted"][shuffled.sample()[:, 0].astype(int)] += 1
+    frequency = {name: c / trials for name, c in counts.items()}
+    # binomial standard error <= sqrt(0.25 / 3000) ~ 0.009 per row: 0.045 is > 3.5 sigma of the
+    # difference; a reservoir that kept, e.g., the first or last rows to arrive misses by > 0.3
+    np.testing.assert_allclose(frequency["permuted"], frequency["in order"], atol=0.045)
+    kept = frequency["in order"]
+    assert kept[weights == 4].mean() > 1.5 * kept[weights == 1].mean()  # weights matter
+    # k = 1: P(row r) = w_r / sum(w), exactly, whatever the order
+    single = np.zeros(12)
+    for trial in range(trials):
+        one = WeightedReservoir(1, seed=trial)
+        for part in np.array_split(permutation, 3):
+            one.add(part.astype(np.float32)[:, None], weights[part])
+        single[int(one.sample()[0, 0])] += 1
+    np.testing.assert_allclose(single / trials, weights / weights.sum(), atol=0.03)
 
 
 def _summary(
