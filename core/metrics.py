@@ -86,8 +86,9 @@ class DefectChannel:
 
     mask: bool [H, W], True on the defect pixels of this channel (AutoVI stores one PNG per
         channel, ``ground_truth/<defect>/<image stem>/0000.png, 0001.png, ...``; convert it with
-        ``png > 0`` and resize it to the anomaly map's size before building this). Must contain at
-        least one True pixel: an empty channel has no area to saturate.
+        ``png > 0``; its anomaly map must have its size: core.evaluation upsamples the maps to
+        the original size by default). Must contain at least one True pixel: an empty channel
+        has no area to saturate.
     saturation: the spec of the channel's defect type.
 
     ``eq=False``: equality by identity, because numpy arrays have no boolean ``==``.

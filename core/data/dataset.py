@@ -38,8 +38,9 @@ class GroundTruthChannel:
     saturation: the saturation spec of that defect type (DEFAULT_SATURATION without a config).
     path: the channel / mask file.
 
-    For ``core.metrics.au_spro`` resize ``mask`` to the anomaly map's size and build
-    ``core.metrics.DefectChannel(mask=..., saturation=channel.saturation)``.
+    For ``core.metrics.au_spro`` bring ``mask`` and the anomaly map to one size and build
+    ``core.metrics.DefectChannel(mask=..., saturation=channel.saturation)``; ``core.evaluation``
+    does it (by default the map is upsampled to this mask's size, the AutoVI protocol).
     ``eq=False``: numpy arrays have no boolean ``==``.
     """
 
