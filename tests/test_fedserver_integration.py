@@ -332,3 +332,43 @@ def test_tls_and_mutual_tls(tmp_path: Path, certificates: Path, mutual: bool) ->
             assert error.value.code() is grpc.StatusCode.UNAVAILABLE
     finally:
         server.stop(0)
+
+
+def test_stop_drains_an_upload_in_flight_and_ends_watches(tmp_path: Path) -> None:
+    config, tokens = make_config(tmp_path, ("a", "b"))
+    server, port = create_server(config)
+    server.start()
+    uploader = TestClient(port, "a", tokens["a"])
+    watcher = TestClient(port, "b", tokens["b"])
+    summary, chunks = upload_messages("a", site_rows(0, 200), max_chunk_bytes=CHUNK_BYTES)
+    sent_half = threading.Event()
+
+    def slow() -> Iterator[object]:
+        yield upload_request_to_proto(summary)
+        for index, chunk in enumerate(chunks):
+            if index == len(chunks) // 2:
+                sent_half.set()
+                time.sleep(0.5)  # the stop arrives now
+            yield upload_request_to_proto(chunk)
+
+    results: dict[str, object] = {}
+    upload = threading.Thread(target=lambda: results.update(
+        response=uploader.stub.UploadFeatures(slow(), metadata=uploader.metadata, timeout=30)
+    ))
+    watch = threading.Thread(target=lambda: results.update(statuses=watcher.watch_until_done()))
+    watch.start()
+    upload.start()
+    assert sent_half.wait(timeout=30)
+    server.stop(grace=10)  # returns after the drain
+    upload.join(timeout=30)
+    watch.join(timeout=30)
+    response = results["response"]
+    assert response.upload.complete and response.upload.committed_rows == 200  # type: ignore[attr-defined]
+    statuses = results["statuses"]
+    assert statuses and statuses[-1].state == fpb.ROUND_STATE_COLLECTING  # type: ignore[index]
+    # Everything acknowledged is on disk for the next start.
+    again, _ = create_server(config)
+    assert again.federation.progress("a").complete
+    again.federation.close()
+    uploader.close()
+    watcher.close()
