@@ -338,3 +338,37 @@ def test_fingerprint_pinned_by_the_first_site(tmp_path: Path) -> None:
     terms, progress, _ = federation.join("b", FINGERPRINT)
     assert terms.feature_fingerprint == FINGERPRINT and not progress.summary_committed
     federation.close()
+
+
+# -- command line ------------------------------------------------------------------------------
+
+
+def test_serve_help_documents_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    import dataclasses
+
+    from fedserver.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    # Settings a flag would not make sense for: test-only fsync, the TOML-only extractor table.
+    toml_only = {"fsync", "extractor", "extra"}
+    for field in dataclasses.fields(ServerConfig):
+        if field.name not in toml_only:
+            assert "--" + field.name.replace("_", "-") in text, field.name
+
+
+def test_cli_errors_exit_2_with_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fedserver.cli import main
+
+    assert main(["serve", "--state-dir", str(tmp_path / "s"), "--tokens-file",
+                 str(tmp_path / "missing")]) == 2
+    assert "configuration error: tokens_file" in capsys.readouterr().err
+    assert main(["init-config", "--sites", "a", "--dir", str(tmp_path / "fed")]) == 0
+    assert main(["init-config", "--sites", "a", "--dir", str(tmp_path / "fed")]) == 2
+    assert "use --force" in capsys.readouterr().err
+    config = load_config(tmp_path / "fed" / "server.toml")
+    assert config.expected_sites == ("a",) and config.state_dir == tmp_path / "fed" / "state"
