@@ -372,3 +372,15 @@ def test_cli_errors_exit_2_with_one_line(
     assert "use --force" in capsys.readouterr().err
     config = load_config(tmp_path / "fed" / "server.toml")
     assert config.expected_sites == ("a",) and config.state_dir == tmp_path / "fed" / "state"
+
+
+def test_state_directory_refuses_other_selection_settings(tmp_path: Path) -> None:
+    from fedserver.federation import StateMismatchError
+
+    config, _ = make_config(tmp_path, ["a"])
+    Federation(config, Journal(config.state_dir), ("a",)).close()
+    other, _ = make_config(tmp_path, ["a"], global_bank_size=60, seed=1)
+    journal = Journal(other.state_dir)
+    with pytest.raises(StateMismatchError, match="global_bank_size: 50 -> 60, seed: 0 -> 1"):
+        Federation(other, journal, ("a",))
+    journal.close()
