@@ -672,7 +672,8 @@ class Federation:
             )
             meta = self._versions[target.version]
             base: BankVersion | None = None
-            if have_version and have_version < target.version and have_version in self._versions:
+            # An up-to-date site (have == target) gets an empty delta, not the whole bank again.
+            if have_version and have_version <= target.version and have_version in self._versions:
                 base = self.journal.load_bank(have_version)
         if base is not None:
             delta = bank_delta(base.bank, target.bank)

@@ -244,6 +244,9 @@ def test_second_round_downloads_only_the_change(tmp_path: Path) -> None:
         novel_decoded = {r.tobytes() for r in novel.astype(np.float16).astype(np.float32)}
         assert novel_decoded <= {r.tobytes() for r in delta.bank}
         np.testing.assert_array_equal(delta.bank, full.bank)
+        current = clients["b"].download(have=full)  # up to date: an empty delta
+        assert (current.header.rows_in_stream, current.header.rows_removed) == (0, 0)
+        np.testing.assert_array_equal(current.bank, full.bank)
         from core.bankdelta import bank_checksum
 
         assert bank_checksum(delta.bank) == delta.header.bank_checksum
