@@ -375,3 +375,29 @@ def test_stop_drains_an_upload_in_flight_and_ends_watches(tmp_path: Path) -> Non
     again.federation.close()
     uploader.close()
     watcher.close()
+
+
+def test_daemon_selects_on_cuda(tmp_path: Path, cuda_device: object) -> None:
+    """device = "cuda": the round completes on the GPU and gives the bank the same aggregator
+    computes in process on that device (runs only where CUDA exists; gpu_check.sh runs it)."""
+    data = _data()
+    config, tokens = make_config(tmp_path, SITES, device="cuda")
+    server, port = create_server(config)
+    assert server.federation.device == "cuda"
+    server.start()
+    try:
+        _upload_all(port, tokens, data, interleave=True)
+        client = TestClient(port, "plant-a", tokens["plant-a"])
+        assert client.watch_until_done()[-1].state == fpb.ROUND_STATE_READY
+        bank = client.download().bank
+        client.close()
+    finally:
+        server.stop(0)
+    aggregator = GlobalBankAggregator(50, seed=0, device="cuda")
+    aggregator.begin_round(1)
+    for site in sorted(data):
+        summary, chunks = upload_messages(site, data[site], max_chunk_bytes=CHUNK_BYTES)
+        aggregator.receive_summary(summary)
+        for chunk in chunks:
+            aggregator.receive_chunk(chunk)
+    np.testing.assert_array_equal(bank, aggregator.finish_round().bank)
