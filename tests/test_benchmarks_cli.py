@@ -6,7 +6,9 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff"]
+SCRIPTS = [
+    "coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "server_selection",
+]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

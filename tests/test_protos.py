@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PROTO_ROOT = ROOT / "protos"
 FEATURES_PROTO = PROTO_ROOT / "fedpatchcore" / "v1" / "features.proto"
+FEDERATION_PROTO = PROTO_ROOT / "fedpatchcore" / "v1" / "federation.proto"
 
 
 def _load_script() -> ModuleType:
@@ -41,6 +42,8 @@ def test_committed_code_matches_fresh_generation(tmp_path: Path) -> None:
     generated = generate_protos.generate(tmp_path)
     fresh = {path.relative_to(tmp_path) for path in generated}
     assert Path("fedpatchcore/v1/features_pb2.py") in fresh
+    assert Path("fedpatchcore/v1/federation_pb2.py") in fresh
+    assert Path("fedpatchcore/v1/federation_pb2_grpc.py") in fresh
     assert fresh == _committed_generated(), "run scripts/generate_protos.py"
     for relative in sorted(fresh):
         assert (PROTO_ROOT / relative).read_bytes() == (tmp_path / relative).read_bytes(), (
@@ -134,17 +137,89 @@ def test_wire_contract_field_numbers_and_types() -> None:
     ]
 
 
-def test_every_message_field_and_enum_value_is_documented() -> None:
-    """Each message, enum, field and enum value in the .proto has a // comment right above it."""
+@pytest.mark.parametrize(
+    ("proto", "minimum"), [(FEATURES_PROTO, 40), (FEDERATION_PROTO, 80)], ids=lambda p: str(p)
+)
+def test_every_message_field_and_enum_value_is_documented(proto: Path, minimum: int) -> None:
+    """Each service, rpc, message, enum, field and enum value has a // comment right above it."""
     declaration = re.compile(
-        r"^\s*(message \w+|enum \w+|(repeated )?[\w.]+ \w+ = \d+;|[A-Z0-9_]+ = \d+;)"
+        r"^\s*(service \w+|rpc \w+|message \w+|enum \w+"
+        r"|(repeated )?[\w.]+ \w+ = \d+;|[A-Z0-9_]+ = \d+;)"
     )
-    lines = FEATURES_PROTO.read_text().splitlines()
+    lines = proto.read_text().splitlines()
     undocumented = []
     for index, line in enumerate(lines):
         if declaration.match(line):
             previous = lines[index - 1].strip() if index else ""
             if not previous.startswith("//"):
                 undocumented.append(f"line {index + 1}: {line.strip()}")
-    assert sum(1 for line in lines if declaration.match(line)) > 40  # the regex sees them
+    assert sum(1 for line in lines if declaration.match(line)) > minimum  # the regex sees them
     assert not undocumented
+
+
+# The service contract: rpc names, request/response types and which side streams.
+EXPECTED_RPCS = {
+    "JoinRound": ("JoinRoundRequest", "JoinRoundResponse", False, False),
+    "UploadFeatures": ("UploadFeaturesRequest", "UploadFeaturesResponse", True, False),
+    "QueryUploadStatus": ("QueryUploadStatusRequest", "QueryUploadStatusResponse", False, False),
+    "DownloadBank": ("DownloadBankRequest", "DownloadBankResponse", False, True),
+    "WatchRound": ("WatchRoundRequest", "RoundStatus", False, True),
+}
+
+EXPECTED_FEDERATION_FIELDS = {
+    "UploadStatus": [
+        ("site_id", 1, "string"), ("round", 2, "uint32"), ("summary_committed", 3, "bool"),
+        ("committed_sequence", 4, "uint64"), ("committed_rows", 5, "uint64"),
+        ("complete", 6, "bool"),
+    ],
+    "DownloadBankRequest": [
+        ("site_id", 1, "string"), ("version", 2, "uint64"), ("have_version", 3, "uint64"),
+    ],
+    "DownloadBankResponse": [
+        ("header", 1, "message"), ("removed", 2, "message"), ("chunk", 3, "message"),
+    ],
+    "BankHeader": [
+        ("version", 1, "uint64"), ("round", 2, "uint32"), ("base_version", 3, "uint64"),
+        ("total_rows", 4, "uint64"), ("feature_dim", 5, "uint32"),
+        ("rows_in_stream", 6, "uint64"), ("rows_removed", 7, "uint64"),
+        ("bank_checksum", 8, "fixed64"), ("server_coverage_radius", 9, "double"),
+        ("max_site_coverage_radius", 10, "double"), ("value_type", 11, "enum"),
+    ],
+}
+
+
+def test_federation_service_contract() -> None:
+    from google.protobuf.descriptor import FieldDescriptor
+
+    federation = importlib.import_module("fedpatchcore.v1.federation_pb2")
+    grpc_module = importlib.import_module("fedpatchcore.v1.federation_pb2_grpc")
+    assert hasattr(grpc_module, "FederationServiceStub")
+    assert hasattr(grpc_module, "add_FederationServiceServicer_to_server")
+    service = federation.DESCRIPTOR.services_by_name["FederationService"]
+    actual = {
+        m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+        for m in service.methods
+    }
+    assert actual == EXPECTED_RPCS
+    # The upload stream reuses features.proto's message: one definition of a chunk.
+    upload = service.methods_by_name["UploadFeatures"].input_type
+    assert upload.full_name == "fedpatchcore.v1.UploadFeaturesRequest"
+    assert upload.file.name == "fedpatchcore/v1/features.proto"
+    type_names = {
+        value: name.removeprefix("TYPE_").lower()
+        for name, value in vars(FieldDescriptor).items()
+        if name.startswith("TYPE_")
+    }
+    for message_name, expected in EXPECTED_FEDERATION_FIELDS.items():
+        descriptor = federation.DESCRIPTOR.message_types_by_name[message_name]
+        fields = [(f.name, f.number, type_names[f.type]) for f in descriptor.fields]
+        assert fields == expected, message_name
+    chunk = federation.DESCRIPTOR.message_types_by_name["DownloadBankResponse"].fields_by_name[
+        "chunk"
+    ]
+    assert chunk.message_type.full_name == "fedpatchcore.v1.BankChunk"
+    states = federation.DESCRIPTOR.enum_types_by_name["RoundState"]
+    assert [(v.name, v.number) for v in states.values] == [
+        ("ROUND_STATE_UNSPECIFIED", 0), ("ROUND_STATE_COLLECTING", 1),
+        ("ROUND_STATE_SELECTING", 2), ("ROUND_STATE_READY", 3), ("ROUND_STATE_FAILED", 4),
+    ]
