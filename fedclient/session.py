@@ -38,8 +38,7 @@ from core.serde import (
     ChunkAssembler,
     bank_chunk_from_proto,
     codec_config_from_proto,
-    feature_chunk_to_proto,
-    site_summary_to_proto,
+    upload_request_to_proto,
 )
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
@@ -567,8 +566,8 @@ class SiteSession:
         if not chunks or not chunks[-1].last:
             raise ValueError("chunks must be a complete upload ending with last = True")
         round_number = summary.round
-        requests = [fpb.UploadFeaturesRequest(chunk=feature_chunk_to_proto(c)) for c in chunks]
-        summary_request = fpb.UploadFeaturesRequest(summary=site_summary_to_proto(summary))
+        requests = [upload_request_to_proto(c) for c in chunks]
+        summary_request = upload_request_to_proto(summary)
         start = time.perf_counter()
         status = self.upload_status(round_number)
         committed_at_start = int(status.committed_sequence)
@@ -640,10 +639,10 @@ class SiteSession:
 
     def _requests(
         self,
-        summary: fpb.UploadFeaturesRequest | None,
-        chunks: Iterable[fpb.UploadFeaturesRequest],
+        summary: pb.UploadFeaturesRequest | None,
+        chunks: Iterable[pb.UploadFeaturesRequest],
         counter: _SendCounter,
-    ) -> Iterator[fpb.UploadFeaturesRequest]:
+    ) -> Iterator[pb.UploadFeaturesRequest]:
         """The messages of one upload stream, counted (and throttled) as gRPC pulls them."""
         started = time.monotonic()
         items = ([summary] if summary is not None else []) + list(chunks)
