@@ -369,6 +369,10 @@ class UploadResult:
     chunks_sent: chunk messages this session put on the wire, resends included.
     bytes_sent: serialized UploadFeaturesRequest bytes this session sent (summary included).
     attempts: upload streams opened. seconds: wall time of the upload.
+    streams: per stream opened, (the committed position it started from, chunks it sent).
+    A broken stream may have sent more than the server committed: gRPC takes messages ahead of
+    the server's reading, up to its flow-control window, and a break discards them; the next
+    stream starts from what the server committed, so only those in flight are sent twice.
     """
 
     round: int
@@ -379,10 +383,12 @@ class UploadResult:
     attempts: int
     seconds: float
     status: fpb.UploadStatus
+    streams: tuple[tuple[int, int], ...] = ()
 
     @property
     def extra_chunks(self) -> int:
-        """Chunks sent beyond those the server had not committed (0 for a clean resume)."""
+        """Chunks sent beyond those the server had not committed when this session started
+        (0 without a break; else the chunks in flight when a stream broke)."""
         return self.chunks_sent - (self.chunks_total - self.committed_at_start)
 
 
@@ -574,6 +580,7 @@ class SiteSession:
         sent = 0
         sent_bytes = 0
         attempts = 0
+        streams: list[tuple[int, int]] = []
         while not status.complete:
             position = int(status.committed_sequence)
             if position > len(requests):
@@ -620,6 +627,7 @@ class SiteSession:
             finally:
                 sent += counter.chunks
                 sent_bytes += counter.bytes
+                streams.append((position, counter.chunks))
         result = UploadResult(
             round=round_number,
             chunks_total=len(requests),
@@ -629,6 +637,7 @@ class SiteSession:
             attempts=attempts,
             seconds=time.perf_counter() - start,
             status=status,
+            streams=tuple(streams),
         )
         logger.info(
             "site %s: round %d upload complete: %d chunk(s) sent of %d (server held %d at "
