@@ -633,6 +633,31 @@ class IncrementalCoreset:
             offset += take
         self.num_seen += batch.shape[0]
 
+    def reorder(self, permutation: np.ndarray) -> None:
+        """Permute the buffered rows: buffered row i becomes the old row ``permutation[i]``.
+
+        Farthest-first depends on row order (start point, ties), so a caller whose rows arrive
+        in a varying order (a server's interleaved uploads) puts them in a canonical order before
+        :meth:`select`. ``permutation`` is a permutation of ``range(num_buffered)``. Costs one
+        temporary copy of the buffered rows ([num_buffered, D] float32).
+        """
+        self._check_usable()
+        order = np.asarray(permutation)
+        if (
+            order.shape != (self._size,)
+            or not np.issubdtype(order.dtype, np.integer)
+            or not np.array_equal(np.sort(order), np.arange(self._size))
+        ):
+            raise ValueError(
+                f"permutation must be a permutation of range({self._size}), got shape "
+                f"{order.shape} and dtype {order.dtype}"
+            )
+        if self._size == 0:
+            return
+        assert self._features is not None and self._radii is not None
+        self._features[: self._size] = self._features[: self._size][order]
+        self._radii[: self._size] = self._radii[: self._size][order]
+
     def _farthest_first(
         self, k: int, generator: torch.Generator
     ) -> tuple[np.ndarray, np.ndarray]:

@@ -10,9 +10,9 @@ protoc bundled with grpcio-tools (``grpc_tools.protoc``) with ``-I protos``, so 
 ``protos/fedpatchcore/v1/x.proto`` becomes the module ``fedpatchcore.v1.x_pb2`` and imports
 between protos resolve as package imports (federation.proto imports features.proto this way, and
 google/protobuf/timestamp.proto from the well-known types grpc_tools ships). Every .proto under
-protos/ is covered, services included (``*_pb2_grpc.py`` holds their stubs). Output depends on the grpcio-tools version (pinned
-via pyproject.toml); tests/test_protos.py fails when the committed code drifts from what this
-script generates now.
+protos/ is covered, services included (``*_pb2_grpc.py`` holds their stubs). Output depends on
+the grpcio-tools version (pinned via pyproject.toml); tests/test_protos.py fails when the
+committed code drifts from what this script generates now.
 """
 
 from __future__ import annotations

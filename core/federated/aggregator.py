@@ -11,6 +11,16 @@ arrives, by the :class:`~core.coreset.IncrementalCoreset` (strategy "coreset") o
 holds all uploads: memory is about the selector's buffer plus one chunk.
 
 Errors are typed; a rejected message changes nothing, so nothing already accepted is lost.
+
+Determinism: farthest-first depends on the order of its rows, and a server receives the sites'
+chunks interleaved in whatever order the network delivers them. The aggregator remembers where
+each chunk's rows sit in the selector's buffer and, before selecting, sorts the buffer into the
+canonical order (round, site_id, row_offset), so the same uploads give the same bank whatever
+the interleaving, and the gRPC daemon's bank equals the in-process one. This holds while every
+row fits the selector's buffer (``buffer_rows``; no reduce): after a reduce, the reduced rows
+depend on the arrival order (each reduce is still certified, the bank is just not unique), and
+the aggregator logs that the order is no longer canonical. The random strategy samples by
+arrival order (its keys are drawn per arriving row), so it is reproducible only for one order.
 """
 
 from __future__ import annotations
@@ -149,6 +159,9 @@ class GlobalBankAggregator:
         self._feature_dim: int | None = None
         self._site_radius: dict[str, float] = {}
         self._uploads: dict[str, _SiteUpload] = {}
+        # Where each accepted chunk's rows sit in the selector's buffer: (canonical key, start,
+        # rows); None once a reduce has mixed rows so that no canonical order exists any more.
+        self._segments: list[tuple[tuple[int, str, int], int, int]] | None = []
         self.last_outcome: RoundOutcome | None = None
 
     # -- round lifecycle -------------------------------------------------------------------
@@ -222,7 +235,7 @@ class GlobalBankAggregator:
             return False
         if rows.shape[0]:
             if self._selector is not None:
-                self._selector.add(rows)
+                self._add_to_selector(rows, (self.round, chunk.site_id, chunk.row_offset))
             else:
                 assert self._reservoir is not None
                 summary = upload.summary
@@ -264,6 +277,7 @@ class GlobalBankAggregator:
             if self.round == 1:
                 self._site_radius[site_id] = upload.summary.coverage_radius
         if self._selector is not None:
+            self._canonical_order()
             selection = self._selector.select()
             bank, server_radius = selection.features, selection.radius_bound
         else:
@@ -284,6 +298,41 @@ class GlobalBankAggregator:
             outcome.certificate,
         )
         return outcome
+
+    def _add_to_selector(self, rows: np.ndarray, key: tuple[int, str, int]) -> None:
+        """Buffer ``rows`` [n, D] and remember where they went, under ``key``."""
+        assert self._selector is not None
+        start, reduces = self._selector.num_buffered, self._selector.num_reduces
+        self._selector.add(rows)
+        if self._segments is None:
+            return
+        if self._selector.num_reduces != reduces:
+            logger.warning(
+                "round %d: the uploads exceed the selector buffer (%d rows); rows were reduced "
+                "in arrival order, so the bank now depends on how uploads interleave",
+                self.round, self._selector.capacity,
+            )
+            self._segments = None
+            return
+        self._segments.append((key, start, rows.shape[0]))
+
+    def _canonical_order(self) -> None:
+        """Sort the selector's buffer by (round, site_id, row_offset) (see the module doc)."""
+        if not self._segments:
+            return
+        ordered = sorted(self._segments)
+        if ordered == self._segments:
+            return
+        assert self._selector is not None
+        permutation = np.concatenate(
+            [np.arange(start, start + rows) for _, start, rows in ordered]
+        )
+        self._selector.reorder(permutation)
+        position, segments = 0, []
+        for key, _, rows in ordered:
+            segments.append((key, position, rows))
+            position += rows
+        self._segments = segments
 
     def _check_round(self, round_number: int, what: str) -> None:
         if not self._open:

@@ -1,0 +1,295 @@
+"""ServerConfig: every setting of `fedserver serve`, from TOML and flags, validated once.
+
+A frozen dataclass: the daemon reads it once at start and never re-parses strings afterwards.
+`load_config(path, overrides)` merges a TOML file (table ``[server]`` or top-level keys) with
+command-line overrides (flags win) and validates the result; every error is a ConfigError
+naming the key. The keys are the field names below; ``fedserver init-config`` writes a commented
+example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from core.codec import CODEC_PRESETS, CodecConfig
+from core.features import FeatureConfig
+from core.serde import MAX_CHUNK_BYTES_LIMIT
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ConfigError", "Device", "ServerConfig", "load_config"]
+
+Device = Literal["auto", "cpu", "cuda"]
+
+#: Explicit gRPC message limit. The largest message of the protocol is one chunk: at most
+#: 3 MiB of payload + quantisation parameters + framing; 8 MiB leaves room without letting a
+#: peer make the server buffer an arbitrary message.
+DEFAULT_MAX_MESSAGE_BYTES: Final[int] = 8 << 20
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type, or out of range (names the key)."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Settings of one fedserver process.
+
+    Attributes:
+        bind: "HOST:PORT" to listen on; port 0 picks a free port (tests).
+        state_dir: directory of the journal and the bank versions (created if missing).
+        tokens_file: per-site bearer tokens, hashed: lines "site_id sha256-hex" (see auth.py).
+        tls_cert / tls_key: PEM server certificate and key; both or neither (then plaintext:
+            only for loopback or a trusted network).
+        client_ca: PEM CA bundle; set (with TLS) to require client certificates (mTLS).
+        expected_sites: site ids a round waits for; empty = every site of the tokens file.
+        quorum: least complete uploads that still make a bank at the deadline;
+            0 = all expected sites.
+        round_timeout_s: seconds from a round's opening to its deadline; 0 = no deadline (wait
+            for every expected site).
+        rounds: number of rounds (1: local coresets only; later rounds upload novel patches).
+        global_bank_size: k, rows of the global bank.
+        strategy: "coreset" (farthest-first over the union) or "random".
+        seed: seeds the selection (projection, start point / sampling keys).
+        codec: preset name of core.codec.CODEC_PRESETS the server asks sites to use and sends
+            the bank with ("fp16", "lossless", "bf16", "int8", "int4").
+        max_chunk_bytes: largest decoded chunk payload, bytes (<= 3 MiB).
+        device: where selection runs: "auto" (CUDA when available), "cpu" or "cuda".
+        buffer_rows: the selector's buffer (rows); None = core's default (max(2k, 131072)).
+        feature_fingerprint: pin the federation's feature extraction (64 hex); "" = the first
+            accepted site fixes it.
+        feature_dim: pin D; 0 = the first accepted site fixes it (or the extractor's D).
+        extractor: pin the feature extraction by its settings (a table with the keys of
+            core.features.FeatureConfig.to_dict plus ``pretrained``): sites get them from
+            JoinRound and the fingerprint is computed from them. Must agree with
+            feature_fingerprint and feature_dim when those are set too.
+        max_rows_per_site: most rows one site may upload in a round.
+        max_message_bytes: gRPC max send/receive message length, bytes.
+        max_workers: server threads; each open stream holds one (uploads, watches, downloads).
+        grace_s: on SIGTERM, seconds in-flight rpcs get to finish before they are cancelled.
+        fsync: fsync the journal before acknowledging a chunk (only tests switch it off).
+        log_level: "DEBUG", "INFO", "WARNING" or "ERROR".
+    """
+
+    state_dir: Path
+    tokens_file: Path
+    bind: str = "127.0.0.1:50051"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    client_ca: Path | None = None
+    expected_sites: tuple[str, ...] = ()
+    quorum: int = 0
+    round_timeout_s: float = 0.0
+    rounds: int = 1
+    global_bank_size: int = 10000
+    strategy: Literal["coreset", "random"] = "coreset"
+    seed: int = 0
+    codec: str = "fp16"
+    max_chunk_bytes: int = 1 << 20
+    device: Device = "auto"
+    buffer_rows: int | None = None
+    feature_fingerprint: str = ""
+    feature_dim: int = 0
+    extractor: Mapping[str, Any] | None = None
+    max_rows_per_site: int = 1_000_000
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    max_workers: int = 32
+    grace_s: float = 10.0
+    fsync: bool = True
+    log_level: str = "INFO"
+    extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "state_dir", _path("state_dir", self.state_dir))
+        object.__setattr__(self, "tokens_file", _path("tokens_file", self.tokens_file))
+        for name in ("tls_cert", "tls_key", "client_ca"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _path(name, value))
+        if self.extra:
+            raise ConfigError(f"unknown configuration key(s): {sorted(self.extra)}")
+        host, sep, port = self.bind.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"bind must be HOST:PORT with PORT in 0..65535, got {self.bind!r}")
+        if not self.tokens_file.is_file():
+            raise ConfigError(f"tokens_file {self.tokens_file} does not exist")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key must be given together")
+        if self.client_ca is not None and self.tls_cert is None:
+            raise ConfigError("client_ca (mTLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "client_ca"):
+            value = getattr(self, name)
+            if value is not None and not value.is_file():
+                raise ConfigError(f"{name} {value} does not exist")
+        sites = self.expected_sites
+        if isinstance(sites, str) or not all(isinstance(s, str) and s.strip() for s in sites):
+            raise ConfigError(f"expected_sites must be a list of non-empty ids, got {sites!r}")
+        object.__setattr__(self, "expected_sites", tuple(sites))
+        if len(set(self.expected_sites)) != len(self.expected_sites):
+            raise ConfigError(f"expected_sites has duplicates: {list(self.expected_sites)}")
+        _int_range("quorum", self.quorum, 0, len(self.expected_sites) or 10**6)
+        if not isinstance(self.round_timeout_s, int | float) or not (
+            math.isfinite(self.round_timeout_s) and self.round_timeout_s >= 0
+        ):
+            raise ConfigError(
+                f"round_timeout_s must be finite and >= 0, got {self.round_timeout_s}"
+            )
+        _int_range("rounds", self.rounds, 1, 1000)
+        _int_range("global_bank_size", self.global_bank_size, 1, 10**8)
+        if self.strategy not in ("coreset", "random"):
+            raise ConfigError(f"strategy must be 'coreset' or 'random', got {self.strategy!r}")
+        _int_range("seed", self.seed, 0, 2**63 - 1)
+        if self.codec not in CODEC_PRESETS:
+            raise ConfigError(f"codec must be one of {sorted(CODEC_PRESETS)}, got {self.codec!r}")
+        _int_range("max_chunk_bytes", self.max_chunk_bytes, 1024, MAX_CHUNK_BYTES_LIMIT)
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
+        if self.buffer_rows is not None:
+            _int_range("buffer_rows", self.buffer_rows, self.global_bank_size + 1, 10**9)
+        fingerprint = self.feature_fingerprint
+        if fingerprint and (
+            len(fingerprint) != 64 or any(c not in "0123456789abcdef" for c in fingerprint)
+        ):
+            raise ConfigError(
+                f"feature_fingerprint must be 64 lowercase hex characters or empty, got "
+                f"{fingerprint!r}"
+            )
+        _int_range("feature_dim", self.feature_dim, 0, 2**32 - 1)
+        if self.extractor is not None:
+            features = self.feature_config()
+            fingerprint = features.fingerprint()
+            if self.feature_fingerprint and self.feature_fingerprint != fingerprint:
+                raise ConfigError(
+                    f"feature_fingerprint {self.feature_fingerprint[:12]}... disagrees with the "
+                    f"extractor settings' fingerprint {fingerprint[:12]}..."
+                )
+            object.__setattr__(self, "feature_fingerprint", fingerprint)
+            if self.feature_dim and self.feature_dim != features.target_embed_dim:
+                raise ConfigError(
+                    f"feature_dim {self.feature_dim} disagrees with extractor.target_embed_dim "
+                    f"{features.target_embed_dim}"
+                )
+            object.__setattr__(self, "feature_dim", features.target_embed_dim)
+        _int_range("max_rows_per_site", self.max_rows_per_site, 1, 2**40)
+        _int_range("max_message_bytes", self.max_message_bytes, MAX_CHUNK_BYTES_LIMIT + 65536,
+                   1 << 30)
+        _int_range("max_workers", self.max_workers, 4, 4096)
+        if not isinstance(self.grace_s, int | float) or not 0 <= self.grace_s <= 3600:
+            raise ConfigError(f"grace_s must be in [0, 3600], got {self.grace_s}")
+        if not isinstance(self.fsync, bool):
+            raise ConfigError(f"fsync must be a bool, got {self.fsync!r}")
+        if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got "
+                              f"{self.log_level!r}")
+
+    def feature_config(self) -> FeatureConfig | None:
+        """The pinned extractor as a core.features.FeatureConfig (None when not pinned)."""
+        if self.extractor is None:
+            return None
+        data = dict(self.extractor)
+        pretrained = data.pop("pretrained", True)
+        if not isinstance(pretrained, bool):
+            raise ConfigError(f"extractor.pretrained must be a bool, got {pretrained!r}")
+        missing = {"backbone", "layers", "pretrain_embed_dim", "target_embed_dim", "patch_size",
+                   "resize", "crop"} - set(data)
+        unknown = set(data) - {"backbone", "layers", "pretrain_embed_dim", "target_embed_dim",
+                               "patch_size", "resize", "crop", "init_seed"}
+        if missing or unknown:
+            raise ConfigError(
+                f"extractor: missing key(s) {sorted(missing)}, unknown key(s) {sorted(unknown)}"
+            )
+        if data.get("crop") == 0:  # TOML has no null: crop = 0 means no crop
+            data["crop"] = None
+        try:
+            return FeatureConfig.from_dict(data, pretrained=pretrained)
+        except (TypeError, ValueError, KeyError) as error:
+            raise ConfigError(f"extractor: {error}") from error
+
+    @property
+    def codec_config(self) -> CodecConfig:
+        """The codec preset as a core.codec.CodecConfig."""
+        return CODEC_PRESETS[self.codec]
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    def selection_device(self) -> str:
+        """"cuda" or "cpu": where the aggregator's selection runs (auto -> CUDA if available).
+
+        Raises ConfigError for device = "cuda" on a machine without CUDA: asking for a GPU and
+        silently getting a CPU would hide a misconfiguration.
+        """
+        import torch
+
+        available = torch.cuda.is_available()
+        if self.device == "cuda" and not available:
+            raise ConfigError("device = 'cuda' but torch sees no CUDA device")
+        if self.device == "auto":
+            return "cuda" if available else "cpu"
+        return self.device
+
+
+def _path(name: str, value: object) -> Path:
+    if not isinstance(value, str | Path) or not str(value):
+        raise ConfigError(f"{name} must be a path, got {value!r}")
+    return Path(value)
+
+
+def _int_range(name: str, value: object, low: int, high: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise ConfigError(f"{name} must be an int in [{low}, {high}], got {value!r}")
+
+
+FIELD_NAMES: Final[frozenset[str]] = frozenset(
+    f.name for f in dataclasses.fields(ServerConfig) if f.name != "extra"
+)
+
+
+def load_config(path: Path | None, overrides: Mapping[str, object] | None = None) -> ServerConfig:
+    """TOML file (optional) + overrides (flags; None values ignored) -> validated ServerConfig.
+
+    Relative paths in the file are resolved against the file's directory, so a config can be
+    moved with its tokens and certificates. Raises ConfigError (unknown key, bad value, unreadable
+    or invalid TOML).
+    """
+    values: dict[str, object] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise ConfigError(f"cannot read config {path}: {error}") from error
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"config {path} is not valid TOML: {error}") from error
+        table = data.get("server", data)
+        if not isinstance(table, dict):
+            raise ConfigError(f"config {path}: [server] must be a table")
+        base = Path(path).resolve().parent
+        for key, value in table.items():
+            if key in ("state_dir", "tokens_file", "tls_cert", "tls_key", "client_ca") and (
+                isinstance(value, str) and value and not Path(value).is_absolute()
+            ):
+                value = str(base / value)
+            values[key] = value
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = value
+    unknown = {k: v for k, v in values.items() if k not in FIELD_NAMES}
+    known = {k: v for k, v in values.items() if k in FIELD_NAMES}
+    for required in ("state_dir", "tokens_file"):
+        if required not in known:
+            flag = "--" + required.replace("_", "-")
+            raise ConfigError(f"{required} is required (config file or {flag})")
+    if "expected_sites" in known and isinstance(known["expected_sites"], list):
+        known["expected_sites"] = tuple(known["expected_sites"])  # type: ignore[arg-type]
+    try:
+        return ServerConfig(**known, extra=unknown)  # type: ignore[arg-type]
+    except TypeError as error:  # a value of a type the dataclass cannot take at all
+        raise ConfigError(str(error)) from error
