@@ -27,9 +27,9 @@ from typing import Final
 
 import grpc
 import numpy as np
-import xxhash
 from numpy.typing import NDArray
 
+from core.bankdelta import DeltaError, apply_delta, bank_checksum
 from core.codec import CodecConfig
 from core.features import FeatureConfig
 from core.messages import FeatureChunk, SiteSummary
@@ -63,8 +63,6 @@ __all__ = [
     "SiteSession",
     "TLSConfig",
     "UploadResult",
-    "apply_bank_delta",
-    "bank_checksum",
 ]
 
 # Chunks are at most 3 MiB of payload plus framing (core/serde.py); 16 MiB leaves room for a
@@ -413,33 +411,6 @@ class BankDownload:
     seconds: float
 
 
-# --- bank delta helpers ------------------------------------------------------------------------
-
-
-def bank_checksum(bank: NDArray[np.float32]) -> int:
-    """XXH64 (seed 0) of ``bank`` [K, D] as little-endian float32, row-major (BankHeader)."""
-    data = np.ascontiguousarray(bank, dtype="<f4")
-    return xxhash.xxh64_intdigest(memoryview(data).cast("B"), seed=0)
-
-
-def apply_bank_delta(
-    base: NDArray[np.float32], removed: NDArray[np.int64], added: NDArray[np.float32]
-) -> NDArray[np.float32]:
-    """Version v from version b: base [Kb, D] minus rows ``removed`` (indices into base, order
-    kept), then ``added`` [Ka, D] appended; the order BankHeader documents. ValueError on
-    indices out of range, not strictly increasing, or a dimension mismatch."""
-    if removed.size and (
-        removed[0] < 0 or removed[-1] >= base.shape[0] or np.any(np.diff(removed) <= 0)
-    ):
-        raise ValueError(
-            f"removed row indices must be strictly increasing within [0, {base.shape[0]})"
-        )
-    if added.shape[0] and added.shape[1] != base.shape[1]:
-        raise ValueError(f"added rows have D={added.shape[1]}, the base bank D={base.shape[1]}")
-    kept = np.delete(base, removed, axis=0) if removed.size else base
-    return np.ascontiguousarray(np.concatenate([kept, added.reshape(-1, base.shape[1])]))
-
-
 # --- the session -------------------------------------------------------------------------------
 
 
@@ -753,7 +724,10 @@ class SiteSession:
                     f"bank delta announced {header.rows_removed} removed rows, carried "
                     f"{len(removed)}"
                 )
-            bank = apply_bank_delta(have[1], np.asarray(removed, dtype=np.int64), added)
+            try:
+                bank = apply_delta(have[1], np.asarray(removed, dtype=np.int64), added)
+            except DeltaError as error:
+                raise RejectedError(f"bank delta does not fit version {have[0]}: {error}") from None
         else:
             bank = added
         if bank.shape[0] != header.total_rows:

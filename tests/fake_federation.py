@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 
+from core.bankdelta import bank_checksum
 from core.codec import CODEC_PRESETS, DEFAULT_CODEC, ChecksumMismatchError
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import (
@@ -25,7 +26,6 @@ from core.serde import (
     split_bank_into_chunks,
     upload_request_from_proto,
 )
-from fedclient.session import bank_checksum
 from fedpatchcore.v1 import federation_pb2 as fpb
 from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 

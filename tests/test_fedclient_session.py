@@ -25,7 +25,6 @@ from fedclient.session import (
     RoundFailedError,
     ServerUnavailableError,
     SiteSession,
-    apply_bank_delta,
 )
 from fedpatchcore.v1 import federation_pb2 as fpb
 from tests.fake_federation import FakeFederation, start
@@ -188,14 +187,6 @@ def test_download_rejects_a_bank_that_fails_its_checksum(federation) -> None:
     stale[0, 0] += 1.0  # the site's copy of v1 is not what the server holds
     with _session(port) as session, pytest.raises(RejectedError, match="checksum"):
         session.download_bank(version=2, have=(1, stale))
-
-
-def test_apply_bank_delta_checks_indices() -> None:
-    base = np.arange(12, dtype=np.float32).reshape(4, 3)
-    out = apply_bank_delta(base, np.array([1, 3]), np.ones((1, 3), np.float32))
-    np.testing.assert_array_equal(out, [[0, 1, 2], [6, 7, 8], [1, 1, 1]])
-    with pytest.raises(ValueError, match="strictly increasing"):
-        apply_bank_delta(base, np.array([3, 1]), np.ones((0, 3), np.float32))
 
 
 def test_watch_until_ready_or_failed(federation) -> None:
