@@ -249,3 +249,71 @@ def test_init_config_writes_a_loadable_template(tmp_path, capsys) -> None:
     assert values["site_id"] == "x" and values["server"] == "127.0.0.1:50051"
     assert values["token_file"] == tmp_path / "site.token"  # relative to the file
     assert cli.main(["init-config", str(path)]) == 2  # never overwritten
+
+
+def _openssl(*args: str, cwd) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for localhost and a site certificate (openssl CLI)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "1", "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=DNS:localhost\n")
+    for name in ("server", "site"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={'localhost' if name == 'server' else name}",
+                 cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+                 *(["-extfile", "san.cnf"] if name == "server" else []), cwd=d)
+    return d
+
+
+def test_mutual_tls(pki) -> None:
+    from concurrent import futures
+
+    from fedclient.session import TLSConfig
+    from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
+
+    servicer = FakeFederation({"tok-a": "site-a"})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    fgrpc.add_FederationServiceServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+        root_certificates=(pki / "ca.pem").read_bytes(), require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        def session(tls: TLSConfig) -> SiteSession:
+            return SiteSession(
+                ConnectionConfig(f"127.0.0.1:{port}", token="tok-a", tls=tls, call_timeout_s=5),
+                "site-a", retry=RetryPolicy(max_attempts=1),
+            )
+
+        mutual = TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "site.pem",
+                           key_file=pki / "site.key", server_name="localhost")
+        with session(mutual) as s:
+            assert s.join().config.round == 1
+        # Without a client certificate the server refuses the handshake.
+        with session(TLSConfig(ca_file=pki / "ca.pem", server_name="localhost")) as s, \
+                pytest.raises(ServerUnavailableError):
+            s.join()
+        # Plaintext against a TLS port fails too: nothing travels in the clear by accident.
+        with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", token="tok-a", call_timeout_s=5),
+                         "site-a", retry=RetryPolicy(max_attempts=1)) as s, \
+                pytest.raises(ServerUnavailableError):
+            s.join()
+    finally:
+        server.stop(grace=None)
+    with pytest.raises(ValueError, match="together"):
+        TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "site.pem")
