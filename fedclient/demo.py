@@ -30,7 +30,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -248,7 +248,15 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, object]]:
         return _run_on(root, work, args)
 
 
-def _run_on(root: Path, work: Path, args: argparse.Namespace) -> dict[str, dict[str, object]]:
+def _run_on(
+    root: Path,
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    on_server: Callable[[ServerProcess], None] | None = None,
+) -> dict[str, dict[str, object]]:
+    """Run the federation on ``root``'s objects (one site each) in ``work``; ``on_server`` is
+    called once the server's port is known (benchmarks attach their byte counters there)."""
     started = time.perf_counter()
     train = AutoVIDataset(root, split="train")
     categories = list(train.categories)
@@ -270,6 +278,8 @@ def _run_on(root: Path, work: Path, args: argparse.Namespace) -> dict[str, dict[
     )
     server = ServerProcess(config, work / "fedserver.log")
     server_ready = time.perf_counter() - started
+    if on_server is not None:
+        on_server(server)
     try:
         env = _client_env(len(sites))
         t0 = time.perf_counter()
