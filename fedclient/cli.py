@@ -395,7 +395,7 @@ def _cmd_check(values: dict[str, object]) -> int:
 
     from fedclient.site import load_site_data
 
-    connection, site_id, retry = _connection(values)
+    connection, site_id, _ = _connection(values)
     print(f"ok   settings: site {site_id}, server {connection.address}, "
           f"{'TLS' if connection.tls else 'plaintext'}, "
           f"{'token from file' if connection.token else 'NO token'}")
@@ -423,7 +423,6 @@ def _cmd_check(values: dict[str, object]) -> int:
         print(f"ok   token accepted for site {site_id}; round {joined.config.round} open, "
               f"bank size {joined.config.global_bank_size}, upload committed "
               f"{joined.upload.committed_sequence} chunk(s)")
-    del retry
     return 0
 
 

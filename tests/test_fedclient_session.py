@@ -317,3 +317,35 @@ def test_mutual_tls(pki) -> None:
         server.stop(grace=None)
     with pytest.raises(ValueError, match="together"):
         TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "site.pem")
+
+
+def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    fgrpc.add_FederationServiceServicer_to_server(FakeFederation({"tok-a": "site-a"}), server)
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    token = tmp_path / "t"
+    token.write_text("tok-a\n")
+    try:
+        code = cli.main(["check", "--server", f"127.0.0.1:{port}", "--site-id", "site-a",
+                         "--token-file", str(token), "--data", str(synthetic_root),
+                         "--categories", "washer"])
+    finally:
+        server.stop(grace=None)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert [line.split(":")[0] for line in out[:3]] == [
+        "ok   settings", "ok   data", "ok   server health"
+    ]
+    assert out[3] == ("ok   token accepted for site site-a; round 1 open, bank size 16, upload "
+                      "committed 0 chunk(s)")
+    assert "12 training image(s), 8 test image(s)" in out[1] and "SERVING" in out[2]
