@@ -20,6 +20,7 @@ from pathlib import Path
 from core.codec import CODEC_PRESETS
 from fedserver.auth import AuthError, new_token, write_tokens_file
 from fedserver.config import ConfigError, load_config
+from fedserver.federation import StateMismatchError
 from fedserver.journal import JournalCorruptError
 
 logger = logging.getLogger(__name__)
@@ -202,7 +203,7 @@ def _serve(args: argparse.Namespace) -> int:
     )
     try:
         return serve(config)
-    except (ConfigError, AuthError) as error:
+    except (ConfigError, AuthError, StateMismatchError) as error:
         print(f"fedserver: configuration error: {error}", file=sys.stderr)
         return 2
     except (JournalCorruptError, RuntimeError, OSError) as error:

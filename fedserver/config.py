@@ -162,8 +162,8 @@ class ServerConfig:
                 f"{fingerprint!r}"
             )
         _int_range("feature_dim", self.feature_dim, 0, 2**32 - 1)
-        if self.extractor is not None:
-            features = self.feature_config()
+        features = self.feature_config()
+        if features is not None:
             fingerprint = features.fingerprint()
             if self.feature_fingerprint and self.feature_fingerprint != fingerprint:
                 raise ConfigError(

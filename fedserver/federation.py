@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
 import logging
 import math
 import threading
@@ -61,6 +62,7 @@ __all__ = [
     "RoundClosedError",
     "RoundSnapshot",
     "RoundTerms",
+    "StateMismatchError",
     "StorageError",
     "UploadLimitError",
     "UploadProgress",
@@ -100,6 +102,10 @@ class DimensionMismatchError(FederationError):
 
 class UploadLimitError(FederationError):
     """An upload larger than the server accepts from one site."""
+
+
+class StateMismatchError(FederationError):
+    """The state directory was created with other selection settings than the config's."""
 
 
 class StorageError(FederationError):
@@ -269,6 +275,7 @@ class Federation:
         self._closing = False
         self._threads: list[threading.Thread] = []
         self._aggregator = self._new_aggregator()
+        self._check_state_settings()
         self._replay()
         if not self._rounds:
             self._open_round(1)
@@ -665,7 +672,8 @@ class Federation:
             )
             meta = self._versions[target.version]
             base: BankVersion | None = None
-            if have_version and have_version < target.version and have_version in self._versions:
+            # An up-to-date site (have == target) gets an empty delta, not the whole bank again.
+            if have_version and have_version <= target.version and have_version in self._versions:
                 base = self.journal.load_bank(have_version)
         if base is not None:
             delta = bank_delta(base.bank, target.bank)
@@ -758,6 +766,33 @@ class Federation:
         return found
 
     # -- replay -----------------------------------------------------------------------------
+
+    def _selection_settings(self) -> dict[str, Any]:
+        """Settings a replay depends on: changing them would make a different bank."""
+        return {
+            "global_bank_size": self.config.global_bank_size,
+            "strategy": self.config.strategy,
+            "seed": self.config.seed,
+            "buffer_rows": self.config.buffer_rows,
+            "codec": self.config.codec,
+        }
+
+    def _check_state_settings(self) -> None:
+        """Refuse a state directory made with other selection settings (a replay would not
+        reproduce its banks); record them in a new one."""
+        path = self.journal.state_dir / "settings.json"
+        settings = self._selection_settings()
+        if path.exists():
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            if changed:
+                details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+                raise StateMismatchError(
+                    f"state directory {self.journal.state_dir} was created with other selection "
+                    f"settings ({details}); use those settings or a new state directory"
+                )
+        else:
+            path.write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
 
     def _new_aggregator(self) -> GlobalBankAggregator:
         return GlobalBankAggregator(

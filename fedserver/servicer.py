@@ -97,6 +97,11 @@ def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> I
     """Turn domain errors raised inside the block into an aborted rpc with their message."""
     try:
         yield
+    except grpc.RpcError:
+        # The client cancelled or its connection broke while we read its stream: nothing to
+        # answer; what was committed stays committed (the client resumes from it).
+        logger.info("%s from site %s: the client went away", method, site)
+        raise
     except Exception as error:
         code = status_for(error)
         if code is None:
@@ -144,11 +149,11 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def UploadFeatures(  # noqa: N802
         self, request_iterator: Iterable[pb.UploadFeaturesRequest], context: grpc.ServicerContext
     ) -> fpb.UploadFeaturesResponse:
-        site: str | None = None
         accepted = ignored = 0
         round_number = 0
-        with _statuses(context, "UploadFeatures", site):
+        with _statuses(context, "UploadFeatures", None):
             site = self._tokens.site_of(context.invocation_metadata())
+        with _statuses(context, "UploadFeatures", site):
             for request in request_iterator:
                 item = upload_request_from_proto(request)
                 new = self._federation.receive(site, item, request.SerializeToString())

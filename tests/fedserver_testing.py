@@ -38,6 +38,7 @@ def make_config(tmp_path: Path, sites: Sequence[str], **overrides: object) -> tu
 ]:
     """A ServerConfig on 127.0.0.1:0 with fresh tokens for ``sites``; returns the tokens too."""
     tokens = {site: new_token() for site in sites}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     tokens_file = tmp_path / "tokens"
     write_tokens_file(tokens_file, tokens)
     values: dict[str, object] = {

@@ -6,7 +6,10 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "system_round"]
+SCRIPTS = [
+    "coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "server_selection",
+    "system_round",
+]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

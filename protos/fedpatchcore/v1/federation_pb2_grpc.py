@@ -68,9 +68,11 @@ class FederationServiceServicer:
     """
 
     def JoinRound(self, request, context):
-        """Ask the server which round is open and how to take part in it. Unary: a small message.
-        Idempotent; a site calls it again after a restart. Fails with FAILED_PRECONDITION when no
-        round is open for this site (all rounds done, or the site missed round 1).
+        """Ask the server which round is current and how to take part in it. Unary: a small message.
+        Idempotent; a site calls it again after a restart. The reply describes the latest round:
+        when every round is done its status is ROUND_STATE_READY (download the bank). Fails with
+        PERMISSION_DENIED for a site the federation does not expect, FAILED_PRECONDITION for a site
+        that missed round 1 (it cannot join later rounds) or whose feature_fingerprint differs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
