@@ -83,14 +83,6 @@ _RETRYABLE: Final[frozenset[grpc.StatusCode]] = frozenset(
     }
 )
 
-_VALUE_TYPE_NAMES: Final[dict[int, str]] = {
-    pb.VALUE_TYPE_FLOAT32: "fp32",
-    pb.VALUE_TYPE_FLOAT16: "fp16",
-    pb.VALUE_TYPE_BFLOAT16: "bf16",
-    pb.VALUE_TYPE_INT8: "int8",
-    pb.VALUE_TYPE_INT4: "int4",
-}
-
 
 # --- errors ------------------------------------------------------------------------------------
 
@@ -828,7 +820,3 @@ class _SendCounter:
     chunks: int = 0
     bytes: int = 0
 
-
-def value_type_name(code: int) -> str:
-    """Wire ValueType number -> codec name (for reports)."""
-    return _VALUE_TYPE_NAMES.get(code, f"unknown({code})")
