@@ -349,3 +349,22 @@ def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
     assert out[3] == ("ok   token accepted for site site-a; round 1 open, bank size 16, upload "
                       "committed 0 chunk(s)")
     assert "12 training image(s), 8 test image(s)" in out[1] and "SERVING" in out[2]
+
+
+def test_cli_run_refuses_early_with_one_line(federation, tmp_path, synthetic_root, capsys) -> None:
+    servicer, port = federation
+    token = tmp_path / "t"
+    token.write_text("tok-a")
+    run = ["run", "--server", f"127.0.0.1:{port}", "--site-id", "site-a", "--token-file",
+           str(token), "--data", str(synthetic_root), "--categories", "washer", "--out",
+           str(tmp_path / "out"), "--backbone", "resnet18", "--no-pretrained"]
+    servicer.fingerprint = FINGERPRINT  # the federation's extractor is another one
+    assert cli.main(run) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "feature extractor mismatch" in err
+    servicer.fingerprint = ""
+    servicer.fail_next = [grpc.StatusCode.FAILED_PRECONDITION]  # e.g. the round is closed
+    assert cli.main(run) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the round does not accept this (join)" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()  # refused before any work
