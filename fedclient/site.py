@@ -246,7 +246,9 @@ def _one_round(
         rows = client.get_coreset()
     else:
         if held is None or held[0] != config.base_bank_version:
-            base = session.download_bank(version=config.base_bank_version, have=held)
+            base = session.download_bank(
+                version=config.base_bank_version, have=held, max_rows=config.global_bank_size
+            )
             held = (base.version, base.bank)
         upload = client.novel_features(held[1], config.novelty_threshold)
         rows, num_novel = upload.features, upload.num_novel
@@ -262,7 +264,10 @@ def _one_round(
     t0 = time.perf_counter()
     status = session.wait_until_ready(r, timeout_s=options.round_timeout_s, on_status=on_status)
     wait_seconds = time.perf_counter() - t0
-    download = session.download_bank(version=status.bank_version, have=held)
+    # A bank never has more than k rows: a larger header is refused before anything is decoded.
+    download = session.download_bank(
+        version=status.bank_version, have=held, max_rows=config.global_bank_size
+    )
     held = (download.version, download.bank)
     record: dict[str, object] = {
         "round": r,
