@@ -124,7 +124,7 @@ def write_server_config(
     sites: Sequence[str],
     *,
     global_bank_size: int,
-    extractor: dict[str, object],
+    extractor: dict[str, object] | None,
     rounds: int = 1,
     codec: str = "fp16",
     max_chunk_bytes: int = 1 << 20,
@@ -134,8 +134,9 @@ def write_server_config(
     env: dict[str, str] | None = None,
 ) -> Path:
     """``fedserver init-config`` (tokens for ``sites``), then pin the round settings and the
-    extractor in its server.toml (``expected_sites``: the sites a round waits for; default
-    all). Returns the config path; site tokens are in ``directory/site-tokens/<site>.token``."""
+    extractor in its server.toml (None: not pinned; ``expected_sites``: the sites a round waits
+    for; default all). Returns the config path; site tokens are in
+    ``directory/site-tokens/<site>.token``."""
     subprocess.run(
         [sys.executable, "-m", "fedserver", "init-config", "--sites", ",".join(sites),
          "--dir", str(directory), "--global-bank-size", str(global_bank_size)],
@@ -157,9 +158,10 @@ def write_server_config(
             raise RuntimeError(f"no 'expected_sites = ' line in {config}")
     if not fsync:
         text = text.replace("[server]\n", "[server]\nfsync = false\n", 1)
-    lines = ["", "[server.extractor]"]
-    for key, value in extractor.items():
-        lines.append(f"{key} = {json.dumps(value)}")
+    lines = []
+    if extractor is not None:
+        lines = ["", "[server.extractor]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in extractor.items()]
     config.write_text(text + "\n".join(lines) + "\n", encoding="utf-8")
     return config
 
@@ -263,12 +265,19 @@ def _run_on(
     sites = [f"site-{i + 1}" for i in range(len(categories))]
     grid = args.image_size // 8  # ResNet layer2 stride
     bank_size = max(1, round(args.bank_ratio * len(train) * grid * grid))
-    extractor = {
-        "backbone": args.backbone, "layers": ["layer2", "layer3"],
-        "pretrained": bool(args.pretrained or args.weights),
+    extractor: dict[str, object] | None = {
+        "backbone": args.backbone, "layers": ["layer2", "layer3"], "pretrained": args.pretrained,
         "pretrain_embed_dim": 1024, "target_embed_dim": 1024, "patch_size": 3,
         "resize": args.image_size, "crop": 0, "init_seed": 0,
     }
+    site_features = ["--coreset-percentage", str(args.coreset_percentage), "--seed", str(args.seed)]
+    if args.weights:
+        # A server-pinned pretrained extractor has timm's weights in its fingerprint; a weights
+        # file has its content hash. So with a file nothing is pinned: every site passes the same
+        # extractor flags and file, and the server holds the sites to the first one's fingerprint.
+        extractor = None
+        site_features += ["--backbone", args.backbone, "--image-size", str(args.image_size),
+                          "--weights", str(args.weights)]
     fed_dir = work / "fed"
     if fed_dir.exists():
         shutil.rmtree(fed_dir)
@@ -287,9 +296,7 @@ def _run_on(
             start_site(
                 server.address, site, fed_dir / "site-tokens" / f"{site}.token", root,
                 work / f"out-{site}", categories=[category],
-                extra_args=["--coreset-percentage", str(args.coreset_percentage),
-                            "--seed", str(args.seed),
-                            *(["--weights", str(args.weights)] if args.weights else [])],
+                extra_args=site_features,
                 env=env,
             )
             for site, category in zip(sites, categories, strict=True)
