@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """One entry point for the two things a newcomer does first: run the demo and run the tests.
 
-    python3 dev.py demo    # generate the demo dataset, fit, federate, score, print metrics
+    python3 dev.py demo    # a fedserver process and one fedclient process per site on 127.0.0.1
+    python3 dev.py demo --in-process   # the same federation simulated in one process
     python3 dev.py test    # the whole test suite (what CI runs)
 
 Each command creates `.venv/` on first use and installs the project into it (editable, with the
@@ -65,7 +66,7 @@ def main(argv: list[str]) -> int:
     if command == "test":
         args = [str(python), "-m", "pytest", *rest]
     else:
-        args = [str(python), "-m", "core.demo", *rest]
+        args = [str(python), "-m", "fedclient.demo", *rest]
     return subprocess.run(args, cwd=ROOT).returncode
 
 

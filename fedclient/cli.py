@@ -1,0 +1,464 @@
+"""``fedclient``: the site command line (``fedclient run | score | status | check | init-config``).
+
+Settings come from flags and, with ``--config site.toml``, from a TOML file whose keys are the
+long flag names with ``_`` (flags win). ``fedclient init-config`` writes a commented example.
+Failures a user can fix (server unreachable, token refused, round closed, extractor mismatch,
+unusable data or settings) print one line ``fedclient: error: ...`` and exit with status 2
+(1 for a run that failed on the server's side); ``--verbose`` adds the log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Final
+
+import grpc
+
+from core.data import DatasetError
+from core.features import FeatureConfig
+from core.preprocess import ImageTransform
+from fedclient.session import (
+    ConnectionConfig,
+    RetryPolicy,
+    SessionError,
+    SiteSession,
+    TLSConfig,
+    read_token_file,
+)
+from fedpatchcore.v1 import federation_pb2 as fpb
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["build_parser", "main"]
+
+_STATES: Final[dict[int, str]] = {
+    fpb.ROUND_STATE_COLLECTING: "collecting",
+    fpb.ROUND_STATE_SELECTING: "selecting",
+    fpb.ROUND_STATE_READY: "ready",
+    fpb.ROUND_STATE_FAILED: "failed",
+}
+
+CONFIG_TEMPLATE: Final[str] = """\
+# fedclient site configuration: keys are the long flag names with '_' (flags override them).
+# Relative paths are resolved against this file's folder.
+server = "127.0.0.1:50051"        # HOST:PORT of fedserver
+site_id = "plant-3"               # this site's id (the token's site)
+token_file = "site.token"         # file holding this site's bearer token (keep it private)
+data = "data"                     # the site's images (AutoVI / MVTec layout, or a plain folder)
+out = "fedclient-out"             # bank, metrics.json and overlays are written here
+# tls_ca = "ca.pem"               # CA of the server certificate: enables TLS
+# tls_cert = "site.pem"           # this site's certificate and key: mutual TLS
+# tls_key = "site.key"
+# coreset_percentage = 0.1
+# device = "cpu"
+"""
+
+_PATH_KEYS: Final[frozenset[str]] = frozenset(
+    {"token_file", "data", "out", "tls_ca", "tls_cert", "tls_key", "weights", "bank"}
+)
+
+
+class UsageError(ValueError):
+    """A setting is missing or unusable (the message names it)."""
+
+
+# --- parser ------------------------------------------------------------------------------------
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("server connection")
+    group.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    group.add_argument("--server", help="fedserver address HOST:PORT")
+    group.add_argument("--site-id", help="this site's id; the token must belong to it")
+    group.add_argument("--token-file", type=Path, help="file holding the site's bearer token")
+    group.add_argument("--tls-ca", type=Path,
+                       help="PEM CA of the server certificate; enables TLS (else plaintext)")
+    group.add_argument("--tls-cert", type=Path, help="PEM site certificate, for mutual TLS")
+    group.add_argument("--tls-key", type=Path, help="PEM site private key, for mutual TLS")
+    group.add_argument("--tls-server-name",
+                       help="name to check in the server certificate (default: the host)")
+    group.add_argument("--timeout", type=float,
+                       help="deadline of each call and upload stream, seconds (default 60)")
+    group.add_argument("--retries", type=int,
+                       help="attempts per call or upload, the first included (default 6)")
+    group.add_argument("--max-message-mb", type=int,
+                       help="gRPC max send/receive message size, MiB (default 16)")
+    group.add_argument("-v", "--verbose", action="count", default=0,
+                       help="log progress (-v) or everything (-vv) to stderr")
+
+
+def _data_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
+    parser.add_argument("--data", type=Path, help="the site's images: AutoVI / MVTec layout "
+                        "folder, or a plain folder of normal images")
+    parser.add_argument("--categories", nargs="+",
+                        help="only these object/category folders of --data")
+    parser.add_argument("--out", type=Path, help=out_help)
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        help="where features are computed (default: CUDA when available)")
+    parser.add_argument("--weights", help="local backbone weights file (.safetensors/.pth) for a "
+                        "pretrained extractor on a site without network")
+    parser.add_argument("--no-overlays", action="store_true",
+                        help="do not write anomaly-map overlay PNGs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedclient",
+        description="FedPatchCore site client: fit this site's PatchCore coreset, take part in "
+        "the federation's rounds, download the global bank and score the site's images.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run", help="fit, upload, download the global bank, score; writes --out",
+        description="Fit the local coreset, join the open round, upload (resuming after a "
+        "disconnect from the server's committed position), wait for the global bank, download "
+        "it (only the change when --out holds an older version), score the test images and "
+        "write metrics.json, overlays/ and bank.safetensors into --out. Follows every round the "
+        "server opens for this site.",
+    )
+    _connection_args(run)
+    _data_args(run, out_help="output folder (default fedclient-out)")
+    local = run.add_argument_group(
+        "feature extractor (used only when the server pins none; all sites must agree)"
+    )
+    local.add_argument("--backbone", help="timm backbone (default wide_resnet50_2)")
+    local.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="pretrained weights through timm (default yes)")
+    local.add_argument("--image-size", type=int,
+                       help="resize side in px, no crop (default: resize 256, crop 224)")
+    local.add_argument("--target-dim", type=int, help="feature dimension D (default 1024)")
+    run.add_argument("--coreset-percentage", type=float,
+                     help="local coreset size, fraction of the site's patches (default 0.1)")
+    run.add_argument("--seed", type=int, help="seed of projection and start points (default 0)")
+    run.add_argument("--batch-size", type=int, help="images per backbone pass (default 8)")
+    run.add_argument("--max-rounds", type=int,
+                     help="stop after this many rounds (default: every round the server opens)")
+    run.add_argument("--round-timeout", type=float,
+                     help="longest wait for a round's bank after uploading, s (default 3600)")
+    run.add_argument("--max-upload-rate", type=float,
+                     help="throttle uploads to this many bytes/s (default: unlimited)")
+
+    score = commands.add_parser(
+        "score", help="score images with a bank downloaded earlier (no server needed)",
+        description="Score --data's test images (all images of a plain folder) with the bank "
+        "file a previous `fedclient run` wrote; writes metrics.json and overlays/ into --out.",
+    )
+    score.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    score.add_argument("--bank", type=Path,
+                       help="bank file (default: <--out of run>/bank.safetensors)")
+    _data_args(score, out_help="output folder (default fedclient-score)")
+    score.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+
+    status = commands.add_parser(
+        "status", help="print the round's status (sites joined, rows, state)",
+        description="Print the status of a round (default: the open one) as the server sees it: "
+        "state, sites joined / complete, rows received, bank version. --follow streams changes "
+        "until the round is ready or failed.",
+    )
+    _connection_args(status)
+    status.add_argument("--round", type=int, default=0, help="round number (default: open)")
+    status.add_argument("--follow", action="store_true", help="stream every change")
+    status.add_argument("--json", action="store_true", help="print JSON lines")
+
+    check = commands.add_parser(
+        "check", help="check settings, data, server reachability and the token",
+        description="Check, without uploading anything: the token file, the data folder, that "
+        "the server answers and accepts the token, and which round is open for this site.",
+    )
+    _connection_args(check)
+    check.add_argument("--data", type=Path, help="the site's images (checked when given)")
+    check.add_argument("--categories", nargs="+", help="only these category folders of --data")
+
+    init = commands.add_parser(
+        "init-config", help="write an example site configuration (TOML)",
+        description="Write a commented example of the site configuration file.",
+    )
+    init.add_argument("path", type=Path, nargs="?", default=Path("fedclient.toml"),
+                      help="where to write it (default fedclient.toml; never overwritten)")
+    return parser
+
+
+# --- settings ----------------------------------------------------------------------------------
+
+
+def _settings(args: argparse.Namespace) -> dict[str, object]:
+    """Flags over the TOML file: one dict keyed like the flags' dests."""
+    values: dict[str, object] = {}
+    config = getattr(args, "config", None)
+    if config is not None:
+        try:
+            data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
+        except OSError as error:
+            raise UsageError(f"cannot read config {config}: {error.strerror}") from None
+        except tomllib.TOMLDecodeError as error:
+            raise UsageError(f"config {config} is not valid TOML: {error}") from None
+        known = set(vars(args))
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise UsageError(f"config {config}: unknown key(s) {unknown}")
+        base = Path(config).resolve().parent
+        for key, value in data.items():
+            if key in _PATH_KEYS and isinstance(value, str):
+                value = Path(value) if Path(value).is_absolute() else base / value
+            values[key] = value
+    for key, value in vars(args).items():
+        if value is not None and not (key in ("verbose", "no_overlays") and not value):
+            values[key] = value
+    return values
+
+
+def _require(values: dict[str, object], key: str) -> object:
+    if values.get(key) in (None, ""):
+        raise UsageError(f"--{key.replace('_', '-')} is required (flag or config file)")
+    return values[key]
+
+
+def _connection(values: dict[str, object]) -> tuple[ConnectionConfig, str, RetryPolicy]:
+    server = str(_require(values, "server"))
+    site_id = str(_require(values, "site_id"))
+    token_file = values.get("token_file")
+    token = read_token_file(Path(str(token_file))) if token_file else None
+    tls = None
+    if values.get("tls_ca") or values.get("tls_cert"):
+        tls = TLSConfig(
+            ca_file=values.get("tls_ca"),  # type: ignore[arg-type]
+            cert_file=values.get("tls_cert"),  # type: ignore[arg-type]
+            key_file=values.get("tls_key"),  # type: ignore[arg-type]
+            server_name=values.get("tls_server_name"),  # type: ignore[arg-type]
+        )
+    kwargs: dict[str, object] = {}
+    if values.get("timeout") is not None:
+        kwargs["call_timeout_s"] = float(values["timeout"])  # type: ignore[arg-type]
+    if values.get("max_message_mb") is not None:
+        kwargs["max_message_bytes"] = int(values["max_message_mb"]) << 20  # type: ignore[call-overload]
+    connection = ConnectionConfig(server, token=token, tls=tls, **kwargs)  # type: ignore[arg-type]
+    retry = RetryPolicy(max_attempts=int(values.get("retries", 6)))  # type: ignore[call-overload]
+    return connection, site_id, retry
+
+
+def _features(values: dict[str, object]) -> FeatureConfig:
+    kwargs: dict[str, object] = {}
+    if values.get("backbone"):
+        kwargs["backbone"] = values["backbone"]
+    if values.get("pretrained") is not None:
+        kwargs["pretrained"] = bool(values["pretrained"])
+    if values.get("weights"):
+        kwargs["weights"] = str(values["weights"])
+    if values.get("image_size"):
+        kwargs["transform"] = ImageTransform(resize=int(values["image_size"]), crop=None)  # type: ignore[call-overload]
+    if values.get("target_dim"):
+        kwargs["target_embed_dim"] = int(values["target_dim"])  # type: ignore[call-overload]
+    return FeatureConfig(**kwargs)  # type: ignore[arg-type]
+
+
+class _ProgressBar:
+    """One-line progress on stderr for fitting and scoring (only when stderr is a terminal,
+    so logs and CI output stay clean)."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self._last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if not self.enabled or (done < total and now - self._last < 0.1):
+            return
+        self._last = now
+        width = 30
+        filled = width * done // max(total, 1)
+        sys.stderr.write(f"\r{stage:>5} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        if done == total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
+    record = {
+        "round": status.round,
+        "state": _STATES.get(status.state, "unspecified"),
+        "sites_expected": status.sites_expected,
+        "quorum": status.quorum,
+        "sites_joined": status.sites_joined,
+        "sites_complete": status.sites_complete,
+        "rows_received": status.rows_received,
+        "bank_version": status.bank_version,
+        "bank_rows": status.bank_rows,
+        "message": status.message,
+    }
+    if as_json:
+        print(json.dumps(record), flush=True)
+        return
+    line = (
+        f"round {status.round}: {record['state']}, {status.sites_joined} joined, "
+        f"{status.sites_complete}/{status.sites_expected or '?'} complete, "
+        f"{status.rows_received} rows"
+    )
+    if status.state == fpb.ROUND_STATE_READY:
+        line += f", bank v{status.bank_version} ({status.bank_rows} rows)"
+    if status.message:
+        line += f" ({status.message})"
+    print(line, flush=True)
+
+
+# --- commands ----------------------------------------------------------------------------------
+
+
+def _cmd_run(values: dict[str, object]) -> int:
+    from fedclient.site import SiteOptions, run_site
+
+    connection, site_id, retry = _connection(values)
+    options = SiteOptions(
+        data=Path(str(_require(values, "data"))),
+        out_dir=Path(str(values.get("out", "fedclient-out"))),
+        features=_features(values),
+        categories=tuple(values["categories"]) if values.get("categories") else None,  # type: ignore[arg-type]
+        weights=str(values["weights"]) if values.get("weights") else None,
+        coreset_percentage=float(values.get("coreset_percentage", 0.1)),  # type: ignore[arg-type]
+        seed=int(values.get("seed", 0)),  # type: ignore[call-overload]
+        device=values.get("device"),  # type: ignore[arg-type]
+        batch_size=int(values.get("batch_size", 8)),  # type: ignore[call-overload]
+        max_rounds=values.get("max_rounds"),  # type: ignore[arg-type]
+        round_timeout_s=float(values.get("round_timeout", 3600.0)),  # type: ignore[arg-type]
+        overlays=not values.get("no_overlays", False),
+    )
+    rate = values.get("max_upload_rate")
+    with SiteSession(
+        connection, site_id, retry=retry,
+        max_upload_bytes_per_s=float(rate) if rate else None,  # type: ignore[arg-type]
+    ) as session:
+        metrics = run_site(session, options, progress=_ProgressBar(sys.stderr.isatty()))
+    test = metrics.get("test") or {}
+    rounds = metrics["rounds"]
+    up = sum(r["bytes_up"] for r in rounds)  # type: ignore[attr-defined, index]
+    down = sum(r["bytes_down"] for r in rounds)  # type: ignore[attr-defined, index]
+    scores = ", ".join(
+        f"{k} {test[k]:.3f}"  # type: ignore[index]
+        for k in ("image_auroc", "pixel_auroc", "au_pro")
+        if isinstance(test, dict) and test.get(k) is not None
+    )
+    print(
+        f"site {site_id}: bank v{metrics['bank_version']} ({metrics['bank_rows']} rows) after "
+        f"{len(rounds)} round(s), {up} B up, {down} B down"  # type: ignore[arg-type]
+        + (f"; {scores}" if scores else "")
+        + f"; wrote {options.out_dir}"
+    )
+    return 0
+
+
+def _cmd_score(values: dict[str, object]) -> int:
+    from fedclient.site import BANK_FILE, score
+
+    bank = values.get("bank")
+    if bank is None:
+        bank = Path("fedclient-out") / BANK_FILE
+    bank = Path(str(bank))
+    if not bank.is_file():
+        raise UsageError(f"bank file {bank} not found (give --bank, or run `fedclient run`)")
+    out = Path(str(values.get("out", "fedclient-score")))
+    metrics = score(
+        bank,
+        Path(str(_require(values, "data"))),
+        out,
+        categories=tuple(values["categories"]) if values.get("categories") else None,  # type: ignore[arg-type]
+        weights=str(values["weights"]) if values.get("weights") else None,
+        device=values.get("device"),  # type: ignore[arg-type]
+        overlays=not values.get("no_overlays", False),
+        progress=_ProgressBar(sys.stderr.isatty()),
+    )
+    test = metrics["test"]
+    assert isinstance(test, dict)
+    print(f"scored {len(test['image_scores'])} image(s) with bank v{metrics['bank_version']}; "
+          f"image AUROC {test['image_auroc']}; wrote {out}")
+    return 0
+
+
+def _cmd_status(values: dict[str, object]) -> int:
+    connection, site_id, retry = _connection(values)
+    with SiteSession(connection, site_id, retry=retry) as session:
+        for status in session.watch(int(values.get("round", 0))):  # type: ignore[call-overload]
+            _print_status(status, bool(values.get("json")))
+            if not values.get("follow"):
+                break
+    return 0
+
+
+def _cmd_check(values: dict[str, object]) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from fedclient.site import load_site_data
+
+    connection, site_id, _ = _connection(values)
+    print(f"ok   settings: site {site_id}, server {connection.address}, "
+          f"{'TLS' if connection.tls else 'plaintext'}, "
+          f"{'token from file' if connection.token else 'NO token'}")
+    if values.get("data"):
+        categories = values.get("categories")
+        train, test = load_site_data(
+            Path(str(values["data"])),
+            tuple(categories) if categories else None,  # type: ignore[arg-type]
+        )
+        print(f"ok   data: {len(train)} training image(s), "
+              f"{len(test) if test is not None else 'no'} test image(s)")
+    with SiteSession(connection, site_id, retry=RetryPolicy(max_attempts=1)) as session:
+        health = health_pb2_grpc.HealthStub(session._channel)
+        try:
+            reply = health.Check(health_pb2.HealthCheckRequest(service=""),
+                                 timeout=connection.call_timeout_s)
+        except grpc.RpcError as error:
+            raise SessionError(
+                f"cannot reach the server at {connection.address}: "
+                f"{error.code().name}: {error.details()}"  # type: ignore[attr-defined]
+            ) from None
+        serving = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+        print(f"ok   server health: {serving}")
+        joined = session.join()
+        print(f"ok   token accepted for site {site_id}; round {joined.config.round} open, "
+              f"bank size {joined.config.global_bank_size}, upload committed "
+              f"{joined.upload.committed_sequence} chunk(s)")
+    return 0
+
+
+def _cmd_init_config(path: Path) -> int:
+    if path.exists():
+        raise UsageError(f"{path} exists; not overwriting it")
+    path.write_text(CONFIG_TEMPLATE, encoding="utf-8")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", 0)
+    logging.basicConfig(
+        level=logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        if args.command == "init-config":
+            return _cmd_init_config(args.path)
+        values = _settings(args)
+        command = {"run": _cmd_run, "score": _cmd_score, "status": _cmd_status,
+                   "check": _cmd_check}[args.command]
+        return command(values)
+    except SessionError as error:
+        print(f"fedclient: error: {error}", file=sys.stderr)
+        return 1
+    except (UsageError, DatasetError, ValueError, FileNotFoundError) as error:
+        print(f"fedclient: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedclient: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,416 @@
+"""The demo on the real system: ``python3 dev.py demo``.
+
+1. Generates the synthetic inspection dataset (AutoVI layout, one part category per site).
+2. ``fedserver init-config`` writes the server's config, hashed tokens and one token per site;
+   the config pins the feature extractor, so every site computes the same features.
+3. Starts one ``fedserver serve`` process on 127.0.0.1, port 0 (the kernel picks a free port
+   and the server logs which: no probing for a free port, no race), and one ``fedclient run``
+   process per site. Each site fits its local coreset, joins, streams its chunks, waits for the
+   global bank, downloads it (round 2: only the change), scores its own test images and writes
+   metrics.json, overlays and the bank into its output folder.
+4. Prints per-site metrics, bytes on the wire per round and direction (the serialized gRPC
+   messages each site sent and received), and timings; then stops the server with SIGTERM.
+
+``--in-process`` runs the in-process simulation of ``core.demo`` instead (the spec's API, with a
+centralised PatchCore beside it). The process helpers here (:class:`ServerProcess`,
+:func:`start_site`) are what the end-to-end tests use too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from core.data import AutoVIDataset, generate_synthetic_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServerProcess", "main", "start_site", "write_server_config"]
+
+_PORT_LINE = re.compile(r"fedserver listening on port (\d+)")
+
+
+class ServerProcess:
+    """A ``fedserver serve`` child process bound to 127.0.0.1:0.
+
+    The port is read from the server's own log line ("fedserver listening on port N"), which it
+    writes after binding; stderr is copied to ``log_path`` by a thread (so the pipe never fills).
+    """
+
+    def __init__(
+        self,
+        config: Path,
+        log_path: Path,
+        *,
+        extra_args: Sequence[str] = (),
+        start_timeout_s: float = 120.0,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.log_path = log_path
+        command = [sys.executable, "-m", "fedserver", "serve", "--config", str(config),
+                   "--bind", "127.0.0.1:0", *extra_args]
+        self._log = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 (closed in stop())
+        self.process = subprocess.Popen(
+            command, stderr=subprocess.PIPE, stdout=self._log, text=True,
+            env=env if env is not None else os.environ.copy(),
+        )
+        self._port: int | None = None
+        self._ready = threading.Event()
+        self._reader = threading.Thread(target=self._pump, daemon=True)
+        self._reader.start()
+        if not self._ready.wait(start_timeout_s) or self._port is None:
+            self.stop()
+            raise RuntimeError(
+                f"fedserver did not report its port within {start_timeout_s:.0f} s "
+                f"(exit code {self.process.poll()}); see {log_path}"
+            )
+
+    def _pump(self) -> None:
+        assert self.process.stderr is not None
+        for line in self.process.stderr:
+            self._log.write(line)
+            self._log.flush()
+            match = _PORT_LINE.search(line)
+            if match and self._port is None:
+                self._port = int(match.group(1))
+                self._ready.set()
+        self._ready.set()  # the process ended; the waiter sees no port
+
+    @property
+    def port(self) -> int:
+        assert self._port is not None
+        return self._port
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, timeout_s: float = 30.0) -> int:
+        """SIGTERM (the server drains), wait; SIGKILL if it does not exit in ``timeout_s``."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._reader.join(5)
+        self._log.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL: no drain, no cleanup (what a crash looks like)."""
+        self.process.kill()
+        self.process.wait()
+        self._reader.join(5)
+        self._log.close()
+
+
+def write_server_config(
+    directory: Path,
+    sites: Sequence[str],
+    *,
+    global_bank_size: int,
+    extractor: dict[str, object] | None,
+    rounds: int = 1,
+    codec: str = "fp16",
+    max_chunk_bytes: int = 1 << 20,
+    seed: int = 0,
+    fsync: bool = True,
+    expected_sites: Sequence[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> Path:
+    """``fedserver init-config`` (tokens for ``sites``), then pin the round settings and the
+    extractor in its server.toml (None: not pinned; ``expected_sites``: the sites a round waits
+    for; default all). Returns the config path; site tokens are in
+    ``directory/site-tokens/<site>.token``."""
+    subprocess.run(
+        [sys.executable, "-m", "fedserver", "init-config", "--sites", ",".join(sites),
+         "--dir", str(directory), "--global-bank-size", str(global_bank_size)],
+        check=True, capture_output=True, text=True,
+        env=env if env is not None else os.environ.copy(),
+    )
+    config = directory / "server.toml"
+    text = config.read_text(encoding="utf-8")
+    for key, value in (("rounds", rounds), ("codec", f'"{codec}"'),
+                       ("max_chunk_bytes", max_chunk_bytes), ("seed", seed),
+                       ("device", '"cpu"')):
+        text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
+        if count != 1:
+            raise RuntimeError(f"fedserver init-config wrote no '{key} = ' line to {config}")
+    if expected_sites is not None:
+        listed = ", ".join(json.dumps(site) for site in expected_sites)
+        text, count = re.subn(r"(?m)^expected_sites = .*$", f"expected_sites = [{listed}]", text)
+        if count != 1:
+            raise RuntimeError(f"no 'expected_sites = ' line in {config}")
+    if not fsync:
+        text = text.replace("[server]\n", "[server]\nfsync = false\n", 1)
+    lines = []
+    if extractor is not None:
+        lines = ["", "[server.extractor]"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in extractor.items()]
+    config.write_text(text + "\n".join(lines) + "\n", encoding="utf-8")
+    return config
+
+
+@dataclass(frozen=True)
+class SiteProcess:
+    """A running ``fedclient run`` and where it writes."""
+
+    site_id: str
+    process: subprocess.Popen[str]
+    out_dir: Path
+    log_path: Path
+
+
+def start_site(
+    address: str,
+    site_id: str,
+    token_file: Path,
+    data: Path,
+    out_dir: Path,
+    *,
+    categories: Sequence[str] | None = None,
+    extra_args: Sequence[str] = (),
+    env: dict[str, str] | None = None,
+) -> SiteProcess:
+    """Start ``fedclient run`` for one site; its log goes to ``out_dir``.log."""
+    log_path = out_dir.with_suffix(".log")
+    command = [sys.executable, "-m", "fedclient", "run", "--server", address, "--site-id",
+               site_id, "--token-file", str(token_file), "--data", str(data), "--out",
+               str(out_dir), "-v", *extra_args]
+    if categories:
+        command += ["--categories", *categories]
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, text=True,
+            env=env if env is not None else os.environ.copy(),
+        )
+    return SiteProcess(site_id, process, out_dir, log_path)
+
+
+def _client_env(num_sites: int) -> dict[str, str]:
+    """Share the cores between the site processes instead of oversubscribing them."""
+    env = os.environ.copy()
+    threads = max(1, (os.cpu_count() or 1) // num_sites)
+    env.setdefault("OMP_NUM_THREADS", str(threads))
+    env.setdefault("MKL_NUM_THREADS", str(threads))
+    return env
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python3 dev.py demo", description=__doc__.split("\n\n")[0],
+        epilog="Other arguments (with --in-process) go to the in-process demo.",
+    )
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the in-process simulation (core.demo) instead of processes")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="dataset folder (AutoVI layout; generated there if missing or "
+                        "empty; default: a temporary folder); one site per object folder")
+    parser.add_argument("--backbone", default="resnet18", help="timm backbone (default resnet18)")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="pretrained weights through timm (needs network or cache)")
+    parser.add_argument("--weights", default=None,
+                        help="local backbone weights file every site loads (implies pretrained)")
+    parser.add_argument("--image-size", type=int, default=128, help="image side in px")
+    parser.add_argument("--coreset-percentage", type=float, default=0.25,
+                        help="each site's local coreset, fraction of its patches")
+    parser.add_argument("--bank-ratio", type=float, default=0.1,
+                        help="global bank size as a fraction of all training patches")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the server state, site outputs and logs in this folder")
+    return parser
+
+
+def run(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    with tempfile.TemporaryDirectory(prefix="fedpatchcore-system-demo-") as tmp:
+        work = args.keep if args.keep is not None else Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        root = args.data if args.data is not None else work / "data"
+        if not root.exists() or not any(root.iterdir()):
+            generate_synthetic_dataset(
+                root, image_size=args.image_size, seed=args.seed, layout="autovi"
+            )
+        return _run_on(root, work, args)
+
+
+def _run_on(
+    root: Path,
+    work: Path,
+    args: argparse.Namespace,
+    *,
+    on_server: Callable[[ServerProcess], None] | None = None,
+) -> dict[str, dict[str, object]]:
+    """Run the federation on ``root``'s objects (one site each) in ``work``; ``on_server`` is
+    called once the server's port is known (benchmarks attach their byte counters there)."""
+    started = time.perf_counter()
+    train = AutoVIDataset(root, split="train")
+    categories = list(train.categories)
+    sites = [f"site-{i + 1}" for i in range(len(categories))]
+    grid = args.image_size // 8  # ResNet layer2 stride
+    bank_size = max(1, round(args.bank_ratio * len(train) * grid * grid))
+    extractor: dict[str, object] | None = {
+        "backbone": args.backbone, "layers": ["layer2", "layer3"], "pretrained": args.pretrained,
+        "pretrain_embed_dim": 1024, "target_embed_dim": 1024, "patch_size": 3,
+        "resize": args.image_size, "crop": 0, "init_seed": 0,
+    }
+    site_features = ["--coreset-percentage", str(args.coreset_percentage), "--seed", str(args.seed)]
+    if args.weights:
+        # A server-pinned pretrained extractor has timm's weights in its fingerprint; a weights
+        # file has its content hash. So with a file nothing is pinned: every site passes the same
+        # extractor flags and file, and the server holds the sites to the first one's fingerprint.
+        extractor = None
+        site_features += ["--backbone", args.backbone, "--image-size", str(args.image_size),
+                          "--weights", str(args.weights)]
+    fed_dir = work / "fed"
+    if fed_dir.exists():
+        shutil.rmtree(fed_dir)
+    config = write_server_config(
+        fed_dir, sites, global_bank_size=bank_size, extractor=extractor, rounds=args.rounds,
+        seed=args.seed,
+    )
+    server = ServerProcess(config, work / "fedserver.log")
+    server_ready = time.perf_counter() - started
+    if on_server is not None:
+        on_server(server)
+    try:
+        env = _client_env(len(sites))
+        t0 = time.perf_counter()
+        processes = [
+            start_site(
+                server.address, site, fed_dir / "site-tokens" / f"{site}.token", root,
+                work / f"out-{site}", categories=[category],
+                extra_args=site_features,
+                env=env,
+            )
+            for site, category in zip(sites, categories, strict=True)
+        ]
+        failed = []
+        for site in processes:
+            if site.process.wait() != 0:
+                failed.append(site)
+        sites_seconds = time.perf_counter() - t0
+        if failed:
+            for site in failed:
+                tail = site.log_path.read_text(encoding="utf-8").splitlines()[-5:]
+                print(f"site {site.site_id} failed (exit {site.process.returncode}):\n  "
+                      + "\n  ".join(tail), file=sys.stderr)
+            raise RuntimeError(f"{len(failed)} site(s) failed; logs in {work}")
+    finally:
+        server.stop()
+    metrics = {
+        site.site_id: json.loads((site.out_dir / "metrics.json").read_text(encoding="utf-8"))
+        for site in processes
+    }
+    _print_report(args, server.address, categories, metrics, bank_size, server_ready,
+                  sites_seconds, time.perf_counter() - started, work if args.keep else None)
+    return metrics
+
+
+def _print_report(
+    args: argparse.Namespace,
+    address: str,
+    categories: Sequence[str],
+    metrics: dict[str, dict[str, object]],
+    bank_size: int,
+    server_ready: float,
+    sites_seconds: float,
+    total: float,
+    kept: Path | None,
+) -> None:
+    weights = "pretrained" if (args.pretrained or args.weights) else "RANDOM weights"
+    print(
+        f"\nFedPatchCore demo on the real system: fedserver on {address} + {len(metrics)} "
+        f"fedclient processes; {args.backbone} ({weights}), {args.image_size} px, D=1024, "
+        f"global bank {bank_size} rows, {args.rounds} round(s)"
+    )
+    print(f"\n  {'site':<7} {'images':<16} {'coreset':>7} {'r_i':>6} {'img AUROC':>9} "
+          f"{'pix AUROC':>9} {'AU-PRO':>7} {'AU-sPRO@0.3':>11}")
+    for (site, m), category in zip(metrics.items(), categories, strict=True):
+        test = m.get("test", {})
+        assert isinstance(test, dict)
+        print(
+            f"  {site:<7} {m['num_train_images']:>3} {category:<12} {m['local_coreset_rows']:>7} "
+            f"{m['local_coverage_radius']:>6.3f} {_fmt(test.get('image_auroc'), 9)} "
+            f"{_fmt(test.get('pixel_auroc'), 9)} {_fmt(test.get('au_pro'), 7)} "
+            f"{_fmt(test.get('au_spro@0.3'), 11)}"
+        )
+    print("\nBytes on the wire (serialized gRPC messages, all sites; fp16 + zstd):")
+    print(f"  {'round':>5} {'rows up':>8} {'bytes up':>10} {'raw fp32':>10} {'ratio':>6} "
+          f"{'bytes down':>11} {'bank download':>15}")
+    rounds = max(len(m["rounds"]) for m in metrics.values())  # type: ignore[arg-type]
+    for r in range(rounds):
+        records = [m["rounds"][r] for m in metrics.values()]  # type: ignore[index]
+        rows = sum(x["rows_up"] for x in records)
+        up = sum(x["bytes_up"] for x in records)
+        down = sum(x["bytes_down"] for x in records)
+        raw = rows * 1024 * 4
+        kind = "delta" if all(x["bank_delta"] for x in records) else "full"
+        ratio = f"{up / raw:.3f}" if raw else "-"
+        print(f"  {r + 1:>5} {rows:>8} {up:>10} {raw:>10} {ratio:>6} {down:>11} "
+              f"{kind + ' v' + str(records[0]['bank_version']):>15}")
+    last = next(iter(metrics.values()))
+    print(f"  certificate (max_i r_i + r_S) of the final bank: {last['certificate']:.3f}")
+
+    def med(values: list[float]) -> float:
+        values = sorted(values)
+        return values[len(values) // 2]
+
+    seconds = [m["seconds"] for m in metrics.values()]
+    per_round = [r for m in metrics.values() for r in m["rounds"]]  # type: ignore[attr-defined]
+
+    def rounds_med(key: str) -> float:
+        return med([r[key] for r in per_round])
+
+    print("\nTimings (seconds; median over sites):")
+    print(f"  fedserver ready {server_ready:.1f}; site processes {sites_seconds:.1f} (start to "
+          f"last exit); whole demo {total:.1f}")
+    print(
+        f"  per site: fit {med([s['fit'] for s in seconds]):.1f}, "  # type: ignore[index]
+        f"upload {rounds_med('seconds_upload'):.2f}, wait for bank "
+        f"{rounds_med('seconds_wait'):.2f}, download {rounds_med('seconds_download'):.2f}, "
+        f"score {med([s.get('score', 0.0) for s in seconds]):.1f}"  # type: ignore[attr-defined]
+    )
+    if kept is not None:
+        print(f"\nServer state, site outputs (metrics.json, overlays/, bank) and logs: {kept}")
+
+
+def _fmt(value: object, width: int) -> str:
+    return f"{value:>{width}.3f}" if isinstance(value, float) else f"{'n/a':>{width}}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--in-process" in argv:
+        from core.demo import main as in_process_main
+
+        argv.remove("--in-process")
+        return in_process_main(argv)
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        run(args)
+    except RuntimeError as error:
+        print(f"demo: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

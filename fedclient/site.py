@@ -1,0 +1,374 @@
+"""A site's whole job, as ``fedclient run`` does it: fit, join, upload, download, score, report.
+
+The pieces are core's: ``core.federated.PatchCoreClient`` fits the local coreset and finds novel
+patches, ``core.serde.split_into_chunks`` makes the chunks, ``core.evaluation.evaluate`` scores;
+:class:`~fedclient.session.SiteSession` moves the messages. This module only sequences them and
+keeps the site's state in its output folder, so a restarted site carries on:
+
+* ``bank.safetensors``: the newest global bank it received (a PatchCore model file, with the
+  bank version, round and radii in its metadata); a later download asks only for the change;
+* ``metrics.json``: what the run did (per round: rows, chunks, bytes, seconds) and the scores;
+* ``overlays/``: one anomaly-map overlay PNG per test image.
+
+Where to resume an upload is never stored here: the session asks the server.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.data import AnomalyDataset, AutoVIDataset, DatasetError, ImageFolderDataset, MVTecDataset
+from core.data.defects import DEFECTS_CONFIG_FILENAME
+from core.evaluation import evaluate
+from core.features import FeatureConfig
+from core.federated import PatchCoreClient
+from core.patchcore import PatchCore, Predictions
+from core.serde import split_into_chunks
+from fedclient.report import write_metrics, write_overlays
+from fedclient.session import (
+    BankDownload,
+    FingerprintMismatchError,
+    RoundConfig,
+    SiteSession,
+    UploadResult,
+)
+from fedpatchcore.v1 import federation_pb2 as fpb
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BANK_FILE", "METRICS_FILE", "SiteOptions", "load_site_data", "run_site", "score"]
+
+BANK_FILE = "bank.safetensors"
+METRICS_FILE = "metrics.json"
+OVERLAY_DIR = "overlays"
+
+Progress = Callable[[str, int, int], None]
+"""progress(stage, done, total): called as images are fitted or scored."""
+
+
+@dataclass(frozen=True)
+class SiteOptions:
+    """How a site runs.
+
+    data: the site's images: an AutoVI / MVTec LOCO folder (``<object>/defects_config.json``),
+        an MVTec AD folder (``<category>/train/good``), or a plain folder of normal images (no
+        test set then). categories: restrict to these object/category folders.
+    out_dir: where the bank, metrics.json and overlays go (the site's state between runs).
+    features: the extractor to use when the server pins none (it must match the federation's).
+    weights: local backbone weights file for a server-pinned pretrained extractor.
+    coreset_percentage: local coreset as a fraction of the site's training patches.
+    seed / device / batch_size: as core.federated.PatchCoreClient.
+    max_rounds: stop after this many rounds even if the server opens more (None: follow it).
+    round_timeout_s: longest wait for a round's bank after uploading, seconds.
+    overlays: write anomaly-map overlays of the test images.
+    """
+
+    data: Path
+    out_dir: Path
+    features: FeatureConfig = field(
+        default_factory=lambda: FeatureConfig("resnet18", pretrained=False)
+    )
+    categories: tuple[str, ...] | None = None
+    weights: str | None = None
+    coreset_percentage: float = 0.1
+    seed: int = 0
+    device: str | None = None
+    batch_size: int = 8
+    max_rounds: int | None = None
+    round_timeout_s: float = 3600.0
+    overlays: bool = True
+
+
+def load_site_data(
+    root: Path, categories: tuple[str, ...] | None = None
+) -> tuple[AnomalyDataset, AnomalyDataset | None]:
+    """(train, test or None) of a site's folder; DatasetError naming the folder if unusable."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"site data folder {root} does not exist")
+    objects = list(categories) if categories else None
+    dirs = [p for p in root.iterdir() if p.is_dir() and (objects is None or p.name in objects)]
+    if any((p / DEFECTS_CONFIG_FILENAME).is_file() for p in dirs):
+        train: AnomalyDataset = AutoVIDataset(root, objects, split="train")
+        has_test = all((root / c / "test").is_dir() for c in train.categories)
+        return train, AutoVIDataset(root, objects, split="test") if has_test else None
+    if any((p / "train" / "good").is_dir() for p in dirs):
+        train = MVTecDataset(root, objects, split="train")
+        has_test = all((root / c / "test").is_dir() for c in train.categories)
+        return train, MVTecDataset(root, objects, split="test") if has_test else None
+    if categories:
+        raise DatasetError(f"{root} is a plain image folder: it has no categories to select")
+    return ImageFolderDataset(root), None
+
+
+class _CountingImages:
+    """An ImageSource that reports each image load (drives the progress bar without touching
+    core's loops)."""
+
+    def __init__(self, dataset: AnomalyDataset, stage: str, progress: Progress | None) -> None:
+        self._dataset = dataset
+        self._stage = stage
+        self._progress = progress
+        self._done = 0
+
+    def __len__(self) -> int:
+        return len(self._dataset)
+
+    def load_image(self, index: int) -> np.ndarray:
+        image = self._dataset.load_image(index)
+        self._done += 1
+        if self._progress is not None:
+            self._progress(self._stage, self._done, len(self._dataset))
+        return image
+
+    def __getattr__(self, name: str) -> object:  # categories, samples, ... of the dataset
+        return getattr(self._dataset, name)
+
+
+def _held_bank(out_dir: Path) -> tuple[int, np.ndarray] | None:
+    """(version, bank) of the bank this site saved earlier, or None."""
+    path = out_dir / BANK_FILE
+    if not path.is_file():
+        return None
+    extra = PatchCore.read_extra(path)
+    version = extra.get("bank_version")
+    if not isinstance(version, int) or version < 1:
+        logger.warning("%s has no bank version: downloading the full bank", path)
+        return None
+    from safetensors.numpy import load_file
+
+    return version, load_file(str(path))["memory_bank"]
+
+
+def run_site(
+    session: SiteSession,
+    options: SiteOptions,
+    *,
+    progress: Progress | None = None,
+    on_status: Callable[[fpb.RoundStatus], None] | None = None,
+) -> dict[str, object]:
+    """Take part in every round the server opens for this site, then score its test images.
+
+    Returns the metrics dict it also writes to ``out_dir/metrics.json``. Raises the session's
+    SessionError subclasses (unreachable server, refused token, closed round, fingerprint
+    mismatch, ...) and DatasetError for unusable data.
+    """
+    started = time.perf_counter()
+    out = options.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    train, test = load_site_data(options.data, options.categories)
+
+    joined = session.join()
+    config = RoundConfig.from_proto(joined.config)
+    features = config.feature_config(weights=options.weights) or options.features
+    fingerprint = features.fingerprint()
+    if config.feature_fingerprint and config.feature_fingerprint != fingerprint:
+        raise FingerprintMismatchError(
+            f"feature extractor mismatch: this site's extractor ({features.backbone}, "
+            f"fingerprint {fingerprint[:12]}...) differs from the federation's "
+            f"({config.feature_fingerprint[:12]}...)"
+        )
+
+    client = PatchCoreClient(
+        session.site_id,
+        _CountingImages(train, "fit", progress),  # type: ignore[arg-type]
+        features,
+        options.coreset_percentage,
+        seed=options.seed,
+        device=options.device,
+        batch_size=options.batch_size,
+    )
+    t0 = time.perf_counter()
+    client.train()
+    fit_seconds = time.perf_counter() - t0
+
+    held = _held_bank(out)
+    rounds: list[dict[str, object]] = []
+    download: BankDownload | None = None
+    while True:
+        record, download, held = _one_round(
+            session, client, config, held, options, on_status
+        )
+        rounds.append(record)
+        if options.max_rounds is not None and len(rounds) >= options.max_rounds:
+            break
+        nxt = session.join(fingerprint)
+        if nxt.config.round <= config.round:
+            break  # the server opened no further round for this site
+        config = RoundConfig.from_proto(nxt.config)
+
+    assert held is not None and download is not None
+    metrics: dict[str, object] = {
+        "site_id": session.site_id,
+        "server": session.connection.address,
+        "feature_fingerprint": fingerprint,
+        "backbone": features.backbone,
+        "num_train_images": len(train),
+        "num_training_patches": client.model.num_training_patches,
+        "local_coreset_rows": client.get_coreset().shape[0],
+        "local_coverage_radius": client.coverage_radius,
+        "bank_version": download.version,
+        "bank_rows": int(held[1].shape[0]),
+        "server_coverage_radius": download.server_radius,
+        "max_site_coverage_radius": download.max_site_radius,
+        "certificate": download.server_radius + download.max_site_radius,
+        "rounds": rounds,
+        "seconds": {"fit": fit_seconds},
+    }
+    _save_bank(client, held, download, out)
+    if test is not None:
+        t0 = time.perf_counter()
+        metrics["test"] = _score(client.model, test, out, options.overlays, progress)
+        metrics["seconds"]["score"] = time.perf_counter() - t0  # type: ignore[index]
+    metrics["seconds"]["total"] = time.perf_counter() - started  # type: ignore[index]
+    write_metrics(out / METRICS_FILE, metrics)
+    return metrics
+
+
+def _one_round(
+    session: SiteSession,
+    client: PatchCoreClient,
+    config: RoundConfig,
+    held: tuple[int, np.ndarray] | None,
+    options: SiteOptions,
+    on_status: Callable[[fpb.RoundStatus], None] | None,
+) -> tuple[dict[str, object], BankDownload, tuple[int, np.ndarray]]:
+    """Upload this site's rows of ``config.round``, wait for its bank and download it."""
+    r = config.round
+    num_novel: int | None = None
+    if r == 1:
+        rows = client.get_coreset()
+    else:
+        if held is None or held[0] != config.base_bank_version:
+            base = session.download_bank(
+                version=config.base_bank_version, have=held, max_rows=config.global_bank_size
+            )
+            held = (base.version, base.bank)
+        upload = client.novel_features(held[1], config.novelty_threshold)
+        rows, num_novel = upload.features, upload.num_novel
+    summary = client.summary(r, rows.shape[0], config.codec)
+    chunks = list(
+        split_into_chunks(
+            rows, config=config.codec, site_id=session.site_id, round=r,
+            max_chunk_bytes=config.max_chunk_bytes,
+        )
+    )
+    result: UploadResult = session.upload(summary, chunks)
+    client.record_upload(rows)
+    t0 = time.perf_counter()
+    status = session.wait_until_ready(r, timeout_s=options.round_timeout_s, on_status=on_status)
+    wait_seconds = time.perf_counter() - t0
+    # A bank never has more than k rows: a larger header is refused before anything is decoded.
+    download = session.download_bank(
+        version=status.bank_version, have=held, max_rows=config.global_bank_size
+    )
+    held = (download.version, download.bank)
+    record: dict[str, object] = {
+        "round": r,
+        "rows_up": int(rows.shape[0]),
+        "num_novel": num_novel,
+        "chunks_total": result.chunks_total,
+        "chunks_committed_at_start": result.committed_at_start,
+        "chunks_sent": result.chunks_sent,
+        "extra_chunks": result.extra_chunks,
+        "upload_streams": result.attempts,
+        "bytes_up": result.bytes_sent,
+        "bytes_down": download.bytes_received,
+        "bank_version": download.version,
+        "bank_delta": download.delta,
+        "bank_rows_in_stream": download.rows_in_stream,
+        "bank_rows_removed": download.rows_removed,
+        "seconds_upload": result.seconds,
+        "seconds_wait": wait_seconds,
+        "seconds_download": download.seconds,
+    }
+    return record, download, held
+
+
+def _save_bank(
+    client: PatchCoreClient, held: tuple[int, np.ndarray], download: BankDownload, out: Path
+) -> Path:
+    client.update_global_bank(held[1])
+    client.model.coverage_radius = download.server_radius + download.max_site_radius
+    return client.model.save(
+        out / BANK_FILE,
+        extra={
+            "bank_version": held[0],
+            "round": download.round,
+            "server_coverage_radius": download.server_radius,
+            "max_site_coverage_radius": download.max_site_radius,
+            "pretrained": client.feature_config.pretrained,
+        },
+    )
+
+
+def _score(
+    model: PatchCore,
+    test: AnomalyDataset,
+    out: Path,
+    overlays: bool,
+    progress: Progress | None,
+) -> dict[str, object]:
+    """Scores, metrics where labels allow, and overlays of ``test`` with ``model``'s bank."""
+    predictions: Predictions = model.predict(_CountingImages(test, "score", progress))  # type: ignore[arg-type]
+    transform = model.config.features.transform
+    result = evaluate(predictions, test, transform).as_dict()
+    names = [_image_name(test, i) for i in range(len(test))]
+    result["image_scores"] = dict(zip(names, predictions.image_scores.tolist(), strict=True))
+    if overlays:
+        write_overlays(
+            out / OVERLAY_DIR, names, predictions.anomaly_maps, transform,
+            load_image=test.load_image,
+        )
+    return result
+
+
+def _image_name(dataset: AnomalyDataset, index: int) -> str:
+    """category/defect/stem: unique within a dataset, readable as a file name."""
+    sample = dataset[index]
+    return f"{sample.category}/{sample.defect}/{sample.image_path.stem}"
+
+
+def score(
+    bank_file: Path,
+    data: Path,
+    out_dir: Path,
+    *,
+    categories: tuple[str, ...] | None = None,
+    weights: str | None = None,
+    device: str | None = None,
+    overlays: bool = True,
+    progress: Progress | None = None,
+) -> dict[str, object]:
+    """``fedclient score``: score ``data``'s test images (or, for a plain folder, all of its
+    images) with a bank downloaded earlier; writes metrics.json and overlays into ``out_dir``."""
+    extra = PatchCore.read_extra(bank_file)
+    model = PatchCore.load(bank_file, pretrained=weights is not None or _pretrained(bank_file),
+                           weights=weights, device=device)
+    train, test = load_site_data(data, categories)
+    images = test if test is not None else train
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    metrics: dict[str, object] = {
+        "bank_file": str(bank_file),
+        "bank_version": extra.get("bank_version"),
+        "bank_rows": int(model.memory_bank.shape[0]),
+        "data": str(data),
+    }
+    metrics["test"] = _score(model, images, out_dir, overlays, progress)
+    metrics["seconds"] = {"score": time.perf_counter() - t0}
+    write_metrics(out_dir / METRICS_FILE, metrics)
+    return metrics
+
+
+def _pretrained(bank_file: Path) -> bool:
+    """Whether the bank was built with pretrained weights (the site saved its fingerprint
+    source); random-init banks reload with the same seeded random backbone."""
+    return bool(PatchCore.read_extra(bank_file).get("pretrained", False))
+

@@ -1,0 +1,370 @@
+"""fedclient.session against a scripted server on 127.0.0.1:0: resume, bounded retries, delta
+download, status-code mapping, and the CLI's one-line errors."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+
+from core.codec import DEFAULT_CODEC
+from core.messages import SiteSummary
+from core.serde import split_into_chunks
+from fedclient import cli
+from fedclient.session import (
+    AuthenticationError,
+    ConnectionConfig,
+    FingerprintMismatchError,
+    PermissionDeniedError,
+    RejectedError,
+    RetryPolicy,
+    RoundFailedError,
+    ServerUnavailableError,
+    SiteSession,
+)
+from fedpatchcore.v1 import federation_pb2 as fpb
+from tests.fake_federation import FakeFederation, start
+
+D = 32
+FINGERPRINT = "ab" * 32
+
+
+@pytest.fixture
+def federation() -> Iterator[tuple[FakeFederation, int]]:
+    servicer = FakeFederation({"tok-a": "site-a", "tok-b": "site-b"})
+    server, port = start(servicer)
+    yield servicer, port
+    server.stop(grace=None)
+
+
+def _session(port: int, token: str = "tok-a", site: str = "site-a", **kwargs) -> SiteSession:
+    sleeps: list[float] = []
+    session = SiteSession(
+        ConnectionConfig(f"127.0.0.1:{port}", token=token, call_timeout_s=10),
+        site,
+        retry=kwargs.pop("retry", RetryPolicy(max_attempts=4, initial_backoff_s=0.01)),
+        rng=random.Random(7),
+        sleep=sleeps.append,
+        **kwargs,
+    )
+    session.sleeps = sleeps  # type: ignore[attr-defined]
+    return session
+
+
+def _upload_of(rows: int, site: str = "site-a") -> tuple[np.ndarray, SiteSummary, list]:
+    features = np.random.default_rng(0).random((rows, D), dtype=np.float32)
+    summary = SiteSummary(
+        site_id=site, round=1, num_images=3, num_patches=rows * 4, coreset_rows=rows,
+        coverage_radius=0.5, feature_dim=D, backbone="resnet18", layers=("layer2",),
+        codec=DEFAULT_CODEC, feature_fingerprint=FINGERPRINT,
+    )
+    # 4096-byte fp16 chunks of D=32: 64 rows each.
+    chunks = list(split_into_chunks(features, config=DEFAULT_CODEC, site_id=site, round=1,
+                                    max_chunk_bytes=4096))
+    return features, summary, chunks
+
+
+def test_upload_sends_every_chunk_once(federation) -> None:
+    servicer, port = federation
+    features, summary, chunks = _upload_of(640)
+    assert len(chunks) == 10
+    with _session(port) as session:
+        result = session.upload(summary, chunks)
+    upload = servicer.uploads["site-a"]
+    assert result.status.complete and result.chunks_sent == 10 and result.attempts == 1
+    assert upload.arrivals == list(range(10))
+    np.testing.assert_allclose(upload.assembler.result(), features, rtol=1e-3, atol=1e-4)
+    assert result.bytes_sent > sum(c.features.decoded_size for c in chunks) // 4  # counted
+
+
+def test_broken_stream_resumes_from_the_committed_position(federation) -> None:
+    servicer, port = federation
+    _, summary, chunks = _upload_of(640)
+    servicer.break_after = 3  # the server commits chunks 0..2, then the connection drops
+    with _session(port) as session:
+        result = session.upload(summary, chunks)
+        sleeps = session.sleeps  # type: ignore[attr-defined]
+    arrivals = servicer.uploads["site-a"].arrivals
+    assert result.status.complete and result.attempts == 2
+    # The second stream starts where the server's durable copy ends and sends only the rest;
+    # the first may have handed gRPC a few chunks beyond the break (flow-control window).
+    (first_start, first_sent), (second_start, second_sent) = result.streams
+    assert first_start == 0 and first_sent >= 3
+    assert second_start == 3 and second_sent == 7
+    assert sorted(set(arrivals)) == list(range(10)) and arrivals[-7:] == list(range(3, 10))
+    assert result.extra_chunks == first_sent - 3
+    assert len(sleeps) == 1 and 0.005 <= sleeps[0] <= 0.01  # jittered first backoff
+
+
+def test_restarted_site_learns_the_position_from_the_server(federation) -> None:
+    servicer, port = federation
+    _, summary, chunks = _upload_of(640)
+    servicer.break_after = 4
+    with _session(port, retry=RetryPolicy(max_attempts=1)) as first, pytest.raises(
+        ServerUnavailableError
+    ):
+        first.upload(summary, chunks)  # gives up at once: like a site killed mid-upload
+    with _session(port) as restarted:  # a new session knows nothing of the first one
+        result = restarted.upload(summary, chunks)
+    assert result.committed_at_start == 4
+    assert result.chunks_sent == 6 and result.extra_chunks == 0
+    assert servicer.uploads["site-a"].arrivals.count(4) == 1
+
+
+def test_retries_are_bounded(federation) -> None:
+    servicer, port = federation
+    servicer.fail_next = [grpc.StatusCode.UNAVAILABLE] * 10
+    with _session(port) as session, pytest.raises(ServerUnavailableError, match="cannot reach"):
+        session.join()
+    assert len(session.sleeps) == 3  # type: ignore[attr-defined]  # 4 attempts, 3 waits
+    assert len(servicer.fail_next) == 6
+    backoffs = session.sleeps  # type: ignore[attr-defined]
+    assert all(b2 > b1 for b1, b2 in itertools.pairwise(backoffs))
+
+
+def test_backoff_is_exponential_capped_and_jittered() -> None:
+    policy = RetryPolicy(initial_backoff_s=1.0, max_backoff_s=5.0, multiplier=2.0, jitter=0.5)
+    rng = random.Random(1)
+    waits = [policy.backoff(n, rng) for n in range(1, 7)]
+    for n, wait in enumerate(waits, start=1):
+        base = min(5.0, 2.0 ** (n - 1))
+        assert base * 0.5 <= wait <= base
+    assert waits == [policy.backoff(n, random.Random(1)) for n in range(1, 2)] + waits[1:]
+    with pytest.raises(ValueError, match="max_attempts"):
+        RetryPolicy(max_attempts=0)
+
+
+def test_refusals_map_to_typed_errors_without_retry(federation) -> None:
+    servicer, port = federation
+    with _session(port, token="nope") as session, pytest.raises(AuthenticationError):
+        session.join()
+    assert session.sleeps == []  # type: ignore[attr-defined]
+    with _session(port, site="site-b") as session, pytest.raises(PermissionDeniedError):
+        session.join()  # tok-a belongs to site-a
+    servicer.fingerprint = FINGERPRINT
+    with _session(port) as session, pytest.raises(FingerprintMismatchError):
+        session.join("cd" * 32)
+    servicer.fail_next = [grpc.StatusCode.INVALID_ARGUMENT]
+    with _session(port) as session, pytest.raises(RejectedError, match="INVALID_ARGUMENT"):
+        session.upload_status()
+
+
+def test_unreachable_server() -> None:
+    servicer = FakeFederation({})
+    server, port = start(servicer)
+    server.stop(grace=None)  # the port is now closed
+    retry = RetryPolicy(max_attempts=2, initial_backoff_s=0.0)
+    with _session(port, retry=retry) as session, pytest.raises(ServerUnavailableError):
+        session.join()
+
+
+def test_download_full_then_delta(federation) -> None:
+    servicer, port = federation
+    rng = np.random.default_rng(3)
+    v1 = rng.random((300, D), dtype=np.float32)
+    v2 = np.concatenate([np.delete(v1, [5, 17, 200], axis=0), rng.random((7, D), np.float32)])
+    servicer.banks = {1: v1, 2: v2}
+    with _session(port) as session:
+        full = session.download_bank(version=1)
+        delta = session.download_bank(version=2, have=(1, full.bank))
+        fresh = session.download_bank(version=2)
+    np.testing.assert_array_equal(full.bank, v1)
+    assert delta.delta and delta.base_version == 1 and delta.rows_removed == 3
+    np.testing.assert_array_equal(delta.bank, v2)
+    np.testing.assert_array_equal(delta.bank, fresh.bank)
+    assert delta.bytes_received * 10 < fresh.bytes_received  # only the change travelled
+
+
+def test_download_rejects_a_bank_that_fails_its_checksum(federation) -> None:
+    servicer, port = federation
+    v1 = np.random.default_rng(4).random((50, D), dtype=np.float32)
+    servicer.banks = {1: v1, 2: v1[:40]}
+    stale = v1.copy()
+    stale[0, 0] += 1.0  # the site's copy of v1 is not what the server holds
+    with _session(port) as session, pytest.raises(RejectedError, match="checksum"):
+        session.download_bank(version=2, have=(1, stale))
+
+
+def test_watch_until_ready_or_failed(federation) -> None:
+    servicer, port = federation
+    servicer.banks = {1: np.zeros((4, D), np.float32)}
+    seen: list[int] = []
+    with _session(port) as session:
+        status = session.wait_until_ready(1, timeout_s=10, on_status=lambda s: seen.append(s.state))
+        assert status.bank_version == 1
+        assert seen == [fpb.ROUND_STATE_COLLECTING, fpb.ROUND_STATE_READY]
+        servicer.state = fpb.ROUND_STATE_FAILED
+        with pytest.raises(RoundFailedError, match="injected"):
+            session.wait_until_ready(1, timeout_s=10)
+
+
+def test_cli_prints_one_line_errors(federation, tmp_path, capsys) -> None:
+    _, port = federation
+    bad = tmp_path / "bad.token"
+    bad.write_text("nope\n")
+    code = cli.main(["status", "--server", f"127.0.0.1:{port}", "--site-id", "site-a",
+                     "--token-file", str(bad)])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "refused the token" in err
+    assert "Traceback" not in err
+    server = FakeFederation({})
+    dead, dead_port = start(server)
+    dead.stop(grace=None)
+    code = cli.main(["status", "--server", f"127.0.0.1:{dead_port}", "--site-id", "site-a",
+                     "--token-file", str(bad), "--retries", "1"])
+    err = capsys.readouterr().err
+    assert code == 1 and err.count("\n") == 1 and "cannot reach the server" in err
+    code = cli.main(["status", "--server", "no-port", "--site-id", "a"])
+    assert code == 2 and "HOST:PORT" in capsys.readouterr().err
+
+
+def test_cli_status_prints_the_round(federation, tmp_path, capsys) -> None:
+    servicer, port = federation
+    servicer.banks = {1: np.zeros((4, D), np.float32)}
+    token = tmp_path / "t"
+    token.write_text("tok-a")
+    assert cli.main(["status", "--server", f"127.0.0.1:{port}", "--site-id", "site-a",
+                     "--token-file", str(token), "--follow"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("round 1: collecting") and "bank v1 (4 rows)" in out[1]
+
+
+def test_every_command_has_help(capsys) -> None:
+    for command in ("run", "score", "status", "check", "init-config"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([command, "--help"])
+        assert exit_info.value.code == 0
+        assert len(capsys.readouterr().out) > 200
+
+
+def test_init_config_writes_a_loadable_template(tmp_path, capsys) -> None:
+    path = tmp_path / "site.toml"
+    assert cli.main(["init-config", str(path)]) == 0
+    args = cli.build_parser().parse_args(["run", "--config", str(path), "--site-id", "x"])
+    values = cli._settings(args)
+    assert values["site_id"] == "x" and values["server"] == "127.0.0.1:50051"
+    assert values["token_file"] == tmp_path / "site.token"  # relative to the file
+    assert cli.main(["init-config", str(path)]) == 2  # never overwritten
+
+
+def _openssl(*args: str, cwd) -> None:
+    import subprocess
+
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for localhost and a site certificate (openssl CLI)."""
+    import shutil
+
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make test certificates")
+    d = tmp_path_factory.mktemp("pki")
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+             "ca.pem", "-days", "1", "-subj", "/CN=test-ca", cwd=d)
+    (d / "san.cnf").write_text("subjectAltName=DNS:localhost\n")
+    for name in ("server", "site"):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={'localhost' if name == 'server' else name}",
+                 cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "1",
+                 *(["-extfile", "san.cnf"] if name == "server" else []), cwd=d)
+    return d
+
+
+def test_mutual_tls(pki) -> None:
+    from concurrent import futures
+
+    from fedclient.session import TLSConfig
+    from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
+
+    servicer = FakeFederation({"tok-a": "site-a"})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    fgrpc.add_FederationServiceServicer_to_server(servicer, server)
+    credentials = grpc.ssl_server_credentials(
+        [((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+        root_certificates=(pki / "ca.pem").read_bytes(), require_client_auth=True,
+    )
+    port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    try:
+        def session(tls: TLSConfig) -> SiteSession:
+            return SiteSession(
+                ConnectionConfig(f"127.0.0.1:{port}", token="tok-a", tls=tls, call_timeout_s=5),
+                "site-a", retry=RetryPolicy(max_attempts=1),
+            )
+
+        mutual = TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "site.pem",
+                           key_file=pki / "site.key", server_name="localhost")
+        with session(mutual) as s:
+            assert s.join().config.round == 1
+        # Without a client certificate the server refuses the handshake.
+        with session(TLSConfig(ca_file=pki / "ca.pem", server_name="localhost")) as s, \
+                pytest.raises(ServerUnavailableError):
+            s.join()
+        # Plaintext against a TLS port fails too: nothing travels in the clear by accident.
+        with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", token="tok-a", call_timeout_s=5),
+                         "site-a", retry=RetryPolicy(max_attempts=1)) as s, \
+                pytest.raises(ServerUnavailableError):
+            s.join()
+    finally:
+        server.stop(grace=None)
+    with pytest.raises(ValueError, match="together"):
+        TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "site.pem")
+
+
+def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
+    from concurrent import futures
+
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    fgrpc.add_FederationServiceServicer_to_server(FakeFederation({"tok-a": "site-a"}), server)
+    checker = health.HealthServicer()
+    checker.set("", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    token = tmp_path / "t"
+    token.write_text("tok-a\n")
+    try:
+        code = cli.main(["check", "--server", f"127.0.0.1:{port}", "--site-id", "site-a",
+                         "--token-file", str(token), "--data", str(synthetic_root),
+                         "--categories", "washer"])
+    finally:
+        server.stop(grace=None)
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0
+    assert [line.split(":")[0] for line in out[:3]] == [
+        "ok   settings", "ok   data", "ok   server health"
+    ]
+    assert out[3] == ("ok   token accepted for site site-a; round 1 open, bank size 16, upload "
+                      "committed 0 chunk(s)")
+    assert "12 training image(s), 8 test image(s)" in out[1] and "SERVING" in out[2]
+
+
+def test_cli_run_refuses_early_with_one_line(federation, tmp_path, synthetic_root, capsys) -> None:
+    servicer, port = federation
+    token = tmp_path / "t"
+    token.write_text("tok-a")
+    run = ["run", "--server", f"127.0.0.1:{port}", "--site-id", "site-a", "--token-file",
+           str(token), "--data", str(synthetic_root), "--categories", "washer", "--out",
+           str(tmp_path / "out"), "--backbone", "resnet18", "--no-pretrained"]
+    servicer.fingerprint = FINGERPRINT  # the federation's extractor is another one
+    assert cli.main(run) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "feature extractor mismatch" in err
+    servicer.fingerprint = ""
+    servicer.fail_next = [grpc.StatusCode.FAILED_PRECONDITION]  # e.g. the round is closed
+    assert cli.main(run) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "the round does not accept this (join)" in err
+    assert not (tmp_path / "out" / "metrics.json").exists()  # refused before any work
