@@ -1,4 +1,6 @@
-"""The main job end to end on a generated dataset: ``python3 dev.py demo``.
+"""The federation simulated in one process: ``python3 dev.py demo --in-process``.
+
+(``python3 dev.py demo`` runs the same job on the real system: fedclient.demo.)
 
 1. Generates the synthetic inspection dataset (AutoVI layout: several part categories with
    scratches, spots and missing pieces, exact per-defect masks).
@@ -18,9 +20,11 @@ Runs on CPU in about 15 seconds with a small random-weight backbone (no network 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.contrib.logging import logging_redirect_tqdm
@@ -94,12 +98,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run(args: argparse.Namespace) -> dict[str, EvaluationResult]:
-    """Run the demo. Synthetic data is generated only where asked: in a temporary folder
-    without ``--data``, in ``--data`` with ``--generate``. A ``--data`` folder that is missing
-    or empty is an error (DatasetError naming it): a typo must not turn into made-up metrics."""
-    if args.data is not None and not args.generate:
-        root = Path(args.data)
+@contextlib.contextmanager
+def demo_dataset(
+    data: Path | None, *, generate: bool, image_size: int, seed: int
+) -> Iterator[Path]:
+    """Yield the dataset folder the demo runs on; shared by this demo and the system demo.
+
+    Synthetic data is generated only where asked: in a temporary folder (removed afterwards)
+    without ``data``, in ``data`` with ``generate``. A ``data`` folder that is missing or empty
+    is an error (DatasetError naming it): a typo must not turn into made-up metrics.
+    """
+    if data is not None and not generate:
+        root = Path(data)
         if not root.is_dir() or not any(root.iterdir()):
             state = "does not exist" if not root.exists() else "is empty or not a folder"
             raise DatasetError(
@@ -107,18 +117,25 @@ def run(args: argparse.Namespace) -> dict[str, EvaluationResult]:
                 "--generate to write the synthetic demo dataset there, or omit --data"
             )
         logger.info("using the dataset in %s", root)
-        return _run_on(root, args)
+        yield root
+        return
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-demo-") as tmp:
-        root = args.data if args.data is not None else Path(tmp) / "data"
-        if args.data is not None and root.exists() and (not root.is_dir() or any(root.iterdir())):
+        root = Path(data) if data is not None else Path(tmp) / "data"
+        if data is not None and root.exists() and (not root.is_dir() or any(root.iterdir())):
             raise DatasetError(
                 f"--generate: {root} is not an empty folder; drop --generate to use the data "
                 "there, or name a new folder"
             )
         logger.info("generating the synthetic demo dataset in %s", root)
-        generate_synthetic_dataset(
-            root, image_size=args.image_size, seed=args.seed, layout="autovi"
-        )
+        generate_synthetic_dataset(root, image_size=image_size, seed=seed, layout="autovi")
+        yield root
+
+
+def run(args: argparse.Namespace) -> dict[str, EvaluationResult]:
+    """Run the demo on :func:`demo_dataset`'s folder."""
+    with demo_dataset(
+        args.data, generate=args.generate, image_size=args.image_size, seed=args.seed
+    ) as root:
         return _run_on(root, args)
 
 

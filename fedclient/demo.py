@@ -34,7 +34,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.data import AutoVIDataset, generate_synthetic_dataset
+from core.data import AutoVIDataset, DatasetError
+from core.demo import demo_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -219,8 +220,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--in-process", action="store_true",
                         help="run the in-process simulation (core.demo) instead of processes")
     parser.add_argument("--data", type=Path, default=None,
-                        help="dataset folder (AutoVI layout; generated there if missing or "
-                        "empty; default: a temporary folder); one site per object folder")
+                        help="your dataset folder (AutoVI layout), one site per object folder; "
+                        "it must exist. Default: a synthetic dataset in a temporary folder")
+    parser.add_argument("--generate", action="store_true",
+                        help="generate the synthetic dataset in --data (which must be missing or "
+                        "empty) and keep it there")
     parser.add_argument("--backbone", default="resnet18", help="timm backbone (default resnet18)")
     parser.add_argument("--pretrained", action="store_true",
                         help="pretrained weights through timm (needs network or cache)")
@@ -242,12 +246,10 @@ def run(args: argparse.Namespace) -> dict[str, dict[str, object]]:
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-system-demo-") as tmp:
         work = args.keep if args.keep is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        root = args.data if args.data is not None else work / "data"
-        if not root.exists() or not any(root.iterdir()):
-            generate_synthetic_dataset(
-                root, image_size=args.image_size, seed=args.seed, layout="autovi"
-            )
-        return _run_on(root, work, args)
+        with demo_dataset(
+            args.data, generate=args.generate, image_size=args.image_size, seed=args.seed
+        ) as root:
+            return _run_on(root, work, args)
 
 
 def _run_on(
@@ -402,10 +404,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         argv.remove("--in-process")
         return in_process_main(argv)
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.generate and args.data is None:
+        parser.error("--generate needs --data DIR (without --data the demo uses a temp folder)")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
+    except DatasetError as error:
+        parser.error(str(error))
     except RuntimeError as error:
         print(f"demo: error: {error}", file=sys.stderr)
         return 1

@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from core.data import DatasetError
 from core.demo import build_parser, main, run
+from fedclient.demo import main as system_main
 
 
+@pytest.mark.parametrize("demo_main", [main, system_main], ids=["in-process", "system"])
 def test_missing_data_folder_is_an_error_not_a_generated_dataset(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], demo_main: Callable[[list[str]], int]
 ) -> None:
     typo = tmp_path / "typo"
     with pytest.raises(SystemExit) as caught:
-        main(["--data", str(typo)])
+        demo_main(["--data", str(typo)])
     assert caught.value.code == 2
     err = capsys.readouterr().err
     assert str(typo) in err and "does not exist" in err and "--generate" in err
