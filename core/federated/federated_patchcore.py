@@ -10,7 +10,7 @@ import numpy as np
 
 from core.codec import DEFAULT_CODEC, CodecConfig
 from core.features import FeatureConfig
-from core.federated.aggregator import Strategy
+from core.federated.aggregator import ServerSelection, Strategy
 from core.federated.client import PatchCoreClient
 from core.federated.server import FederatedServer, RoundReport
 from core.knn import Backend
@@ -36,6 +36,9 @@ class FederatedPatchCore:
         device: "cpu", "cuda", or None for CUDA when available.
         batch_size: images per backbone pass.
         num_neighbors: image-score reweighting (1 = max patch score).
+        knn_backend: nearest-neighbour backend of the global model.
+        server_selection: how the coreset strategy picks the bank from the uploads (see
+            FederatedServer).
 
     Example::
 
@@ -60,6 +63,7 @@ class FederatedPatchCore:
         batch_size: int = 8,
         num_neighbors: int = 1,
         knn_backend: Backend = "auto",
+        server_selection: ServerSelection = "prefix",
     ) -> None:
         self.num_clients = num_clients
         self.feature_config = (
@@ -78,6 +82,7 @@ class FederatedPatchCore:
             codec=codec,
             seed=seed,
             device=device,
+            server_selection=server_selection,
         )
         self.clients: list[PatchCoreClient] = []
         #: The federation record read by :meth:`load` (None for a model trained here).

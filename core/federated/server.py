@@ -13,7 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from core.codec import DEFAULT_CODEC, CodecConfig
-from core.federated.aggregator import GlobalBankAggregator, RoundOutcome, Strategy
+from core.federated.aggregator import (
+    GlobalBankAggregator,
+    RoundOutcome,
+    ServerSelection,
+    Strategy,
+)
 from core.federated.client import PatchCoreClient
 from core.federated.communication import CommunicationProtocol, parse_upload
 from core.federated.strategies import (
@@ -98,6 +103,8 @@ class FederatedServer:
         seed: seeds the selection.
         buffer_rows: memory bound of the coreset selector (rows); see GlobalBankAggregator.
         device: "cuda" to run selection on the GPU.
+        server_selection: how the coreset strategy picks the bank from the uploads ("prefix",
+            the default, or "farthest_first"; see core.federated.aggregator.ServerSelection).
 
     Example::
 
@@ -116,6 +123,7 @@ class FederatedServer:
         seed: int = 0,
         buffer_rows: int | None = None,
         device: str | None = None,
+        server_selection: ServerSelection = "prefix",
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -133,6 +141,7 @@ class FederatedServer:
             seed=seed,
             buffer_rows=buffer_rows,
             device=device,
+            server_selection=server_selection,
         )
         self._global_bank: np.ndarray | None = None
         self.reports: list[RoundReport] = []
