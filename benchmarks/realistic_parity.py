@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sites", type=int, default=3, help="federated sites")
     parser.add_argument("--num-train", type=int, default=60, help="train images per category")
     parser.add_argument("--num-test", type=int, default=100, help="test images per category")
-    parser.add_argument("--image-size", type=int, default=128, help="image side = input, px")
+    parser.add_argument("--image-size", type=int, default=96, help="image side = input, px")
     parser.add_argument("--backbone", default="resnet18", help="timm backbone (random init)")
     parser.add_argument("--neighbors", type=int, default=9, help="image-score reweighting")
     parser.add_argument("--bank-ratio", type=float, default=0.1,
@@ -99,9 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--strategies", nargs="+", default=[s[0] for s in STRATEGIES],
                         choices=[s[0] for s in STRATEGIES])
     parser.add_argument("--diagnose", nargs="?", const="iid", default=None, choices=PARTITIONS,
-                        help="also compare server selections on this partition (in memory)")
+                        help="also compare server selections on this partition, on the first "
+                             "setting (in memory)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: photos, 6 train + 8 test images, 64 px, 2 seeds")
+                        help="smoke run (seconds): photos, 4 train + 6 test images, 64 px, "
+                             "2 seeds, IID only, the prefix-merge and farthest-first strategies")
     parser.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
     return parser
 
@@ -193,12 +195,15 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
 
     full = Scores()
     evaluator.score(all_patches, full)
-    logger.info("%s: full bank %d rows scored", setting.name, all_patches.shape[0])
+    logger.info("%s: full bank %d rows: %s", setting.name, all_patches.shape[0], {
+        c: [round(v[m][-1], 4) for m in METRICS] for c, v in full.values.items()})
     central = Scores()
     for seed in seeds:
         model = PatchCore(PatchCoreConfig(features=features, coreset_size=bank_size, seed=seed,
                                           num_neighbors=args.neighbors)).fit(setting.train)
         evaluator.score(model.memory_bank, central)
+        logger.info("centralised seed %d: %s", seed, {
+            c: [round(v[m][-1], 4) for m in METRICS] for c, v in central.values.items()})
     logger.info("%s: centralised x %d scored", setting.name, len(seeds))
 
     federated: dict[tuple[str, str], Scores] = {}
@@ -219,6 +224,8 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
                 fed.setup_clients(parts)
                 fed.train(1)
                 evaluator.score(fed.global_bank, scores)
+                logger.info("%s %s %s seed %d: %s", setting.name, part_name, label, seed, {
+                    c: [round(v[m][-1], 4) for m in METRICS] for c, v in scores.values.items()})
                 report = fed.reports[-1]
                 scores.bytes_up.append(report.total_bytes_up)
                 scores.bytes_down.append(report.total_bytes_down)
@@ -228,7 +235,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
 
     table, met = main_table(setting, full, central, federated, bank_size, len(all_patches))
     diagnosis = ""
-    if args.diagnose:
+    if args.diagnose and setting.name == args.settings[0]:
         diagnosis = diagnose(setting, args, evaluator, train_features, bank_size, seeds)
     return table, met, diagnosis
 
@@ -237,6 +244,14 @@ def _fmt(scores: Scores, category: str, metric: str) -> str:
     if len(scores.values[category][metric]) == 1:
         return f"{scores.mean(category, metric):.4f}"
     return f"{scores.mean(category, metric):.4f} ± {scores.spread(category, metric) / 2:.4f}"
+
+
+def _transfer(scores: Scores) -> list[object]:
+    """Mean rows up, bytes up, bytes down (per round, all sites) and certificate of the runs."""
+    if not scores.rows_up:
+        return ["-", "-", "-", "-"]
+    return [int(np.mean(scores.rows_up)), int(np.mean(scores.bytes_up)),
+            int(np.mean(scores.bytes_down)), f"{float(np.mean(scores.certificate)):.4g}"]
 
 
 def main_table(setting: Setting, full: Scores, central: Scores,
@@ -265,9 +280,7 @@ def main_table(setting: Setting, full: Scores, central: Scores,
                 all_met &= met
             rows.append([f"federated {part_name}, {label}", category,
                          *(_fmt(scores, category, m) for m in METRICS),
-                         int(np.mean(scores.rows_up)), int(np.mean(scores.bytes_up)),
-                         int(np.mean(scores.bytes_down)),
-                         f"{float(np.mean(scores.certificate)):.4g}",
+                         *_transfer(scores),
                          "yes" if met else "NO: " + "; ".join(misses)])
     return markdown_table(header, rows), all_met
 
@@ -333,6 +346,13 @@ def diagnose(setting: Setting, args: argparse.Namespace, evaluator: Evaluator,
         share = [u[: round(bank_size * len(s) / total)] for u, s in zip(uploads, sites,
                                                                          strict=True)]
         record("sites send k x their patch share, no server selection", np.concatenate(share))
+        for fraction in (0.1, 0.15, 0.2):  # smaller local coresets are prefixes of the upload
+            if fraction < args.local_ratio:
+                smaller = PrefixMergeSelector(bank_size, capacity=len(union))
+                for i, (upload, site) in enumerate(zip(uploads, sites, strict=True)):
+                    smaller.add(str(i), upload[: math.ceil(fraction * len(site))])
+                record(f"server: prefix merge, sites send {fraction:g} of their patches",
+                       smaller.select().features)
         record(f"whole union ({len(union)} rows, no selection)", union)
         logger.info("diagnosis seed %d done", seed)
     header = ["selection (same uploads)", *(f"{m} (mean of categories)" for m in METRICS),
@@ -356,8 +376,9 @@ def run(args: argparse.Namespace) -> bool:
     """Run every setting; True when the prefix-merge coreset strategy met the bar everywhere."""
     start = time.perf_counter()
     if args.quick:
-        args.settings, args.num_train, args.num_test = ["photos"], 6, 8
-        args.image_size, args.seeds = 64, 2
+        args.settings, args.num_train, args.num_test = ["photos"], 4, 6
+        args.image_size, args.seeds, args.partitions = 64, 2, ["iid"]
+        args.strategies = [STRATEGIES[0][0], STRATEGIES[1][0]]
     features = random_feature_config(args.backbone, args.image_size, init_seed=0)
     all_met = True
     for name in args.settings:

@@ -6,7 +6,7 @@ import importlib
 
 import pytest
 
-SCRIPTS = ["coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff"]
+SCRIPTS = ["coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "realistic_parity"]
 
 
 @pytest.mark.parametrize("name", SCRIPTS)

@@ -90,7 +90,7 @@ def render_photo_image(
     photo = _photo(name)
     h, w = photo.shape[:2]
     y0, y1, x0, x1 = int(top * h), int(bottom * h), int(left * w), int(right * w)
-    side = int(round(crop_rng.uniform(0.30, 0.45) * (y1 - y0)))
+    side = round(crop_rng.uniform(0.30, 0.45) * (y1 - y0))
     side = min(side, y1 - y0, x1 - x0)
     y = int(crop_rng.integers(y0, y1 - side + 1))
     x = int(crop_rng.integers(x0, x1 - side + 1))

@@ -23,6 +23,7 @@ from core.federated.client import PatchCoreClient
 from core.federated.communication import CommunicationProtocol, parse_upload
 from core.federated.strategies import (
     federated_coreset_aggregation,
+    federated_prefix_aggregation,
     federated_random_aggregation,
 )
 from core.messages import FeatureChunk, SiteSummary
@@ -134,6 +135,7 @@ class FederatedServer:
         self.codec = codec
         self.seed = seed
         self.device = device
+        self.server_selection: ServerSelection = server_selection
         self.aggregator = GlobalBankAggregator(
             global_bank_size,
             strategy=aggregation_strategy,
@@ -171,7 +173,9 @@ class FederatedServer:
                 f"{len(client_sizes)} client sizes for {len(client_coresets)} coresets"
             )
         weights = list(client_sizes) if (self.weighted and client_sizes is not None) else None
-        if self.aggregation_strategy == "coreset":
+        if self.aggregation_strategy == "coreset" and self.server_selection == "prefix":
+            bank = federated_prefix_aggregation(client_coresets, self.global_bank_size, weights)
+        elif self.aggregation_strategy == "coreset":
             bank = federated_coreset_aggregation(
                 client_coresets, self.global_bank_size, weights, seed=self.seed
             )
