@@ -94,7 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-ratio", type=float, default=0.25,
                         help="federated local coreset (upload), fraction of a site's patches")
     parser.add_argument("--alpha", type=float, default=0.3, help="Dirichlet concentration")
-    parser.add_argument("--seeds", type=int, default=3, help="coreset seeds 0..n-1")
+    parser.add_argument("--seeds", type=int, default=3,
+                        help="coreset seeds 0..n-1 of centralised and prefix-merge federated")
+    parser.add_argument("--baseline-seeds", type=int, default=1,
+                        help="seeds of the farthest-first and random federated baselines")
+    parser.add_argument("--diagnose-seeds", type=int, default=1, help="seeds of --diagnose")
     parser.add_argument("--partitions", nargs="+", default=list(PARTITIONS), choices=PARTITIONS)
     parser.add_argument("--strategies", nargs="+", default=[s[0] for s in STRATEGIES],
                         choices=[s[0] for s in STRATEGIES])
@@ -213,7 +217,8 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
             if label not in args.strategies:
                 continue
             scores = federated.setdefault((part_name, label), Scores())
-            for seed in seeds:
+            runs = seeds if label == STRATEGIES[0][0] else seeds[: args.baseline_seeds]
+            for seed in runs:
                 fed = FederatedPatchCore(
                     num_clients=len(parts), backbone=features, global_bank_size=bank_size,
                     coreset_percentage=args.local_ratio,
@@ -236,7 +241,8 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
     table, met = main_table(setting, full, central, federated, bank_size, len(all_patches))
     diagnosis = ""
     if args.diagnose and setting.name == args.settings[0]:
-        diagnosis = diagnose(setting, args, evaluator, train_features, bank_size, seeds)
+        diagnosis = diagnose(setting, args, evaluator, train_features, bank_size,
+                             seeds[: args.diagnose_seeds])
     return table, met, diagnosis
 
 
@@ -393,7 +399,8 @@ def run(args: argparse.Namespace) -> bool:
             f"{args.backbone} random init (seed 0), layer2+layer3, D=1024, {args.neighbors} "
             f"neighbours. Bank K = {args.bank_ratio:g} of all training patches for centralised "
             f"and federated; {args.sites} sites, each uploads {args.local_ratio:g} of its "
-            f"patches; seeds {list(range(args.seeds))}; partitions {args.partitions}. Values: "
+            f"patches; seeds {list(range(args.seeds))} (federated baselines: "
+            f"{list(range(args.baseline_seeds))}); partitions {args.partitions}. Values: "
             "mean ± half the range over seeds. Bar per category and metric: federated mean >= "
             f"min(centralised mean, full bank) - {ABS_SLACK} - centralised range. Bytes: "
             "serialized wire messages of round 1, all sites (down = bank x sites), fp16+zstd. "
