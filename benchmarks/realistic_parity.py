@@ -210,6 +210,12 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
             c: [round(v[m][-1], 4) for m in METRICS] for c, v in central.values.items()})
     logger.info("%s: centralised x %d scored", setting.name, len(seeds))
 
+    diagnosis = ""
+    if args.diagnose and setting.name == args.settings[0]:
+        diagnosis = diagnose(setting, args, evaluator, train_features, bank_size,
+                             seeds[: args.diagnose_seeds])
+        logger.info("diagnosis:\n%s", diagnosis)
+
     federated: dict[tuple[str, str], Scores] = {}
     for part_name, partitioner in partitioners(args).items():
         parts = partitioner.partition(setting.train)
@@ -239,10 +245,6 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
             logger.info("%s: %s %s scored", setting.name, part_name, label)
 
     table, met = main_table(setting, full, central, federated, bank_size, len(all_patches))
-    diagnosis = ""
-    if args.diagnose and setting.name == args.settings[0]:
-        diagnosis = diagnose(setting, args, evaluator, train_features, bank_size,
-                             seeds[: args.diagnose_seeds])
     return table, met, diagnosis
 
 
