@@ -18,7 +18,13 @@ from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FederatedPatchCore"]
+__all__ = ["UPLOAD_FACTOR", "FederatedPatchCore"]
+
+#: Default upload: the sites together send this many times the global bank (each in proportion
+#: to its patches). Measured on the realistic parity benchmark (README, "How much each site
+#: should send"): with the prefix-merge server selection, 2x matches centralised PatchCore;
+#: 1x (send exactly the bank) leaves the server no choice and ties the bank to equal shares.
+UPLOAD_FACTOR = 2.0
 
 
 class FederatedPatchCore:
@@ -28,7 +34,11 @@ class FederatedPatchCore:
         num_clients: number of federated clients.
         backbone: feature extractor backbone (timm name), or a full FeatureConfig.
         global_bank_size: target global memory bank size.
-        coreset_percentage: each client's local coreset, as a fraction of its patches.
+        coreset_percentage: each client's local coreset (its upload), as a fraction of its
+            patches. None (default): ``UPLOAD_FACTOR`` x the global bank's share of all
+            patches, so the sites together send UPLOAD_FACTOR x global_bank_size rows and the
+            server has a choice (README, "How much each site should send"); resolved in
+            :meth:`setup_clients` from the sites' image counts and the patch grid.
         aggregation_strategy: "coreset" or "random" (see FederatedServer).
         weighted: see FederatedServer.
         codec: wire codec (default fp16 + shuffle + zstd).
@@ -54,7 +64,7 @@ class FederatedPatchCore:
         backbone: str | FeatureConfig = "wide_resnet50_2",
         global_bank_size: int = 10000,
         *,
-        coreset_percentage: float = 0.1,
+        coreset_percentage: float | None = None,
         aggregation_strategy: Strategy = "coreset",
         weighted: bool = True,
         codec: CodecConfig = DEFAULT_CODEC,
@@ -69,7 +79,11 @@ class FederatedPatchCore:
         self.feature_config = (
             backbone if isinstance(backbone, FeatureConfig) else FeatureConfig(backbone)
         )
+        if coreset_percentage is not None and not 0.0 < coreset_percentage <= 1.0:
+            raise ValueError(f"coreset_percentage must be in (0, 1] or None, got "
+                             f"{coreset_percentage}")
         self.global_bank_size = global_bank_size
+        #: The local fraction in use (None until setup_clients resolves the default).
         self.coreset_percentage = coreset_percentage
         self.seed = seed
         self.device = device
@@ -109,6 +123,8 @@ class FederatedPatchCore:
             raise ValueError(
                 f"expected {self.num_clients} client datasets, got {len(client_datasets)}"
             )
+        if self.coreset_percentage is None:
+            self.coreset_percentage = self._default_local_fraction(client_datasets)
         self.clients = [
             PatchCoreClient(
                 i,
@@ -122,6 +138,24 @@ class FederatedPatchCore:
             )
             for i, dataset in enumerate(client_datasets)
         ]
+
+    def _default_local_fraction(self, client_datasets: Sequence[ImageSource]) -> float:
+        """UPLOAD_FACTOR x global_bank_size / all sites' patches, capped at 1.
+
+        The patch grid comes from one image through the shared backbone (all images are
+        transformed to one input size, so every image has the same number of patches).
+        """
+        source = next((d for d in client_datasets if len(d)), None)
+        if source is None:
+            raise ValueError("every client dataset is empty")
+        _, _, grid = next(self.global_model.iter_features(source, [0]))
+        total = sum(len(d) for d in client_datasets) * grid[0] * grid[1]
+        fraction = min(1.0, UPLOAD_FACTOR * self.global_bank_size / total)
+        logger.info(
+            "local coreset: %.4g of each site's patches (%g x a global bank of %d of %d "
+            "patches)", fraction, UPLOAD_FACTOR, self.global_bank_size, total,
+        )
+        return fraction
 
     def train(self, num_rounds: int = 1) -> FederatedPatchCore:
         """Execute federated training.
