@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--diagnose", nargs="?", const="iid", default=None, choices=PARTITIONS,
                         help="also compare server selections on this partition, on the first "
                              "setting (in memory)")
+    parser.add_argument("--diagnose-only", action="store_true",
+                        help="only the --diagnose comparison (no full bank, centralised or "
+                             "federated runs)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run (seconds): photos, 4 train + 6 test images, 64 px, "
                              "2 seeds, IID only, the prefix-merge and farthest-first strategies")
@@ -196,6 +199,9 @@ def run_setting(setting: Setting, args: argparse.Namespace, features: FeatureCon
     train_features = evaluator.train_features(setting.train)
     all_patches = train_features.reshape(-1, train_features.shape[-1])
     bank_size = math.ceil(args.bank_ratio * all_patches.shape[0])
+    if args.diagnose_only:
+        return "", True, diagnose(setting, args, evaluator, train_features, bank_size,
+                                  seeds[: args.diagnose_seeds])
 
     full = Scores()
     evaluator.score(all_patches, full)
@@ -383,6 +389,8 @@ def diagnose(setting: Setting, args: argparse.Namespace, evaluator: Evaluator,
 def run(args: argparse.Namespace) -> bool:
     """Run every setting; True when the prefix-merge coreset strategy met the bar everywhere."""
     start = time.perf_counter()
+    if args.diagnose_only and not args.diagnose:
+        raise SystemExit("--diagnose-only needs --diagnose PARTITION")
     if args.quick:
         args.settings, args.num_train, args.num_test = ["photos"], 4, 6
         args.image_size, args.seeds, args.partitions = 64, 2, ["iid"]
@@ -409,6 +417,12 @@ def run(args: argparse.Namespace) -> bool:
             f"Prefix-merge coreset meets the bar everywhere: {'yes' if met else 'NO'}. "
             f"{time.perf_counter() - setting_start:.0f} s, peak RSS {peak_rss_mib():.0f} MiB."
         )
+        if args.diagnose_only:
+            title = (f"Realistic parity ({name}): server selections on the {args.diagnose} "
+                     "partition")
+            append_results(title, diagnosis, notes.split(" Values:")[0] + ".",
+                           append=args.record)
+            continue
         if diagnosis:
             notes += (f"\n\nDiagnosis on the {args.diagnose} partition (same uploads of "
                       f"{args.local_ratio:g} per site, offline selections):\n\n{diagnosis}")
