@@ -13,6 +13,7 @@ from core.federated import CommunicationProtocol, GlobalBankAggregator
 from core.federated.aggregator import AggregationError
 from core.federated.communication import parse_upload
 from core.federated.prefix import CapacityError, PrefixMergeSelector, prefix_separations
+from core.knn import NearestNeighbourIndex
 from core.messages import SiteSummary
 
 
@@ -137,3 +138,28 @@ def test_direct_aggregate_uses_the_same_prefix_merge_as_the_rounds() -> None:
     np.testing.assert_array_equal(bank, federated_prefix_aggregation(uploads, 150, [5, 1, 1]))
     old = FederatedServer(3, 150, server_selection="farthest_first").aggregate(uploads)
     assert not np.array_equal(np.sort(old, axis=0), np.sort(bank, axis=0))
+
+
+def test_a_later_round_adds_what_the_bank_covers_worst() -> None:
+    """Round 2 rows are ranked by their distance to the bank the sites were sent: a far
+    novel pattern displaces the least separated bank row and r_S stays exact."""
+    uploads = [_upload(s, 0.3) for s in _sites()]
+    selector = PrefixMergeSelector(150, capacity=10_000)
+    for i, upload in enumerate(uploads):
+        selector.add(str(i), upload)
+    first = selector.select()
+    # A novel patch 3 units beyond site 1's worst-covered upload, away from the bank: 3 from
+    # the site's own upload (below every kept row's separation), far from the bank.
+    index = NearestNeighbourIndex(first.features)
+    distances, nearest = index.search(uploads[1], 1)
+    worst = int(distances[:, 0].argmax())
+    away = uploads[1][worst] - first.features[nearest[worst, 0]]
+    novel = (uploads[1][worst] + 3.0 * away / np.linalg.norm(away))[None].astype(np.float32)
+    assert np.linalg.norm(uploads[1] - novel, axis=1).min() <= 3.0 + 1e-4
+    selector.start_round(first.features)
+    selector.add("1", novel)
+    second = selector.select()
+    assert second.features.shape == (150, 12)
+    assert any(np.array_equal(row, novel[0]) for row in second.features)
+    union = np.concatenate([*uploads, novel])
+    assert second.radius_bound == pytest.approx(coverage_radius(union, second.features), rel=1e-4)

@@ -184,6 +184,8 @@ class GlobalBankAggregator:
         self.round = round_number
         self._open = True
         self._uploads = {}
+        if self._prefix is not None and self.last_outcome is not None:
+            self._prefix.start_round(self.last_outcome.bank)
 
     def receive_summary(self, summary: SiteSummary) -> None:
         """Register a site's upload for the open round (before its chunks).

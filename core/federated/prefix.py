@@ -125,10 +125,27 @@ class PrefixMergeSelector:
         self.capacity = capacity
         self._rows: dict[str, list[np.ndarray]] = {}
         self._separations: dict[str, list[np.ndarray]] = {}
+        self._reference: np.ndarray | None = None  # the bank the current round started from
+        self._round_rows: dict[str, list[np.ndarray]] = {}
         self.num_seen = 0
 
+    def start_round(self, bank: np.ndarray | None) -> None:
+        """A new round: later rows are measured against ``bank`` (the bank the sites were sent)
+        and the site's earlier rows of this round, not against its earlier rounds' uploads.
+
+        A later round uploads the site's patches the bank covers worst; their distance to the
+        bank is what they add. (Measured against the site's own round-1 upload, which covers
+        every site patch to r_i, they would never outrank a kept row.)
+        """
+        self._reference = None if bank is None else np.ascontiguousarray(bank, np.float32)
+        self._round_rows = {}
+
     def add(self, site_id: str, rows: np.ndarray) -> None:
-        """Append [n, D] rows to ``site_id``'s stream (its pick order continues across calls)."""
+        """Append [n, D] rows to ``site_id``'s stream (its pick order continues across calls).
+
+        Separation of a row: its distance to the site's earlier rows (round 1) or to the
+        round's starting bank and the site's earlier rows of this round (see start_round).
+        """
         batch = np.ascontiguousarray(rows, dtype=np.float32)
         if batch.ndim != 2:
             raise ValueError(f"rows must be [n, D], got shape {batch.shape}")
@@ -142,10 +159,14 @@ class PrefixMergeSelector:
                 f"buffer of {self.capacity} rows ({self.num_seen} held); raise buffer_rows or "
                 "have the sites send less (about 2-3 x their share of the global bank suffices)"
             )
-        previous_parts = self._rows.get(site_id, [])
+        if self._reference is None:
+            previous_parts = self._rows.get(site_id, [])
+        else:
+            previous_parts = [self._reference, *self._round_rows.get(site_id, [])]
         previous = np.concatenate(previous_parts) if previous_parts else None
         separations, _ = prefix_separations(batch, previous)
         self._rows.setdefault(site_id, []).append(batch)
+        self._round_rows.setdefault(site_id, []).append(batch)
         self._separations.setdefault(site_id, []).append(separations)
         self.num_seen += batch.shape[0]
 
