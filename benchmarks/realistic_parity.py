@@ -23,7 +23,8 @@ bank) - 0.01 - centralised seed range. ``--diagnose`` adds the experiment behind
 "why the two-stage bank lost" on one partition: server selections and local budgets compared on
 the same uploads, from in-memory features.
 
-    python -m benchmarks.realistic_parity             # full run, prints only (~25 min, 2 cores)
+    python -m benchmarks.realistic_parity             # full run, prints only (37 min on 2
+                                                      # cores shared at load 10-15)
     python -m benchmarks.realistic_parity --record    # ... and appends to RESULTS.md
     python -m benchmarks.realistic_parity --quick     # seconds: the smoke run a test runs
 """

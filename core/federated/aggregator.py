@@ -42,9 +42,9 @@ __all__ = [
 
 Strategy = Literal["coreset", "random"]
 #: How the "coreset" strategy picks the bank from the uploads: "prefix" keeps the k rows the
-#: sites picked at the largest local radius (core.federated.prefix; the default: it matches
-#: centralised PatchCore on the realistic parity benchmark); "farthest_first" runs
-#: farthest-first again over the union (the old selection; loses up to 0.03 image AUROC there).
+#: sites picked at the largest local radius (core.federated.prefix; the default: it meets the
+#: realistic parity benchmark's bar everywhere); "farthest_first" runs farthest-first again
+#: over the union (the old selection: coarser coverage of common patterns, see that module).
 ServerSelection = Literal["prefix", "farthest_first"]
 SERVER_SELECTIONS: tuple[str, ...] = ("prefix", "farthest_first")
 
