@@ -467,6 +467,33 @@ def _compact_in_place(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return order
 
 
+def _to_pick_order_in_place(buffer: np.ndarray, order: np.ndarray) -> None:
+    """Permute ``buffer[:n]`` in place from :func:`_compact_in_place`'s order into pick order.
+
+    After compaction row i holds pick ``order[i]``; afterwards row p holds pick p. Cycle by
+    cycle with one row of scratch, so no [k, D] copy: a bank in pick order is a nested family
+    (its first m rows are the farthest-first selection of size m), which the federated server's
+    prefix merge relies on (core.federated.prefix).
+    """
+    n = order.size
+    source = np.empty(n, dtype=np.int64)
+    source[order] = np.arange(n)  # row p must receive the row now at source[p]
+    done = source == np.arange(n)
+    for start in np.flatnonzero(~done):
+        if done[start]:
+            continue
+        scratch = buffer[start].copy()
+        p = int(start)
+        while True:
+            done[p] = True
+            src = int(source[p])
+            if src == start:
+                buffer[p] = scratch
+                break
+            buffer[p] = buffer[src]
+            p = src
+
+
 def _exact_radius(
     features: np.ndarray,
     bank_indices: np.ndarray,
@@ -576,7 +603,8 @@ class IncrementalSelection:
     """What :meth:`IncrementalCoreset.select` returns.
 
     Attributes:
-        features: [k, D] float32 selected rows (original space).
+        features: [k, D] float32 selected rows (original space), in pick order (with or
+            without ``release``): the first m rows are the farthest-first selection of size m.
         radius_bound: certified coverage radius: every row ever passed to ``add`` lies within
             this Euclidean distance of some row of ``features``.
         num_seen: rows passed to ``add`` so far.
@@ -737,7 +765,8 @@ class IncrementalCoreset:
         new_radii = np.zeros(self.k, dtype=np.float32)
         np.maximum.at(new_radii, assignment, reach)
         order = _compact_in_place(self._features, keep)
-        self._radii[: self.k] = new_radii[order]
+        _to_pick_order_in_place(self._features, order)
+        self._radii[: self.k] = new_radii
         self._size = self.k
         self.num_reduces += 1
         logger.debug("reduced %d buffered rows to %d (bound %.4f)", size, self.k, new_radii.max())
@@ -774,7 +803,7 @@ class IncrementalCoreset:
                 features=selected, radius_bound=bound, num_seen=self.num_seen
             )
         bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
-        _compact_in_place(self._features, keep)
+        _to_pick_order_in_place(self._features, _compact_in_place(self._features, keep))
         buffer, self._features, self._radii = self._features, None, None
         self._size, self._released = 0, True
         del features

@@ -42,7 +42,7 @@ import numpy as np
 from core.bankdelta import bank_delta, decoded_checksum, stable_order
 from core.federated.aggregator import GlobalBankAggregator, IncompatibleSiteError
 from core.messages import BankChunk, FeatureChunk, SiteSummary
-from core.serde import split_bank_into_chunks, upload_request_from_proto
+from core.serde import chunked_roundtrip, split_bank_into_chunks, upload_request_from_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedserver.config import ServerConfig
 from fedserver.journal import BankVersion, Journal, JournalCorruptError, Record, RecordKind
@@ -641,9 +641,21 @@ class Federation:
                             previous.version)
                 return previous.version, previous.bank.shape[0]
         version = 1 if previous is None else previous.version + 1
+        # r_S must hold for the bank as the sites decode it (as core.federated.FederatedServer
+        # reports it): add the codec's largest row error, measured with the chunking the
+        # download uses (int8/int4 quantise per chunk), for the full bank and for the delta from
+        # the previous version (its added rows travel in chunks of their own).
+        codec, chunk_bytes = self.config.codec_config, self.config.max_chunk_bytes
+        _, codec_error = chunked_roundtrip(ordered, config=codec, max_chunk_bytes=chunk_bytes)
+        if previous is not None:
+            added = bank_delta(previous.bank, ordered).added
+            if added.shape[0]:
+                _, delta_error = chunked_roundtrip(added, config=codec, max_chunk_bytes=chunk_bytes)
+                codec_error = max(codec_error, delta_error)
         meta = {
             "round": round_number,
-            "server_radius": server_radius,
+            "server_radius": server_radius + codec_error,
+            "bank_codec_error": codec_error,
             "max_site_radius": max_site_radius,
             "codec": self.config.codec,
             "checksum": decoded_checksum(ordered, self.config.codec_config),

@@ -7,7 +7,7 @@ import pytest
 
 from core.codec import CODEC_PRESETS, decode_matrix
 from core.coreset import IncrementalCoreset
-from core.federated.aggregator import GlobalBankAggregator
+from core.federated.aggregator import GlobalBankAggregator, ServerSelection
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import split_into_chunks
 
@@ -33,10 +33,16 @@ def _uploads(seed: int = 0) -> dict[str, tuple[SiteSummary, list[FeatureChunk]]]
     return uploads
 
 
-def _bank(order: list[tuple[str, int]], buffer_rows: int | None = None) -> np.ndarray:
+def _bank(
+    order: list[tuple[str, int]],
+    buffer_rows: int | None = None,
+    server_selection: ServerSelection = "farthest_first",
+) -> np.ndarray:
     """Feed summaries first, then the chunks in ``order`` ((site, sequence) pairs)."""
     uploads = _uploads()
-    aggregator = GlobalBankAggregator(40, seed=3, buffer_rows=buffer_rows)
+    aggregator = GlobalBankAggregator(
+        40, seed=3, buffer_rows=buffer_rows, server_selection=server_selection
+    )
     aggregator.begin_round(1)
     for summary, _ in uploads.values():
         aggregator.receive_summary(summary)
@@ -59,9 +65,11 @@ def _orders() -> tuple[list[tuple[str, int]], list[tuple[str, int]]]:
     return sequential, interleaved
 
 
-def test_interleaving_does_not_change_the_bank() -> None:
+@pytest.mark.parametrize("server_selection", ["prefix", "farthest_first"])
+def test_interleaving_does_not_change_the_bank(server_selection: ServerSelection) -> None:
     sequential, interleaved = _orders()
-    first, second = _bank(sequential), _bank(interleaved)
+    first = _bank(sequential, server_selection=server_selection)
+    second = _bank(interleaved, server_selection=server_selection)
     np.testing.assert_array_equal(first, second)
 
 

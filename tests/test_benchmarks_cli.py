@@ -8,7 +8,7 @@ import pytest
 
 SCRIPTS = [
     "coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "server_selection",
-    "system_round",
+    "system_round", "realistic_parity",
 ]
 
 

@@ -222,3 +222,28 @@ def test_release_select_gives_the_same_bank_in_selection_order_free() -> None:
         released.select()
     with pytest.raises(RuntimeError, match="release=True"):
         released.add(x[:5])
+
+
+def test_released_selection_keeps_pick_order_after_reduces() -> None:
+    """select(release=True) compacts the buffer in place; the rows must still come out in pick
+    order, equal to the non-releasing select (the federated prefix merge reads them as a
+    nested farthest-first family), also after streaming reduces reordered the buffer."""
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(3000, 24)).astype(np.float32)
+
+    def fed() -> IncrementalCoreset:
+        selector = IncrementalCoreset(200, capacity=900, projection_dim=None, seed=5)
+        for lo in range(0, 3000, 250):
+            selector.add(features[lo : lo + 250])
+        return selector
+
+    streamed = fed()
+    reference = streamed.select()
+    assert streamed.num_reduces >= 2
+    released = fed().select(release=True)
+    np.testing.assert_array_equal(released.features, reference.features)
+    # Without reduces and projection the order is exactly greedy_coreset's pick order.
+    offline = IncrementalCoreset(200, capacity=3000, projection_dim=None, seed=5)
+    offline.add(features)
+    picks = greedy_coreset(features, 200, projection_dim=None, seed=5).indices
+    np.testing.assert_array_equal(offline.select(release=True).features, features[picks])

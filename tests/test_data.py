@@ -775,3 +775,35 @@ def test_partitioner_arguments_are_validated(factory, needle: str) -> None:
 def test_more_clients_than_images_is_rejected(partitioner) -> None:
     with pytest.raises(ValueError, match=r"4 clients.*only 3 images"):
         partitioner.partition(_fake({"a": 2, "b": 1}))
+
+
+def test_photo_dataset_is_deterministic_with_exact_defect_masks(tmp_path: Path) -> None:
+    from core.data import GOOD, AutoVIDataset
+    from core.data.photos import (
+        PHOTO_CATEGORIES,
+        generate_photo_dataset,
+        photo_image_rng,
+        render_photo_image,
+    )
+
+    a = generate_photo_dataset(tmp_path / "a", ["flower", "china_left"], 2, 4, 64, seed=3)
+    b = generate_photo_dataset(tmp_path / "b", ["flower", "china_left"], 2, 4, 64, seed=3)
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    test = AutoVIDataset(a, split="test")
+    assert len(test) == 8 and test.labels.sum() == 4
+    # Same generator state with and without a defect: the images differ on the mask only
+    # (up to the sensor noise, which is drawn alike).
+    good, _ = render_photo_image("flower", 64, photo_image_rng(0, "flower", "test", 5))
+    bad, channels = render_photo_image(
+        "flower", 64, photo_image_rng(0, "flower", "test", 5), "spot"
+    )
+    assert len(channels) == 1 and channels[0].sum() >= 0.004 * 64 * 64
+    differs = np.abs(good.astype(int) - bad.astype(int)).max(axis=2) > 0
+    assert differs.any() and not differs[~channels[0]].any()
+    assert GOOD not in PHOTO_CATEGORIES
+    with pytest.raises(ValueError, match="categories"):
+        generate_photo_dataset(tmp_path / "c", ["brick"], 1, 1, 64)
+    with pytest.raises(FileExistsError):
+        generate_photo_dataset(a, ["flower"], 1, 1, 64)

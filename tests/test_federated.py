@@ -342,3 +342,22 @@ def test_a_bank_larger_than_the_uploads_is_announced_and_recorded_truthfully(
         bank = FederatedServer(num_clients=2, global_bank_size=100).aggregate(coresets)
     assert bank.shape == (60, 8)
     assert any("fewer than the 100 asked for" in r.getMessage() for r in caplog.records)
+
+
+def test_default_upload_is_twice_the_global_bank(
+    train_set: AutoVIDataset, small_features: FeatureConfig
+) -> None:
+    from core.federated.federated_patchcore import UPLOAD_FACTOR
+
+    parts = IIDPartitioner(num_clients=2, seed=0).partition(train_set)
+    fed = FederatedPatchCore(num_clients=2, backbone=small_features, global_bank_size=100)
+    assert fed.coreset_percentage is None
+    fed.setup_clients(parts)
+    total = len(train_set) * 64  # 8 x 8 patches per image at this size
+    assert fed.coreset_percentage == pytest.approx(UPLOAD_FACTOR * 100 / total)
+    fed.train(1)
+    sent = sum(fed.reports[0].rows_up.values())
+    assert UPLOAD_FACTOR * 100 <= sent <= UPLOAD_FACTOR * 100 + 2  # ceil per site
+    assert fed.global_bank.shape == (100, 128)
+    with pytest.raises(ValueError, match="coreset_percentage"):
+        FederatedPatchCore(num_clients=2, backbone=small_features, coreset_percentage=1.5)

@@ -224,8 +224,11 @@ def test_aggregator_refuses_fewer_rows_than_declared_and_keeps_what_it_accepted(
 def test_bank_is_rebroadcast_only_when_its_rows_change(
     train_set: AutoVIDataset, small_features: FeatureConfig, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # farthest_first: its r_S is a bound above the exact radius, so round 2 has novel rows to
+    # send here (with the prefix merge's exact r_S this data leaves none).
     fed = FederatedPatchCore(
-        num_clients=3, backbone=small_features, global_bank_size=30, coreset_percentage=0.2
+        num_clients=3, backbone=small_features, global_bank_size=30, coreset_percentage=0.2,
+        server_selection="farthest_first",
     )
     fed.setup_clients(CategoryPartitioner(num_clients=3).partition(train_set))
     fed.train(num_rounds=1)

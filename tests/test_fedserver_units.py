@@ -384,3 +384,36 @@ def test_state_directory_refuses_other_selection_settings(tmp_path: Path) -> Non
     with pytest.raises(StateMismatchError, match="global_bank_size: 50 -> 60, seed: 0 -> 1"):
         Federation(other, journal, ("a",))
     journal.close()
+
+
+@pytest.mark.parametrize("codec_name", ["int8", "int4"])
+def test_server_radius_holds_for_the_bank_as_sites_decode_it(
+    tmp_path: Path, codec_name: str
+) -> None:
+    """The header's r_S covers every uploaded row (as the server decoded it) from the bank as a
+    site decodes it under a lossy codec: the codec's row error is part of r_S, as in-process."""
+    codec = CODEC_PRESETS[codec_name]
+    config, _ = make_config(tmp_path, ["a", "b"], codec=codec_name, global_bank_size=30)
+    federation = Federation(config, Journal(config.state_dir), ("a", "b"))
+    federation.start()
+    uploaded = []
+    for i, site in enumerate("ab"):
+        summary, chunks = upload_messages(site, site_rows(i, 120), codec=codec,
+                                          max_chunk_bytes=32 * 40)
+        for item in (summary, *chunks):
+            federation.receive(site, item, _raw(item))
+        uploaded.append(np.concatenate([
+            decode_matrix(c.features, max_decoded_bytes=1 << 20) for c in chunks
+        ]))
+    snapshot = federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=60)
+    assert snapshot.phase is Phase.READY, snapshot.message
+    download = federation.bank_download("a")
+    site_bank = np.concatenate([
+        decode_matrix(c.features, max_decoded_bytes=1 << 20) for c in download.chunks
+    ]).astype(np.float64)
+    rows = np.concatenate(uploaded).astype(np.float64)
+    worst = max(float(np.sqrt(((site_bank - r) ** 2).sum(1)).min()) for r in rows)
+    stored = federation.journal.load_bank(snapshot.bank_version)
+    assert stored.meta["bank_codec_error"] > 0
+    assert worst <= download.header.server_coverage_radius + 1e-6
+    federation.close()

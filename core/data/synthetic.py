@@ -544,3 +544,38 @@ def generate_synthetic_dataset(
         size,
     )
     return root
+
+
+def paint_defect(
+    image: np.ndarray, defect: str, rng: np.random.Generator
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Paint one of SYNTHETIC_DEFECTS on any RGB image (e.g. a photograph crop).
+
+    The same painters as the generated categories; the whole image counts as material, the
+    defect centres are drawn in its middle 60 %, and the defect colours are chosen far from the
+    image's mean colour (scratch: its complement; spot: a saturated colour on the other side of
+    the colour cube; hole: black on bright images, white on dark ones).
+
+    Args:
+        image: uint8 [S, S, 3] (square: the painters' geometry assumes it).
+        defect: one of SYNTHETIC_DEFECTS.
+        rng: consumed here.
+
+    Returns:
+        (uint8 [S, S, 3] image with the defect, one bool [S, S] mask per defect channel).
+    """
+    if defect not in _PAINTERS:
+        raise ValueError(f"unknown defect {defect!r}, expected one of {SYNTHETIC_DEFECTS}")
+    if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] != image.shape[1]:
+        raise ValueError(f"image must be a square RGB array [S, S, 3], got shape {image.shape}")
+    size = image.shape[0]
+    mean = image.reshape(-1, 3).astype(np.float32).mean(axis=0)
+    complement = tuple(float(255.0 - c) for c in mean)
+    spot = tuple(230.0 if c < 128 else 25.0 for c in mean[[1, 2, 0]])
+    hole = (5.0, 5.0, 5.0) if float(mean.mean()) >= 100 else (250.0, 250.0, 250.0)
+    look = _Look(scratch=complement, spot=spot, hole=hole)  # type: ignore[arg-type]
+    scene = _Scene(
+        image.astype(np.float32), np.ones((size, size), bool), look, _texture_anchor(size)
+    )
+    channels = [paint(scene, rng) for paint in _PAINTERS[defect]]
+    return np.clip(np.rint(scene.image), 0, 255).astype(np.uint8), channels

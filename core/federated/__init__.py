@@ -16,6 +16,9 @@ from core.federated.strategies import (
     federated_coreset_aggregation as federated_coreset_aggregation,
 )
 from core.federated.strategies import (
+    federated_prefix_aggregation as federated_prefix_aggregation,
+)
+from core.federated.strategies import (
     federated_random_aggregation as federated_random_aggregation,
 )
 from core.federated.strategies import federated_weighted_union as federated_weighted_union
@@ -29,6 +32,7 @@ __all__ = [
     "RoundOutcome",
     "RoundReport",
     "federated_coreset_aggregation",
+    "federated_prefix_aggregation",
     "federated_random_aggregation",
     "federated_weighted_union",
 ]

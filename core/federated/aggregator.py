@@ -33,6 +33,7 @@ from typing import Literal
 import numpy as np
 
 from core.coreset import IncrementalCoreset
+from core.federated.prefix import CapacityError, PrefixMergeSelector
 from core.federated.reservoir import WeightedReservoir
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import ChunkAssembler
@@ -45,12 +46,19 @@ __all__ = [
     "IncompatibleSiteError",
     "RoundOutcome",
     "RoundStateError",
+    "ServerSelection",
     "Strategy",
     "UploadSizeMismatchError",
     "warn_if_bank_short",
 ]
 
 Strategy = Literal["coreset", "random"]
+#: How the "coreset" strategy picks the bank from the uploads: "prefix" keeps the k rows the
+#: sites picked at the largest local radius (core.federated.prefix; the default: it meets the
+#: realistic parity benchmark's bar everywhere); "farthest_first" runs farthest-first again
+#: over the union (the old selection: coarser coverage of common patterns, see that module).
+ServerSelection = Literal["prefix", "farthest_first"]
+SERVER_SELECTIONS: tuple[str, ...] = ("prefix", "farthest_first")
 
 #: Default rows the server's coreset selector buffers before its first reduce (uploads beyond
 #: it are merged and reduced with a certified radius). Pages are touched only as rows arrive.
@@ -142,6 +150,9 @@ class GlobalBankAggregator:
             max(2k, SERVER_BUFFER_ROWS): a server holds more than a site (512 MiB of D=1024
             rows), so typical federations select from the exact union, without reduces.
         device: where the coreset selector's reduce loops run ("cuda" when available).
+        server_selection: coreset strategy only: "prefix" (default) or "farthest_first"
+            (see ServerSelection). "prefix" buffers every uploaded row (at most
+            ``buffer_rows``; more raises AggregationError) and reports r_S exactly.
     """
 
     def __init__(
@@ -154,6 +165,7 @@ class GlobalBankAggregator:
         projection_dim: int | None = 128,
         buffer_rows: int | None = None,
         device: str | None = None,
+        server_selection: ServerSelection = "prefix",
     ) -> None:
         if global_bank_size < 1:
             raise ValueError(f"global_bank_size must be >= 1, got {global_bank_size}")
@@ -164,15 +176,25 @@ class GlobalBankAggregator:
         self.global_bank_size = global_bank_size
         self.strategy: Strategy = strategy
         self.weighted = weighted
+        if server_selection not in SERVER_SELECTIONS:
+            raise ValueError(
+                f"server_selection must be one of {SERVER_SELECTIONS}, got {server_selection!r}"
+            )
         self.seed = seed
+        self.server_selection: ServerSelection = server_selection
         self._selector: IncrementalCoreset | None = None
+        self._prefix: PrefixMergeSelector | None = None
         self._reservoir: WeightedReservoir | None = None
-        if strategy == "coreset":
+        capacity = (
+            buffer_rows if buffer_rows is not None
+            else max(2 * global_bank_size, SERVER_BUFFER_ROWS)
+        )
+        if strategy == "coreset" and server_selection == "prefix":
+            self._prefix = PrefixMergeSelector(global_bank_size, capacity=capacity)
+        elif strategy == "coreset":
             self._selector = IncrementalCoreset(
                 global_bank_size,
-                capacity=buffer_rows
-                if buffer_rows is not None
-                else max(2 * global_bank_size, SERVER_BUFFER_ROWS),
+                capacity=capacity,
                 projection_dim=projection_dim,
                 seed=seed,
                 device=device,
@@ -201,6 +223,8 @@ class GlobalBankAggregator:
         self.round = round_number
         self._open = True
         self._uploads = {}
+        if self._prefix is not None and self.last_outcome is not None:
+            self._prefix.start_round(self.last_outcome.bank)
 
     def receive_summary(self, summary: SiteSummary) -> None:
         """Register a site's upload for the open round (before its chunks).
@@ -234,6 +258,18 @@ class GlobalBankAggregator:
                 f"site {summary.site_id!r} did not take part in round 1; it cannot join in "
                 f"round {self.round} (its coverage radius is not part of the certificate)"
             )
+        if self._prefix is not None:
+            pending = sum(u.summary.coreset_rows for u in self._uploads.values())
+            held = self._prefix.num_seen - sum(
+                u.assembler.rows_received for u in self._uploads.values()
+            )
+            if held + pending + summary.coreset_rows > self._prefix.capacity:
+                raise AggregationError(
+                    f"site {summary.site_id!r} announces {summary.coreset_rows} rows; with "
+                    f"{held + pending} rows held or announced that exceeds the server's buffer "
+                    f"of {self._prefix.capacity} rows (buffer_rows). Sites should send about "
+                    "2-3 x their share of the global bank"
+                )
         self._fingerprint = summary.feature_fingerprint
         self._feature_dim = summary.feature_dim
         self._uploads[summary.site_id] = _SiteUpload(
@@ -277,7 +313,12 @@ class GlobalBankAggregator:
         if rows is None:
             return False
         if rows.shape[0]:
-            if self._selector is not None:
+            if self._prefix is not None:
+                try:
+                    self._prefix.add(chunk.site_id, rows)
+                except CapacityError as exc:  # announced sizes were checked: should not happen
+                    raise AggregationError(str(exc)) from exc
+            elif self._selector is not None:
                 self._add_to_selector(rows, (self.round, chunk.site_id, chunk.row_offset))
             else:
                 assert self._reservoir is not None
@@ -319,7 +360,11 @@ class GlobalBankAggregator:
         for site_id, upload in self._uploads.items():
             if self.round == 1:
                 self._site_radius[site_id] = upload.summary.coverage_radius
-        if self._selector is not None:
+        if self._prefix is not None:
+            chosen = self._prefix.select()
+            bank, server_radius = chosen.features, chosen.radius_bound
+            available = chosen.num_seen
+        elif self._selector is not None:
             self._canonical_order()
             selection = self._selector.select()
             bank, server_radius = selection.features, selection.radius_bound

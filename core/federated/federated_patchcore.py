@@ -10,7 +10,7 @@ import numpy as np
 
 from core.codec import DEFAULT_CODEC, CodecConfig
 from core.features import FeatureConfig
-from core.federated.aggregator import Strategy
+from core.federated.aggregator import ServerSelection, Strategy
 from core.federated.client import PatchCoreClient
 from core.federated.server import FederatedServer, RoundReport
 from core.knn import Backend
@@ -18,7 +18,14 @@ from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FederatedPatchCore"]
+__all__ = ["UPLOAD_FACTOR", "FederatedPatchCore"]
+
+#: Default upload: the sites together send this many times the global bank (each in proportion
+#: to its patches). 1x (send exactly the bank) leaves the server no choice: every site keeps its
+#: size share whatever its diversity. Measured on the realistic parity benchmark (README, "How
+#: much each site sends"): with the prefix-merge server selection, 1.5x, 2x and 2.5x uploads
+#: gave the same bank on IID sites, so more than about 2x only costs bytes.
+UPLOAD_FACTOR = 2.0
 
 
 class FederatedPatchCore:
@@ -28,7 +35,11 @@ class FederatedPatchCore:
         num_clients: number of federated clients.
         backbone: feature extractor backbone (timm name), or a full FeatureConfig.
         global_bank_size: target global memory bank size.
-        coreset_percentage: each client's local coreset, as a fraction of its patches.
+        coreset_percentage: each client's local coreset (its upload), as a fraction of its
+            patches. None (default): ``UPLOAD_FACTOR`` x the global bank's share of all
+            patches, so the sites together send UPLOAD_FACTOR x global_bank_size rows and the
+            server has a choice (README, "How much each site should send"); resolved in
+            :meth:`setup_clients` from the sites' image counts and the patch grid.
         aggregation_strategy: "coreset" or "random" (see FederatedServer).
         weighted: see FederatedServer.
         codec: wire codec (default fp16 + shuffle + zstd).
@@ -36,6 +47,9 @@ class FederatedPatchCore:
         device: "cpu", "cuda", or None for CUDA when available.
         batch_size: images per backbone pass.
         num_neighbors: image-score reweighting (1 = max patch score).
+        knn_backend: nearest-neighbour backend of the global model.
+        server_selection: how the coreset strategy picks the bank from the uploads (see
+            FederatedServer).
 
     Example::
 
@@ -51,7 +65,7 @@ class FederatedPatchCore:
         backbone: str | FeatureConfig = "wide_resnet50_2",
         global_bank_size: int = 10000,
         *,
-        coreset_percentage: float = 0.1,
+        coreset_percentage: float | None = None,
         aggregation_strategy: Strategy = "coreset",
         weighted: bool = True,
         codec: CodecConfig = DEFAULT_CODEC,
@@ -60,12 +74,17 @@ class FederatedPatchCore:
         batch_size: int = 8,
         num_neighbors: int = 1,
         knn_backend: Backend = "auto",
+        server_selection: ServerSelection = "prefix",
     ) -> None:
         self.num_clients = num_clients
         self.feature_config = (
             backbone if isinstance(backbone, FeatureConfig) else FeatureConfig(backbone)
         )
+        if coreset_percentage is not None and not 0.0 < coreset_percentage <= 1.0:
+            raise ValueError(f"coreset_percentage must be in (0, 1] or None, got "
+                             f"{coreset_percentage}")
         self.global_bank_size = global_bank_size
+        #: The local fraction in use (None until setup_clients resolves the default).
         self.coreset_percentage = coreset_percentage
         self.seed = seed
         self.device = device
@@ -78,6 +97,7 @@ class FederatedPatchCore:
             codec=codec,
             seed=seed,
             device=device,
+            server_selection=server_selection,
         )
         self.clients: list[PatchCoreClient] = []
         #: The federation record read by :meth:`load` (None for a model trained here).
@@ -104,6 +124,8 @@ class FederatedPatchCore:
             raise ValueError(
                 f"expected {self.num_clients} client datasets, got {len(client_datasets)}"
             )
+        if self.coreset_percentage is None:
+            self.coreset_percentage = self._default_local_fraction(client_datasets)
         self.clients = [
             PatchCoreClient(
                 i,
@@ -117,6 +139,24 @@ class FederatedPatchCore:
             )
             for i, dataset in enumerate(client_datasets)
         ]
+
+    def _default_local_fraction(self, client_datasets: Sequence[ImageSource]) -> float:
+        """UPLOAD_FACTOR x global_bank_size / all sites' patches, capped at 1.
+
+        The patch grid comes from one image through the shared backbone (all images are
+        transformed to one input size, so every image has the same number of patches).
+        """
+        source = next((d for d in client_datasets if len(d)), None)
+        if source is None:
+            raise ValueError("every client dataset is empty")
+        _, _, grid = next(self.global_model.iter_features(source, [0]))
+        total = sum(len(d) for d in client_datasets) * grid[0] * grid[1]
+        fraction = min(1.0, UPLOAD_FACTOR * self.global_bank_size / total)
+        logger.info(
+            "local coreset: %.4g of each site's patches (%g x a global bank of %d of %d "
+            "patches)", fraction, UPLOAD_FACTOR, self.global_bank_size, total,
+        )
+        return fraction
 
     def train(self, num_rounds: int = 1) -> FederatedPatchCore:
         """Execute federated training.

@@ -16,6 +16,7 @@ from core.codec import DEFAULT_CODEC, CodecConfig
 from core.federated.aggregator import (
     GlobalBankAggregator,
     RoundOutcome,
+    ServerSelection,
     Strategy,
     warn_if_bank_short,
 )
@@ -23,6 +24,7 @@ from core.federated.client import PatchCoreClient
 from core.federated.communication import CommunicationProtocol, parse_upload
 from core.federated.strategies import (
     federated_coreset_aggregation,
+    federated_prefix_aggregation,
     federated_random_aggregation,
 )
 from core.messages import FeatureChunk, SiteSummary
@@ -109,6 +111,8 @@ class FederatedServer:
         seed: seeds the selection.
         buffer_rows: memory bound of the coreset selector (rows); see GlobalBankAggregator.
         device: "cuda" to run selection on the GPU.
+        server_selection: how the coreset strategy picks the bank from the uploads ("prefix",
+            the default, or "farthest_first"; see core.federated.aggregator.ServerSelection).
 
     Example::
 
@@ -127,6 +131,7 @@ class FederatedServer:
         seed: int = 0,
         buffer_rows: int | None = None,
         device: str | None = None,
+        server_selection: ServerSelection = "prefix",
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -137,6 +142,7 @@ class FederatedServer:
         self.codec = codec
         self.seed = seed
         self.device = device
+        self.server_selection: ServerSelection = server_selection
         self.aggregator = GlobalBankAggregator(
             global_bank_size,
             strategy=aggregation_strategy,
@@ -144,6 +150,7 @@ class FederatedServer:
             seed=seed,
             buffer_rows=buffer_rows,
             device=device,
+            server_selection=server_selection,
         )
         self._global_bank: np.ndarray | None = None
         #: The bank last broadcast (float32, as selected) and its largest row error under the
@@ -177,7 +184,9 @@ class FederatedServer:
                 f"{len(client_sizes)} client sizes for {len(client_coresets)} coresets"
             )
         weights = list(client_sizes) if (self.weighted and client_sizes is not None) else None
-        if self.aggregation_strategy == "coreset":
+        if self.aggregation_strategy == "coreset" and self.server_selection == "prefix":
+            bank = federated_prefix_aggregation(client_coresets, self.global_bank_size, weights)
+        elif self.aggregation_strategy == "coreset":
             bank = federated_coreset_aggregation(
                 client_coresets, self.global_bank_size, weights, seed=self.seed
             )

@@ -11,6 +11,10 @@ sites' image counts; they are normalised to sum to 1 internally):
   normal patterns are. Weighting would let a big site crowd out a small site's rare-but-normal
   patches, the false positives federation exists to remove. The weights are validated and
   otherwise ignored, and the docstring and tests say so.
+* :func:`federated_prefix_aggregation` -- **no effect** either, for the same reason: it keeps
+  each site's farthest-first prefix down to one common local radius (core.federated.prefix),
+  so how many rows a site keeps follows the diversity of its patches, not its size. It is the
+  selection :class:`~core.federated.aggregator.GlobalBankAggregator` makes by default.
 * :func:`federated_random_aggregation` -- the probability that a row is drawn is proportional to
   its site's weight divided by the number of rows that site sent, so each site's expected share
   of the bank is its weight (unweighted: every uploaded row is equally likely).
@@ -26,12 +30,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from core.coreset import IncrementalCoreset
+from core.federated.prefix import PrefixMergeSelector
 from core.federated.reservoir import WeightedReservoir
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "federated_coreset_aggregation",
+    "federated_prefix_aggregation",
     "federated_random_aggregation",
     "federated_weighted_union",
     "normalised_weights",
@@ -111,6 +117,31 @@ def federated_coreset_aggregation(
     for coreset in coresets:
         for lo in range(0, coreset.shape[0], chunk_rows):
             selector.add(coreset[lo : lo + chunk_rows])
+    return selector.select().features
+
+
+def federated_prefix_aggregation(
+    client_coresets: Sequence[np.ndarray],
+    global_size: int,
+    client_weights: Sequence[float] | None = None,
+) -> np.ndarray:
+    """Aggregate local coresets by prefix merge (the aggregator's default server selection).
+
+    Each coreset must be in its site's farthest-first pick order (``PatchCoreClient.train``
+    returns it so). The k rows picked at the largest local distance are kept, which is a
+    prefix of every site's coreset chosen to a common radius. ``client_weights`` do not change
+    the selection (module doc).
+
+    Returns:
+        [min(global_size, total rows), D] float32 global bank, site by site in upload order.
+    """
+    coresets = validate_coresets(client_coresets)
+    normalised_weights(client_weights, len(coresets))  # validate only: see the module docstring
+    if global_size < 1:
+        raise ValueError(f"global_size must be >= 1, got {global_size}")
+    selector = PrefixMergeSelector(global_size, capacity=sum(len(c) for c in coresets))
+    for i, coreset in enumerate(coresets):
+        selector.add(str(i), coreset)
     return selector.select().features
 
 
