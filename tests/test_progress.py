@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
+from tqdm import tqdm
 
 from core.features import FeatureConfig
 from core.patchcore import PatchCore, PatchCoreConfig
@@ -36,9 +38,20 @@ def _fit_and_score(features: FeatureConfig) -> None:
     model.fit(Blank()).predict(Blank())
 
 
+class _EveryUpdate(tqdm):  # type: ignore[type-arg]
+    """tqdm that draws every update: the default redraws at most every 0.1 s, so on a loaded
+    machine the last count (4/4) may never be drawn before the bar is cleared."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, mininterval=0, miniters=1, **kwargs)
+
+
 def test_bars_show_feature_extraction_selection_and_scoring_when_enabled(
-    small_features: FeatureConfig, capsys: pytest.CaptureFixture[str]
+    small_features: FeatureConfig,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    monkeypatch.setattr("core.progress.tqdm", _EveryUpdate)
     set_progress(True)
     _fit_and_score(small_features)
     err = capsys.readouterr().err
