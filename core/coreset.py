@@ -59,11 +59,6 @@ __all__ = [
 # |x|^2 - 2 x.c + |c|^2 in float32, whose rounding error is relative to |x|^2. Pruning is only
 # skipped (never wrongly applied) when the slack is generous.
 _PRUNE_REL_SLACK = 1e-3
-# Recompute exact cluster radii after this many unpruned (full) passes; in between the stale radii
-# are valid upper bounds (points only ever leave a cluster), so pruning stays correct.
-_RADIUS_REFRESH_PERIOD = 16
-# Leading projected coordinates used for the center-center lower bound.
-_LEAD_DIMS = 16
 
 
 @dataclass(frozen=True)
@@ -118,6 +113,9 @@ class Projection:
 
     mean: np.ndarray  # [D]
     matrix: np.ndarray  # [D, d]
+    #: c with |x - y| >= c |P x - P y| for all x, y (PCA: orthonormal basis scaled by 1/c);
+    #: None when no such bound holds (a Gaussian projection only preserves distances on average).
+    contraction: float | None = None
 
     def apply(self, features: np.ndarray, *, block_rows: int = 16384) -> np.ndarray:
         """[N, D] -> [N, d] float32, in row blocks so the centred copy stays block-sized."""
@@ -174,7 +172,7 @@ def fit_projection(
     matrix = (basis * scale).contiguous().numpy().astype(np.float32)
     if matrix.shape[1] < dim:  # fewer sampled rows than dims: pad with zero directions
         matrix = np.pad(matrix, ((0, 0), (0, dim - matrix.shape[1])))
-    return Projection(mean.numpy().astype(np.float32), matrix)
+    return Projection(mean.numpy().astype(np.float32), matrix, contraction=1.0 / scale)
 
 
 def _project(projection: Projection | None, features: np.ndarray) -> np.ndarray:
@@ -188,10 +186,10 @@ def farthest_first(
     start: int = 0,
     radii: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Farthest-first traversal on ``points`` [N, d] (float32), CPU, with exact pruning.
+    """Farthest-first traversal on ``points`` [N, d] (float32), CPU: exact, batched and pruned.
 
     Args:
-        points: [N, d] rows to choose from (usually random projections).
+        points: [N, d] rows to choose from (usually projections).
         k: how many to choose, 1 <= k <= N.
         start: index of the first pick (included in the result).
         radii: optional [N] non-negative "already represented" radius of each row. A row that
@@ -202,130 +200,215 @@ def farthest_first(
     Returns:
         (indices [k] int64 in pick order, assignment [N] int64: for each row, the position in
         ``indices`` of its nearest chosen row in ``points``' space).
+
+    How it stays exact while touching the matrix rarely (plain farthest-first streams all
+    N x d values once per pick, which is memory-bandwidth bound):
+
+    * **Batches of picks.** Take the ``_CANDIDATES`` rows of highest priority; every other row's
+      priority is at most the next one, ``tau``, and priorities only ever decrease. Run
+      farthest-first on the candidates alone (their distances to each new pick are cheap): as
+      long as the best candidate's updated priority is > ``tau`` it is exactly the pick plain
+      farthest-first would make (ties: lowest index, as ``argmax``). Then all the batch's picks
+      are applied to the other rows at once, so the matrix is read once per batch, not per pick.
+    * **Pruning (triangle inequality).** Row x, nearest to center c_a at distance m_x, can move to
+      a new pick p only if |p - c_a| < 2 m_x. Each batch computes the [t, b] center-to-pick
+      distances (one GEMM) and evaluates only the (row, pick) pairs that pass this test: late in
+      a selection that is a few rows per pick. Where most pairs pass (unstructured data), one
+      [rows, b] GEMM is used instead. Rows of clusters no pick can reach are never read.
     """
     n, dim = points.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for {n} points, got {k}")
     if not 0 <= start < n:
         raise ValueError(f"start index {start} out of range for {n} points")
+    bonus = None if radii is None else np.asarray(radii, dtype=np.float32)
+    if bonus is not None and bonus.shape != (n,):
+        raise ValueError(f"radii must have shape ({n},), got {bonus.shape}")
     sq_norms = np.einsum("ij,ij->i", points, points)
     centers = np.empty((k, dim), dtype=np.float32)
     center_sq = np.empty(k, dtype=np.float32)
-    # The leading coordinates alone give a lower bound on center-center distances; with PCA
-    # they carry most of the variance, so most far clusters are ruled out reading 16 of 128
-    # values per center (the [t, d] scan per pick is O(k^2) overall: it dominates for k > 10^4).
-    lead = min(dim, _LEAD_DIMS)
-    lead_centers = np.empty((k, lead), dtype=np.float32)
-    lead_sq = np.empty(k, dtype=np.float32)
-    cluster_r2 = np.zeros(k, dtype=np.float32)  # squared radius bound of each center's cluster
-    cluster_size = np.zeros(k, dtype=np.int64)
+    # Squared-radius upper bound of each center's cluster (points only ever leave a cluster, so
+    # a stale value stays an upper bound; clusters whose rows were all examined get it exact).
+    cluster_r2 = np.zeros(k, dtype=np.float32)
     assignment = np.zeros(n, dtype=np.int64)
     selected = np.empty(k, dtype=np.int64)
-    scratch = np.empty(n, dtype=np.float32)
-
-    is_selected = np.zeros(n, dtype=bool)
-    # Chosen rows get -inf priority: their represented radius is already in the bank.
-    bonus = None if radii is None else np.asarray(radii, dtype=np.float32).copy()
-    if bonus is not None and bonus.shape != (n,):
-        raise ValueError(f"radii must have shape ({n},), got {bonus.shape}")
-
-    # Pick priority: min_d2 itself, or sqrt(min_d2) + radius kept up to date for the rows that
-    # move (recomputing it for all rows on every pick was three O(N) passes per pick).
-    priority: np.ndarray | None = None
-
-    def refresh_priority(rows: np.ndarray | slice) -> None:
-        if priority is not None and bonus is not None:
-            priority[rows] = np.sqrt(np.maximum(min_d2[rows], 0.0)) + bonus[rows]
-
-    def next_pick() -> int:
-        best = int(min_d2.argmax()) if priority is None else int(priority.argmax())
-        if is_selected[best]:
-            # Everything left coincides with a chosen row (duplicates): any unchosen row will do.
-            best = int(np.flatnonzero(~is_selected)[0])
-        is_selected[best] = True
-        if bonus is not None and priority is not None:
-            bonus[best] = -np.inf
-            priority[best] = -np.inf
-        return best
-
-    def distances_to(index: int, out: np.ndarray) -> np.ndarray:
-        # |x|^2 - 2 x.c + |c|^2 in three passes (the -2 folded into the 128-vector); tiny negative
-        # rounding results are harmless here: they only ever compare or get clamped below.
-        np.dot(points, points[index] * -2.0, out=out)
-        out += sq_norms
-        out += sq_norms[index]
-        return out
-
-    is_selected[start] = True
-    if bonus is not None:
-        bonus[start] = -np.inf
-    min_d2 = distances_to(start, np.empty(n, dtype=np.float32))
-    min_d2[start] = 0.0
-    if bonus is not None:
-        priority = np.empty(n, dtype=np.float32)
-        refresh_priority(slice(None))
+    # min_d2: squared distance to the nearest chosen row (chosen rows: -inf, so they never pass
+    # a pruning test and never win a pick). key: the pick priority (min_d2 itself, or
+    # sqrt(min_d2) + radius for the radius-weighted merge), -inf for chosen rows.
+    min_d2 = points @ (points[start] * -2.0)
+    min_d2 += sq_norms
+    min_d2 += sq_norms[start]
+    np.maximum(min_d2, 0.0, out=min_d2)
+    min_d2[start] = -np.inf
+    key = min_d2 if bonus is None else np.sqrt(np.maximum(min_d2, 0.0)) + bonus
+    key[start] = -np.inf
     selected[0], centers[0], center_sq[0] = start, points[start], sq_norms[start]
-    lead_centers[0] = points[start, :lead]
-    lead_sq[0] = float(lead_centers[0] @ lead_centers[0])
-    cluster_r2[0], cluster_size[0] = min_d2.max(), n
-    full_passes_since_refresh = 0
-    pick = next_pick()
-
-    for t in range(1, k):
-        selected[t], centers[t], center_sq[t] = pick, points[pick], sq_norms[pick]
-        c = points[pick]
-        c_lead = c[:lead]
-        lead_centers[t] = c_lead
-        lead_sq[t] = float(c_lead @ c_lead)
-        # Cluster j can lose points to c only if |c - c_j| < 2 R_j (triangle inequality).
-        limit = 4.0 * cluster_r2[:t] * (1.0 + _PRUNE_REL_SLACK) + 1e-6
-        lower2 = lead_sq[:t] - 2.0 * (lead_centers[:t] @ c_lead) + lead_sq[t]
-        maybe = np.flatnonzero(lower2 * (1.0 - _PRUNE_REL_SLACK) < limit)
-        if 2 * maybe.size > t:  # the bound ruled out little: one dense pass is cheaper
-            dc2 = center_sq[:t] - 2.0 * (centers[:t] @ c) + sq_norms[pick]
-            candidate = dc2 < limit
-        else:
-            dc2 = center_sq[maybe] - 2.0 * (centers[maybe] @ c) + sq_norms[pick]
-            candidate = np.zeros(t, dtype=bool)
-            candidate[maybe[dc2 < limit[maybe]]] = True
-        touched_points = int(cluster_size[:t][candidate].sum())
-        if 2 * touched_points > n:
-            # Most points may move: one dense pass is cheaper than gathering.
-            dist = distances_to(pick, scratch)
-            moved = np.flatnonzero(dist < min_d2)
-            cluster_size[:t] -= np.bincount(assignment[moved], minlength=t)[:t]
-            cluster_size[t] = moved.size
-            min_d2[moved] = dist[moved]
-            assignment[moved] = t
-            min_d2[pick] = 0.0
-            refresh_priority(moved)
-            full_passes_since_refresh += 1
-            if full_passes_since_refresh >= _RADIUS_REFRESH_PERIOD:
-                cluster_r2[: t + 1] = 0.0
-                np.maximum.at(cluster_r2, assignment, min_d2)
-                full_passes_since_refresh = 0
-            else:
-                # Stale radii of the old clusters stay valid upper bounds (points only leave).
-                cluster_r2[t] = min_d2[moved].max() if moved.size else 0.0
-        else:
-            rows = np.flatnonzero(candidate[assignment])
-            dist = sq_norms[rows] - 2.0 * (points[rows] @ c) + sq_norms[pick]
-            np.maximum(dist, 0.0, out=dist)
-            better = dist < min_d2[rows]
-            moved = rows[better]
-            np.subtract.at(cluster_size, assignment[moved], 1)
-            cluster_size[t] = moved.size
-            min_d2[moved] = dist[better]
-            assignment[moved] = t
-            min_d2[pick] = 0.0
-            refresh_priority(moved)
-            # Exact radii for every cluster that could have changed.
-            changed = np.flatnonzero(candidate)
-            cluster_r2[changed] = 0.0
-            cluster_r2[t] = 0.0
-            np.maximum.at(cluster_r2, assignment[rows], min_d2[rows])
-        pick = next_pick()
+    cluster_r2[0] = float(min_d2.max()) if n > 1 else 0.0
+    t = 1
+    while t < k:
+        batch = _next_batch(points, sq_norms, key, min_d2, bonus, min(k - t, _MAX_BATCH))
+        b = batch.size
+        selected[t : t + b] = batch
+        centers[t : t + b] = points[batch]
+        center_sq[t : t + b] = sq_norms[batch]
+        _apply_batch(points, sq_norms, centers, center_sq, cluster_r2, assignment, min_d2,
+                     key, bonus, batch, t)
+        t += b
     return selected, assignment
+
+
+#: Rows of highest priority among which a batch of picks is made.
+_CANDIDATES = 512
+#: Most picks per batch (the [rows, b] work per batch grows with it).
+_MAX_BATCH = 64
+
+
+def _next_batch(
+    points: np.ndarray,
+    sq_norms: np.ndarray,
+    key: np.ndarray,
+    min_d2: np.ndarray,
+    bonus: np.ndarray | None,
+    limit: int,
+) -> np.ndarray:
+    """The next picks of plain farthest-first, exactly, as many as can be proven (>= 1).
+
+    Candidates: the m rows of highest ``key``; ``tau`` = the highest key outside them bounds
+    every other row's priority for the rest of the batch (priorities only decrease).
+    """
+    n = key.shape[0]
+    m = min(_CANDIDATES, n)
+    if m < n:
+        part = np.argpartition(key, n - m - 1)
+        cand = np.sort(part[n - m :])  # ascending index: argmax below breaks ties as plain ff
+        tau = float(key[part[n - m - 1]])
+    else:
+        cand = np.arange(n)
+        tau = -np.inf
+    cand_pts = points[cand]
+    cand_sq = sq_norms[cand]
+    cand_d2 = min_d2[cand].copy()
+    cand_key = key[cand].copy()
+    cand_bonus = None if bonus is None else bonus[cand]
+    picks: list[int] = []
+    while len(picks) < limit:
+        i = int(cand_key.argmax())
+        best = float(cand_key[i])
+        if best == -np.inf or (picks and not best > tau):
+            break
+        if not picks and not best > tau:
+            # A tie with rows outside the candidates (e.g. duplicates): plain argmax decides.
+            return np.array([int(key.argmax())], dtype=np.int64)
+        picks.append(int(cand[i]))
+        cand_key[i] = -np.inf
+        d2 = cand_pts @ (cand_pts[i] * -2.0)
+        d2 += cand_sq
+        d2 += cand_sq[i]
+        np.maximum(d2, 0.0, out=d2)
+        np.minimum(cand_d2, d2, out=cand_d2)
+        live = cand_key != -np.inf
+        if cand_bonus is None:
+            cand_key = np.where(live, cand_d2, -np.inf).astype(np.float32)
+        else:
+            prio = np.sqrt(np.maximum(cand_d2, 0.0)) + cand_bonus
+            cand_key = np.where(live, prio, -np.inf).astype(np.float32)
+    if not picks:
+        return np.array([int(key.argmax())], dtype=np.int64)
+    return np.array(picks, dtype=np.int64)
+
+
+def _apply_batch(
+    points: np.ndarray,
+    sq_norms: np.ndarray,
+    centers: np.ndarray,
+    center_sq: np.ndarray,
+    cluster_r2: np.ndarray,
+    assignment: np.ndarray,
+    min_d2: np.ndarray,
+    key: np.ndarray,
+    bonus: np.ndarray | None,
+    batch: np.ndarray,
+    t: int,
+) -> None:
+    """Add ``batch`` (rows of ``points``) as centers t .. t+b-1, already copied to ``centers``:
+    update min_d2, assignment, key and the cluster radius bounds.
+
+    Row x (cluster a, squared distance m_x to c_a) can move to pick p_i only if
+    |p_i - c_a|^2 < 4 m_x. So: cluster-level pairs (a, i) with |p_i - c_a| < 2 R_a come from one
+    [t, b] GEMM; rows of clusters no pick reaches are never read; each remaining row is paired
+    only with the picks that reach its cluster, and a pair is evaluated only if it passes the
+    row's own test. Where most pairs pass (little structure), one GEMM per row block instead.
+    """
+    b = batch.size
+    new = centers[t : t + b]
+    new_sq = center_sq[t : t + b]
+    dc2 = centers[:t] @ (new.T * -2.0)  # [t, b] squared center-to-pick distances
+    dc2 += center_sq[:t, None]
+    dc2 += new_sq[None, :]
+    reach = 4.0 * cluster_r2[:t] * (1.0 + _PRUNE_REL_SLACK) + 1e-6
+    pair_a, pair_i = np.nonzero(dc2 < reach[:, None])  # sorted by cluster, then pick
+    # A pair (x, i) is worth evaluating only if min_d2[x] > quarter of |p_i - c_a|^2.
+    pair_q = dc2[pair_a, pair_i] * (0.25 * (1.0 - _PRUNE_REL_SLACK)) - 1e-6
+    per_cluster = np.bincount(pair_a, minlength=t + b)
+    first_pair = np.cumsum(per_cluster) - per_cluster
+    floor = np.full(t + b, np.inf, dtype=np.float32)  # +inf: no pick reaches the cluster
+    if pair_a.size:
+        group = np.flatnonzero(per_cluster[:t])
+        floor[group] = np.minimum.reduceat(pair_q, first_pair[group])
+    rows = np.flatnonzero(min_d2 > floor[assignment])  # rows that pass at least one pair
+    for lo in range(0, rows.size, _ROW_BLOCK):
+        r = rows[lo : lo + _ROW_BLOCK]
+        r_d2 = min_d2[r]
+        counts = per_cluster[assignment[r]]
+        total = int(counts.sum())
+        if 4 * total > r.size * b:
+            # Most pairs pass (little structure): one GEMM for the block is cheaper.
+            d2 = points[r] @ (new.T * -2.0)
+            d2 += sq_norms[r, None]
+            d2 += new_sq[None, :]
+            nearest = d2.argmin(axis=1)  # first minimum: the earliest pick, as plain ff
+            nearest_d2 = d2[np.arange(r.size), nearest]
+            at = np.flatnonzero(nearest_d2 < r_d2)
+            moved, moved_d2, moved_to = r[at], nearest_d2[at], nearest[at]
+        else:
+            # Ragged expansion: row j of the block meets pairs first_pair[a_j] .. + counts[j].
+            ends = np.cumsum(counts)
+            within = np.arange(total) - np.repeat(ends - counts, counts)
+            pidx = np.repeat(first_pair[assignment[r]], counts) + within
+            owner = np.repeat(np.arange(r.size), counts)
+            keep = r_d2[owner] > pair_q[pidx]
+            owner, pidx = owner[keep], pidx[keep]
+            if owner.size == 0:
+                continue
+            x, pi = r[owner], pair_i[pidx]
+            d2 = np.einsum("ij,ij->i", points[x], new[pi])
+            d2 *= -2.0
+            d2 += sq_norms[x]
+            d2 += new_sq[pi]
+            # Pairs are grouped by row with picks ascending: the first minimum of each group
+            # is the earliest nearest pick, as plain farthest-first would assign it.
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            group_min = np.minimum.reduceat(d2, starts)
+            pos = np.flatnonzero(d2 == np.repeat(group_min, np.diff(np.r_[starts, owner.size])))
+            first = pos[np.r_[True, owner[pos[1:]] != owner[pos[:-1]]]]
+            at = first[d2[first] < r_d2[owner[first]]]
+            moved, moved_d2, moved_to = x[at], d2[at], pi[at]
+        np.maximum(moved_d2, 0.0, out=moved_d2)
+        min_d2[moved] = moved_d2
+        assignment[moved] = t + moved_to
+        if bonus is not None:
+            key[moved] = np.sqrt(moved_d2) + bonus[moved]
+    # The picks are centers now: they never move or win a pick again.
+    assignment[batch] = np.arange(t, t + b)
+    min_d2[batch] = -np.inf
+    key[batch] = -np.inf
+    # Exact radii for the reached clusters and the new ones (every row of theirs is known
+    # here); the others keep their value, still an upper bound (points only ever leave).
+    touched_cluster = np.r_[per_cluster[:t] > 0, np.ones(b, dtype=bool)]
+    cluster_r2[:t + b][touched_cluster] = 0.0
+    touched = np.flatnonzero(touched_cluster[assignment])
+    live = touched[min_d2[touched] != -np.inf]
+    np.maximum.at(cluster_r2, assignment[live], min_d2[live])
 
 
 def _farthest_first_torch(
@@ -406,11 +489,11 @@ def coverage_radius(
 _ROW_BLOCK = 8192  # rows per block of the [block, D] temporaries below
 
 
-def _assigned_distances(features: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """[N] Euclidean |features[i] - features[chosen[i]]|, in row blocks (no [N, D] temporary)."""
+def _assigned_distances(features: np.ndarray, bank: np.ndarray, assigned: np.ndarray) -> np.ndarray:
+    """[N] Euclidean |features[i] - bank[assigned[i]]|, in row blocks (no [N, D] temporary)."""
     out = np.empty(features.shape[0], dtype=np.float32)
     for lo in range(0, features.shape[0], _ROW_BLOCK):
-        diffs = features[lo : lo + _ROW_BLOCK] - features[chosen[lo : lo + _ROW_BLOCK]]
+        diffs = features[lo : lo + _ROW_BLOCK] - bank[assigned[lo : lo + _ROW_BLOCK]]
         out[lo : lo + _ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
     return out
 
@@ -430,39 +513,110 @@ def _compact_in_place(buffer: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return order
 
 
+def _partition_in_place(buffer: np.ndarray, size: int, keep: np.ndarray) -> np.ndarray:
+    """Swap rows so that ``keep`` (distinct rows < size) fill rows 0 .. k-1 of ``buffer``,
+    every other of the first ``size`` rows staying in rows k .. size-1 (none is lost).
+
+    Returns perm [size]: row i now holds what row perm[i] held. Each kept row beyond the front
+    swaps with a dropped row inside it, in blocks: the temporary is one block, not [k, D]; so the
+    bank can then be the view ``buffer[:k]`` while the dropped rows are still there to measure.
+    """
+    k = keep.size
+    is_kept = np.zeros(size, dtype=bool)
+    is_kept[keep] = True
+    outside = np.flatnonzero(is_kept[k:]) + k
+    holes = np.flatnonzero(~is_kept[:k])
+    for lo in range(0, outside.size, _ROW_BLOCK):
+        src, dst = outside[lo : lo + _ROW_BLOCK], holes[lo : lo + _ROW_BLOCK]
+        moving = buffer[src]  # one block
+        buffer[src] = buffer[dst]
+        buffer[dst] = moving
+    perm = np.arange(size)
+    perm[outside], perm[holes] = holes, outside
+    return perm
+
+
 def _exact_radius(
     features: np.ndarray,
-    bank_indices: np.ndarray,
-    assignment: np.ndarray,
+    bank: np.ndarray,
+    assigned: np.ndarray,
     offsets: np.ndarray | None = None,
-    bank: np.ndarray | None = None,
+    lower: tuple[np.ndarray, np.ndarray, float] | None = None,
 ) -> float:
-    """Exact max_i (min_j |x_i - x_bank_j| + offsets_i), touching few rows.
+    """Exact max_i (min_j |features_i - bank_j| + offsets_i), touching few rows.
 
-    ``upper[i] = |x_i - x_bank[assignment[i]]|`` bounds row i's true nearest-bank distance from
+    Args:
+        features: [N, D] rows to cover. bank: [k, D] (may be a view into ``features``).
+        assigned: [N] for each row, the bank row the selection assigned it to.
+        offsets: [N] radii that rows already stand in for (default 0).
+        lower: optional (projected features [N, d], projected bank [k, d], c) with
+            |x - y| >= c |P x - P y| for every pair (an orthonormal projection scaled by 1/c):
+            bank rows the projection proves farther than a row's assigned one are skipped.
+
+    ``upper[i] = |x_i - bank[assigned[i]]|`` bounds row i's true nearest-bank distance from
     above (the projection may have assigned it to a slightly farther member). Visiting rows by
     decreasing ``upper + offset`` and computing exact distances in blocks, we can stop as soon as
     the best exact value found is >= the next row's upper bound: no later row can exceed it.
-    ``offsets`` (default 0) are the radii that rows already stand in for. ``bank`` may pass
-    ``features[bank_indices]`` when the caller has it already (saves a [k, D] copy).
     """
-    bank_rows = torch.from_numpy(features[bank_indices] if bank is None else bank)
+    bank_rows = torch.from_numpy(bank)
     bank_sq = torch.linalg.vector_norm(bank_rows, dim=1) ** 2
-    upper = _assigned_distances(features, bank_indices[assignment])
+    upper = _assigned_distances(features, bank, assigned)
     if offsets is not None:
         upper += offsets
     order = np.argsort(-upper, kind="stable")
     radius = 0.0
-    block = max(16, min(256, (1 << 22) // max(1, bank_rows.shape[0])))  # [block, k] <= 16 MiB
+    k = bank.shape[0]
+    block = max(16, min(256, (1 << 22) // max(1, k)))  # [block, k] <= 16 MiB
+    bank_np_sq = bank_sq.numpy()
     for lo in range(0, order.size, block):
         if radius >= upper[order[lo]]:
             break
         rows = order[lo : lo + block]
-        exact = _nearest_distance(torch.from_numpy(features[rows]), bank_rows, bank_sq).numpy()
+        exact = None
+        if lower is not None:
+            exact = _nearest_by_lower_bound(features, bank, bank_np_sq, assigned, rows, lower)
+        if exact is None:
+            exact = _nearest_distance(torch.from_numpy(features[rows]), bank_rows, bank_sq).numpy()
         if offsets is not None:
             exact = exact + offsets[rows]
         radius = max(radius, float(exact.max()))
     return radius
+
+
+def _nearest_by_lower_bound(
+    features: np.ndarray,
+    bank: np.ndarray,
+    bank_sq: np.ndarray,
+    assigned: np.ndarray,
+    rows: np.ndarray,
+    lower: tuple[np.ndarray, np.ndarray, float],
+) -> np.ndarray | None:
+    """[len(rows)] exact nearest-bank distances, computing only pairs the projection cannot
+    rule out (None when too many remain: the caller's dense block is then cheaper).
+
+    A bank row j can be nearer than the assigned one only if c |P x - P b_j| < |x - b_assigned|.
+    """
+    projected, bank_projected, c = lower
+    x = features[rows]
+    own = bank[assigned[rows]]
+    diffs = x - own
+    upper = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+    px = projected[rows]
+    d2p = px @ (bank_projected.T * -2.0)
+    d2p += np.einsum("ij,ij->i", px, px)[:, None]
+    d2p += np.einsum("ij,ij->i", bank_projected, bank_projected)[None, :]
+    # lower bound^2 = c^2 d2p; slack for float32 rounding of the expansion
+    limit = (upper * upper * (1.0 + 1e-3) + 1e-6) / (c * c)
+    pr, pj = np.nonzero(d2p < limit[:, None])
+    if 8 * pr.size > d2p.size:
+        return None
+    d2 = np.einsum("ij,ij->i", x[pr], bank[pj])
+    d2 *= -2.0
+    d2 += np.einsum("ij,ij->i", x, x)[pr]
+    d2 += bank_sq[pj]
+    best = upper * upper
+    np.minimum.at(best, pr, d2)
+    return np.sqrt(np.maximum(best, 0.0))
 
 
 def greedy_coreset(
@@ -505,9 +659,14 @@ def greedy_coreset(
         raise ValueError("features contain NaN or inf; a coreset of them is meaningless")
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(n, (1,), generator=generator))
-    projected = _project(fit_projection(array, projection_dim, seed, projection), array)
+    fitted = fit_projection(array, projection_dim, seed, projection)
+    projected = _project(fitted, array)
     indices, assignment = _run_farthest_first(projected, k, start, None, run_device)
-    radius = _exact_radius(array, indices, assignment) if compute_radius else None
+    radius = None
+    if compute_radius:
+        contraction = 1.0 if fitted is None else fitted.contraction
+        lower = None if contraction is None else (projected, projected[indices], contraction)
+        radius = _exact_radius(array, array[indices], assignment, lower=lower)
     return CoresetResult(indices=indices, radius=radius)
 
 
@@ -660,7 +819,7 @@ class IncrementalCoreset:
         size = self._size
         features, radii = self._features[:size], self._radii[:size]
         # Original-space distance from every buffered row to the kept row it is assigned to.
-        reach = _assigned_distances(features, keep[assignment]) + radii
+        reach = _assigned_distances(features, features, keep[assignment]) + radii
         new_radii = np.zeros(self.k, dtype=np.float32)
         np.maximum.at(new_radii, assignment, reach)
         order = _compact_in_place(self._features, keep)
@@ -693,15 +852,21 @@ class IncrementalCoreset:
         # A fresh generator from the seed: select() is repeatable, and with no reduce so far it
         # draws the same start as greedy_coreset(seed=seed).
         keep, assignment = self._farthest_first(k, torch.Generator().manual_seed(self.seed))
-        features = self._features[: self._size]
+        size = self._size
+        features = self._features[:size]
         if not release:
             selected = features[keep]  # fancy indexing: already a copy
-            bound = _exact_radius(features, keep, assignment, self._radii[: self._size], selected)
+            bound = _exact_radius(features, selected, assignment, self._radii[:size])
             return IncrementalSelection(
                 features=selected, radius_bound=bound, num_seen=self.num_seen
             )
-        bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
-        _compact_in_place(self._features, keep)
+        # Kept rows to the front by swaps, dropped ones behind them: the bank is the view
+        # buffer[:k] while the radius is measured, so no [k, D] copy exists beside the buffer.
+        perm = _partition_in_place(self._features, size, keep)
+        position = np.empty(size, dtype=np.int64)
+        position[perm] = np.arange(size)
+        assigned = position[keep][assignment[perm]]
+        bound = _exact_radius(features, features[:k], assigned, self._radii[:size][perm])
         buffer, self._features, self._radii = self._features, None, None
         self._size, self._released = 0, True
         del features
