@@ -234,12 +234,13 @@ def test_order_matches_naive_reference_far_from_origin(seed: int) -> None:
     np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize(("n", "k"), [(3000, 900), (5000, 400)])
-def test_batched_order_matches_naive_reference_on_large_inputs(n: int, k: int) -> None:
+@pytest.mark.parametrize(("n", "k", "dim"), [(3000, 900, 12), (5000, 400, 40)])
+def test_batched_order_matches_naive_reference_on_large_inputs(n: int, k: int, dim: int) -> None:
     # Large enough that picks come in batches of up to 64 from 512 candidates, with the pair
-    # pruning and both the GEMM and the pair path of a batch in use.
+    # pruning, both the GEMM and the pair path of a batch, and (dim > 16) the leading-coordinate
+    # bound on center distances in use.
     rng = np.random.default_rng(n)
-    points = clustered(rng, n, 12, clusters=40)
+    points = clustered(rng, n, dim, clusters=40)
     expected = naive_farthest_first(points.astype(np.float64), k, 11)
     got, assignment = farthest_first(points, k, start=11)
     np.testing.assert_array_equal(got, expected)
