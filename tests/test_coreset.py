@@ -266,3 +266,14 @@ def test_partition_in_place_keeps_every_row() -> None:
     np.testing.assert_array_equal(buffer[:40], original[perm])
     assert set(perm[:15].tolist()) == set(keep.tolist())
     np.testing.assert_array_equal(buffer[40:], original[40:])
+
+
+def test_selection_runs_single_threaded_and_restores_thread_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(9)
+        greedy_coreset(clustered(rng, 800, 32), 40, projection_dim=8, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
