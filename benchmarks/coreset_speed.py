@@ -202,7 +202,7 @@ def _worker(spec_path: str) -> None:
                 radius = coverage_radius(x, x[indices])
             else:
                 start = time.perf_counter()
-                result = greedy_coreset(x, k, seed=trial.seed)
+                result = greedy_coreset(x, k, seed=trial.seed, projection_dim=ours_dim)
                 seconds = time.perf_counter() - start
                 assert result.radius is not None
                 radius, dim = result.radius, ours_dim
@@ -228,6 +228,7 @@ def run_worker(
     *,
     cap_gib: float,
     nice: int = 0,
+    ours_dim: int = 128,
 ) -> list[Outcome]:
     """Run ``trials`` in one child process with ``env`` added; returns their outcomes."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,7 +239,7 @@ def run_worker(
             "trials": [asdict(t) for t in trials],
             "out": str(out_path),
             "cap_gib": cap_gib,
-            "ours_dim": 128,
+            "ours_dim": ours_dim,
         }
         spec_path.write_text(json.dumps(spec))
         command = [sys.executable, "-m", "benchmarks.coreset_speed", "--worker", str(spec_path)]
@@ -269,7 +270,7 @@ def _spread(values: Sequence[float]) -> str:
 
 def matrix_rows(
     name: str, input_spec: dict[str, object], k: int, runs: int, cap_gib: float,
-    with_anomalib: bool,
+    with_anomalib: bool, ours_dim: int = 128,
 ) -> tuple[list[list[object]], dict[str, list[Outcome]]]:
     """Case A for one input: every allocator setting, both sides in one child per setting."""
     rows: list[list[object]] = []
@@ -280,7 +281,7 @@ def matrix_rows(
             if with_anomalib:
                 trials.append(Trial("anomalib", seed))
             trials.append(Trial("ours", seed))
-        outcomes = run_worker(input_spec, k, trials, env, cap_gib=cap_gib)
+        outcomes = run_worker(input_spec, k, trials, env, cap_gib=cap_gib, ours_dim=ours_dim)
         by_setting[setting] = outcomes
         anomalib = [o for o in outcomes if o.side == "anomalib"]
         ours = [o for o in outcomes if o.side == "ours"]
@@ -320,11 +321,13 @@ MATRIX_HEADER = [
 
 def large_rows(
     input_spec: dict[str, object], k: int, runs: int, cap_gib: float, anomalib: bool,
+    ours_dim: int = 128,
 ) -> list[list[object]]:
     """Case B: ours (``runs`` times, one child) and anomalib (once, own child): seconds, radius,
     peak RSS of each side's process."""
     rows: list[list[object]] = []
-    ours = run_worker(input_spec, k, [Trial("ours", s) for s in range(runs)], {}, cap_gib=cap_gib)
+    ours = run_worker(input_spec, k, [Trial("ours", s) for s in range(runs)], {}, cap_gib=cap_gib,
+                      ours_dim=ours_dim)
     ours_sec = [o.seconds for o in ours]
     ours_rad = [o.radius for o in ours if o.radius is not None]
     a_outcome: Outcome | None = None
@@ -361,6 +364,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-anomalib", action="store_true",
                         help="also run anomalib once at 156,800 x 1024 (about 25 minutes)")
     parser.add_argument("--no-anomalib", action="store_true", help="ours only")
+    parser.add_argument("--ours-dim", type=int, default=128,
+                        help="greedy_coreset's projection_dim (its default: 128)")
     parser.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
                         help="address space a worker may add after its imports, GiB")
     parser.add_argument("--worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
@@ -397,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             rows: list[list[object]] = []
             for name, path in inputs:
                 rows += matrix_rows(name, {"npy": str(path)}, a_k, runs, args.cap_gib,
-                                    with_anomalib)[0]
+                                    with_anomalib, args.ours_dim)[0]
             append_results(
                 f"Coreset speed, allocator matrix: {a_rows:,} x 1536 -> {a_k:,} vs anomalib "
                 "KCenterGreedy",
@@ -412,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_large:
             spec: dict[str, object] = {"n": b_n, "dim": b_dim, "clusters": 200, "seed": 0}
             table = large_rows(spec, b_k, runs, args.cap_gib,
-                               with_anomalib and (args.large_anomalib or args.quick))
+                               with_anomalib and (args.large_anomalib or args.quick),
+                               args.ours_dim)
             append_results(
                 f"Coreset speed: {b_n:,} x {b_dim} -> {b_k:,} (clustered ReLU, like one "
                 "200-image category)",
