@@ -306,7 +306,7 @@ def matrix_rows(
             )
         else:
             speedup, ratio = "-", "-"
-            a_cells = ["not installed", "-", "-", "-"]
+            a_cells = ["not run", "-", "-", "-"]
         rows.append([name, setting, *a_cells, _spread(o_sec), _spread(o_rad),
                      ours[0].projection_dim, speedup, ratio])
     return rows, by_setting
