@@ -11,13 +11,21 @@ fitted on a generated dataset and its bank [K, D=1024] is what gets sent. For ev
 * encode / decode throughput in MB/s of raw fp32 (10^6 bytes; median of ``--repeats``,
   single-threaded numpy + zstd);
 * Δ image AUROC / Δ pixel AUROC / Δ AU-PRO when the same test set is scored with the decoded
-  bank instead of the fp32 one, and the largest relative change of an image score.
+  bank instead of the fp32 one, and the largest relative change of an image score and of an
+  anomaly-map value (|Δ| / |fp32 value|, over every pixel of every test image).
 
-Targets: default codec (fp16) <= 0.42 of raw with |Δ image AUROC| < 0.001; int8 <= 0.22 with
-<= 0.002; int4 (stretch) <= 0.12 with <= 0.005.
+Why the default setting is the 64 px one with 60 test images per category: on the WRN-50
+setting the image AUROC is 1.000 on 24 images, so "no image-AUROC change" there could not fail.
+At 64 px the pixel AUROC (~0.97) and AU-PRO (~0.89) are far from saturation, and the relative
+score and map changes are reported for every codec, so a codec that moves scores shows it.
 
-    .venv/bin/python -m benchmarks.codec_tradeoff                       # both settings
-    .venv/bin/python -m benchmarks.codec_tradeoff --settings resnet18   # the small one only
+Targets: default codec (fp16) <= 0.42 of raw, int8 <= 0.22, int4 (stretch) <= 0.12, each with
+|Δ image AUROC|, |Δ pixel AUROC| and |Δ AU-PRO| all <= 0.001 / 0.002 / 0.005 respectively.
+
+    .venv/bin/python -m benchmarks.codec_tradeoff                 # 64 px setting, print only
+    .venv/bin/python -m benchmarks.codec_tradeoff --record        # ... and append to RESULTS.md
+    .venv/bin/python -m benchmarks.codec_tradeoff --settings wide_resnet50_2   # saturated one
+    .venv/bin/python -m benchmarks.codec_tradeoff --quick         # every path, seconds
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from core.serde import MAX_CHUNK_BYTES_LIMIT, assemble_chunks, split_into_chunks
 
 logger = logging.getLogger(__name__)
 
-#: preset -> (max ratio to raw fp32, max |Δ image AUROC|), from the issue.
+#: preset -> (max ratio to raw fp32, max |Δ| of image AUROC, pixel AUROC and AU-PRO).
 TARGETS: dict[str, tuple[float, float]] = {
     "fp16": (0.42, 0.001),
     "int8": (0.22, 0.002),
@@ -82,14 +90,20 @@ class FeatureSetting:
 
 def feature_settings(seed: int) -> dict[str, FeatureSetting]:
     return {
-        # The federated-parity setting: 64 px, 200 train images x 8x8 patches; at 96 px and
-        # above the pooled image AUROC saturates at 1.0 and could not show a change.
+        # The federated-parity setting (64 px, 200 train images x 8x8 patches) with 60 test
+        # images per category (300): pixel AUROC and AU-PRO are far from saturation here.
         "resnet18": FeatureSetting(
             "resnet18", "resnet18", 64, None,
-            SyntheticSetting(SYNTHETIC_CATEGORIES, 40, 24, 64, seed),
+            SyntheticSetting(SYNTHETIC_CATEGORIES, 40, 60, 64, seed),
+        ),
+        # Every path in seconds (the smoke test): 2 categories, 6 train + 4 test images.
+        "quick": FeatureSetting(
+            "quick", "resnet18", 64, None,
+            SyntheticSetting(SYNTHETIC_CATEGORIES[:2], 6, 4, 64, seed),
         ),
         # The default PatchCore pipeline (WRN-50-2, resize 256, crop 224, 28x28 patches) on a
-        # few images: CPU forward passes of WRN-50 cost about 0.3 s per image here.
+        # few images: CPU forward passes of WRN-50 cost about 0.3 s per image here. Its image
+        # AUROC is 1.000 on these 24 test images: saturated, kept for the byte ratios.
         "wide_resnet50_2": FeatureSetting(
             "wide_resnet50_2", "wide_resnet50_2", 256, 224,
             SyntheticSetting(("mesh", "screw", "washer"), 8, 8, 256, seed),
@@ -103,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--settings", nargs="+", default=["resnet18", "wide_resnet50_2"],
+    parser.add_argument("--settings", nargs="+", default=["resnet18"],
                         choices=list(feature_settings(0)), help="feature settings to run")
     parser.add_argument("--bank-ratio", type=float, default=0.1,
                         help="bank (the upload) as a fraction of the training patches")
@@ -111,8 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="data, backbone and coreset seed")
     parser.add_argument("--no-pq", action="store_true",
                         help="skip the product-quantisation experiment (needs faiss)")
-    parser.add_argument("--no-append", action="store_true",
-                        help="print the tables but do not append them to RESULTS.md")
+    parser.add_argument("--record", action="store_true",
+                        help="append the tables to RESULTS.md (default: print only)")
+    parser.add_argument("--quick", action="store_true",
+                        help="the 'quick' setting, one timing repeat, no PQ (seconds)")
     return parser
 
 
@@ -179,29 +195,36 @@ def run_setting(setting: FeatureSetting, args: argparse.Namespace) -> tuple[str,
 
 @dataclass(frozen=True)
 class Baseline:
-    """The fp32 bank's results on the test set: metrics [img, pix, AU-PRO] and image scores."""
+    """The fp32 bank's results on the test set: metrics [img, pix, AU-PRO], image scores [N]
+    and anomaly maps [N, H, W]."""
 
     metrics: tuple[float, float, float]
     image_scores: np.ndarray
+    anomaly_maps: np.ndarray
+
+
+def _max_relative_change(values: np.ndarray, reference: np.ndarray) -> float:
+    """max |values - reference| / |reference| (reference values of 0 count as 1e-12)."""
+    return float(np.max(np.abs(values - reference) / np.maximum(np.abs(reference), 1e-12)))
 
 
 def score_change(
     model: PatchCore, cache: FeatureCache, test: AnomalyDataset, bank: np.ndarray,
     baseline: Baseline,
-) -> tuple[float, float, float, float]:
+) -> tuple[float, float, float, float, float]:
     """Score ``test`` with ``bank`` instead of the fp32 bank: (Δ img AUROC, Δ pix AUROC,
-    Δ AU-PRO, largest relative change of an image score). Leaves ``bank`` in ``model``."""
+    Δ AU-PRO, largest relative change of an image score, largest relative change of an
+    anomaly-map value). Leaves ``bank`` in ``model``."""
     model.set_memory_bank(bank)
     predictions = predict_cached(model, cache)
     # model resolution: the full setting crops (resize 256, crop 224), as the PatchCore paper
     result = evaluate(predictions, test, model.config.features.transform, resolution="model")
     img, pix, pro, _ = metric_row(result)
     base_img, base_pix, base_pro = baseline.metrics
-    rel_score = float(np.max(
-        np.abs(predictions.image_scores - baseline.image_scores) / np.abs(baseline.image_scores)
-    ))
+    rel_score = _max_relative_change(predictions.image_scores, baseline.image_scores)
+    rel_map = _max_relative_change(predictions.anomaly_maps, baseline.anomaly_maps)
     return (float(img) - base_img, float(pix) - base_pix,  # type: ignore[arg-type]
-            float(pro) - base_pro, rel_score)  # type: ignore[arg-type]
+            float(pro) - base_pro, rel_score, rel_map)  # type: ignore[arg-type]
 
 
 def measure_presets(
@@ -217,11 +240,11 @@ def measure_presets(
         evaluate(predictions, test, model.config.features.transform, resolution="model")
     )
     baseline = Baseline((float(img), float(pix), float(pro)),  # type: ignore[arg-type]
-                        predictions.image_scores)
+                        predictions.image_scores, predictions.anomaly_maps)
 
     header = ["preset", "value type", "bytes up", "ratio to fp32", "target", "max abs err",
               "encode MB/s", "decode MB/s", "Δ img AUROC", "Δ pix AUROC", "Δ AU-PRO",
-              "max rel Δ img score", "met"]
+              "max rel Δ img score", "max rel Δ map value", "met"]
     table_rows: list[list[object]] = []
     all_met = True
     for name, codec in CODEC_PRESETS.items():
@@ -229,20 +252,22 @@ def measure_presets(
         ratio = cost / raw_bytes
         error = float(np.abs(decoded - bank).max())
         encode_s, decode_s = codec_speed(bank, codec, args.repeats)
-        d_img, d_pix, d_pro, rel_score = score_change(model, cache, test, decoded, baseline)
+        d_img, d_pix, d_pro, rel_score, rel_map = score_change(
+            model, cache, test, decoded, baseline
+        )
         target = TARGETS.get(name)
         if target is None:
             target_text, met_text = "-", "-"
         else:
-            met = ratio <= target[0] and abs(d_img) <= target[1]
+            met = ratio <= target[0] and max(abs(d_img), abs(d_pix), abs(d_pro)) <= target[1]
             all_met &= met
-            target_text = f"<= {target[0]}, |Δ img| <= {target[1]}"
+            target_text = f"<= {target[0]}, |Δ img, pix, PRO| <= {target[1]}"
             met_text = "yes" if met else "NO"
         label = f"{name} (default)" if codec == DEFAULT_CODEC else name
         table_rows.append([
             label, codec.value_type, cost, ratio, target_text, error, raw_mb / encode_s,
             raw_mb / decode_s, f"{d_img:+.5f}", f"{d_pix:+.5f}", f"{d_pro:+.5f}", rel_score,
-            met_text,
+            rel_map, met_text,
         ])
     base_img, base_pix, base_pro = baseline.metrics
     notes = (
@@ -280,7 +305,8 @@ def product_quantisation(
     rows, dim = bank.shape
     header = ["PQ M x bits", "bytes (codes + fp16 codebook)", "ratio to fp32",
               f"ratio at {PQ_PROJECTED_ROWS} rows", "max abs err", "train + encode s",
-              "Δ img AUROC", "Δ pix AUROC", "Δ AU-PRO", "max rel Δ img score"]
+              "Δ img AUROC", "Δ pix AUROC", "Δ AU-PRO", "max rel Δ img score",
+              "max rel Δ map value"]
     table_rows: list[list[object]] = []
     for m, bits in PQ_CONFIGS:
         if dim % m:
@@ -299,11 +325,11 @@ def product_quantisation(
         projected = (PQ_PROJECTED_ROWS * pq.code_size + centroids.nbytes) / (
             PQ_PROJECTED_ROWS * dim * 4
         )
-        d_img, d_pix, d_pro, rel = score_change(model, cache, test, decoded, baseline)
+        d_img, d_pix, d_pro, rel, rel_map = score_change(model, cache, test, decoded, baseline)
         table_rows.append([
             f"{m} x {bits}", size, size / (rows * dim * 4), projected,
             float(np.abs(decoded - bank).max()), seconds, f"{d_img:+.5f}", f"{d_pix:+.5f}",
-            f"{d_pro:+.5f}", rel,
+            f"{d_pro:+.5f}", rel, rel_map,
         ])
     return (
         "Product quantisation (experiment, not a wire codec; faiss PQ trained on the upload "
@@ -314,12 +340,14 @@ def product_quantisation(
 
 def run(args: argparse.Namespace) -> bool:
     settings = feature_settings(args.seed)
+    if args.quick:
+        args.settings, args.repeats, args.no_pq = ["quick"], 1, True
     all_met = True
     for name in args.settings:
         table, notes, met = run_setting(settings[name], args)
         all_met &= met
         title = f"Codec trade-off on PatchCore banks: {name}"
-        append_results(title, table, notes, append=not args.no_append)
+        append_results(title, table, notes, append=args.record)
     return all_met
 
 

@@ -1,41 +1,88 @@
-"""Coreset selection speed and quality against anomalib 2.7's KCenterGreedy, in one run.
+"""Coreset selection speed and quality against anomalib 2.7's KCenterGreedy, compared fairly.
+
+Why it is built this way: anomalib's KCenterGreedy allocates a fresh [N, d] tensor per pick, so
+its speed depends on glibc's allocator far more than ours does, and under glibc's default
+(adaptive mmap threshold) it can run away in memory. So every comparison runs
+
+* under each allocator setting of :data:`ALLOCATORS` (glibc default, ``MALLOC_ARENA_MAX=2``,
+  ``MALLOC_MMAP_THRESHOLD_=131072``), each in its own child process that runs BOTH sides,
+  alternating anomalib and ours run by run;
+* with the child's address space capped (``RLIMIT_AS``, :data:`DEFAULT_CAP_GIB` GiB above what
+  the imports map): a runaway fails fast with an allocation error and is counted as a runaway,
+  never silently dropped;
+* with anomalib seeded as well as we are: its start point comes from torch's global generator
+  and its sparse projection from numpy's, so run ``r`` seeds both with ``r`` (we pass ``seed=r``);
+* ``--runs`` (default 3) times; tables give median, min-max and every side's projection dim.
 
 Cases:
-  A. 20,000 x 1536 -> 2,000 (anomalib's PatchCore embedding size): anomalib KCenterGreedy vs
-     ``greedy_coreset`` (indices only, and with the exact radius), on two inputs: real PatchCore
-     patch embeddings (random-init WRN-50 on the generated dataset, layer2 + layer3 concatenated
-     as anomalib does) and i.i.d. Gaussian rows (no structure: the worst case for pruning).
-     Quality: the exact coverage radius of each selection in the original space.
-  B. 156,800 x 1024 -> 15,680 (one 200-image category at 224 px, the default embedding): our
-     offline selection, and the incremental selector fed 784-row batches (one image each) with
-     its default buffer, whose radius must stay within 1.25x of offline.
+  A. 20,000 x 1536 -> 2,000 (anomalib's PatchCore embedding size) on real PatchCore embeddings
+     (random-init WRN-50 layer2 + upsampled layer3 on generated images, as anomalib builds them)
+     and on i.i.d. Gaussian rows (no structure: the worst case for pruning). Quality: the exact
+     coverage radius (max distance of any row to the selection, original space) of every run.
+  B. 156,800 x 1024 -> 15,680 (one 200-image category at 224 px) on seeded clustered ReLU rows
+     (:func:`clustered_relu`): ours ``--runs`` times, and anomalib ONCE (``--large-anomalib``; it
+     takes about 25 minutes), each side in its own child so its peak RSS is its own.
 
-Run: ``python -m benchmarks.coreset_speed`` (needs the ``bench`` extra for anomalib; without it
-case A reports ours only).
+Prints the tables; appends them to RESULTS.md only with ``--record``. ``--quick`` runs every
+path on tiny inputs in seconds (the smoke test runs it).
+
+Run: ``python -m benchmarks.coreset_speed [--record] [--large-anomalib]`` (needs the ``bench``
+extra for anomalib; without it the anomalib columns say "not installed").
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import resource
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from benchmarks.report import append_results, markdown_table
-from core.coreset import IncrementalCoreset, coverage_radius, greedy_coreset
+from benchmarks.report import append_results, markdown_table, peak_rss_mib
+from core.coreset import coverage_radius, greedy_coreset
 from core.data import MVTecDataset, generate_synthetic_dataset
 from core.features import FeatureConfig, PatchFeatureExtractor, iterate_batches
 from core.preprocess import ImageTransform
 
 logger = logging.getLogger(__name__)
+
+#: Allocator settings (name, extra environment of the child process).
+ALLOCATORS: tuple[tuple[str, dict[str, str]], ...] = (
+    ("glibc default", {}),
+    ("MALLOC_ARENA_MAX=2", {"MALLOC_ARENA_MAX": "2"}),
+    ("MALLOC_MMAP_THRESHOLD_=131072", {"MALLOC_MMAP_THRESHOLD_": "131072"}),
+)
+#: Address space a worker may map beyond what it maps after its imports and input, GiB. anomalib
+#: needs about 1 GiB at 20,000 x 1536; runaways reached 14-24 GB.
+DEFAULT_CAP_GIB = 6.0
+#: Our projection (greedy_coreset's default).
+OURS_PROJECTION = "pca"
+
+
+def clustered_relu(n: int, dim: int, *, clusters: int = 200, seed: int = 0) -> np.ndarray:
+    """[n, dim] float32 ReLU(center + 0.5 * noise): ``clusters`` N(0, 1) centers, rows drawn
+    uniformly among them. Non-negative, sparse-ish (about 35 % zeros) and clustered like CNN
+    patch features of one category; generated, so any machine reproduces it from the seed."""
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((clusters, dim), dtype=np.float32)
+    labels = rng.integers(0, clusters, n)
+    out = rng.standard_normal((n, dim), dtype=np.float32)
+    out *= 0.5
+    out += centers[labels]
+    np.maximum(out, 0.0, out=out)
+    return out
 
 
 def _dataset(root: Path, images: int) -> MVTecDataset:
@@ -47,11 +94,11 @@ def _dataset(root: Path, images: int) -> MVTecDataset:
     return MVTecDataset(root, split="train")
 
 
-def anomalib_style_embeddings(dataset: MVTecDataset, rows: int) -> np.ndarray:
+def anomalib_style_embeddings(dataset: MVTecDataset, rows: int, size: int = 224) -> np.ndarray:
     """[rows, 1536]: layer2 (512) + upsampled layer3 (1024) after 3x3 average pooling, as
-    anomalib's PatchcoreModel builds its embedding (random-init WRN-50, 224 px)."""
+    anomalib's PatchcoreModel builds its embedding (random-init WRN-50)."""
     config = FeatureConfig(
-        backbone="wide_resnet50_2", pretrained=False, transform=ImageTransform(224, None)
+        backbone="wide_resnet50_2", pretrained=False, transform=ImageTransform(size, None)
     )
     backbone = PatchFeatureExtractor(config).backbone
     out: list[np.ndarray] = []
@@ -68,233 +115,319 @@ def anomalib_style_embeddings(dataset: MVTecDataset, rows: int) -> np.ndarray:
             total += emb.shape[0]
             if total >= rows:
                 break
+    if total < rows:
+        raise ValueError(f"{len(dataset)} images give {total} rows, fewer than {rows}")
     return np.concatenate(out)[:rows]
 
 
-def patchcore_features(dataset: MVTecDataset, rows: int) -> tuple[np.ndarray, float]:
-    """[rows, 1024] default PatchCore features (random-init WRN-50 at 224 px) and the seconds."""
-    config = FeatureConfig(
-        backbone="wide_resnet50_2", pretrained=False, transform=ImageTransform(224, None)
-    )
-    extractor = PatchFeatureExtractor(config)
+# -- the worker: runs trials of both sides in one process -------------------------------------
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One timed selection. side: "anomalib" or "ours"; seed seeds everything random in it."""
+
+    side: str
+    seed: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a trial measured. seconds: selection wall time (ours includes its exact radius);
+    radius: exact coverage radius, original space (None for a runaway); status: "ok", or
+    "runaway: <error>" when it hit the address-space cap; projection_dim: the dimension the
+    side compared distances in; peak_rss_mib: the worker's peak RSS after this trial."""
+
+    side: str
+    seed: int
+    seconds: float
+    radius: float | None
+    status: str
+    projection_dim: int
+    peak_rss_mib: float
+
+
+def _vm_size_bytes() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmSize:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmSize in /proc/self/status")
+
+
+def _load_input(spec: dict[str, object]) -> np.ndarray:
+    if "npy" in spec:
+        return np.load(str(spec["npy"]))
+    n, dim, clusters, seed = (int(spec[key]) for key in ("n", "dim", "clusters", "seed"))  # type: ignore[call-overload]
+    return clustered_relu(n, dim, clusters=clusters, seed=seed)
+
+
+def _run_anomalib(x: np.ndarray, k: int, seed: int) -> tuple[float, np.ndarray, int]:
+    from anomalib.models.components.sampling import KCenterGreedy
+
+    # anomalib draws its start point from torch's global generator and its sparse projection
+    # from numpy's global generator: seed both, or runs are not repeatable.
+    torch.manual_seed(seed)
+    np.random.seed(seed)  # anomalib reads numpy's legacy global generator
     start = time.perf_counter()
-    out: list[np.ndarray] = []
-    total = 0
-    for _, images in iterate_batches(dataset.load_image, range(len(dataset)), config.transform, 8):
-        features, _ = extractor(images)
-        out.append(features.reshape(-1, 1024).numpy())
-        total += out[-1].shape[0]
-        if total >= rows:
-            break
-    return np.concatenate(out)[:rows], time.perf_counter() - start
+    sampler = KCenterGreedy(embedding=torch.from_numpy(x), sampling_ratio=k / x.shape[0])
+    indices = np.asarray(sampler.select_coreset_idxs(), dtype=np.int64)
+    seconds = time.perf_counter() - start
+    dim = int(sampler.features.shape[1])
+    del sampler
+    return seconds, indices, dim
 
 
-def time_anomalib(x: np.ndarray, k: int) -> tuple[float, np.ndarray] | None:
-    """anomalib's KCenterGreedy on ``x`` in a child process; (seconds, indices) or None.
+def _worker(spec_path: str) -> None:
+    """Run the trials of a spec JSON, write the outcomes JSON (see :func:`run_worker`)."""
+    spec = json.loads(Path(spec_path).read_text())
+    x = _load_input(spec["input"])
+    k = int(spec["k"])
+    if any(t["side"] == "anomalib" for t in spec["trials"]):
+        import anomalib.models.components.sampling  # noqa: F401 - map its libraries before the cap
+    # Warm-up, untimed: one small selection per side, so neither side's first timed run pays
+    # for lazy imports and first-call setup.
+    warm = x[: min(x.shape[0], 1000)]
+    if any(t["side"] == "anomalib" for t in spec["trials"]):
+        _run_anomalib(warm, max(1, warm.shape[0] // 10), 0)
+    greedy_coreset(warm, max(1, warm.shape[0] // 10), seed=0)
+    ours_dim = min(int(spec["ours_dim"]), x.shape[1])  # >= D: no projection, D itself
+    cap = _vm_size_bytes() + int(float(spec["cap_gib"]) * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    outcomes: list[Outcome] = []
+    for raw in spec["trials"]:
+        trial = Trial(**raw)
+        try:
+            if trial.side == "anomalib":
+                seconds, indices, dim = _run_anomalib(x, k, trial.seed)
+                radius = coverage_radius(x, x[indices])
+            else:
+                start = time.perf_counter()
+                result = greedy_coreset(x, k, seed=trial.seed, projection_dim=ours_dim)
+                seconds = time.perf_counter() - start
+                assert result.radius is not None
+                radius, dim = result.radius, ours_dim
+            status = "ok"
+        except (MemoryError, RuntimeError) as error:  # torch raises RuntimeError on OOM
+            if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
+                raise
+            seconds, radius, dim = float("nan"), None, -1
+            status = f"runaway: {type(error).__name__}"
+            logger.warning("%s seed %d hit the address-space cap: %s", trial.side, trial.seed,
+                           str(error).splitlines()[0][:200])
+        outcomes.append(Outcome(trial.side, trial.seed, seconds, radius, status, dim,
+                                peak_rss_mib()))
+        logger.info("%s", outcomes[-1])
+    Path(spec["out"]).write_text(json.dumps([asdict(o) for o in outcomes]))
 
-    The child runs with MALLOC_MMAP_THRESHOLD_=131072: anomalib allocates a fresh [N, d]
-    difference tensor per pick, and with glibc's default adaptive threshold those blocks come
-    from the heap and are never given back (24 GB and an OOM kill for this case on a 24 GB
-    machine, 4x slower). With the fixed threshold it runs in ~1 GB: the fair comparison.
-    """
+
+def run_worker(
+    input_spec: dict[str, object],
+    k: int,
+    trials: Sequence[Trial],
+    env: dict[str, str],
+    *,
+    cap_gib: float,
+    nice: int = 0,
+    ours_dim: int = 128,
+) -> list[Outcome]:
+    """Run ``trials`` in one child process with ``env`` added; returns their outcomes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec = {
+            "input": input_spec,
+            "k": k,
+            "trials": [asdict(t) for t in trials],
+            "out": str(out_path),
+            "cap_gib": cap_gib,
+            "ours_dim": ours_dim,
+        }
+        spec_path.write_text(json.dumps(spec))
+        command = [sys.executable, "-m", "benchmarks.coreset_speed", "--worker", str(spec_path)]
+        if nice:
+            command = ["nice", "-n", str(nice), *command]
+        subprocess.run(
+            command,
+            check=True,
+            env={**os.environ, **env, "TQDM_DISABLE": "1"},
+            cwd=Path(__file__).resolve().parent.parent,
+        )
+        return [Outcome(**o) for o in json.loads(out_path.read_text())]
+
+
+def _anomalib_installed() -> bool:
     try:
         import anomalib  # noqa: F401
     except ImportError:
-        logger.warning("anomalib is not installed (pip install '.[bench]'): skipping it")
-        return None
-    with tempfile.TemporaryDirectory() as tmp:
-        source, target = Path(tmp) / "x.npy", Path(tmp) / "out.npz"
-        np.save(source, x)
-        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "TQDM_DISABLE": "1"}
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "benchmarks.coreset_speed",
-                "--anomalib-worker",
-                str(source),
-                str(k),
-                str(target),
-            ],
-            check=True,
-            env=env,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-        result = np.load(target)
-        return float(result["seconds"]), result["indices"]
+        return False
+    return True
 
 
-def _anomalib_worker(source: str, k: int, target: str) -> None:
-    from anomalib.models.components.sampling import KCenterGreedy
-
-    x = torch.from_numpy(np.load(source))
-    torch.manual_seed(0)  # anomalib's projection and start point are unseeded: pin the RNG
-    start = time.perf_counter()
-    sampler = KCenterGreedy(embedding=x, sampling_ratio=k / x.shape[0])
-    indices = np.asarray(sampler.select_coreset_idxs())
-    np.savez(target, seconds=time.perf_counter() - start, indices=indices)
+def _spread(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    return f"{statistics.median(values):.3g} ({min(values):.3g}-{max(values):.3g})"
 
 
-def case_a(x: np.ndarray, name: str, k: int) -> list[list[object]]:
+def matrix_rows(
+    name: str, input_spec: dict[str, object], k: int, runs: int, cap_gib: float,
+    with_anomalib: bool, ours_dim: int = 128,
+) -> tuple[list[list[object]], dict[str, list[Outcome]]]:
+    """Case A for one input: every allocator setting, both sides in one child per setting."""
     rows: list[list[object]] = []
-    ours_start = time.perf_counter()
-    ours = greedy_coreset(x, k, seed=0, compute_radius=False)
-    ours_time = time.perf_counter() - ours_start
-    start = time.perf_counter()
-    with_radius = greedy_coreset(x, k, seed=0)
-    ours_radius_time = time.perf_counter() - start
-    ours_radius = coverage_radius(x, x[ours.indices])
-    start = time.perf_counter()
-    gaussian = greedy_coreset(x, k, seed=0, projection="gaussian", compute_radius=False)
-    gaussian_time = time.perf_counter() - start
-    gaussian_radius = coverage_radius(x, x[gaussian.indices])
-    assert with_radius.radius is not None
-    anomalib = time_anomalib(x, k)
-    if anomalib is not None:
-        a_time, a_idx = anomalib
-        a_radius = coverage_radius(x, x[a_idx])
-        rows.append(
-            [name, "anomalib 2.7 KCenterGreedy", len(a_idx), a_time, "1.00x", a_radius, "1.000"]
-        )
-        rows.append(
-            [
-                name,
-                "greedy_coreset (indices)",
-                k,
-                ours_time,
-                f"{a_time / ours_time:.1f}x",
-                ours_radius,
-                f"{ours_radius / a_radius:.3f}",
+    by_setting: dict[str, list[Outcome]] = {}
+    for setting, env in ALLOCATORS:
+        trials: list[Trial] = []
+        for seed in range(runs):
+            if with_anomalib:
+                trials.append(Trial("anomalib", seed))
+            trials.append(Trial("ours", seed))
+        outcomes = run_worker(input_spec, k, trials, env, cap_gib=cap_gib, ours_dim=ours_dim)
+        by_setting[setting] = outcomes
+        anomalib = [o for o in outcomes if o.side == "anomalib"]
+        ours = [o for o in outcomes if o.side == "ours"]
+        a_ok = [o for o in anomalib if o.status == "ok"]
+        a_sec = [o.seconds for o in a_ok]
+        o_sec = [o.seconds for o in ours]
+        a_rad = [o.radius for o in a_ok if o.radius is not None]
+        o_rad = [o.radius for o in ours if o.radius is not None]
+        if with_anomalib:
+            speedup = (
+                f"{statistics.median(a_sec) / statistics.median(o_sec):.1f}x"
+                if a_sec else "-"
+            )
+            a_cells: list[object] = [
+                _spread(a_sec),
+                f"{len(anomalib) - len(a_ok)} of {len(anomalib)}",
+                _spread(a_rad),
+                ",".join(sorted({str(o.projection_dim) for o in a_ok})) or "-",
             ]
-        )
-        rows.append(
-            [
-                name,
-                "greedy_coreset (+ exact radius)",
-                k,
-                ours_radius_time,
-                f"{a_time / ours_radius_time:.1f}x",
-                with_radius.radius,
-                f"{with_radius.radius / a_radius:.3f}",
-            ]
-        )
-        rows.append(
-            [
-                name,
-                "greedy_coreset (gaussian projection)",
-                k,
-                gaussian_time,
-                f"{a_time / gaussian_time:.1f}x",
-                gaussian_radius,
-                f"{gaussian_radius / a_radius:.3f}",
-            ]
-        )
-    else:
-        rows.append([name, "greedy_coreset (indices)", k, ours_time, "-", ours_radius, "-"])
-        rows.append(
-            [
-                name,
-                "greedy_coreset (+ exact radius)",
-                k,
-                ours_radius_time,
-                "-",
-                with_radius.radius,
-                "-",
-            ]
-        )
+            ratio = (
+                f"{statistics.median(o_rad) / statistics.median(a_rad):.3f}" if a_rad else "-"
+            )
+        else:
+            speedup, ratio = "-", "-"
+            a_cells = ["not run", "-", "-", "-"]
+        rows.append([name, setting, *a_cells, _spread(o_sec), _spread(o_rad),
+                     ours[0].projection_dim, speedup, ratio])
+    return rows, by_setting
+
+
+MATRIX_HEADER = [
+    "input", "allocator", "anomalib s: median (min-max)", "anomalib runaways",
+    "anomalib radius", "anomalib proj. dim", "ours s (incl. exact radius)", "ours radius",
+    "ours proj. dim", "speed-up (medians)", "radius ours / anomalib (medians)",
+]
+
+
+def large_rows(
+    input_spec: dict[str, object], k: int, runs: int, cap_gib: float, anomalib: bool,
+    ours_dim: int = 128,
+) -> list[list[object]]:
+    """Case B: ours (``runs`` times, one child) and anomalib (once, own child): seconds, radius,
+    peak RSS of each side's process."""
+    rows: list[list[object]] = []
+    ours = run_worker(input_spec, k, [Trial("ours", s) for s in range(runs)], {}, cap_gib=cap_gib,
+                      ours_dim=ours_dim)
+    ours_sec = [o.seconds for o in ours]
+    ours_rad = [o.radius for o in ours if o.radius is not None]
+    a_outcome: Outcome | None = None
+    if anomalib:
+        a_outcome = run_worker(input_spec, k, [Trial("anomalib", 0)], {}, cap_gib=cap_gib,
+                               nice=10)[0]
+    if a_outcome is not None:
+        rows.append(["anomalib 2.7 KCenterGreedy (1 run)", a_outcome.projection_dim,
+                     f"{a_outcome.seconds:.4g}" if a_outcome.status == "ok" else a_outcome.status,
+                     a_outcome.radius if a_outcome.radius is not None else "-",
+                     round(a_outcome.peak_rss_mib), "1.0x"])
+    speedup = (
+        f"{a_outcome.seconds / statistics.median(ours_sec):.0f}x"
+        if a_outcome is not None and a_outcome.status == "ok" else "-"
+    )
+    rows.append([f"greedy_coreset ({runs} runs, incl. exact radius)", ours[0].projection_dim,
+                 _spread(ours_sec), _spread(ours_rad), round(max(o.peak_rss_mib for o in ours)),
+                 speedup])
     return rows
 
 
-def case_b(x: np.ndarray, k: int, batch: int) -> list[list[object]]:
-    start = time.perf_counter()
-    offline = greedy_coreset(x, k, seed=0)
-    offline_time = time.perf_counter() - start
-    assert offline.radius is not None
-    rows: list[list[object]] = [
-        ["greedy_coreset (offline, exact radius)", "-", offline_time, offline.radius, "1.000", "-"]
-    ]
-    images = x.shape[0] // batch
-    shuffled = np.random.default_rng(0).permutation(images)
-    orders = {
-        "category order (worst case)": np.arange(images),
-        "shuffled images (as PatchCore.fit feeds it)": shuffled,
-    }
-    for name, order in orders.items():
-        stream = x[: images * batch].reshape(images, batch, -1)[order].reshape(-1, x.shape[1])
-        selector = IncrementalCoreset(k, seed=0)
-        start = time.perf_counter()
-        for lo in range(0, stream.shape[0], batch):
-            selector.add(stream[lo : lo + batch])
-        selection = selector.select()
-        seconds = time.perf_counter() - start
-        realised = coverage_radius(stream, selection.features)
-        rows.append(
-            [
-                f"IncrementalCoreset, {batch}-row batches, buffer {selector.capacity}",
-                name,
-                seconds,
-                realised,
-                f"{realised / offline.radius:.3f}",
-                f"{selection.radius_bound:.4g} ({selector.num_reduces} reduces)",
-            ]
-        )
-    return rows
+LARGE_HEADER = ["method", "proj. dim", "seconds: median (min-max)", "coverage radius",
+                "peak RSS of its process (MiB)", "speed-up vs anomalib"]
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny Gaussian and clustered inputs, one run (seconds)")
+    parser.add_argument("--record", action="store_true", help="append the tables to RESULTS.md")
+    parser.add_argument("--runs", type=int, default=3, help="runs per side and setting (>= 1)")
     parser.add_argument("--skip-large", action="store_true", help="only case A")
-    parser.add_argument(
-        "--anomalib-worker", nargs=3, metavar=("X_NPY", "K", "OUT_NPZ"), help=argparse.SUPPRESS
-    )
+    parser.add_argument("--skip-matrix", action="store_true", help="only case B")
+    parser.add_argument("--large-anomalib", action="store_true",
+                        help="also run anomalib once at 156,800 x 1024 (about 25 minutes)")
+    parser.add_argument("--no-anomalib", action="store_true", help="ours only")
+    parser.add_argument("--ours-dim", type=int, default=128,
+                        help="greedy_coreset's projection_dim (its default: 128)")
+    parser.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
+                        help="address space a worker may add after its imports, GiB")
+    parser.add_argument("--worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.anomalib_worker:
-        source, k, target = args.anomalib_worker
-        _anomalib_worker(source, int(k), target)
-        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.worker:
+        _worker(args.worker)
+        return 0
+    if args.runs < 1:
+        parser.error("--runs must be >= 1")
+    with_anomalib = not args.no_anomalib and _anomalib_installed()
+    if not with_anomalib and not args.no_anomalib:
+        logger.warning("anomalib is not installed (pip install '.[bench]'): ours only")
+    runs = 1 if args.quick else args.runs
+    if args.quick:
+        a_rows, a_k, images, size = 600, 60, 0, 64
+        b_n, b_dim, b_k = 4_000, 64, 400
+    else:
+        a_rows, a_k, images, size = 20_000, 2_000, 30, 224
+        b_n, b_dim, b_k = 156_800, 1_024, 15_680
     with tempfile.TemporaryDirectory() as tmp:
-        dataset = _dataset(Path(tmp) / "data", 200)
-        rows_a: list[list[object]] = []
-        real = anomalib_style_embeddings(dataset, 20_000)
-        rows_a += case_a(real, "PatchCore embeddings", 2_000)
-        gauss = np.random.default_rng(0).standard_normal((20_000, 1536)).astype(np.float32)
-        rows_a += case_a(gauss, "Gaussian", 2_000)
-        append_results(
-            "Coreset speed: 20,000 x 1536 -> 2,000 vs anomalib KCenterGreedy",
-            markdown_table(
-                [
-                    "input",
-                    "method",
-                    "k",
-                    "seconds",
-                    "speed-up",
-                    "coverage radius",
-                    "radius / anomalib",
-                ],
-                rows_a,
-            ),
-            "Radius: exact max distance of any input row to the selection (original space). "
-            "anomalib's projection/start are unseeded; torch.manual_seed(0) pins them here.",
-        )
-        if not args.skip_large:
-            features, seconds = patchcore_features(dataset, 156_800)
-            rows_b = case_b(features, 15_680, 784)
+        if not args.skip_matrix:
+            inputs: list[tuple[str, Path]] = []
+            if not args.quick:  # the quick mode skips the WRN-50 extraction
+                dataset = _dataset(Path(tmp) / "data", images)
+                real_path = Path(tmp) / "real.npy"
+                np.save(real_path, anomalib_style_embeddings(dataset, a_rows, size))
+                inputs.append(("PatchCore embeddings", real_path))
+            gauss_path = Path(tmp) / "gauss.npy"
+            gauss = np.random.default_rng(0).standard_normal((a_rows, 1536), dtype=np.float32)
+            np.save(gauss_path, gauss)
+            del gauss
+            inputs.append(("Gaussian", gauss_path))
+            rows: list[list[object]] = []
+            for name, path in inputs:
+                rows += matrix_rows(name, {"npy": str(path)}, a_k, runs, args.cap_gib,
+                                    with_anomalib, args.ours_dim)[0]
             append_results(
-                "Coreset speed: 156,800 x 1024 -> 15,680 (one 200-image category, 224 px)",
-                markdown_table(
-                    [
-                        "method",
-                        "stream",
-                        "seconds",
-                        "realised radius",
-                        "ratio to offline",
-                        "certified bound",
-                    ],
-                    rows_b,
-                ),
-                f"Features: random-init WRN-50 layer2+layer3 on 200 generated 224 px images "
-                f"(extraction {seconds:.0f} s, not included).",
+                f"Coreset speed, allocator matrix: {a_rows:,} x 1536 -> {a_k:,} vs anomalib "
+                "KCenterGreedy",
+                markdown_table(MATRIX_HEADER, rows),
+                f"{runs} runs per side and setting; run r seeds torch and numpy (anomalib) and "
+                "greedy_coreset(seed=r). Both sides run in the same child process per setting, "
+                "alternating. Address space capped at the imports plus "
+                f"{args.cap_gib:g} GiB (a runaway fails fast and is counted). Radius: exact "
+                "coverage radius in the original space. Ours is timed with its exact radius.",
+                append=args.record,
+            )
+        if not args.skip_large:
+            spec: dict[str, object] = {"n": b_n, "dim": b_dim, "clusters": 200, "seed": 0}
+            table = large_rows(spec, b_k, runs, args.cap_gib,
+                               with_anomalib and (args.large_anomalib or args.quick),
+                               args.ours_dim)
+            append_results(
+                f"Coreset speed: {b_n:,} x {b_dim} -> {b_k:,} (clustered ReLU, like one "
+                "200-image category)",
+                markdown_table(LARGE_HEADER, table),
+                "Input: clustered_relu(seed 0, 200 clusters). Each side in its own child process "
+                "(glibc default allocator), so the peak RSS is its own (it includes the input, "
+                f"{b_n * b_dim * 4 / 2**20:.0f} MiB, and the imports). anomalib runs once at this "
+                "size, only with --large-anomalib (about 25 minutes on 2 idle cores).",
+                append=args.record,
             )
     return 0
 

@@ -1,8 +1,9 @@
 """Shared helpers of the benchmark scripts: machine description, tables, RESULTS.md.
 
-Every benchmark prints its table and appends it, with the exact command and the machine, to
-benchmarks/RESULTS.md. Targets are stated as ratios against a peer measured in the same run,
-since shared machines are noisy.
+Every benchmark prints its table; only when asked (``--record``) does it append it, with the
+exact command and the machine, to benchmarks/RESULTS.md, so trial runs leave the tracked file
+alone. Targets are stated as ratios against a peer measured in the same run, since shared
+machines are noisy.
 """
 
 from __future__ import annotations
@@ -57,9 +58,9 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def append_results(title: str, table: str, notes: str = "", *, append: bool = True) -> None:
-    """Print ``table`` and (unless ``append`` is False) append it to RESULTS.md with the
-    command line and machine."""
+def append_results(title: str, table: str, notes: str = "", *, append: bool = False) -> None:
+    """Print ``table`` and, only if ``append``, append it to RESULTS.md with the command line
+    and machine."""
     script = Path(sys.argv[0])
     if script.parent.name == "benchmarks":  # run as `python -m benchmarks.x`: say so
         head = f"python -m benchmarks.{script.stem}"

@@ -13,35 +13,50 @@ Why this module looks the way it does:
   patch features are strongly correlated, so their top principal directions keep distances far
   better than a random Johnson-Lindenstrauss projection of the same size (on 20,000 PatchCore
   embeddings, the coverage radius was 9 % smaller with PCA-128 than with Gaussian-128, and 4 %
-  smaller than anomalib's 244-dim sparse projection). ``projection="gaussian"`` gives the
+  smaller than anomalib's 244-dim sparse projection). That depends on the data: on the 20,000
+  random-init WRN-50 embeddings of ``benchmarks/coreset_speed.py`` (30 images) PCA-128 gave a
+  radius 0.231-0.243 against anomalib's 0.223-0.229, and PCA-256 0.219 (seed 0): raise
+  ``projection_dim`` where features are less correlated. ``projection="gaussian"`` gives the
   classic JL projection. Both are scaled to preserve the mean squared distance and come from a
   ``torch.Generator`` seeded by ``seed``, so the same input and seed give the same coreset
   (patchcore-inspection builds an unseeded ``nn.Linear`` on every call).
 * **The start point is part of the coreset**, as farthest-first defines it (anomalib long left it
   out; its 2.7 KCenterGreedy includes it).
 * **Memory O(N), never N x N.** We keep one running min-distance per point.
-* **Triangle-inequality pruning.** Each point remembers its nearest center. A new center ``c`` can
-  only move points of a cluster ``j`` whose radius ``R_j`` satisfies ``|c - c_j| < 2 R_j``; other
-  clusters are skipped. Early picks touch every point (one memory-bound matrix-vector product over
-  the projections), later picks only the clusters near ``c``. The selection order is exactly that of
-  plain farthest-first (``tests/test_coreset.py`` checks it against a naive reference).
+* **Batched, exact picks.** Plain farthest-first streams the whole projected matrix once per
+  pick, so it is memory-bandwidth bound. Here the next picks are proven among the 512 rows of
+  highest priority (every other row's priority is bounded by the 513th and only decreases), up
+  to 64 per batch, and then applied to the matrix together: one read per batch, not per pick.
+* **Triangle-inequality pruning.** Each row remembers its nearest center c_a and squared
+  distance m. A new pick p can move it only if |p - c_a|^2 < 4 m; cluster radii rule out whole
+  clusters (their rows are never read), a bound from the leading 16 PCA coordinates rules out
+  most centers before the exact center-to-pick GEMM, and within a reached cluster only the
+  (row, pick) pairs passing the test are evaluated. The selection order is exactly that of
+  plain farthest-first (``tests/test_coreset.py`` checks it against a naive float64 reference,
+  including batched sizes and data far from the origin, which is centred first).
 * **Radii are reported in the original feature space**, not in the projection, because they feed
-  the federated coverage certificate (a projection distorts distances by 1 +- eps).
+  the federated coverage certificate (a projection distorts distances by 1 +- eps). The exact
+  radius visits rows by decreasing upper bound and tightens each bound with its distance to the
+  bank row nearest in the leading projected coordinates, so only a few hundred to a few thousand
+  rows need a full [row, k] x D check.
 
 On CPU the loop runs in NumPy: on this kind of machine ``numpy.dot`` (OpenBLAS) computes the
-[N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch.
+[N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch (plain
+farthest-first, one fused ``addmv`` per pick).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 
 from core.progress import progress_bar
 
@@ -63,11 +78,6 @@ __all__ = [
 # |x|^2 - 2 x.c + |c|^2 in float32, whose rounding error is relative to |x|^2. Pruning is only
 # skipped (never wrongly applied) when the slack is generous.
 _PRUNE_REL_SLACK = 1e-3
-# Recompute exact cluster radii after this many unpruned (full) passes; in between the stale radii
-# are valid upper bounds (points only ever leave a cluster), so pruning stays correct.
-_RADIUS_REFRESH_PERIOD = 16
-# Leading projected coordinates used for the center-center lower bound.
-_LEAD_DIMS = 16
 
 
 @dataclass(frozen=True)
@@ -185,15 +195,19 @@ def _project(projection: Projection | None, features: np.ndarray) -> np.ndarray:
     return features if projection is None else projection.apply(features)
 
 
-def _centred(rows: np.ndarray) -> np.ndarray:
-    """``rows`` [N, d] float32 minus their mean (a new array; the mean accumulated in float64).
+def _frame_origin(rows: np.ndarray) -> np.ndarray | None:
+    """The mean of ``rows`` [N, d] (float32) when they sit far from the origin, else None.
 
-    Every distance below is |x|^2 - 2 x.c + |c|^2, which cancels catastrophically when the rows
-    sit far from the origin compared with their spread: at an offset of 1000 float32 keeps no
-    correct digit of a squared distance of about 1. Distances do not change under translation,
-    so the rows are centred first; the cost is one copy of the (projected) rows.
+    Every distance here is |x|^2 - 2 x.c + |c|^2 in float32, whose error grows with |x|^2: at an
+    offset of 1000 on unit-scale data it keeps no correct digit of a squared distance of about
+    1. Distances do not change under translation, so callers subtract this origin first. Only
+    when the squared offset exceeds half the spread (sum of variances) is it worth the copy:
+    projected data is centred already, and features near the origin lose nothing.
     """
-    return rows - rows.mean(axis=0, dtype=np.float64).astype(np.float32)
+    mean = rows.mean(axis=0, dtype=np.float64)
+    offset2 = float(mean @ mean)
+    mean_sq = float(np.einsum("ij,ij->i", rows, rows).mean(dtype=np.float64))
+    return mean.astype(np.float32) if offset2 > 0.5 * (mean_sq - offset2) else None
 
 
 def farthest_first(
@@ -204,10 +218,10 @@ def farthest_first(
     radii: np.ndarray | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Farthest-first traversal on ``points`` [N, d] (float32), CPU, with exact pruning.
+    """Farthest-first traversal on ``points`` [N, d] (float32), CPU: exact, batched and pruned.
 
     Args:
-        points: [N, d] rows to choose from (usually random projections).
+        points: [N, d] rows to choose from (usually projections).
         k: how many to choose, 1 <= k <= N.
         start: index of the first pick (included in the result).
         radii: optional [N] non-negative "already represented" radius of each row. A row that
@@ -219,133 +233,262 @@ def farthest_first(
     Returns:
         (indices [k] int64 in pick order, assignment [N] int64: for each row, the position in
         ``indices`` of its nearest chosen row in ``points``' space).
+
+    How it stays exact while touching the matrix rarely (plain farthest-first streams all
+    N x d values once per pick, which is memory-bandwidth bound):
+
+    * **Batches of picks.** Take the ``_CANDIDATES`` rows of highest priority; every other row's
+      priority is at most the next one, ``tau``, and priorities only ever decrease. Run
+      farthest-first on the candidates alone (their distances to each new pick are cheap): as
+      long as the best candidate's updated priority is > ``tau`` it is exactly the pick plain
+      farthest-first would make (ties: lowest index, as ``argmax``). Then all the batch's picks
+      are applied to the other rows at once, so the matrix is read once per batch, not per pick.
+    * **Pruning (triangle inequality).** Row x, nearest to center c_a at distance m_x, can move to
+      a new pick p only if |p - c_a| < 2 m_x. Each batch computes the [t, b] center-to-pick
+      distances (one GEMM) and evaluates only the (row, pick) pairs that pass this test: late in
+      a selection that is a few rows per pick. Where most pairs pass (unstructured data), one
+      [rows, b] GEMM is used instead. Rows of clusters no pick can reach are never read.
     """
     n, dim = points.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for {n} points, got {k}")
     if not 0 <= start < n:
         raise ValueError(f"start index {start} out of range for {n} points")
-    points = _centred(points)
+    bonus = None if radii is None else np.asarray(radii, dtype=np.float32)
+    if bonus is not None and bonus.shape != (n,):
+        raise ValueError(f"radii must have shape ({n},), got {bonus.shape}")
+    origin = _frame_origin(points)  # far from the origin: centre a copy (see _frame_origin)
+    if origin is not None:
+        points = points - origin
     sq_norms = np.einsum("ij,ij->i", points, points)
     centers = np.empty((k, dim), dtype=np.float32)
     center_sq = np.empty(k, dtype=np.float32)
-    # The leading coordinates alone give a lower bound on center-center distances; with PCA
-    # they carry most of the variance, so most far clusters are ruled out reading 16 of 128
-    # values per center (the [t, d] scan per pick is O(k^2) overall: it dominates for k > 10^4).
-    lead = min(dim, _LEAD_DIMS)
-    lead_centers = np.empty((k, lead), dtype=np.float32)
-    lead_sq = np.empty(k, dtype=np.float32)
-    cluster_r2 = np.zeros(k, dtype=np.float32)  # squared radius bound of each center's cluster
-    cluster_size = np.zeros(k, dtype=np.int64)
+    # Squared-radius upper bound of each center's cluster (points only ever leave a cluster, so
+    # a stale value stays an upper bound; clusters whose rows were all examined get it exact).
+    cluster_r2 = np.zeros(k, dtype=np.float32)
     assignment = np.zeros(n, dtype=np.int64)
     selected = np.empty(k, dtype=np.int64)
-    scratch = np.empty(n, dtype=np.float32)
-
-    is_selected = np.zeros(n, dtype=bool)
-    # Chosen rows get -inf priority: their represented radius is already in the bank.
-    bonus = None if radii is None else np.asarray(radii, dtype=np.float32).copy()
-    if bonus is not None and bonus.shape != (n,):
-        raise ValueError(f"radii must have shape ({n},), got {bonus.shape}")
-
-    # Pick priority: min_d2 itself, or sqrt(min_d2) + radius kept up to date for the rows that
-    # move (recomputing it for all rows on every pick was three O(N) passes per pick).
-    priority: np.ndarray | None = None
-
-    def refresh_priority(rows: np.ndarray | slice) -> None:
-        if priority is not None and bonus is not None:
-            priority[rows] = np.sqrt(np.maximum(min_d2[rows], 0.0)) + bonus[rows]
-
-    def next_pick() -> int:
-        best = int(min_d2.argmax()) if priority is None else int(priority.argmax())
-        if is_selected[best]:
-            # Everything left coincides with a chosen row (duplicates): any unchosen row will do.
-            best = int(np.flatnonzero(~is_selected)[0])
-        is_selected[best] = True
-        if bonus is not None and priority is not None:
-            bonus[best] = -np.inf
-            priority[best] = -np.inf
-        return best
-
-    def distances_to(index: int, out: np.ndarray) -> np.ndarray:
-        # |x|^2 - 2 x.c + |c|^2 in three passes (the -2 folded into the 128-vector); tiny negative
-        # rounding results are harmless here: they only ever compare or get clamped below.
-        np.dot(points, points[index] * -2.0, out=out)
-        out += sq_norms
-        out += sq_norms[index]
-        return out
-
-    is_selected[start] = True
-    if bonus is not None:
-        bonus[start] = -np.inf
-    min_d2 = distances_to(start, np.empty(n, dtype=np.float32))
-    min_d2[start] = 0.0
-    if bonus is not None:
-        priority = np.empty(n, dtype=np.float32)
-        refresh_priority(slice(None))
+    # min_d2: squared distance to the nearest chosen row (chosen rows: -inf, so they never pass
+    # a pruning test and never win a pick). key: the pick priority (min_d2 itself, or
+    # sqrt(min_d2) + radius for the radius-weighted merge), -inf for chosen rows.
+    min_d2 = points @ (points[start] * -2.0)
+    min_d2 += sq_norms
+    min_d2 += sq_norms[start]
+    np.maximum(min_d2, 0.0, out=min_d2)
+    min_d2[start] = -np.inf
+    key = min_d2 if bonus is None else np.sqrt(np.maximum(min_d2, 0.0)) + bonus
+    key[start] = -np.inf
     selected[0], centers[0], center_sq[0] = start, points[start], sq_norms[start]
+    lead = min(dim, _LEAD_DIMS)
+    lead_centers = np.empty((k, lead), dtype=np.float32)  # leading coordinates of centers
     lead_centers[0] = points[start, :lead]
+    lead_sq = np.empty(k, dtype=np.float32)
     lead_sq[0] = float(lead_centers[0] @ lead_centers[0])
-    cluster_r2[0], cluster_size[0] = min_d2.max(), n
-    full_passes_since_refresh = 0
-    pick = next_pick()
-
-    for t in range(1, k):
-        if on_progress is not None and t % _PROGRESS_EVERY == 0:
-            on_progress(t)
-        selected[t], centers[t], center_sq[t] = pick, points[pick], sq_norms[pick]
-        c = points[pick]
-        c_lead = c[:lead]
-        lead_centers[t] = c_lead
-        lead_sq[t] = float(c_lead @ c_lead)
-        # Cluster j can lose points to c only if |c - c_j| < 2 R_j (triangle inequality).
-        limit = 4.0 * cluster_r2[:t] * (1.0 + _PRUNE_REL_SLACK) + 1e-6
-        lower2 = lead_sq[:t] - 2.0 * (lead_centers[:t] @ c_lead) + lead_sq[t]
-        maybe = np.flatnonzero(lower2 * (1.0 - _PRUNE_REL_SLACK) < limit)
-        if 2 * maybe.size > t:  # the bound ruled out little: one dense pass is cheaper
-            dc2 = center_sq[:t] - 2.0 * (centers[:t] @ c) + sq_norms[pick]
-            candidate = dc2 < limit
-        else:
-            dc2 = center_sq[maybe] - 2.0 * (centers[maybe] @ c) + sq_norms[pick]
-            candidate = np.zeros(t, dtype=bool)
-            candidate[maybe[dc2 < limit[maybe]]] = True
-        touched_points = int(cluster_size[:t][candidate].sum())
-        if 2 * touched_points > n:
-            # Most points may move: one dense pass is cheaper than gathering.
-            dist = distances_to(pick, scratch)
-            moved = np.flatnonzero(dist < min_d2)
-            cluster_size[:t] -= np.bincount(assignment[moved], minlength=t)[:t]
-            cluster_size[t] = moved.size
-            min_d2[moved] = dist[moved]
-            assignment[moved] = t
-            min_d2[pick] = 0.0
-            refresh_priority(moved)
-            full_passes_since_refresh += 1
-            if full_passes_since_refresh >= _RADIUS_REFRESH_PERIOD:
-                cluster_r2[: t + 1] = 0.0
-                np.maximum.at(cluster_r2, assignment, min_d2)
-                full_passes_since_refresh = 0
-            else:
-                # Stale radii of the old clusters stay valid upper bounds (points only leave).
-                cluster_r2[t] = min_d2[moved].max() if moved.size else 0.0
-        else:
-            rows = np.flatnonzero(candidate[assignment])
-            dist = sq_norms[rows] - 2.0 * (points[rows] @ c) + sq_norms[pick]
-            np.maximum(dist, 0.0, out=dist)
-            better = dist < min_d2[rows]
-            moved = rows[better]
-            np.subtract.at(cluster_size, assignment[moved], 1)
-            cluster_size[t] = moved.size
-            min_d2[moved] = dist[better]
-            assignment[moved] = t
-            min_d2[pick] = 0.0
-            refresh_priority(moved)
-            # Exact radii for every cluster that could have changed.
-            changed = np.flatnonzero(candidate)
-            cluster_r2[changed] = 0.0
-            cluster_r2[t] = 0.0
-            np.maximum.at(cluster_r2, assignment[rows], min_d2[rows])
-        pick = next_pick()
+    cluster_r2[0] = float(min_d2.max()) if n > 1 else 0.0
+    t = 1
+    while t < k:
+        batch = _next_batch(points, sq_norms, key, min_d2, bonus, min(k - t, _MAX_BATCH))
+        b = batch.size
+        selected[t : t + b] = batch
+        centers[t : t + b] = points[batch]
+        center_sq[t : t + b] = sq_norms[batch]
+        lead_centers[t : t + b] = points[batch, :lead]
+        lead_sq[t : t + b] = np.einsum("ij,ij->i", lead_centers[t : t + b],
+                                       lead_centers[t : t + b])
+        _apply_batch(points, sq_norms, centers, center_sq, cluster_r2, assignment, min_d2,
+                     key, bonus, batch, t, lead_centers, lead_sq)
+        if on_progress is not None and (t + b) // _PROGRESS_EVERY > t // _PROGRESS_EVERY:
+            on_progress(t + b)
+        t += b
     return selected, assignment
+
+
+#: Leading projected coordinates used for the center-to-pick lower bound.
+_LEAD_DIMS = 16
+#: Rows of highest priority among which a batch of picks is made.
+_CANDIDATES = 512
+#: Most picks per batch (the [rows, b] work per batch grows with it).
+_MAX_BATCH = 64
+
+
+def _top_rows(key: np.ndarray, m: int) -> tuple[np.ndarray, float]:
+    """About the ``m`` rows of highest ``key`` (ascending index) and tau >= every other key.
+
+    A threshold guessed from a strided sample keeps this to one compare over [N] (an
+    argpartition of [N] per batch cost more than the batch's picks late in a selection); it
+    falls back to an argpartition when the guess keeps too few or too many rows.
+    """
+    n = key.shape[0]
+    if m >= n:
+        return np.arange(n), -np.inf
+    stride = max(1, n // 4096)
+    sample = key[::stride]
+    rank = min(sample.size, 2 * (m * sample.size) // n + 2)  # aim at about 2m rows
+    theta = float(np.partition(sample, sample.size - rank)[sample.size - rank])
+    cand = np.flatnonzero(key > theta)
+    if m // 4 <= cand.size <= 8 * m:
+        return cand, theta
+    pool = cand if cand.size > 8 * m else np.arange(n)
+    part = np.argpartition(key[pool], pool.size - m - 1)
+    # ascending index: the argmax in _next_batch then breaks ties as plain farthest-first
+    return np.sort(pool[part[pool.size - m :]]), float(key[pool[part[pool.size - m - 1]]])
+
+
+def _next_batch(
+    points: np.ndarray,
+    sq_norms: np.ndarray,
+    key: np.ndarray,
+    min_d2: np.ndarray,
+    bonus: np.ndarray | None,
+    limit: int,
+) -> np.ndarray:
+    """The next picks of plain farthest-first, exactly, as many as can be proven (>= 1).
+
+    Candidates: the m rows of highest ``key``; ``tau`` = the highest key outside them bounds
+    every other row's priority for the rest of the batch (priorities only decrease).
+    """
+    cand, tau = _top_rows(key, min(_CANDIDATES, key.shape[0]))
+    cand_pts = points[cand]
+    cand_sq = sq_norms[cand]
+    cand_d2 = min_d2[cand].copy()
+    cand_key = key[cand].copy()
+    cand_bonus = None if bonus is None else bonus[cand]
+    picks: list[int] = []
+    while len(picks) < limit:
+        i = int(cand_key.argmax())
+        best = float(cand_key[i])
+        if best == -np.inf or (picks and not best > tau):
+            break
+        if not picks and not best > tau:
+            # A tie with rows outside the candidates (e.g. duplicates): plain argmax decides.
+            return np.array([int(key.argmax())], dtype=np.int64)
+        picks.append(int(cand[i]))
+        cand_key[i] = -np.inf
+        d2 = cand_pts @ (cand_pts[i] * -2.0)
+        d2 += cand_sq
+        d2 += cand_sq[i]
+        np.maximum(d2, 0.0, out=d2)
+        np.minimum(cand_d2, d2, out=cand_d2)
+        live = cand_key != -np.inf
+        if cand_bonus is None:
+            cand_key = np.where(live, cand_d2, -np.inf).astype(np.float32)
+        else:
+            prio = np.sqrt(np.maximum(cand_d2, 0.0)) + cand_bonus
+            cand_key = np.where(live, prio, -np.inf).astype(np.float32)
+    if not picks:
+        return np.array([int(key.argmax())], dtype=np.int64)
+    return np.array(picks, dtype=np.int64)
+
+
+def _apply_batch(
+    points: np.ndarray,
+    sq_norms: np.ndarray,
+    centers: np.ndarray,
+    center_sq: np.ndarray,
+    cluster_r2: np.ndarray,
+    assignment: np.ndarray,
+    min_d2: np.ndarray,
+    key: np.ndarray,
+    bonus: np.ndarray | None,
+    batch: np.ndarray,
+    t: int,
+    lead_centers: np.ndarray,
+    lead_sq: np.ndarray,
+) -> None:
+    """Add ``batch`` (rows of ``points``) as centers t .. t+b-1, already copied to ``centers``:
+    update min_d2, assignment, key and the cluster radius bounds.
+
+    Row x (cluster a, squared distance m_x to c_a) can move to pick p_i only if
+    |p_i - c_a|^2 < 4 m_x. So: cluster-level pairs (a, i) with |p_i - c_a| < 2 R_a come from one
+    [t, b] GEMM; rows of clusters no pick reaches are never read; each remaining row is paired
+    only with the picks that reach its cluster, and a pair is evaluated only if it passes the
+    row's own test. Where most pairs pass (little structure), one GEMM per row block instead.
+    """
+    b = batch.size
+    new = centers[t : t + b]
+    new_sq = center_sq[t : t + b]
+    reach = 4.0 * cluster_r2[:t] * (1.0 + _PRUNE_REL_SLACK) + 1e-6
+    # Which old clusters can a pick reach (|p_i - c_a| < 2 R_a)? The leading coordinates alone
+    # give a lower bound on center distances; with PCA they carry most of the variance, so a
+    # [t, lead] GEMM rules out most clusters and the full [*, d] one runs on the rest only
+    # (over a selection the center scan is O(k^2): it dominates for k in the 10^4-10^5).
+    lead = lead_centers.shape[1]
+    low2 = lead_centers[:t] @ (lead_centers[t : t + b].T * -2.0)
+    low2 += lead_sq[:t, None]
+    low2 += lead_sq[None, t : t + b]
+    near = np.flatnonzero((low2 * (1.0 - _PRUNE_REL_SLACK) < reach[:, None]).any(axis=1))
+    del low2
+    if lead == centers.shape[1] or 2 * near.size > t:
+        near = np.arange(t)
+        dc2 = centers[:t] @ (new.T * -2.0)  # [t, b] squared center-to-pick distances
+    else:
+        dc2 = centers[near] @ (new.T * -2.0)
+    dc2 += center_sq[near, None]
+    dc2 += new_sq[None, :]
+    hit_a, pair_i = np.nonzero(dc2 < reach[near, None])  # sorted by cluster, then pick
+    pair_a = near[hit_a]
+    # A pair (x, i) is worth evaluating only if min_d2[x] > quarter of |p_i - c_a|^2.
+    pair_q = dc2[hit_a, pair_i] * (0.25 * (1.0 - _PRUNE_REL_SLACK)) - 1e-6
+    per_cluster = np.bincount(pair_a, minlength=t + b)
+    first_pair = np.cumsum(per_cluster) - per_cluster
+    floor = np.full(t + b, np.inf, dtype=np.float32)  # +inf: no pick reaches the cluster
+    if pair_a.size:
+        group = np.flatnonzero(per_cluster[:t])
+        floor[group] = np.minimum.reduceat(pair_q, first_pair[group])
+    rows = np.flatnonzero(min_d2 > floor[assignment])  # rows that pass at least one pair
+    for lo in range(0, rows.size, _ROW_BLOCK):
+        r = rows[lo : lo + _ROW_BLOCK]
+        r_d2 = min_d2[r]
+        counts = per_cluster[assignment[r]]
+        total = int(counts.sum())
+        if 4 * total > r.size * b:
+            # Most pairs pass (little structure): one GEMM for the block is cheaper.
+            d2 = points[r] @ (new.T * -2.0)
+            d2 += sq_norms[r, None]
+            d2 += new_sq[None, :]
+            nearest = d2.argmin(axis=1)  # first minimum: the earliest pick, as plain ff
+            nearest_d2 = d2[np.arange(r.size), nearest]
+            at = np.flatnonzero(nearest_d2 < r_d2)
+            moved, moved_d2, moved_to = r[at], nearest_d2[at], nearest[at]
+        else:
+            # Ragged expansion: row j of the block meets pairs first_pair[a_j] .. + counts[j].
+            ends = np.cumsum(counts)
+            within = np.arange(total) - np.repeat(ends - counts, counts)
+            pidx = np.repeat(first_pair[assignment[r]], counts) + within
+            owner = np.repeat(np.arange(r.size), counts)
+            keep = r_d2[owner] > pair_q[pidx]
+            owner, pidx = owner[keep], pidx[keep]
+            if owner.size == 0:
+                continue
+            x, pi = r[owner], pair_i[pidx]
+            d2 = np.einsum("ij,ij->i", points[x], new[pi])
+            d2 *= -2.0
+            d2 += sq_norms[x]
+            d2 += new_sq[pi]
+            # Pairs are grouped by row with picks ascending: the first minimum of each group
+            # is the earliest nearest pick, as plain farthest-first would assign it.
+            starts = np.flatnonzero(np.r_[True, owner[1:] != owner[:-1]])
+            group_min = np.minimum.reduceat(d2, starts)
+            pos = np.flatnonzero(d2 == np.repeat(group_min, np.diff(np.r_[starts, owner.size])))
+            first = pos[np.r_[True, owner[pos[1:]] != owner[pos[:-1]]]]
+            at = first[d2[first] < r_d2[owner[first]]]
+            moved, moved_d2, moved_to = x[at], d2[at], pi[at]
+        np.maximum(moved_d2, 0.0, out=moved_d2)
+        min_d2[moved] = moved_d2
+        assignment[moved] = t + moved_to
+        if bonus is not None:
+            key[moved] = np.sqrt(moved_d2) + bonus[moved]
+    # The picks are centers now: they never move or win a pick again.
+    assignment[batch] = np.arange(t, t + b)
+    min_d2[batch] = -np.inf
+    key[batch] = -np.inf
+    # Exact radii for the reached clusters and the new ones (every row of theirs is known
+    # here); the others keep their value, still an upper bound (points only ever leave).
+    touched_cluster = np.r_[per_cluster[:t] > 0, np.ones(b, dtype=bool)]
+    cluster_r2[:t + b][touched_cluster] = 0.0
+    touched = np.flatnonzero(touched_cluster[assignment])
+    live = touched[min_d2[touched] != -np.inf]
+    np.maximum.at(cluster_r2, assignment[live], min_d2[live])
 
 
 def _farthest_first_torch(
@@ -361,7 +504,7 @@ def _farthest_first_torch(
     Same pick rule and ``radii`` priority as :func:`farthest_first` (ties aside).
     """
     n = points.shape[0]
-    points = points - points.mean(dim=0, dtype=torch.float64).to(points.dtype)  # see _centred
+    points = points - points.mean(dim=0, dtype=torch.float64).to(points.dtype)  # see _frame_origin
     bonus = None
     if radii is not None:
         bonus = torch.as_tensor(radii, dtype=torch.float32, device=points.device).clone()
@@ -395,7 +538,7 @@ def _nearest_distance(
 ) -> torch.Tensor:
     """Euclidean distance [Q] from each query row to its nearest bank row (one [Q, k] block).
 
-    Callers pass rows already shifted into the bank's frame (see _centred): the expansion below
+    Callers pass rows already shifted into the bank's frame (see _frame_origin): the expansion below
     cancels catastrophically far from the origin. ``bank_sq`` ([k] squared row norms) may be
     passed by callers that query one bank often; ``vector_norm`` computes it without a [k, D]
     temporary.
@@ -428,7 +571,7 @@ def coverage_radius(
             f"feature dims differ: features {tuple(x.shape)}, bank {tuple(bank_array.shape)}"
         )
     origin = torch.from_numpy(bank_array.mean(axis=0, dtype=np.float64).astype(np.float32))
-    b = torch.from_numpy(bank_array) - origin  # distances in the bank's frame: see _centred
+    b = torch.from_numpy(bank_array) - origin  # distances in the bank's frame: see _frame_origin
     b_sq = torch.linalg.vector_norm(b, dim=1) ** 2
     radius = 0.0
     for lo in range(0, x.shape[0], chunk_rows):
@@ -443,11 +586,11 @@ _PROGRESS_EVERY = 256
 _ROW_BLOCK = 8192  # rows per block of the [block, D] temporaries below
 
 
-def _assigned_distances(features: np.ndarray, chosen: np.ndarray) -> np.ndarray:
-    """[N] Euclidean |features[i] - features[chosen[i]]|, in row blocks (no [N, D] temporary)."""
+def _assigned_distances(features: np.ndarray, bank: np.ndarray, assigned: np.ndarray) -> np.ndarray:
+    """[N] Euclidean |features[i] - bank[assigned[i]]|, in row blocks (no [N, D] temporary)."""
     out = np.empty(features.shape[0], dtype=np.float32)
     for lo in range(0, features.shape[0], _ROW_BLOCK):
-        diffs = features[lo : lo + _ROW_BLOCK] - features[chosen[lo : lo + _ROW_BLOCK]]
+        diffs = features[lo : lo + _ROW_BLOCK] - bank[assigned[lo : lo + _ROW_BLOCK]]
         out[lo : lo + _ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
     return out
 
@@ -494,44 +637,132 @@ def _to_pick_order_in_place(buffer: np.ndarray, order: np.ndarray) -> None:
             p = src
 
 
+def _partition_in_place(buffer: np.ndarray, size: int, keep: np.ndarray) -> np.ndarray:
+    """Swap rows so that ``keep`` (distinct rows < size) fill rows 0 .. k-1 of ``buffer``,
+    every other of the first ``size`` rows staying in rows k .. size-1 (none is lost).
+
+    Returns perm [size]: row i now holds what row perm[i] held. Each kept row beyond the front
+    swaps with a dropped row inside it, in blocks: the temporary is one block, not [k, D]; so the
+    bank can then be the view ``buffer[:k]`` while the dropped rows are still there to measure.
+    """
+    k = keep.size
+    is_kept = np.zeros(size, dtype=bool)
+    is_kept[keep] = True
+    outside = np.flatnonzero(is_kept[k:]) + k
+    holes = np.flatnonzero(~is_kept[:k])
+    for lo in range(0, outside.size, _ROW_BLOCK):
+        src, dst = outside[lo : lo + _ROW_BLOCK], holes[lo : lo + _ROW_BLOCK]
+        moving = buffer[src]  # one block
+        buffer[src] = buffer[dst]
+        buffer[dst] = moving
+    perm = np.arange(size)
+    perm[outside], perm[holes] = holes, outside
+    return perm
+
+
+#: Leading projected coordinates used to guess each row's nearest bank rows (any guess is
+#: safe: it only tightens an upper bound that the exact check below then relies on).
+_GUIDE_DIMS = 32
+
+
 def _exact_radius(
     features: np.ndarray,
-    bank_indices: np.ndarray,
-    assignment: np.ndarray,
+    bank: np.ndarray,
+    assigned: np.ndarray,
     offsets: np.ndarray | None = None,
-    bank: np.ndarray | None = None,
+    guide: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> float:
-    """Exact max_i (min_j |x_i - x_bank_j| + offsets_i), touching few rows.
+    """Exact max_i (min_j |features_i - bank_j| + offsets_i), touching few rows.
 
-    ``upper[i] = |x_i - x_bank[assignment[i]]|`` bounds row i's true nearest-bank distance from
-    above (the projection may have assigned it to a slightly farther member). Visiting rows by
-    decreasing ``upper + offset`` and computing exact distances in blocks, we can stop as soon as
-    the best exact value found is >= the next row's upper bound: no later row can exceed it.
-    ``offsets`` (default 0) are the radii that rows already stand in for. ``bank`` may pass
-    ``features[bank_indices]`` when the caller has it already (saves a [k, D] copy).
+    Args:
+        features: [N, D] rows to cover. bank: [k, D] (may be a view into ``features``).
+        assigned: [N] for each row, the bank row the selection assigned it to.
+        offsets: [N] radii that rows already stand in for (default 0).
+        guide: optional (projected features [N, d], projected bank [k, d]) used to guess each
+            candidate row's nearest bank rows.
+
+    ``upper[i] = |x_i - bank[assigned[i]]|`` bounds row i's true nearest-bank distance from
+    above (the projection may have assigned it to a slightly farther member). Rows are visited
+    by decreasing ``upper + offset`` in blocks; a row is settled without its exact value when
+    its bound is <= the radius found so far. With a guide, each row's bound is first tightened
+    by its exact distance to the bank row nearest in the projection's leading coordinates, so
+    the full [rows, k] x D check is left to the few rows whose tightened bound still exceeds
+    the radius (on 156,800 x 1024 -> 15,680: 410 rows instead of 7,680).
     """
-    bank_array = features[bank_indices] if bank is None else bank
-    # Distances in the bank's frame (see _centred); the subtraction makes a copy, so a ``bank``
-    # passed in is not modified.
-    origin = torch.from_numpy(bank_array.mean(axis=0, dtype=np.float64).astype(np.float32))
-    bank_rows = torch.from_numpy(bank_array) - origin
+    # Distances in the bank's frame when the rows sit far from the origin (see _frame_origin):
+    # only then is the bank copied.
+    origin = _frame_origin(bank)
+    bank_rows = torch.from_numpy(bank if origin is None else bank - origin)
     bank_sq = torch.linalg.vector_norm(bank_rows, dim=1) ** 2
-    upper = _assigned_distances(features, bank_indices[assignment])
+    upper = _assigned_distances(features, bank, assigned)
     if offsets is not None:
         upper += offsets
     order = np.argsort(-upper, kind="stable")
+    k = bank.shape[0]
+    dense_block = max(16, min(256, (1 << 22) // max(1, k)))  # [block, k] <= 16 MiB
     radius = 0.0
-    block = max(16, min(256, (1 << 22) // max(1, bank_rows.shape[0])))  # [block, k] <= 16 MiB
+
+    def settle(rows: np.ndarray, bounds: np.ndarray) -> None:
+        """Exact values for ``rows`` (sorted by decreasing ``bounds``) until none can matter."""
+        nonlocal radius
+        for lo in range(0, rows.size, dense_block):
+            if radius >= bounds[lo]:
+                return
+            part = rows[lo : lo + dense_block]
+            rows_part = features[part] if origin is None else features[part] - origin
+            queries = torch.from_numpy(rows_part)
+            exact = _nearest_distance(queries, bank_rows, bank_sq)
+            values = exact.numpy() if offsets is None else exact.numpy() + offsets[part]
+            radius = max(radius, float(values.max()))
+
+    if guide is None:
+        settle(order, upper[order])
+        return radius
+    projected, bank_projected = guide
+    lead = min(_GUIDE_DIMS, projected.shape[1])
+    bank_lead = np.ascontiguousarray(bank_projected[:, :lead])
+    bank_lead_sq = np.einsum("ij,ij->i", bank_lead, bank_lead)
+    block = max(64, min(1024, (1 << 22) // k))  # [block, k] lead distances <= 16 MiB
     for lo in range(0, order.size, block):
         if radius >= upper[order[lo]]:
             break
         rows = order[lo : lo + block]
-        queries = torch.from_numpy(features[rows]) - origin
-        exact = _nearest_distance(queries, bank_rows, bank_sq).numpy()
+        rows = rows[upper[rows] > radius]
+        x_lead = projected[rows, :lead]
+        near = x_lead @ (bank_lead.T * -2.0)
+        near += bank_lead_sq[None, :]
+        guess = near.argmin(axis=1)
+        diffs = features[rows] - bank[guess]
+        tight = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
         if offsets is not None:
-            exact = exact + offsets[rows]
-        radius = max(radius, float(exact.max()))
+            tight += offsets[rows]
+        tight = np.minimum(tight, upper[rows])
+        need = np.flatnonzero(tight > radius)
+        need = need[np.argsort(-tight[need], kind="stable")]
+        settle(rows[need], tight[need])
     return radius
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """Run a CPU selection with one BLAS and one torch thread, restoring both afterwards.
+
+    Why: the selection is hundreds of small and medium BLAS/torch calls, and this team's
+    2-core machines are shared. With two threads and other work on the cores, OpenMP/OpenBLAS
+    threads spin at barriers: on 156,800 x 1024 -> 15,680 at load ~3 the PCA fit took 3.8 s
+    instead of 0.11 s and the whole selection 13.5 s instead of 7.4 s. Both settings are
+    process-wide, so concurrent torch work in other threads also runs on one thread meanwhile.
+    """
+    if device.type == "cuda":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def greedy_coreset(
@@ -574,9 +805,14 @@ def greedy_coreset(
         raise ValueError("features contain NaN or inf; a coreset of them is meaningless")
     generator = torch.Generator().manual_seed(seed)
     start = int(torch.randint(n, (1,), generator=generator))
-    projected = _project(fit_projection(array, projection_dim, seed, projection), array)
-    indices, assignment = _run_farthest_first(projected, k, start, None, run_device)
-    radius = _exact_radius(array, indices, assignment) if compute_radius else None
+    with _one_thread(run_device):
+        fitted = fit_projection(array, projection_dim, seed, projection)
+        projected = _project(fitted, array)
+        indices, assignment = _run_farthest_first(projected, k, start, None, run_device)
+        radius = None
+        if compute_radius:
+            guide = None if fitted is None else (projected, projected[indices])
+            radius = _exact_radius(array, array[indices], assignment, guide=guide)
     return CoresetResult(indices=indices, radius=radius)
 
 
@@ -756,12 +992,16 @@ class IncrementalCoreset:
 
     def _reduce(self) -> None:
         """Buffer -> k rows; kept rows absorb the radius of the rows they now represent."""
+        with _one_thread(self.device):
+            self._reduce_buffer()
+
+    def _reduce_buffer(self) -> None:
         assert self._features is not None and self._radii is not None
         keep, assignment = self._farthest_first(self.k, self._reduce_generator)
         size = self._size
         features, radii = self._features[:size], self._radii[:size]
         # Original-space distance from every buffered row to the kept row it is assigned to.
-        reach = _assigned_distances(features, keep[assignment]) + radii
+        reach = _assigned_distances(features, features, keep[assignment]) + radii
         new_radii = np.zeros(self.k, dtype=np.float32)
         np.maximum.at(new_radii, assignment, reach)
         order = _compact_in_place(self._features, keep)
@@ -780,6 +1020,10 @@ class IncrementalCoreset:
         the selector cannot be used afterwards.
         """
         self._check_usable()
+        with _one_thread(self.device):
+            return self._select(k, release)
+
+    def _select(self, k: int | None, release: bool) -> IncrementalSelection:
         k = self.k if k is None else k
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -795,15 +1039,25 @@ class IncrementalCoreset:
         # A fresh generator from the seed: select() is repeatable, and with no reduce so far it
         # draws the same start as greedy_coreset(seed=seed).
         keep, assignment = self._farthest_first(k, torch.Generator().manual_seed(self.seed))
-        features = self._features[: self._size]
+        size = self._size
+        features = self._features[:size]
         if not release:
             selected = features[keep]  # fancy indexing: already a copy
-            bound = _exact_radius(features, keep, assignment, self._radii[: self._size], selected)
+            bound = _exact_radius(features, selected, assignment, self._radii[:size])
             return IncrementalSelection(
                 features=selected, radius_bound=bound, num_seen=self.num_seen
             )
-        bound = _exact_radius(features, keep, assignment, self._radii[: self._size])
-        _to_pick_order_in_place(self._features, _compact_in_place(self._features, keep))
+        # Kept rows to the front by swaps, dropped ones behind them: the bank is the view
+        # buffer[:k] while the radius is measured, so no [k, D] copy exists beside the buffer.
+        perm = _partition_in_place(self._features, size, keep)
+        position = np.empty(size, dtype=np.int64)
+        position[perm] = np.arange(size)
+        assigned = position[keep][assignment[perm]]
+        bound = _exact_radius(features, features[:k], assigned, self._radii[:size][perm])
+        # Then into pick order (a nested family: core.federated.prefix relies on it).
+        rank = np.empty(size, dtype=np.int64)
+        rank[keep] = np.arange(k)
+        _to_pick_order_in_place(self._features, rank[perm[:k]])
         buffer, self._features, self._radii = self._features, None, None
         self._size, self._released = 0, True
         del features

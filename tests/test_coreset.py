@@ -247,3 +247,58 @@ def test_released_selection_keeps_pick_order_after_reduces() -> None:
     offline.add(features)
     picks = greedy_coreset(features, 200, projection_dim=None, seed=5).indices
     np.testing.assert_array_equal(offline.select(release=True).features, features[picks])
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_order_matches_naive_reference_far_from_origin(seed: int) -> None:
+    # float32 |x|^2 - 2 x.c + |c|^2 cancels badly at an offset of 1000: farthest_first centres.
+    rng = np.random.default_rng(100 + seed)
+    points = clustered(rng, 400, 8) + np.float32(1000.0)
+    expected = naive_farthest_first(points.astype(np.float64), 60, 3)
+    got, _ = farthest_first(points, 60, start=3)
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize(("n", "k", "dim"), [(3000, 900, 12), (5000, 400, 40)])
+def test_batched_order_matches_naive_reference_on_large_inputs(n: int, k: int, dim: int) -> None:
+    # Large enough that picks come in batches of up to 64 from 512 candidates, with the pair
+    # pruning, both the GEMM and the pair path of a batch, and (dim > 16) the leading-coordinate
+    # bound on center distances in use.
+    rng = np.random.default_rng(n)
+    points = clustered(rng, n, dim, clusters=40)
+    expected = naive_farthest_first(points.astype(np.float64), k, 11)
+    got, assignment = farthest_first(points, k, start=11)
+    np.testing.assert_array_equal(got, expected)
+    d = np.linalg.norm(points[:, None, :] - points[got][None], axis=2)
+    np.testing.assert_allclose(d[np.arange(n), assignment], d.min(axis=1), rtol=1e-4, atol=1e-4)
+
+
+def test_guided_exact_radius_equals_brute_force() -> None:
+    rng = np.random.default_rng(3)
+    x = np.maximum(clustered(rng, 6000, 96, clusters=30), 0.0)
+    result = greedy_coreset(x, 300, projection_dim=16, seed=1)
+    assert result.radius == pytest.approx(coverage_radius(x, x[result.indices]), rel=1e-5)
+
+
+def test_partition_in_place_keeps_every_row() -> None:
+    from core.coreset import _partition_in_place
+
+    rng = np.random.default_rng(4)
+    buffer = rng.standard_normal((50, 3)).astype(np.float32)
+    original = buffer.copy()
+    keep = rng.choice(40, size=15, replace=False)
+    perm = _partition_in_place(buffer, 40, keep)
+    np.testing.assert_array_equal(buffer[:40], original[perm])
+    assert set(perm[:15].tolist()) == set(keep.tolist())
+    np.testing.assert_array_equal(buffer[40:], original[40:])
+
+
+def test_selection_runs_single_threaded_and_restores_thread_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rng = np.random.default_rng(9)
+        greedy_coreset(clustered(rng, 800, 32), 40, projection_dim=8, seed=0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

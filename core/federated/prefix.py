@@ -76,7 +76,7 @@ def prefix_separations(
     )
     everything = torch.cat([before, x]) if before.shape[0] else x
     # Centre first: |x|^2 - 2 x.c + |c|^2 cancels catastrophically in float32 when rows sit far
-    # from the origin compared with their spread (see core.coreset._centred); distances do not
+    # from the origin compared with their spread (see core.coreset._frame_origin); distances do not
     # change under translation.
     m, n = before.shape[0], x.shape[0]
     everything = everything - everything.mean(dim=0, dtype=torch.float64).to(torch.float32)
