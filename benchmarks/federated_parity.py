@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="data, partition, backbone-init and coreset seed")
     parser.add_argument("--quick", action="store_true",
                         help="small smoke run: 10 train + 8 test images per category")
-    parser.add_argument("--no-append", action="store_true",
-                        help="print the tables but do not append them to RESULTS.md")
+    parser.add_argument("--record", action="store_true",
+                        help="append the tables to benchmarks/RESULTS.md (default: print only)")
     return parser
 
 
@@ -395,7 +395,7 @@ def run(args: argparse.Namespace) -> bool:
     title = "Federated parity: local-only vs centralised vs federated" + (
         " (quick)" if args.quick else ""
     )
-    append_results(title, table, notes, append=not args.no_append)
+    append_results(title, table, notes, append=args.record)
     return all_met
 
 
