@@ -9,9 +9,9 @@ and thread per site, chunks encoded before timing) and selects k = 10,000. Repor
 * tail seen by a site: from the last upload's response to WatchRound reporting READY;
 * upload wall time (all sites, concurrently), and the server's ingest rate;
 * select-only: the same aggregator work in process on the same decoded rows, split into
-  "buffer" (decode-free add of all rows) and "finish" (finish_round). If the tail is close to
-  "finish", buffering overlapped the upload and the selection itself did not: farthest-first
-  needs every row before its first pick (and its projection is fitted on all of them).
+  "buffer" (decode-free add of all rows; with the default prefix merge this includes each row's
+  separation within its site's stream, i.e. the ranking work that overlaps the upload) and
+  "finish" (finish_round: the ranking, then the exact r_S over every uploaded row).
 
 Case "large" (for a GPU): server-side selection 1,000,000 x 1024 -> 100,000 in process (the
 aggregator fed 2 MiB chunks as the daemon would, buffer large enough for all rows), timing
@@ -252,9 +252,12 @@ def main(argv: list[str] | None = None) -> int:
         notes = (
             f"Median (min-max) of {args.repeats} runs. Upload: fp16 + shuffle + zstd-1, "
             f"{runs[0]['wire_mib']:.1f} MiB of messages, fsync'ed journal on the local disk. "
-            "Target on a GPU: tail < 1 s. Selection starts when the last chunk has arrived "
-            "(farthest-first needs every row, and the projection is fitted on all of them); "
-            "during the upload the server decodes, validates, journals and buffers rows."
+            "Target on a GPU: tail < 1 s. Server selection: the prefix merge (the default): as "
+            "each chunk arrives the server decodes, validates, journals and buffers its rows "
+            "and computes their separations within the site's stream (the in-process buffer "
+            "column), so the ranking overlaps the upload; the tail is the exact r_S (every "
+            "uploaded row's distance to the bank: rows x k x D multiply-adds) plus storing the "
+            "version."
         )
         append_results(
             f"Server selection latency{' (quick)' if args.quick else ''}: {sites} sites x "
@@ -273,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Server-side selection{' (quick)' if args.quick else ''}: {large_rows:,} rows -> "
             f"{large_k:,}", table,
             "In process (no gRPC): the aggregator fed 512-row chunks, buffer holding every row; "
-            "finish_round = canonical reorder + projection + farthest-first + radius.",
+            "finish_round = the prefix merge's ranking + exact r_S (separations are computed in "
+            "the feed, as chunks arrive).",
             append=args.record,
         )
     return 0
