@@ -77,7 +77,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = serve.add_argument_group("selection")
     group.add_argument("--global-bank-size", type=int, help="k, rows of the global bank")
     group.add_argument("--strategy", choices=("coreset", "random"),
-                       help="farthest-first over the union (default) or random sampling")
+                       help="coverage-driven coreset selection (default) or random sampling")
+    group.add_argument("--server-selection", choices=("prefix", "farthest_first"),
+                       help="how the coreset strategy picks the bank: prefix merge of the "
+                       "sites' pick-ordered uploads (default) or farthest-first over the union")
     group.add_argument("--seed", type=int, help="selection seed (default 0)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"),
                        help="where selection runs (auto: CUDA when available)")
@@ -120,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SERVE_KEYS = (
     "bind", "tls_cert", "tls_key", "client_ca", "tokens_file", "max_message_bytes",
     "max_workers", "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
-    "strategy", "seed", "device", "buffer_rows", "codec", "max_chunk_bytes",
+    "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "max_chunk_bytes",
     "max_rows_per_site", "feature_fingerprint", "feature_dim", "state_dir", "grace_s",
     "log_level",
 )
@@ -141,6 +144,7 @@ round_timeout_s = 0            # 0 = no deadline
 rounds = 1
 global_bank_size = {k}
 strategy = "coreset"           # or "random"
+server_selection = "prefix"    # or "farthest_first" (coreset strategy only)
 seed = 0
 device = "auto"                # auto | cpu | cuda
 codec = "fp16"                 # {codecs}

@@ -56,7 +56,10 @@ class ServerConfig:
             for every expected site).
         rounds: number of rounds (1: local coresets only; later rounds upload novel patches).
         global_bank_size: k, rows of the global bank.
-        strategy: "coreset" (farthest-first over the union) or "random".
+        strategy: "coreset" (coverage-driven selection, see server_selection) or "random".
+        server_selection: how the coreset strategy picks the bank from the uploads: "prefix"
+            (default: the k rows the sites picked at the largest local separation, see
+            core.federated.prefix) or "farthest_first" (farthest-first again over the union).
         seed: seeds the selection (projection, start point / sampling keys).
         codec: preset name of core.codec.CODEC_PRESETS the server asks sites to use and sends
             the bank with ("fp16", "lossless", "bf16", "int8", "int4").
@@ -90,6 +93,7 @@ class ServerConfig:
     rounds: int = 1
     global_bank_size: int = 10000
     strategy: Literal["coreset", "random"] = "coreset"
+    server_selection: Literal["prefix", "farthest_first"] = "prefix"
     seed: int = 0
     codec: str = "fp16"
     max_chunk_bytes: int = 1 << 20
@@ -145,6 +149,11 @@ class ServerConfig:
         _int_range("global_bank_size", self.global_bank_size, 1, 10**8)
         if self.strategy not in ("coreset", "random"):
             raise ConfigError(f"strategy must be 'coreset' or 'random', got {self.strategy!r}")
+        if self.server_selection not in ("prefix", "farthest_first"):
+            raise ConfigError(
+                "server_selection must be 'prefix' or 'farthest_first', got "
+                f"{self.server_selection!r}"
+            )
         _int_range("seed", self.seed, 0, 2**63 - 1)
         if self.codec not in CODEC_PRESETS:
             raise ConfigError(f"codec must be one of {sorted(CODEC_PRESETS)}, got {self.codec!r}")

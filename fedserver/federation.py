@@ -784,6 +784,7 @@ class Federation:
         return {
             "global_bank_size": self.config.global_bank_size,
             "strategy": self.config.strategy,
+            "server_selection": self.config.server_selection,
             "seed": self.config.seed,
             "buffer_rows": self.config.buffer_rows,
             "codec": self.config.codec,
@@ -813,6 +814,7 @@ class Federation:
             seed=self.config.seed,
             buffer_rows=self.config.buffer_rows,
             device=self.device,
+            server_selection=self.config.server_selection,
         )
 
     def _cutoffs(self) -> dict[int, set[str]]:

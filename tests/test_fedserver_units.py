@@ -384,6 +384,38 @@ def test_state_directory_refuses_other_selection_settings(tmp_path: Path) -> Non
     with pytest.raises(StateMismatchError, match="global_bank_size: 50 -> 60, seed: 0 -> 1"):
         Federation(other, journal, ("a",))
     journal.close()
+    switched, _ = make_config(tmp_path, ["a"], server_selection="farthest_first")
+    journal = Journal(switched.state_dir)
+    with pytest.raises(StateMismatchError, match="server_selection: 'prefix' -> 'farthest_first'"):
+        Federation(switched, journal, ("a",))
+    journal.close()
+
+
+@pytest.mark.parametrize("selection", ["prefix", "farthest_first"])
+def test_server_selection_setting_reaches_the_aggregator(
+    tmp_path: Path, selection: str
+) -> None:
+    """The daemon's bank is the in-process aggregator's under either server selection."""
+    from core.federated import GlobalBankAggregator
+
+    config, _ = make_config(tmp_path, ["a", "b"], global_bank_size=40, server_selection=selection)
+    federation = Federation(config, Journal(config.state_dir), ("a", "b"))
+    federation.start()
+    reference = GlobalBankAggregator(40, seed=0, server_selection=selection)  # type: ignore[arg-type]
+    reference.begin_round(1)
+    for i, site in enumerate("ab"):
+        summary, chunks = upload_messages(site, site_rows(i, 120), max_chunk_bytes=32 * 40)
+        reference.receive_summary(summary)
+        for item in (summary, *chunks):
+            federation.receive(site, item, _raw(item))
+        for chunk in chunks:
+            reference.receive_chunk(chunk)
+    snapshot = federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=60)
+    assert snapshot.phase is Phase.READY, snapshot.message
+    stored = federation.journal.load_bank(snapshot.bank_version).bank
+    expected = reference.finish_round().bank
+    assert sorted(map(bytes, stored)) == sorted(map(bytes, expected))  # stable order may differ
+    federation.close()
 
 
 @pytest.mark.parametrize("codec_name", ["int8", "int4"])
