@@ -80,3 +80,17 @@ def test_radii_and_nearest_neighbours_are_exact_far_from_the_origin(
         selector.add(points[lo : lo + 150])
     selection = selector.select()
     assert selection.radius_bound >= _true_radius(points, selection.features) * (1 - 1e-5)
+
+
+def test_exact_radius_centres_a_large_bank_block_by_block() -> None:
+    """A bank larger than one centring block (4,096 rows) far from the origin: the radius still
+    equals the float64 truth (the blocks' minima are combined, not the last block's)."""
+    points = _data(7, n=9000, dim=6)
+    result = greedy_coreset(points, 5000, projection_dim=None, seed=0)
+    bank = points[result.indices].astype(np.float64)
+    truth = 0.0
+    for lo in range(0, points.shape[0], 500):
+        block = points[lo : lo + 500].astype(np.float64)
+        d2 = ((block[:, None, :] - bank[None]) ** 2).sum(-1).min(axis=1)
+        truth = max(truth, float(np.sqrt(d2.max())))
+    assert result.radius == pytest.approx(truth, rel=1e-4)
