@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from core.coreset import coverage_radius
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["CapacityError", "PrefixMergeSelector", "PrefixSelection", "prefix_separations"]
@@ -42,15 +44,6 @@ _QUERY_BLOCK = 1024  # query rows per [block, n] distance block (4 MiB per 1,000
 
 class CapacityError(ValueError):
     """More rows were uploaded than the prefix-merge buffer may hold."""
-
-
-def _nearest(
-    queries: torch.Tensor, rows: torch.Tensor, rows_sq: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Euclidean (min distance [q], argmin [q]) of each query to ``rows`` ([q, D] vs [n, D])."""
-    d2 = (queries * queries).sum(1, keepdim=True) - 2.0 * queries @ rows.T + rows_sq
-    best, arg = d2.min(dim=1)
-    return best.clamp_min_(0.0).sqrt_(), arg
 
 
 def prefix_separations(
@@ -193,15 +186,8 @@ class PrefixMergeSelector:
         order = np.argsort(-separations, kind="stable")
         keep = np.sort(order[: min(k, rows.shape[0])])
         bank = rows[keep]
-        radius = 0.0
-        if keep.size < rows.shape[0]:
-            origin = bank.mean(axis=0, dtype=np.float64).astype(np.float32)  # see the centring
-            bank_t = torch.from_numpy(bank - origin)                          # above
-            bank_sq = (bank_t * bank_t).sum(1)
-            for lo in range(0, rows.shape[0], _QUERY_BLOCK):
-                queries = torch.from_numpy(rows[lo : lo + _QUERY_BLOCK] - origin)
-                distances, _ = _nearest(queries, bank_t, bank_sq)
-                radius = max(radius, float(distances.max()))
+        # Exact r_S: every uploaded row's distance to the bank (rows in the bank: 0).
+        radius = coverage_radius(rows, bank) if keep.size < rows.shape[0] else 0.0
         kept = np.bincount(owner[keep], minlength=len(sites))
         logger.info(
             "prefix merge: %d of %d rows kept (%s), r_S = %.4f",
