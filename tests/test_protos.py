@@ -29,6 +29,16 @@ def _load_script() -> ModuleType:
 
 generate_protos = _load_script()
 
+PINNED_TOOLS_INSTALLED = generate_protos.installed_grpcio_tools() == (
+    generate_protos.PINNED_GRPCIO_TOOLS
+)
+needs_pinned_tools = pytest.mark.skipif(
+    not PINNED_TOOLS_INSTALLED,
+    reason=f"byte-exact check needs grpcio-tools {generate_protos.PINNED_GRPCIO_TOOLS} (CI has it "
+    f"via dev.py); {generate_protos.installed_grpcio_tools()} is installed, so only the "
+    "stamp-masked check runs",
+)
+
 
 def _committed_generated() -> set[Path]:
     return {
@@ -38,6 +48,7 @@ def _committed_generated() -> set[Path]:
     }
 
 
+@needs_pinned_tools
 def test_committed_code_matches_fresh_generation(tmp_path: Path) -> None:
     generated = generate_protos.generate(tmp_path)
     fresh = {path.relative_to(tmp_path) for path in generated}
@@ -51,10 +62,65 @@ def test_committed_code_matches_fresh_generation(tmp_path: Path) -> None:
         )
 
 
+def test_committed_code_matches_the_protos_under_any_grpcio_tools(tmp_path: Path) -> None:
+    """Whatever grpcio-tools is installed, the code it generates differs from the committed
+    code only in the version stamps: a .proto edited without regenerating fails here too."""
+    generated = generate_protos.generate(tmp_path, any_tools=True)
+    fresh = {path.relative_to(tmp_path) for path in generated}
+    assert fresh == _committed_generated()
+    for relative in sorted(fresh):
+        committed = (PROTO_ROOT / relative).read_text()
+        assert generate_protos.mask_version_stamps(committed) == (
+            generate_protos.mask_version_stamps((tmp_path / relative).read_text())
+        ), f"{relative} is stale: run scripts/generate_protos.py"
+    # The masking hides only the stamps: the serialized descriptors are compared in full.
+    federation = (PROTO_ROOT / "fedpatchcore/v1/federation_pb2.py").read_text()
+    masked = generate_protos.mask_version_stamps(federation)
+    assert "AddSerializedFile(b'" in masked and "<masked>" in masked
+    edited = federation.replace("\\x12\\x0f", "\\x12\\x0e", 1)  # one byte of the descriptor
+    assert edited != federation
+    assert generate_protos.mask_version_stamps(edited) != masked
+
+
+def test_pins_agree_and_the_committed_code_is_protobuf_6_gencode() -> None:
+    """pyproject, constraints.txt and the committed code name the same grpcio-tools, and its
+    gencode is 6.x so that flwr's protobuf < 7 and protobuf 7 both load it."""
+    tools = generate_protos.PINNED_GRPCIO_TOOLS
+    gencode = generate_protos.GENCODE_PROTOBUF
+    assert f'"grpcio-tools=={tools}"' in (ROOT / "pyproject.toml").read_text()
+    assert f"\ngrpcio-tools=={tools}\n" in (ROOT / "constraints.txt").read_text()
+    assert f'"protobuf>={gencode},<8"' in (ROOT / "pyproject.toml").read_text()
+    assert gencode.startswith("6.")
+    v1 = PROTO_ROOT / "fedpatchcore" / "v1"
+    for name in ("features_pb2.py", "federation_pb2.py"):
+        text = (v1 / name).read_text()
+        assert f"# Protobuf Python Version: {gencode}\n" in text, name
+        major, minor, patch = gencode.split(".")
+        assert f"PUBLIC,\n    {major},\n    {minor},\n    {patch},\n" in text, name
+    for name in ("features_pb2_grpc.py", "federation_pb2_grpc.py"):
+        assert f"GRPC_GENERATED_VERSION = '{tools}'\n" in (v1 / name).read_text(), name
+
+
+def test_generating_with_another_grpcio_tools_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(generate_protos, "installed_grpcio_tools", lambda: "1.85.1")
+    with pytest.raises(generate_protos.ToolsVersionError, match=r"grpcio-tools==1\.81\.1"):
+        generate_protos.generate(tmp_path)
+    with pytest.raises(generate_protos.ToolsVersionError):
+        generate_protos.write()
+    assert generate_protos.main(["--check"]) == 2
+    assert "1.85.1 is installed" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+    assert generate_protos.main(["--check", "--any-tools"]) == 0
+
+
 def test_check_mode_passes_now_and_reports_drift(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert generate_protos.main(["--check"]) == 0
+    if PINNED_TOOLS_INSTALLED:
+        assert generate_protos.main(["--check"]) == 0
+    assert generate_protos.main(["--check", "--any-tools"]) == 0
     # A copy of protos/ with one edited, one deleted and one orphaned generated file.
     copy = tmp_path / "protos"
     shutil.copytree(PROTO_ROOT, copy, ignore=shutil.ignore_patterns("__pycache__"))
@@ -62,14 +128,14 @@ def test_check_mode_passes_now_and_reports_drift(
     (v1 / "features_pb2.py").write_text("# hand-edited\n")
     (v1 / "features_pb2.pyi").unlink()
     (v1 / "removed_pb2.py").write_text("# from a deleted .proto\n")
-    problems = "\n".join(generate_protos.stale_files(copy))
+    problems = "\n".join(generate_protos.stale_files(copy, exact=PINNED_TOOLS_INSTALLED))
     assert "features_pb2.py: differs" in problems
     assert "features_pb2.pyi: missing" in problems
     assert "removed_pb2.py: no .proto generates it" in problems
     assert "features_pb2_grpc.py" not in problems
-    # write() repairs the copy.
-    generate_protos.write(copy)
-    assert generate_protos.stale_files(copy) == []
+    if PINNED_TOOLS_INSTALLED:  # write() repairs the copy (only the pinned tools may write)
+        generate_protos.write(copy)
+        assert generate_protos.stale_files(copy) == []
     capsys.readouterr()
 
 

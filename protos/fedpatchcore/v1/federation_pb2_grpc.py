@@ -6,7 +6,7 @@ import warnings
 from fedpatchcore.v1 import features_pb2 as fedpatchcore_dot_v1_dot_features__pb2
 from fedpatchcore.v1 import federation_pb2 as fedpatchcore_dot_v1_dot_federation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
