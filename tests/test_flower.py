@@ -102,6 +102,9 @@ def _tool(argv: list[str]) -> list[str]:
 def _env(flwr_home: Path) -> dict[str, str]:
     env = os.environ.copy()
     env["FLWR_HOME"] = str(flwr_home)
+    # As in an activated virtual environment: the SuperLink and SuperNodes start their helpers
+    # (flower-superexec, flwr-serverapp, flwr-clientapp) by name.
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["OMP_NUM_THREADS"] = "1"  # the processes share 2 cores
     return env
 
