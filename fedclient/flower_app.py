@@ -17,8 +17,9 @@ memory between TRAIN and EVALUATE: the model is rebuilt from the rules and the b
 evaluate). Its parameters are the encoded wire messages as uint8 arrays (the upload from
 ``fit``, the bank into ``evaluate``), so the codecs apply here too; :func:`site_upload` and
 fedserver.flower_app's ``aggregate_uploads`` / ``bank_messages`` are the shared pieces.
-``fl.client.start_numpy_client`` is deprecated since flwr 1.7 (still importable in 1.42, marked
-deprecated); a NumPyClient now runs inside a ClientApp, ``ClientApp(client_fn=lambda context:
+``fl.client.start_numpy_client`` is deprecated since flwr 1.7; 1.42 keeps it only in
+``flwr.compat``, on the legacy gRPC transport that a SuperLink does not speak. A NumPyClient now
+runs inside a ClientApp, ``ClientApp(client_fn=lambda context:
 FlowerPatchCoreClient(...).to_client())`` under ``flower-supernode``, and needs a ServerApp that
 speaks the legacy fit/evaluate records (``fitins.*`` / ``fitres.*``); the ServerApp of this
 project speaks the Message-API records of ``app`` above, so use ``app`` with it.
