@@ -74,7 +74,7 @@ class SiteSettings:
         "timm backbone when the server pins no extractor (unset: wide_resnet50_2)."))
     pretrained: bool | None = field(default=None, metadata=_help(
         "Pretrained weights through timm when the server pins no extractor (unset: true).\n"
-        "false = random weights: for tests only (a warning says so)."))
+        "Random weights (false) are for tests only; a warning says so."))
     image_size: int | None = field(default=None, metadata=_help(
         "Resize side in px, no crop, when the server pins no extractor (unset: resize 256,\n"
         "crop 224)."))
