@@ -25,9 +25,7 @@ from pathlib import Path
 from core.codec import CODEC_PRESETS
 from fedserver.auth import AuthError, new_token, write_tokens_file
 from fedserver.config import CONFIG_ENV, ConfigError, example_config, load_config
-from fedserver.federation import StateMismatchError
 from fedserver.health import check_health
-from fedserver.journal import JournalCorruptError
 from fedserver.logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -192,7 +190,10 @@ def _init_config(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the daemon imports torch, which `fedserver health` must not wait for.
     from fedserver.daemon import serve
+    from fedserver.federation import StateMismatchError
+    from fedserver.journal import JournalCorruptError
 
     overrides = {key: getattr(args, key) for key in _SERVE_KEYS}
     try:

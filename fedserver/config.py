@@ -16,12 +16,14 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from core.codec import CODEC_PRESETS, CodecConfig
-from core.features import FeatureConfig
 from core.serde import MAX_CHUNK_BYTES_LIMIT
 from core.settings import SettingsError, env_overrides, toml_example
+
+if TYPE_CHECKING:  # imported where used: core.features imports torch (slow to import)
+    from core.features import FeatureConfig
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +258,8 @@ class ServerConfig:
         """The pinned extractor as a core.features.FeatureConfig (None when not pinned)."""
         if self.extractor is None:
             return None
+        from core.features import FeatureConfig
+
         data = dict(self.extractor)
         pretrained = data.pop("pretrained", True)
         if not isinstance(pretrained, bool):
