@@ -163,7 +163,6 @@ _SERVE_KEYS = (
 )
 
 
-
 def _init_config(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     config, tokens, site_dir = directory / "server.toml", directory / "tokens", directory / (

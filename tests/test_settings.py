@@ -158,3 +158,14 @@ def test_site_environment_errors_are_one_line(
     )
     with pytest.raises(SettingsError, match="FEDCLIENT_SITEID names no setting"):
         env_overrides("FEDCLIENT", SiteSettings, {"FEDCLIENT_SITEID": "x"})
+
+
+def test_every_serve_flag_reaches_the_configuration() -> None:
+    """A flag of `fedserver serve` missing from _SERVE_KEYS would be parsed and then ignored."""
+    from fedserver.cli import _SERVE_KEYS
+
+    parser = server_parser()
+    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    dests = {a.dest for a in serve._actions} - {"help", "config"}
+    assert dests == set(_SERVE_KEYS)
+    assert set(_SERVE_KEYS) <= set(SERVER_FIELDS)
