@@ -1,7 +1,9 @@
 """``fedclient``: the site command line (``fedclient run | score | status | check | init-config``).
 
-Settings come from flags and, with ``--config site.toml``, from a TOML file whose keys are the
-long flag names with ``_`` (flags win). ``fedclient init-config`` writes a commented example.
+Settings come from flags, ``FEDCLIENT_<SETTING>`` environment variables and a TOML file
+(``--config site.toml``) whose keys are the long flag names with ``_``; precedence flag >
+environment > file > default (fedclient.config). ``fedclient init-config`` writes a commented
+example with every setting.
 Failures a user can fix (server unreachable, token refused, round closed, extractor mismatch,
 unusable data or settings) print one line ``fedclient: error: ...`` and exit with status 2
 (1 for a run that failed on the server's side); ``--verbose`` adds the log.
@@ -10,12 +12,14 @@ unusable data or settings) print one line ``fedclient: error: ...`` and exit wit
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
+import os
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -24,6 +28,8 @@ import grpc
 from core.data import DatasetError
 from core.features import FeatureConfig
 from core.preprocess import ImageTransform
+from core.settings import SettingsError, env_overrides
+from fedclient.config import CONFIG_ENV, ENV_PREFIX, SiteSettings, defaults, example_config
 from fedclient.session import (
     ConnectionConfig,
     RetryPolicy,
@@ -45,21 +51,8 @@ _STATES: Final[dict[int, str]] = {
     fpb.ROUND_STATE_FAILED: "failed",
 }
 
-CONFIG_TEMPLATE: Final[str] = """\
-# fedclient site configuration: keys are the long flag names with '_' (flags override them).
-# Relative paths are resolved against this file's folder.
-server = "127.0.0.1:50051"        # HOST:PORT of fedserver
-site_id = "plant-3"               # this site's id (the token's site)
-token_file = "site.token"         # file holding this site's bearer token (keep it private)
-data = "data"                     # the site's images (AutoVI / MVTec layout, or a plain folder)
-out = "fedclient-out"             # bank, metrics.json and overlays are written here
-# tls_ca = "ca.pem"               # CA of the server certificate: enables TLS
-# tls_cert = "site.pem"           # this site's certificate and key: mutual TLS
-# tls_key = "site.key"
-# coreset_percentage = 0.1
-# device = "cpu"
-"""
 
+_SETTINGS: Final[frozenset[str]] = frozenset(f.name for f in dataclasses.fields(SiteSettings))
 _PATH_KEYS: Final[frozenset[str]] = frozenset(
     {"token_file", "data", "out", "tls_ca", "tls_cert", "tls_key", "weights", "bank"}
 )
@@ -74,7 +67,9 @@ class UsageError(ValueError):
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("server connection")
-    group.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    group.add_argument("--config", type=Path, help="TOML file of settings (default: "
+                       "$FEDCLIENT_CONFIG); FEDCLIENT_<SETTING> variables override it, flags "
+                       "override both")
     group.add_argument("--server", help="fedserver address HOST:PORT")
     group.add_argument("--site-id", help="this site's id; the token must belong to it")
     group.add_argument("--token-file", type=Path, help="file holding the site's bearer token")
@@ -112,7 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedclient",
         description="FedPatchCore site client: fit this site's PatchCore coreset, take part in "
-        "the federation's rounds, download the global bank and score the site's images.",
+        "the federation's rounds, download the global bank and score the site's images. "
+        "Settings: flag > environment variable FEDCLIENT_<SETTING> (FEDCLIENT_SERVER, "
+        "FEDCLIENT_SITE_ID, FEDCLIENT_TOKEN_FILE, ...; FEDCLIENT_CONFIG names the TOML file) > "
+        "TOML file (--config; `fedclient init-config` writes a commented one) > default.",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -151,7 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score --data's test images (all images of a plain folder) with the bank "
         "file a previous `fedclient run` wrote; writes metrics.json and overlays/ into --out.",
     )
-    score.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
+    score.add_argument("--config", type=Path, help="TOML file of settings (default: "
+                       "$FEDCLIENT_CONFIG); FEDCLIENT_<SETTING> variables override it, flags "
+                       "override both")
     score.add_argument("--bank", type=Path,
                        help="bank file (default: <--out of run>/bank.safetensors)")
     _data_args(score, out_help="output folder (default fedclient-score)")
@@ -179,20 +179,39 @@ def build_parser() -> argparse.ArgumentParser:
 
     init = commands.add_parser(
         "init-config", help="write an example site configuration (TOML)",
-        description="Write a commented example of the site configuration file.",
+        description="Write a commented site configuration file: every setting, its default "
+        "and what it does. The options below fill in the matching settings; the others are "
+        "written with their defaults or commented out.",
     )
     init.add_argument("path", type=Path, nargs="?", default=Path("fedclient.toml"),
                       help="where to write it (default fedclient.toml; never overwritten)")
+    init.add_argument("--server", default="127.0.0.1:50051",
+                      help="fedserver address HOST:PORT to write (default 127.0.0.1:50051)")
+    init.add_argument("--site-id", help="site id to write (default: left commented out)")
+    init.add_argument("--token-file", default="site.token",
+                      help="token file path to write, relative to the file (default site.token)")
+    init.add_argument("--data", default="data",
+                      help="data folder to write, relative to the file (default data)")
     return parser
 
 
 # --- settings ----------------------------------------------------------------------------------
 
 
-def _settings(args: argparse.Namespace) -> dict[str, object]:
-    """Flags over the TOML file: one dict keyed like the flags' dests."""
-    values: dict[str, object] = {}
-    config = getattr(args, "config", None)
+def _settings(
+    args: argparse.Namespace, environ: Mapping[str, str] | None = None
+) -> dict[str, object]:
+    """One dict keyed like the flags' dests: flags > FEDCLIENT_* environment > TOML > defaults.
+
+    The TOML file is --config or $FEDCLIENT_CONFIG; its keys must be settings of
+    fedclient.config.SiteSettings (an unknown key is an error naming it), relative paths in it
+    are relative to the file.
+    """
+    environ = os.environ if environ is None else environ
+    values: dict[str, object] = defaults()
+    config = getattr(args, "config", None) or (
+        Path(environ[CONFIG_ENV]) if environ.get(CONFIG_ENV) else None
+    )
     if config is not None:
         try:
             data = tomllib.loads(Path(config).read_text(encoding="utf-8"))
@@ -200,8 +219,7 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
             raise UsageError(f"cannot read config {config}: {error.strerror}") from None
         except tomllib.TOMLDecodeError as error:
             raise UsageError(f"config {config} is not valid TOML: {error}") from None
-        known = set(vars(args))
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - _SETTINGS)
         if unknown:
             raise UsageError(f"config {config}: unknown key(s) {unknown}")
         base = Path(config).resolve().parent
@@ -209,6 +227,10 @@ def _settings(args: argparse.Namespace) -> dict[str, object]:
             if key in _PATH_KEYS and isinstance(value, str):
                 value = Path(value) if Path(value).is_absolute() else base / value
             values[key] = value
+    try:
+        values.update(env_overrides(ENV_PREFIX, SiteSettings, environ, reserved=(CONFIG_ENV,)))
+    except SettingsError as error:
+        raise UsageError(str(error)) from None
     for key, value in vars(args).items():
         if value is not None and not (key in ("verbose", "no_overlays") and not value):
             values[key] = value
@@ -426,10 +448,13 @@ def _cmd_check(values: dict[str, object]) -> int:
     return 0
 
 
-def _cmd_init_config(path: Path) -> int:
+def _cmd_init_config(args: argparse.Namespace) -> int:
+    path: Path = args.path
     if path.exists():
         raise UsageError(f"{path} exists; not overwriting it")
-    path.write_text(CONFIG_TEMPLATE, encoding="utf-8")
+    filled = {key: getattr(args, key) for key in ("server", "site_id", "token_file", "data")
+              if getattr(args, key) is not None}
+    path.write_text(example_config(filled), encoding="utf-8")
     print(f"wrote {path}")
     return 0
 
@@ -444,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         if args.command == "init-config":
-            return _cmd_init_config(args.path)
+            return _cmd_init_config(args)
         values = _settings(args)
         command = {"run": _cmd_run, "score": _cmd_score, "status": _cmd_status,
                    "check": _cmd_check}[args.command]

@@ -148,7 +148,7 @@ def write_server_config(
     text = config.read_text(encoding="utf-8")
     for key, value in (("rounds", rounds), ("codec", f'"{codec}"'),
                        ("max_chunk_bytes", max_chunk_bytes), ("seed", seed),
-                       ("device", '"cpu"')):
+                       ("device", '"cpu"'), ("fsync", "true" if fsync else "false")):
         text, count = re.subn(rf"(?m)^{key} = .*$", f"{key} = {value}", text)
         if count != 1:
             raise RuntimeError(f"fedserver init-config wrote no '{key} = ' line to {config}")
@@ -157,8 +157,6 @@ def write_server_config(
         text, count = re.subn(r"(?m)^expected_sites = .*$", f"expected_sites = [{listed}]", text)
         if count != 1:
             raise RuntimeError(f"no 'expected_sites = ' line in {config}")
-    if not fsync:
-        text = text.replace("[server]\n", "[server]\nfsync = false\n", 1)
     lines = []
     if extractor is not None:
         lines = ["", "[server.extractor]"]

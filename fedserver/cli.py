@@ -1,10 +1,13 @@
-"""`fedserver serve | init-config`: the daemon's command line (argparse, like Flower's daemons).
+"""`fedserver serve | init-config | health`: the daemon's command line (argparse, like Flower's).
 
     fedserver init-config --sites plant-1,plant-2,plant-3 --dir fed/
         writes fed/server.toml, fed/tokens (hashed) and fed/site-tokens/<site>.token (give
         each site its own file; the server never stores the plaintext)
     fedserver serve --config fed/server.toml [--bind 0.0.0.0:50051 ...]
-        flags override the file; `fedserver serve --help` lists every setting
+        flags override the environment (FEDSERVER_<SETTING>), which overrides the file;
+        `fedserver serve --help` lists every setting
+    fedserver health --address 127.0.0.1:50051
+        exit 0 when the server's gRPC health service says SERVING (Docker HEALTHCHECK)
 
 Exit status: 0 after a clean drain (SIGTERM/SIGINT), 2 for a configuration error (one line on
 stderr naming the setting), 1 for any other start failure.
@@ -14,14 +17,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import tomllib
 from pathlib import Path
 
 from core.codec import CODEC_PRESETS
 from fedserver.auth import AuthError, new_token, write_tokens_file
-from fedserver.config import ConfigError, load_config
-from fedserver.federation import StateMismatchError
-from fedserver.journal import JournalCorruptError
+from fedserver.config import CONFIG_ENV, ConfigError, example_config, load_config
+from fedserver.health import check_health
+from fedserver.logs import configure_logging
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +50,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser(
         "serve", help="run the daemon until SIGTERM/SIGINT",
-        description="Run the daemon. Settings come from --config (TOML, table [server]) and "
-        "the flags below, which override it. Stops cleanly on SIGTERM/SIGINT: in-flight "
-        "uploads get --grace-s seconds, committed chunks are already on disk.",
+        description="Run the daemon. Settings come from --config (TOML, table [server]), the "
+        "environment and the flags below. Precedence: flag > environment variable "
+        "FEDSERVER_<SETTING> (FEDSERVER_BIND, FEDSERVER_QUORUM, ...; FEDSERVER_CONFIG names the "
+        "file) > TOML file > default. Stops cleanly on SIGTERM/SIGINT: health turns "
+        "NOT_SERVING, in-flight uploads get --grace-s seconds, committed chunks are already on "
+        "disk.",
     )
-    serve.add_argument("--config", type=Path, help="TOML file with the settings below")
+    serve.add_argument("--config", type=Path,
+                       help="TOML file with the settings below (default: $FEDSERVER_CONFIG)")
     group = serve.add_argument_group("network and security")
     group.add_argument("--bind", help="HOST:PORT to listen on (default 127.0.0.1:50051; "
                        "port 0 picks a free port)")
@@ -104,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="seconds in-flight rpcs get on SIGTERM (default 10)")
     group.add_argument("--log-level", choices=("DEBUG", "INFO", "WARNING", "ERROR"),
                        help="log level (default INFO)")
+    group.add_argument("--log-format", choices=("text", "json"),
+                       help="log lines as text (default) or one JSON object per line (time, "
+                       "level, logger, message)")
+    group = serve.add_argument_group("observability")
+    group.add_argument("--metrics-port", type=int,
+                       help="serve Prometheus metrics on http://METRICS_HOST:PORT/metrics "
+                       "(default 0 = off)")
+    group.add_argument("--metrics-host",
+                       help="address of the metrics endpoint (default 127.0.0.1)")
 
     init = commands.add_parser(
         "init-config", help="write a server.toml, a hashed tokens file and one token per site",
@@ -117,6 +135,22 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--bind", default="127.0.0.1:50051", help="bind address to write")
     init.add_argument("--global-bank-size", type=int, default=10000, help="k to write")
     init.add_argument("--force", action="store_true", help="overwrite existing files")
+
+    check = commands.add_parser(
+        "health", help="ask a running server's gRPC health service (exit 0 when SERVING)",
+        description="Call grpc.health.v1.Health/Check on a running fedserver and print its "
+        "status. Exit status 0 when SERVING, 1 when NOT_SERVING (starting: the journal is being "
+        "replayed; or draining after SIGTERM) or unreachable. The Docker HEALTHCHECK uses it.",
+    )
+    check.add_argument("--address",
+                       help="HOST:PORT of the server (default: the bind address of --config or "
+                       "$FEDSERVER_CONFIG / $FEDSERVER_BIND, with 0.0.0.0 read as 127.0.0.1)")
+    check.add_argument("--config", type=Path, help="server.toml to take the address from")
+    check.add_argument("--tls-ca", type=Path, help="PEM CA of the server certificate (TLS)")
+    check.add_argument("--tls-server-name", help="name to check in the server certificate")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    check.add_argument("--wait", type=float, default=0.0,
+                       help="keep asking for up to this many seconds until SERVING (default 0)")
     return parser
 
 
@@ -125,46 +159,8 @@ _SERVE_KEYS = (
     "max_workers", "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
     "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "max_chunk_bytes",
     "max_rows_per_site", "feature_fingerprint", "feature_dim", "state_dir", "grace_s",
-    "log_level",
+    "log_level", "log_format", "metrics_port", "metrics_host",
 )
-
-_TEMPLATE = """\
-# fedserver configuration (fedserver serve --config THIS_FILE). Relative paths are relative to
-# this file. Every key can also be given as a flag (--state-dir, ...), which wins.
-[server]
-bind = "{bind}"
-state_dir = "state"            # journal + bank versions
-tokens_file = "tokens"         # 'site_id sha256(token)' lines
-# tls_cert = "server.pem"      # TLS: certificate and key together
-# tls_key = "server.key"
-# client_ca = "ca.pem"         # mTLS: require client certificates signed by this CA
-expected_sites = [{sites}]
-quorum = 0                     # 0 = all expected sites
-round_timeout_s = 0            # 0 = no deadline
-rounds = 1
-global_bank_size = {k}
-strategy = "coreset"           # or "random"
-server_selection = "prefix"    # or "farthest_first" (coreset strategy only)
-seed = 0
-device = "auto"                # auto | cpu | cuda
-codec = "fp16"                 # {codecs}
-max_chunk_bytes = 1048576
-max_rows_per_site = 1000000
-max_message_bytes = 8388608
-max_workers = 32
-grace_s = 10
-log_level = "INFO"
-# Pin the extractor (sites receive these settings; the fingerprint is derived from them):
-# [server.extractor]
-# backbone = "wide_resnet50_2"
-# layers = ["layer2", "layer3"]
-# pretrained = true
-# pretrain_embed_dim = 1024
-# target_embed_dim = 1024
-# patch_size = 3
-# resize = 256
-# crop = 224
-"""
 
 
 def _init_config(args: argparse.Namespace) -> int:
@@ -183,28 +179,28 @@ def _init_config(args: argparse.Namespace) -> int:
         path = site_dir / f"{site}.token"
         path.write_text(token + "\n", encoding="utf-8")
         path.chmod(0o600)
-    config.write_text(_TEMPLATE.format(
-        bind=args.bind, sites=", ".join(f'"{s}"' for s in args.sites), k=args.global_bank_size,
-        codecs=" | ".join(sorted(CODEC_PRESETS)),
-    ), encoding="utf-8")
+    config.write_text(example_config({
+        "bind": args.bind, "state_dir": "state", "tokens_file": "tokens",
+        "expected_sites": list(args.sites), "global_bank_size": args.global_bank_size,
+    }), encoding="utf-8")
     print(f"wrote {config}, {tokens} and {len(site_tokens)} token(s) in {site_dir}/")
     print(f"start the server with: fedserver serve --config {config}")
     return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: the daemon imports torch, which `fedserver health` must not wait for.
     from fedserver.daemon import serve
+    from fedserver.federation import StateMismatchError
+    from fedserver.journal import JournalCorruptError
 
     overrides = {key: getattr(args, key) for key in _SERVE_KEYS}
     try:
-        config = load_config(args.config, overrides)
+        config = load_config(args.config, overrides, os.environ)
     except ConfigError as error:
         print(f"fedserver: configuration error: {error}", file=sys.stderr)
         return 2
-    logging.basicConfig(
-        level=config.log_level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(config.log_level, config.log_format)
     try:
         return serve(config)
     except (ConfigError, AuthError, StateMismatchError) as error:
@@ -215,10 +211,47 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _health_address(args: argparse.Namespace) -> str:
+    """--address, else the bind address of the configuration (flag > env > file)."""
+    if args.address:
+        return str(args.address)
+    environ = os.environ
+    if args.config is None and not environ.get(CONFIG_ENV):
+        bind = environ.get("FEDSERVER_BIND", "127.0.0.1:50051")
+    else:
+        path = args.config or Path(environ[CONFIG_ENV])
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (OSError, tomllib.TOMLDecodeError) as error:
+            raise ConfigError(f"cannot read config {path}: {error}") from error
+        table = data.get("server", data)
+        bind = environ.get("FEDSERVER_BIND") or str(table.get("bind", "127.0.0.1:50051"))
+    host, _, port = bind.rpartition(":")
+    if host in ("0.0.0.0", "[::]", "::", ""):
+        host = "127.0.0.1"
+    return f"{host}:{port}"
+
+
+def _health(args: argparse.Namespace) -> int:
+    try:
+        address = _health_address(args)
+    except ConfigError as error:
+        print(f"fedserver: configuration error: {error}", file=sys.stderr)
+        return 2
+    status = check_health(
+        address, timeout_s=args.timeout, wait_s=args.wait, tls_ca=args.tls_ca,
+        tls_server_name=args.tls_server_name,
+    )
+    print(f"{address}: {status}")
+    return 0 if status == "SERVING" else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "init-config":
         return _init_config(args)
+    if args.command == "health":
+        return _health(args)
     return _serve(args)
 
 

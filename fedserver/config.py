@@ -16,15 +16,31 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from core.codec import CODEC_PRESETS, CodecConfig
-from core.features import FeatureConfig
 from core.serde import MAX_CHUNK_BYTES_LIMIT
+from core.settings import SettingsError, env_overrides, toml_example
+
+if TYPE_CHECKING:  # imported where used: core.features imports torch (slow to import)
+    from core.features import FeatureConfig
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConfigError", "Device", "ServerConfig", "load_config"]
+__all__ = [
+    "CONFIG_ENV",
+    "ENV_PREFIX",
+    "ConfigError",
+    "Device",
+    "ServerConfig",
+    "example_config",
+    "load_config",
+]
+
+#: Environment variables FEDSERVER_<FIELD> override the TOML file (flags override them).
+ENV_PREFIX: Final[str] = "FEDSERVER"
+#: The config file, when --config is not given (the Docker image sets it).
+CONFIG_ENV: Final[str] = "FEDSERVER_CONFIG"
 
 Device = Literal["auto", "cpu", "cuda"]
 
@@ -32,6 +48,11 @@ Device = Literal["auto", "cpu", "cuda"]
 #: 3 MiB of payload + quantisation parameters + framing; 8 MiB leaves room without letting a
 #: peer make the server buffer an arbitrary message.
 DEFAULT_MAX_MESSAGE_BYTES: Final[int] = 8 << 20
+
+
+def _help(text: str) -> dict[str, str]:
+    """Field metadata: what the setting does (init-config writes it into server.toml)."""
+    return {"help": text}
 
 
 class ConfigError(ValueError):
@@ -42,72 +63,101 @@ class ConfigError(ValueError):
 class ServerConfig:
     """Settings of one fedserver process.
 
-    Attributes:
-        bind: "HOST:PORT" to listen on; port 0 picks a free port (tests).
-        state_dir: directory of the journal and the bank versions (created if missing).
-        tokens_file: per-site bearer tokens, hashed: lines "site_id sha256-hex" (see auth.py).
-        tls_cert / tls_key: PEM server certificate and key; both or neither (then plaintext:
-            only for loopback or a trusted network).
-        client_ca: PEM CA bundle; set (with TLS) to require client certificates (mTLS).
-        expected_sites: site ids a round waits for; empty = every site of the tokens file.
-        quorum: least complete uploads that still make a bank at the deadline;
-            0 = all expected sites.
-        round_timeout_s: seconds from a round's opening to its deadline; 0 = no deadline (wait
-            for every expected site).
-        rounds: number of rounds (1: local coresets only; later rounds upload novel patches).
-        global_bank_size: k, rows of the global bank.
-        strategy: "coreset" (coverage-driven selection, see server_selection) or "random".
-        server_selection: how the coreset strategy picks the bank from the uploads: "prefix"
-            (default: the k rows the sites picked at the largest local separation, see
-            core.federated.prefix) or "farthest_first" (farthest-first again over the union).
-        seed: seeds the selection (projection, start point / sampling keys).
-        codec: preset name of core.codec.CODEC_PRESETS the server asks sites to use and sends
-            the bank with ("fp16", "lossless", "bf16", "int8", "int4").
-        max_chunk_bytes: largest decoded chunk payload, bytes (<= 3 MiB).
-        device: where selection runs: "auto" (CUDA when available), "cpu" or "cuda".
-        buffer_rows: the selector's buffer (rows); None = core's default (max(2k, 131072)).
-        feature_fingerprint: pin the federation's feature extraction (64 hex); "" = the first
-            accepted site fixes it.
-        feature_dim: pin D; 0 = the first accepted site fixes it (or the extractor's D).
-        extractor: pin the feature extraction by its settings (a table with the keys of
-            core.features.FeatureConfig.to_dict plus ``pretrained``): sites get them from
-            JoinRound and the fingerprint is computed from them. Must agree with
-            feature_fingerprint and feature_dim when those are set too.
-        max_rows_per_site: most rows one site may upload in a round.
-        max_message_bytes: gRPC max send/receive message length, bytes.
-        max_workers: server threads; each open stream holds one (uploads, watches, downloads).
-        grace_s: on SIGTERM, seconds in-flight rpcs get to finish before they are cancelled.
-        fsync: fsync the journal before acknowledging a chunk (only tests switch it off).
-        log_level: "DEBUG", "INFO", "WARNING" or "ERROR".
+    Each field's ``help`` metadata says what it does; ``fedserver init-config`` writes them all
+    into a commented server.toml and ``fedserver serve --help`` lists the flags. Sources, in
+    order of precedence: flag > environment (``FEDSERVER_<FIELD>``) > TOML > default.
+    ``extra`` collects unknown keys so that they are refused with their names.
     """
 
-    state_dir: Path
-    tokens_file: Path
-    bind: str = "127.0.0.1:50051"
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    client_ca: Path | None = None
-    expected_sites: tuple[str, ...] = ()
-    quorum: int = 0
-    round_timeout_s: float = 0.0
-    rounds: int = 1
-    global_bank_size: int = 10000
-    strategy: Literal["coreset", "random"] = "coreset"
-    server_selection: Literal["prefix", "farthest_first"] = "prefix"
-    seed: int = 0
-    codec: str = "fp16"
-    max_chunk_bytes: int = 1 << 20
-    device: Device = "auto"
-    buffer_rows: int | None = None
-    feature_fingerprint: str = ""
-    feature_dim: int = 0
-    extractor: Mapping[str, Any] | None = None
-    max_rows_per_site: int = 1_000_000
-    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
-    max_workers: int = 32
-    grace_s: float = 10.0
-    fsync: bool = True
-    log_level: str = "INFO"
+    state_dir: Path = field(metadata={"help": (
+        "Directory of the journal and the bank versions (created if missing). Keep it on a\n"
+        "persistent volume: a restarted server replays it and loses no acknowledged chunk.")})
+    tokens_file: Path = field(metadata={"help": (
+        "Hashed per-site bearer tokens, one 'site_id sha256-hex' line per site\n"
+        "(fedserver init-config writes it; the plaintext tokens are never stored).")})
+    bind: str = field(default="127.0.0.1:50051", metadata=_help(
+        "HOST:PORT the gRPC server listens on; port 0 picks a free port.\n"
+        "0.0.0.0:50051 listens on every interface."))
+    tls_cert: Path | None = field(default=None, metadata=_help(
+        "PEM server certificate; with tls_key enables TLS (both or neither; neither = "
+        "plaintext,\n"
+        "only for loopback or a trusted network)."))
+    tls_key: Path | None = field(default=None, metadata=_help(
+        "PEM private key of tls_cert."))
+    client_ca: Path | None = field(default=None, metadata=_help(
+        "PEM CA bundle; when set (with TLS) every site must present a certificate it "
+        "signed (mTLS)."))
+    expected_sites: tuple[str, ...] = field(default=(), metadata=_help(
+        "Site ids a round waits for; empty = every site of the tokens file."))
+    quorum: int = field(default=0, metadata=_help(
+        "Least complete uploads that still make a bank at the deadline; 0 = all expected "
+        "sites."))
+    round_timeout_s: float = field(default=0.0, metadata=_help(
+        "Seconds from a round's opening to its deadline; 0 = no deadline (wait for every "
+        "expected site)."))
+    rounds: int = field(default=1, metadata=_help(
+        "Number of rounds (1: local coresets only; later rounds upload only novel "
+        "patches)."))
+    global_bank_size: int = field(default=10000, metadata=_help(
+        "k, rows of the global memory bank."))
+    strategy: Literal["coreset", "random"] = field(default="coreset", metadata=_help(
+        "\"coreset\" (coverage-driven selection, see server_selection) or \"random\" "
+        "(sampling in\n"
+        "proportion to site size)."))
+    server_selection: Literal["prefix", "farthest_first"] = field(default="prefix", metadata=_help(
+        "How the coreset strategy picks the bank: \"prefix\" (the k rows the sites picked "
+        "at the\n"
+        "largest local separation) or \"farthest_first\" (farthest-first again over the "
+        "union)."))
+    seed: int = field(default=0, metadata=_help(
+        "Seeds the selection (projection, start point, sampling keys)."))
+    codec: str = field(default="fp16", metadata=_help(
+        "Codec the sites upload with and the bank is sent with: "
+        + " | ".join(sorted(CODEC_PRESETS)) + "."))
+    max_chunk_bytes: int = field(default=1 << 20, metadata=_help(
+        "Largest decoded chunk payload, bytes (at most 3 MiB)."))
+    device: Device = field(default="auto", metadata=_help(
+        "Where selection runs: \"auto\" (CUDA when available), \"cpu\" or \"cuda\"\n"
+        "(\"cuda\" without a GPU is an error, never a silent CPU run)."))
+    buffer_rows: int | None = field(default=None, metadata=_help(
+        "The selector's buffer, rows; unset = max(2k, 131072). Uploads beyond it are "
+        "reduced in\n"
+        "arrival order (farthest_first only)."))
+    feature_fingerprint: str = field(default="", metadata=_help(
+        "Pin the federation's feature extraction (64 hex); \"\" = the first accepted site "
+        "fixes it."))
+    feature_dim: int = field(default=0, metadata=_help(
+        "Pin the feature dimension D; 0 = the first accepted site fixes it (or the "
+        "extractor's D)."))
+    extractor: Mapping[str, Any] | None = field(default=None, metadata=_help(
+        "Pin the feature extraction by its settings (sites receive them when they join "
+        "and the\n"
+        "fingerprint is computed from them); a table with the keys below. crop = 0 means "
+        "no crop."))
+    max_rows_per_site: int = field(default=1_000_000, metadata=_help(
+        "Most rows one site may upload in a round (a site announcing more is refused)."))
+    max_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, metadata=_help(
+        "gRPC max send/receive message length, bytes."))
+    max_workers: int = field(default=32, metadata=_help(
+        "Server threads; each open stream (upload, watch, download) holds one."))
+    grace_s: float = field(default=10.0, metadata=_help(
+        "On SIGTERM, seconds in-flight rpcs get to finish before they are cancelled\n"
+        "(committed chunks are already on disk)."))
+    fsync: bool = field(default=True, metadata=_help(
+        "fsync the journal before acknowledging a chunk (switch off only in tests)."))
+    log_level: str = field(default="INFO", metadata=_help(
+        "\"DEBUG\", \"INFO\", \"WARNING\" or \"ERROR\"."))
+    log_format: Literal["text", "json"] = field(default="text", metadata=_help(
+        "\"text\" (human-readable lines) or \"json\" (one JSON object per line: time, level, "
+        "logger,\n"
+        "message; for log collectors)."))
+    metrics_port: int = field(default=0, metadata=_help(
+        "Port of the Prometheus /metrics HTTP endpoint; 0 = off, -1 = a free port "
+        "(logged:\n"
+        "\"metrics on http://HOST:PORT/metrics\"; for tests)."))
+    metrics_host: str = field(default="127.0.0.1", metadata=_help(
+        "Address the metrics endpoint binds; 0.0.0.0 exposes it on every interface\n"
+        "(do that only behind a firewall: it has no authentication)."))
     extra: Mapping[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -194,6 +244,12 @@ class ServerConfig:
             raise ConfigError(f"grace_s must be in [0, 3600], got {self.grace_s}")
         if not isinstance(self.fsync, bool):
             raise ConfigError(f"fsync must be a bool, got {self.fsync!r}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"log_format must be 'text' or 'json', got {self.log_format!r}")
+        _int_range("metrics_port", self.metrics_port, -1, 65535)
+        if not isinstance(self.metrics_host, str) or not self.metrics_host.strip():
+            raise ConfigError(f"metrics_host must be a host name or address, got "
+                              f"{self.metrics_host!r}")
         if self.log_level not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ConfigError(f"log_level must be DEBUG, INFO, WARNING or ERROR, got "
                               f"{self.log_level!r}")
@@ -202,6 +258,8 @@ class ServerConfig:
         """The pinned extractor as a core.features.FeatureConfig (None when not pinned)."""
         if self.extractor is None:
             return None
+        from core.features import FeatureConfig
+
         data = dict(self.extractor)
         pretrained = data.pop("pretrained", True)
         if not isinstance(pretrained, bool):
@@ -262,14 +320,24 @@ FIELD_NAMES: Final[frozenset[str]] = frozenset(
 )
 
 
-def load_config(path: Path | None, overrides: Mapping[str, object] | None = None) -> ServerConfig:
-    """TOML file (optional) + overrides (flags; None values ignored) -> validated ServerConfig.
+def load_config(
+    path: Path | None,
+    overrides: Mapping[str, object] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> ServerConfig:
+    """TOML file (optional) + environment + overrides (flags) -> validated ServerConfig.
 
+    Precedence: overrides (None values ignored) > ``environ``'s ``FEDSERVER_<FIELD>`` variables
+    (parsed by the field's type; None = the environment is not consulted) > the file >
+    defaults. With ``path`` None, ``FEDSERVER_CONFIG`` in ``environ`` names the file.
     Relative paths in the file are resolved against the file's directory, so a config can be
-    moved with its tokens and certificates. Raises ConfigError (unknown key, bad value, unreadable
-    or invalid TOML).
+    moved with its tokens and certificates; relative paths from the environment or flags are
+    relative to the working directory. Raises ConfigError (unknown key or variable, bad value,
+    unreadable or invalid TOML).
     """
     values: dict[str, object] = {}
+    if path is None and environ is not None and environ.get(CONFIG_ENV):
+        path = Path(environ[CONFIG_ENV])
     if path is not None:
         try:
             data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
@@ -287,6 +355,11 @@ def load_config(path: Path | None, overrides: Mapping[str, object] | None = None
             ):
                 value = str(base / value)
             values[key] = value
+    if environ is not None:
+        try:
+            values.update(env_overrides(ENV_PREFIX, ServerConfig, environ, reserved=(CONFIG_ENV,)))
+        except SettingsError as error:
+            raise ConfigError(str(error)) from error
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = value
@@ -302,3 +375,29 @@ def load_config(path: Path | None, overrides: Mapping[str, object] | None = None
         return ServerConfig(**known, extra=unknown)  # type: ignore[arg-type]
     except TypeError as error:  # a value of a type the dataclass cannot take at all
         raise ConfigError(str(error)) from error
+
+
+#: TOML literals of the settings that have no default value to show (written commented out).
+_EXAMPLES: Final[dict[str, str]] = {
+    "tls_cert": '"server.pem"',
+    "tls_key": '"server.key"',
+    "client_ca": '"ca.pem"',
+    "buffer_rows": "131072",
+    "extractor": (
+        '{ backbone = "wide_resnet50_2", layers = ["layer2", "layer3"], pretrained = true, '
+        "pretrain_embed_dim = 1024, target_embed_dim = 1024, patch_size = 3, resize = 256, "
+        "crop = 224 }"
+    ),
+}
+
+_HEADER: Final[str] = """\
+fedserver configuration: fedserver serve --config THIS_FILE
+Every setting below, with what it does and its default. Relative paths are relative to this
+file. Precedence: command-line flag (--quorum 2) > environment variable (FEDSERVER_QUORUM=2;
+FEDSERVER_CONFIG names this file) > this file > default."""
+
+
+def example_config(values: Mapping[str, object]) -> str:
+    """The commented server.toml ``fedserver init-config`` writes: every setting of
+    ServerConfig with its help and default, ``values`` (e.g. bind, expected_sites) filled in."""
+    return toml_example(ServerConfig, values, header=_HEADER, table="server", examples=_EXAMPLES)

@@ -1,7 +1,9 @@
 """Build and run the gRPC server: limits, TLS/mTLS, token interceptor, health, reflection, drain.
 
 ``create_server(config)`` is a factory (tests bind 127.0.0.1:0 and read the bound port);
-``serve(config)`` runs it until SIGTERM/SIGINT and then drains: health turns NOT_SERVING, watch
+``serve(config)`` binds first and answers health with NOT_SERVING while it replays the state
+directory, turns SERVING when ready, runs until SIGTERM/SIGINT and then drains: health turns
+NOT_SERVING (a health Watch stream sees it at once; new calls are refused), watch
 streams end, in-flight uploads get ``grace_s`` seconds to finish (each committed chunk is
 already durable, so a cut-off upload resumes later), a running selection completes, and the
 journal is closed.
@@ -14,7 +16,6 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import dataclass
 from types import FrameType
 
 import grpc
@@ -27,38 +28,124 @@ from fedserver.auth import TokenAuthInterceptor, TokenStore
 from fedserver.config import ServerConfig
 from fedserver.federation import Federation
 from fedserver.journal import Journal
+from fedserver.metrics import ServerMetrics
 from fedserver.servicer import FederationServicer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FedServer", "create_server", "serve"]
+__all__ = ["FedServer", "bind_server", "create_server", "serve"]
 
 SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FederationService"].full_name
 
 
-@dataclass
 class FedServer:
-    """A built, not yet started server: the grpc.Server, the federation it serves, health."""
+    """A bound server: the grpc.Server, health, metrics and (once loaded) the federation.
 
-    grpc_server: grpc.Server
-    federation: Federation
-    health: health.HealthServicer
-    port: int
+    Start-up has three steps so that health can answer while the state directory is replayed:
+    :meth:`listen` starts answering rpcs (health NOT_SERVING, federation calls UNAVAILABLE),
+    :meth:`load` replays the journal, :meth:`start` turns health SERVING. ``start`` does
+    whichever of the first two has not been done.
+    """
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        grpc_server: grpc.Server,
+        servicer: FederationServicer,
+        health_servicer: health.HealthServicer,
+        metrics: ServerMetrics,
+        tokens: TokenStore,
+        port: int,
+        clock: Callable[[], float] | None = None,
+    ) -> None:
+        self.config = config
+        self.grpc_server = grpc_server
+        self.servicer = servicer
+        self.health = health_servicer
+        self.metrics = metrics
+        self.port = port
+        self.metrics_port: int | None = None
+        self._tokens = tokens
+        self._clock = clock
+        self._federation: Federation | None = None
+        self._listening = False
+
+    @property
+    def federation(self) -> Federation:
+        if self._federation is None:
+            raise RuntimeError("the federation is not loaded yet (call load() or start())")
+        return self._federation
+
+    def _set_health(self, status: int) -> None:
+        self.health.set("", status)
+        self.health.set(SERVICE_NAME, status)
+
+    def listen(self) -> None:
+        """Answer rpcs: health NOT_SERVING, federation calls UNAVAILABLE; start /metrics."""
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.metrics.serving.set(0)
+        if self.config.metrics_port:
+            port = 0 if self.config.metrics_port < 0 else self.config.metrics_port
+            self.metrics_port = self.metrics.start_http(self.config.metrics_host, port)
+        self.grpc_server.start()
+        self._listening = True
+        logger.info("fedserver bound to port %d, loading the state directory %s", self.port,
+                    self.config.state_dir)
+
+    def load(self) -> None:
+        """Open the state directory and replay its journal (may take a while)."""
+        journal = Journal(self.config.state_dir, fsync=self.config.fsync)
+        try:
+            kwargs = {} if self._clock is None else {"clock": self._clock}
+            federation = Federation(
+                self.config, journal, self._tokens.sites,
+                device=self.config.selection_device(), **kwargs,
+            )
+        except Exception:
+            journal.close()
+            raise
+        self._federation = federation
+        self.servicer.attach(federation)
+        self.metrics.attach(federation)
+        logger.info(
+            "fedserver on %s (port %d, %s), state %s, %d expected site(s), k=%d, %s selection "
+            "on %s", self.config.bind, self.port,
+            "mTLS" if self.config.client_ca else ("TLS" if self.config.tls else "plaintext"),
+            self.config.state_dir, federation.snapshot().sites_expected,
+            self.config.global_bank_size, self.config.strategy, federation.device,
+        )
 
     def start(self) -> None:
+        """Listen and load if not done yet, start the federation, turn health SERVING."""
+        try:
+            if not self._listening:
+                self.listen()
+            if self._federation is None:
+                self.load()
+        except BaseException:
+            self._abandon()
+            raise
         self.federation.start()
-        self.grpc_server.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self.metrics.serving.set(1)
         logger.info("fedserver listening on port %d", self.port)
+
+    def _abandon(self) -> None:
+        """Release the port and the metrics endpoint after a failed start."""
+        self.grpc_server.stop(None)
+        self.metrics.stop_http()
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, end watches, let rpcs finish for ``grace`` seconds,
         then wait for a running selection and close the journal."""
         self.health.enter_graceful_shutdown()
-        self.federation.begin_shutdown()
+        self.metrics.serving.set(0)
+        if self._federation is not None:
+            self._federation.begin_shutdown()
         self.grpc_server.stop(grace).wait()
-        self.federation.close()
+        if self._federation is not None:
+            self._federation.close()
+        self.metrics.stop_http()
         logger.info("fedserver stopped")
 
 
@@ -72,24 +159,15 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
-def create_server(
+def bind_server(
     config: ServerConfig, *, clock: Callable[[], float] | None = None
-) -> tuple[FedServer, int]:
-    """Open the state directory (replaying it), build the server and bind ``config.bind``.
+) -> FedServer:
+    """Build the gRPC server and bind ``config.bind``; nothing is replayed or started yet.
 
-    Returns the server (not started) and the bound port. Raises ConfigError/AuthError/
-    JournalCorruptError for bad settings or state, RuntimeError if the address cannot be bound.
+    Raises AuthError for a bad tokens file, RuntimeError if the address cannot be bound.
     """
     tokens = TokenStore.load(config.tokens_file)
-    journal = Journal(config.state_dir, fsync=config.fsync)
-    try:
-        kwargs = {} if clock is None else {"clock": clock}
-        federation = Federation(
-            config, journal, tokens.sites, device=config.selection_device(), **kwargs
-        )
-    except Exception:
-        journal.close()
-        raise
+    metrics = ServerMetrics(tokens)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
         ("grpc.max_send_message_length", config.max_message_bytes),
@@ -98,11 +176,13 @@ def create_server(
     ]
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        interceptors=[TokenAuthInterceptor(tokens)],
+        # Metrics first: it also counts the calls the token check refuses.
+        interceptors=[metrics.interceptor(), TokenAuthInterceptor(tokens)],
         options=options,
         maximum_concurrent_rpcs=config.max_workers,
     )
-    fgrpc.add_FederationServiceServicer_to_server(FederationServicer(federation, tokens), server)
+    servicer = FederationServicer(None, tokens, on_chunk=metrics.chunk)
+    fgrpc.add_FederationServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -114,19 +194,23 @@ def create_server(
         else:
             port = server.add_insecure_port(config.bind)
     except RuntimeError as error:
-        federation.close()
         raise RuntimeError(f"cannot bind {config.bind}: {error}") from error
     if port == 0:
-        federation.close()
         raise RuntimeError(f"cannot bind {config.bind}")
-    logger.info(
-        "fedserver on %s (port %d, %s), state %s, %d expected site(s), k=%d, %s selection on %s",
-        config.bind, port,
-        "mTLS" if config.client_ca else ("TLS" if config.tls else "plaintext"),
-        config.state_dir, federation.snapshot().sites_expected,
-        config.global_bank_size, config.strategy, federation.device,
-    )
-    return FedServer(server, federation, health_servicer, port), port
+    return FedServer(config, server, servicer, health_servicer, metrics, tokens, port, clock)
+
+
+def create_server(
+    config: ServerConfig, *, clock: Callable[[], float] | None = None
+) -> tuple[FedServer, int]:
+    """Bind ``config.bind`` and open the state directory (replaying it); not started.
+
+    Returns the server and the bound port. Raises ConfigError/AuthError/JournalCorruptError for
+    bad settings or state, RuntimeError if the address cannot be bound.
+    """
+    server = bind_server(config, clock=clock)
+    server.load()
+    return server, server.port
 
 
 def serve(config: ServerConfig, *, ready: Callable[[int], None] | None = None) -> int:
@@ -134,7 +218,8 @@ def serve(config: ServerConfig, *, ready: Callable[[int], None] | None = None) -
 
     ``ready`` is called with the bound port once the server accepts rpcs.
     """
-    server, port = create_server(config)
+    server = bind_server(config)
+    port = server.port
     stop = threading.Event()
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:

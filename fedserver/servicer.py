@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 import grpc
@@ -53,7 +53,11 @@ from fedserver.federation import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATUS_BY_ERROR", "FederationServicer", "status_for"]
+__all__ = ["STATUS_BY_ERROR", "FederationServicer", "ServerStartingError", "status_for"]
+
+class ServerStartingError(Exception):
+    """A call arrived before the server finished replaying its state directory."""
+
 
 #: Domain error -> status code, first match wins (subclasses before their bases). Every core
 #: validation error is a ValueError subclass that names the offending field: INVALID_ARGUMENT.
@@ -72,6 +76,7 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[BaseException], grpc.StatusCode], ...]] 
     (RoundClosedError, grpc.StatusCode.FAILED_PRECONDITION),
     (BankNotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageError, grpc.StatusCode.UNAVAILABLE),
+    (ServerStartingError, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
 
@@ -112,11 +117,36 @@ def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> I
 
 
 class FederationServicer(fgrpc.FederationServiceServicer):
-    """The gRPC face of a :class:`Federation`; ``tokens`` identify the calling site."""
+    """The gRPC face of a :class:`Federation`; ``tokens`` identify the calling site.
 
-    def __init__(self, federation: Federation, tokens: TokenStore) -> None:
-        self._federation = federation
+    ``federation`` may be None while the daemon replays its state directory (the port is
+    already bound so that health can say NOT_SERVING): every call then fails with UNAVAILABLE,
+    which clients retry, until :meth:`attach`. ``on_chunk(site, outcome)`` is told of each
+    chunk: "accepted", "resent" or the status code name it was refused with (metrics).
+    """
+
+    def __init__(
+        self,
+        federation: Federation | None,
+        tokens: TokenStore,
+        *,
+        on_chunk: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self._attached = federation
         self._tokens = tokens
+        self._on_chunk = on_chunk
+
+    def attach(self, federation: Federation) -> None:
+        """Serve ``federation`` from now on (its journal has been replayed)."""
+        self._attached = federation
+
+    @property
+    def _federation(self) -> Federation:
+        if self._attached is None:
+            raise ServerStartingError(
+                "the server is starting (replaying its state directory); retry shortly"
+            )
+        return self._attached
 
     def _site(self, context: grpc.ServicerContext, claimed: str) -> str:
         """The caller's site (from its token); PermissionDeniedError if it claims another."""
@@ -155,11 +185,19 @@ class FederationServicer(fgrpc.FederationServiceServicer):
             site = self._tokens.site_of(context.invocation_metadata())
         with _statuses(context, "UploadFeatures", site):
             for request in request_iterator:
-                item = upload_request_from_proto(request)
-                new = self._federation.receive(site, item, request.SerializeToString())
+                try:
+                    item = upload_request_from_proto(request)
+                    new = self._federation.receive(site, item, request.SerializeToString())
+                except Exception as error:
+                    if self._on_chunk is not None and request.HasField("chunk"):
+                        code = status_for(error)
+                        self._on_chunk(site, code.name if code is not None else "UNKNOWN")
+                    raise
                 round_number = item.round
                 if isinstance(item, FeatureChunk):
                     accepted, ignored = accepted + int(new), ignored + int(not new)
+                    if self._on_chunk is not None:
+                        self._on_chunk(site, "accepted" if new else "resent")
             progress = self._federation.progress(site, round_number)
             logger.info(
                 "round %d: site %s stream ended: %d chunk(s) committed, %d resent (ignored), "

@@ -1,0 +1,140 @@
+"""Every command of README.md's ```bash blocks is exercised here or by CI.
+
+The python blocks run in tests/test_readme.py. For the shell commands, run in a fresh folder per
+block (one that already holds `fed/`, the configuration the README's first step writes, unless
+the block writes it itself):
+
+* ``fedserver init-config`` and ``fedclient init-config`` run for real;
+* ``fedserver serve`` resolves its whole configuration (file + environment + flags) exactly as
+  the daemon would, so every flag, file and variable must exist and validate; starting a
+  daemon is tested in tests/test_fedserver_process.py and tests/test_observability.py;
+* other ``fedserver`` / ``fedclient`` commands parse with the real parsers and resolve their
+  settings (``fedclient`` file + environment + flags);
+* ``docker build`` / ``docker compose``: every build argument is an ARG of the Dockerfile and
+  compose.yaml exists (tests/test_docker.py checks both files; CI runs the image's install
+  script, scripts/check_docker_install.sh);
+* ``python3 dev.py test`` is what .ci/run runs; ``python3 dev.py demo`` is the demo that
+  tests/test_system_e2e.py drives through fedclient.demo.
+
+A command matching none of these fails the test: add a check for it here.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from fedclient import cli as client_cli
+from fedserver import cli as server_cli
+from fedserver.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+_ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
+
+
+def bash_blocks(text: str) -> list[list[str]]:
+    """The command lines of each ```bash block: continuations joined, comments dropped."""
+    blocks = []
+    for block in re.findall(r"^```bash\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        lines = []
+        for line in joined.splitlines():
+            words = shlex.split(line, comments=True)
+            if words:
+                lines.append(line)
+        blocks.append(lines)
+    return blocks
+
+
+def _serve(argv: list[str], env: dict[str, str]) -> None:
+    args = server_cli.build_parser().parse_args(argv)
+    overrides = {key: getattr(args, key) for key in server_cli._SERVE_KEYS}
+    load_config(args.config, overrides, env)  # ConfigError if anything does not resolve
+
+
+def _fedserver(argv: list[str], env: dict[str, str], cwd: Path) -> None:
+    if argv[0] == "serve":
+        _serve(argv, env)
+    elif argv[0] == "init-config":
+        assert server_cli.main(argv) == 0, argv
+    else:
+        server_cli.build_parser().parse_args(argv)
+
+
+def _fedclient(argv: list[str], env: dict[str, str]) -> None:
+    if argv[0] == "init-config":
+        assert client_cli.main(argv) == 0, argv
+        return
+    args = client_cli.build_parser().parse_args(argv)
+    client_cli._settings(args, environ=env)
+
+
+def _docker(argv: list[str]) -> None:
+    if argv[0] == "compose":
+        assert argv[1:] in (["up"], ["up", "-d"], ["down"]), argv
+        assert (ROOT / "compose.yaml").is_file()
+        return
+    assert argv[0] == "build" and argv[-1] == ".", argv
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    declared = set(re.findall(r"^ARG ([A-Z_]+)", dockerfile, flags=re.MULTILINE))
+    words = iter(argv[1:-1])
+    for word in words:
+        if word == "--build-arg":
+            name = next(words).split("=", 1)[0]
+            assert name in declared, f"docker build --build-arg {name}: no such ARG"
+        else:
+            assert word == "-t", word
+            next(words)
+
+
+def run_command(line: str, cwd: Path) -> None:
+    words = shlex.split(line, comments=True)
+    env: dict[str, str] = {}
+    while _ASSIGNMENT.match(words[0]):
+        name, value = _ASSIGNMENT.match(words[0]).groups()  # type: ignore[union-attr]
+        env[name] = value
+        words = words[1:]
+    program, argv = words[0], words[1:]
+    if program in ("python", "python3") and argv[:2] == ["-m", "fedserver"]:
+        program, argv = "fedserver", argv[2:]
+    if program == "fedserver":
+        _fedserver(argv, env, cwd)
+    elif program == "fedclient":
+        _fedclient(argv, env)
+    elif program == "docker":
+        _docker(argv)
+    elif program == "python3" and argv[:1] == ["dev.py"]:
+        assert argv[1:] in (["test"], ["demo"], ["demo", "--in-process"]), argv
+        if argv[1] == "test":
+            assert "python3 dev.py test" in (ROOT / ".ci/run").read_text()
+    else:
+        raise AssertionError(
+            f"README command {line!r} is exercised by no test: add a check for it in "
+            "tests/test_readme_commands.py"
+        )
+
+
+def test_every_readme_shell_command_is_exercised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    blocks = bash_blocks(README.read_text())
+    assert len(blocks) >= 5, "README lost its shell examples"
+    commands = 0
+    for number, lines in enumerate(blocks):
+        cwd = tmp_path / f"block-{number}"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        if not any(re.search(r"fedserver init-config", line) for line in lines):
+            assert server_cli.main(["init-config", "--sites", "plant-1,plant-2,plant-3",
+                                    "--dir", "fed"]) == 0
+        for line in lines:
+            try:
+                run_command(line, cwd)
+            except SystemExit as error:  # argparse refused the command line
+                raise AssertionError(f"README command {line!r} does not parse") from error
+            commands += 1
+    assert commands >= 15
