@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +25,9 @@ from PIL import Image
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["fmt", "image_tag", "page", "png_data_uri", "section", "table", "write_atomic"]
+__all__ = [
+    "fmt", "image_tag", "json_safe", "page", "png_data_uri", "section", "table", "write_atomic",
+]
 
 _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:1.5em auto;
@@ -51,6 +53,20 @@ def fmt(value: object, digits: int = 4) -> str:
     if isinstance(value, float | np.floating):
         return f"{float(value):.{digits}f}" if math.isfinite(value) else "n/a"
     return str(value)
+
+
+def json_safe(value: object) -> object:
+    """``value`` with inf/NaN as None and numpy scalars as Python numbers: JSON has no
+    inf/NaN tokens (the key says what the value would have been)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    if isinstance(value, np.generic):
+        return json_safe(value.item())
+    return value
 
 
 def png_data_uri(image: np.ndarray | bytes) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,7 +31,7 @@ from scipy import ndimage
 
 from core.data import AnomalyDataset
 from core.evaluation import AU_PRO_FPR_LIMIT
-from core.htmlreport import fmt, image_tag, page, section, table, write_atomic
+from core.htmlreport import fmt, image_tag, json_safe, page, section, table, write_atomic
 from core.metrics import Curve
 from core.preprocess import ImageTransform
 
@@ -132,25 +131,12 @@ def write_overlays(
     return paths
 
 
-def _json_safe(value: object) -> object:
-    """JSON has no inf/NaN: write them as null (the key says what it would have been)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
 def write_metrics(path: Path, metrics: Mapping[str, object]) -> Path:
     """Write ``metrics`` as indented JSON atomically (temp file + rename): a reader never sees
     half a file, even if the site is killed while writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True) + "\n",
+    tmp.write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n",
                    encoding="utf-8")
     os.replace(tmp, path)
     return path

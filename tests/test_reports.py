@@ -11,18 +11,26 @@ import base64
 import io
 import json
 import re
+import time
 from html.parser import HTMLParser
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
+from fedserver_testing import TestClient, make_config, site_rows, upload_messages
 from PIL import Image
 
 from core.data import AutoVIDataset
 from core.htmlreport import fmt, png_data_uri, table, write_atomic
 from core.metrics import Curve, au_pro, image_auroc, pro_curve, roc_curve
 from core.patchcore import PatchCore, PatchCoreConfig
+from core.serde import upload_request_to_proto
 from fedclient import cli
+from fedpatchcore.v1 import federation_pb2 as fpb
+from fedserver.daemon import create_server
+from fedserver.federation import Federation, Phase
+from fedserver.journal import Journal
 from tests.conftest import SMALL_FEATURES
 
 
@@ -230,3 +238,110 @@ def test_score_report_of_unlabelled_images_says_so(
     row = rows_by_first_cell(parser.tables["metrics"])["all"]
     assert row["image AUROC"] == "n/a" and row["images"] == "3"
     assert re.search(r"3 test image\(s\), bank v4", text)
+
+
+# --- the server's round report -----------------------------------------------------------------
+
+
+def _wait_for(predicate, timeout: float = 20.0):  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError("condition not met in time")
+
+
+def test_round_report_counts_what_each_site_sent_and_received(tmp_path: Path) -> None:
+    config, tokens = make_config(tmp_path, ("a", "b"))
+    server, port = create_server(config)
+    server.start()
+    clients = {s: TestClient(port, s, tokens[s]) for s in ("a", "b")}
+    try:
+        sent: dict[str, int] = {}
+        for client in clients.values():
+            client.join()
+        summary, chunks = upload_messages("a", site_rows(0, 100), max_chunk_bytes=32 * 4 * 25)
+        stream = [summary, chunks[0], chunks[0], *chunks[1:]]  # chunk 0 resent once
+        assert clients["a"].upload(stream).chunks_ignored == 1
+        sent["a"] = sum(upload_request_to_proto(m).ByteSize() for m in stream)
+        summary_b, chunks_b = upload_messages("b", site_rows(1, 60), max_chunk_bytes=32 * 4 * 25)
+        with pytest.raises(grpc.RpcError) as refused:
+            clients["b"].upload([summary_b, chunks_b[2]])  # beyond the committed position
+        assert refused.value.code() == grpc.StatusCode.OUT_OF_RANGE
+        clients["b"].upload([summary_b, *chunks_b])
+        sent["b"] = sum(upload_request_to_proto(m).ByteSize()
+                        for m in [summary_b, chunks_b[2], summary_b, *chunks_b])
+        clients["a"].watch_until_done(1)
+        json_path = config.state_dir / "reports" / "round-1.json"
+        report = json.loads(json_path.read_text())  # written before READY is announced
+        assert report["state"] == "ready" and report["sites"][0]["bytes_down"] == 0
+        responses = list(clients["a"].stub.DownloadBank(
+            fpb.DownloadBankRequest(site_id="a"), metadata=clients["a"].metadata, timeout=30))
+        received = sum(r.ByteSize() for r in responses)
+        report = _wait_for(lambda: (lambda r: r if r["sites"][0]["downloads"] else None)(
+            json.loads(json_path.read_text())))
+    finally:
+        for client in clients.values():
+            client.close()
+        server.stop(0)
+    sites = {s["site_id"]: s for s in report["sites"]}
+    assert sites["a"]["bytes_up"] == sent["a"] and sites["b"]["bytes_up"] == sent["b"]
+    assert sites["a"]["messages_up"] == 1 + len(chunks) + 1
+    assert (sites["a"]["chunks_committed"], sites["a"]["chunks_resent"]) == (len(chunks), 1)
+    assert (sites["a"]["rows"], sites["b"]["rows"]) == (100, 60)
+    assert sites["b"]["rejected_count"] == 1
+    assert sites["b"]["rejected"][0].startswith("OutOfRangeError: chunk 2 is beyond")
+    assert sites["a"]["bytes_down"] == received and sites["b"]["bytes_down"] == 0
+    download = sites["a"]["downloads"][0]
+    assert download["complete"] and download["messages"] == len(responses)
+    assert download["version"] == 1 and download["rows_in_stream"] == report["bank"]["rows"]
+    for site in sites.values():
+        assert site["joined_at"] <= site["upload_complete_at"] <= report["ready_at"]
+    assert report["selection"]["device"] == "cpu" and report["selection"]["seconds"] > 0
+    certificate = report["certificate"]
+    assert certificate["site_radii"] == {"a": 0.25, "b": 0.25}
+    assert certificate["max_site_radius"] == 0.25
+    assert certificate["certificate"] == pytest.approx(
+        certificate["server_radius"] + certificate["max_site_radius"])
+    assert report["totals"]["bytes_up"] == sent["a"] + sent["b"]
+    # The page holds the same numbers.
+    parser = parse_report(json_path.with_suffix(".html"))
+    rows = rows_by_first_cell(parser.tables["sites"])
+    for name in ("a", "b"):
+        assert rows[name]["bytes up"] == str(sent[name])
+        assert rows[name]["bytes down"] == str(sites[name]["bytes_down"])
+        assert rows[name]["chunks resent"] == str(sites[name]["chunks_resent"])
+        assert float(rows[name]["join -> upload complete s"]) == pytest.approx(
+            sites[name]["upload_complete_at"] - sites[name]["joined_at"], abs=1e-3)
+    assert rows["all sites"]["bytes up"] == str(sent["a"] + sent["b"])
+    cert_rows = {r[0]: r[1] for r in parser.tables["certificate"][1:]}
+    assert float(cert_rows["certificate max r_i + r_S"]) == pytest.approx(
+        certificate["certificate"], abs=5e-5)
+    assert "Failures" in parser.headings  # b's refused chunk is listed
+    assert any("OutOfRangeError" in row[1] for row in parser.tables["failures"][1:])
+
+
+def test_failed_round_report_and_no_rewrite_after_a_restart(tmp_path: Path) -> None:
+    now = [0.0]
+    config, _ = make_config(tmp_path, ["a", "b"], round_timeout_s=5.0)
+    federation = Federation(config, Journal(config.state_dir), ("a", "b"), clock=lambda: now[0])
+    federation.start()
+    summary, chunks = upload_messages("a", site_rows(0, 60))
+    for item in (summary, *chunks):
+        federation.receive("a", item, upload_request_to_proto(item).SerializeToString())
+    now[0] = 10.0
+    assert federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30).phase is Phase.FAILED
+    federation.close()
+    json_path = config.state_dir / "reports" / "round-1.json"
+    report = json.loads(json_path.read_text())
+    assert report["state"] == "failed" and "quorum is 2" in report["message"]
+    assert report["bank"] is None and report["certificate"] is None
+    assert [s["upload_complete_at"] is not None for s in report["sites"]] == [True, False]
+    parser = parse_report(json_path.with_suffix(".html"))
+    assert "Failures" in parser.headings
+    assert "quorum is 2" in json_path.with_suffix(".html").read_text()
+    before = json_path.read_bytes()
+    Federation(config, Journal(config.state_dir), ("a", "b")).close()  # replays the round
+    assert json_path.read_bytes() == before  # the live report is kept, not overwritten
