@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data import AnomalyDataset, AutoVIDataset, DatasetError, ImageFolderDataset, MVTecDataset
-from core.data.defects import DEFECTS_CONFIG_FILENAME
+from core.data.check import detect_layout
 from core.evaluation import evaluate, evaluate_per_category
 from core.features import FeatureConfig
 from core.federated import PatchCoreClient
@@ -99,12 +99,12 @@ def load_site_data(
     if not root.is_dir():
         raise DatasetError(f"site data folder {root} does not exist")
     objects = list(categories) if categories else None
-    dirs = [p for p in root.iterdir() if p.is_dir() and (objects is None or p.name in objects)]
-    if any((p / DEFECTS_CONFIG_FILENAME).is_file() for p in dirs):
+    layout = detect_layout(root, categories)
+    if layout == "autovi":
         train: AnomalyDataset = AutoVIDataset(root, objects, split="train")
         has_test = all((root / c / "test").is_dir() for c in train.categories)
         return train, AutoVIDataset(root, objects, split="test") if has_test else None
-    if any((p / "train" / "good").is_dir() for p in dirs):
+    if layout == "mvtec":
         train = MVTecDataset(root, objects, split="train")
         has_test = all((root / c / "test").is_dir() for c in train.categories)
         return train, MVTecDataset(root, objects, split="test") if has_test else None
