@@ -220,7 +220,8 @@ def _plot(curve: Curve, *, title: str, ylabel: str, limit: float | None) -> byte
     axes.set_ylabel(ylabel)
     axes.set_title(title, fontsize=10)
     axes.grid(alpha=0.3)
-    figure.tight_layout()
+    # Fixed margins instead of tight_layout(), which lays the figure out twice (half the time).
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.91)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
