@@ -345,3 +345,43 @@ def test_failed_round_report_and_no_rewrite_after_a_restart(tmp_path: Path) -> N
     before = json_path.read_bytes()
     Federation(config, Journal(config.state_dir), ("a", "b")).close()  # replays the round
     assert json_path.read_bytes() == before  # the live report is kept, not overwritten
+
+
+# --- the demo: real processes ------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_demo_leaves_every_report_where_it_says(
+    synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`python3 dev.py demo` as the README's Reports section describes it, on the small shared
+    dataset: real fedserver and fedclient processes write the reports, the demo collects them,
+    and the server's bytes per site equal what each site counted on its side."""
+    from fedclient.demo import _run_on, build_parser
+
+    reports = tmp_path / "reports"
+    args = build_parser().parse_args(["--image-size", "64", "--rounds", "1",
+                                      "--reports", str(reports)])
+    metrics = _run_on(synthetic_root, tmp_path / "work", args)
+    out = capsys.readouterr().out
+    assert f"Reports (self-contained HTML; open in a browser): {reports}/" in out
+    names = sorted(p.name for p in reports.iterdir())
+    assert names == ["round-1.html", "round-1.json", "site-1.html", "site-2.html",
+                     "site-3.html"]
+    for site, site_metrics in metrics.items():
+        parser = parse_report(reports / f"{site}.html")
+        assert_metrics_table(parser, site_metrics["test"])  # type: ignore[arg-type]
+        assert len(parser.images) == 2 + 6 + 4  # curves, top 6, the 4 good test images
+        provenance = {row[0]: row[1] for row in parser.tables["provenance"][1:]}
+        assert provenance["feature fingerprint"] == site_metrics["feature_fingerprint"]
+        assert provenance["codec"] == "fp16, zstd level 1, byte shuffle"
+    round_report = json.loads((reports / "round-1.json").read_text())
+    parse_report(reports / "round-1.html")
+    assert round_report["state"] == "ready"
+    for entry in round_report["sites"]:
+        counted = metrics[entry["site_id"]]["rounds"][0]  # type: ignore[index]
+        assert entry["bytes_up"] == counted["bytes_up"]
+        assert entry["bytes_down"] == counted["bytes_down"]
+        assert entry["chunks_committed"] == counted["chunks_total"]
+    assert round_report["certificate"]["certificate"] == pytest.approx(
+        metrics["site-1"]["certificate"])
