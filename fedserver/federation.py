@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import math
@@ -264,6 +265,32 @@ class _Round:
         return sorted(s for s in self.expected if s in self.sites and self.sites[s].complete)
 
 
+_Receive = Callable[["Federation", str, "SiteSummary | FeatureChunk", bytes], bool]
+
+
+def _accounted(receive: _Receive) -> _Receive:
+    """Count every upload message of a site in the current round's report: messages, bytes
+    (the serialized request, accepted or not) and rejections with their reason. Holds the
+    federation's (re-entrant) lock around the call, so the count and the outcome agree."""
+
+    @functools.wraps(receive)
+    def counted(self: Federation, site_id: str, item: SiteSummary | FeatureChunk,
+                raw: bytes) -> bool:
+        with self._lock:
+            stats = self._current.stats.setdefault(site_id, _SiteStats())
+            stats.messages_up += 1
+            stats.bytes_up += len(raw)
+            try:
+                return receive(self, site_id, item, raw)
+            except (FederationError, ValueError) as error:
+                stats.rejected_count += 1
+                stats.rejected.insert(0, f"{type(error).__name__}: {error}")
+                del stats.rejected[_REJECTIONS_KEPT:]
+                raise
+
+    return counted
+
+
 class Federation:
     """Rounds over the aggregator, made durable by the journal (module docstring).
 
@@ -419,6 +446,7 @@ class Federation:
 
     # -- uploads ----------------------------------------------------------------------------
 
+    @_accounted
     def receive(self, site_id: str, item: SiteSummary | FeatureChunk, raw: bytes) -> bool:
         """Accept one upload message of ``site_id`` (the authenticated caller); durable on return.
 
@@ -429,47 +457,32 @@ class Federation:
         """
         arrived = time.perf_counter()
         with self._changed:
-            stats = self._current.stats.setdefault(site_id, _SiteStats())
-            stats.messages_up += 1
-            stats.bytes_up += len(raw)
-            try:
-                return self._receive(site_id, item, raw, arrived)
-            except (FederationError, ValueError) as error:
-                stats.rejected_count += 1
-                stats.rejected.insert(0, f"{type(error).__name__}: {error}")
-                del stats.rejected[_REJECTIONS_KEPT:]
-                raise
-
-    def _receive(
-        self, site_id: str, item: SiteSummary | FeatureChunk, raw: bytes, arrived: float
-    ) -> bool:
-        """receive() under the lock."""
-        if item.site_id != site_id:
-            raise PermissionDeniedError(
-                f"site {site_id!r} cannot upload as site {item.site_id!r}"
-            )
-        rnd = self._current
-        if item.round != rnd.number:
-            raise RoundClosedError(
-                f"message for round {item.round}, but round {rnd.number} is the current "
-                f"round ({rnd.phase.value})"
-            )
-        if rnd.phase is not Phase.COLLECTING:
-            raise RoundClosedError(
-                f"round {rnd.number} is {rnd.phase.value}: uploads are closed"
-            )
-        if site_id not in rnd.expected:
-            raise PermissionDeniedError(
-                f"site {site_id!r} is not expected in round {rnd.number}"
-            )
-        progress = rnd.sites.setdefault(site_id, UploadProgress(site_id, rnd.number))
-        if isinstance(item, SiteSummary):
-            new = self._receive_summary(rnd, progress, item, raw)
-        else:
-            new = self._receive_chunk(rnd, progress, item, raw, arrived)
-        if new:
-            self._changed.notify_all()
-        return new
+            if item.site_id != site_id:
+                raise PermissionDeniedError(
+                    f"site {site_id!r} cannot upload as site {item.site_id!r}"
+                )
+            rnd = self._current
+            if item.round != rnd.number:
+                raise RoundClosedError(
+                    f"message for round {item.round}, but round {rnd.number} is the current "
+                    f"round ({rnd.phase.value})"
+                )
+            if rnd.phase is not Phase.COLLECTING:
+                raise RoundClosedError(
+                    f"round {rnd.number} is {rnd.phase.value}: uploads are closed"
+                )
+            if site_id not in rnd.expected:
+                raise PermissionDeniedError(
+                    f"site {site_id!r} is not expected in round {rnd.number}"
+                )
+            progress = rnd.sites.setdefault(site_id, UploadProgress(site_id, rnd.number))
+            if isinstance(item, SiteSummary):
+                new = self._receive_summary(rnd, progress, item, raw)
+            else:
+                new = self._receive_chunk(rnd, progress, item, raw, arrived)
+            if new:
+                self._changed.notify_all()
+            return new
 
     def _receive_summary(
         self, rnd: _Round, progress: UploadProgress, summary: SiteSummary, raw: bytes
