@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit the local coreset, join the open round, upload (resuming after a "
         "disconnect from the server's committed position), wait for the global bank, download "
         "it (only the change when --out holds an older version), score the test images and "
-        "write metrics.json, overlays/ and bank.safetensors into --out. Follows every round the "
+        "write metrics.json, report.html, overlays/ and bank.safetensors into --out. Follows "
+        "every round the "
         "server opens for this site.",
     )
     _connection_args(run)
@@ -149,7 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser(
         "score", help="score images with a bank downloaded earlier (no server needed)",
         description="Score --data's test images (all images of a plain folder) with the bank "
-        "file a previous `fedclient run` wrote; writes metrics.json and overlays/ into --out.",
+        "file a previous `fedclient run` wrote; writes metrics.json, report.html and overlays/ "
+        "into --out.",
     )
     score.add_argument("--config", type=Path, help="TOML file of settings (flags override it)")
     score.add_argument("--bank", type=Path,
