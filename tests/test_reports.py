@@ -385,3 +385,26 @@ def test_demo_leaves_every_report_where_it_says(
         assert entry["chunks_committed"] == counted["chunks_total"]
     assert round_report["certificate"]["certificate"] == pytest.approx(
         metrics["site-1"]["certificate"])
+
+
+def test_round_report_names_the_sites_cut_off_at_the_deadline(tmp_path: Path) -> None:
+    now = [1000.0]
+    config, _ = make_config(tmp_path, ["a", "b", "c"], quorum=2, round_timeout_s=60.0)
+    federation = Federation(config, Journal(config.state_dir), ("a", "b", "c"),
+                            clock=lambda: now[0])
+    federation.start()
+    for i, site in enumerate("abc"):
+        summary, chunks = upload_messages(site, site_rows(i, 80), max_chunk_bytes=32 * 4 * 20)
+        for item in (summary, *(chunks if site != "c" else chunks[:1])):  # c is half-way
+            federation.receive(site, item, upload_request_to_proto(item).SerializeToString())
+    now[0] += 61
+    assert federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30).phase is Phase.READY
+    federation.close()
+    report = json.loads((config.state_dir / "reports" / "round-1.json").read_text())
+    assert report["included_sites"] == ["a", "b"] and report["cut_off_sites"] == ["c"]
+    sites = {s["site_id"]: s for s in report["sites"]}
+    assert (sites["c"]["chunks_committed"], sites["c"]["upload_complete"]) == (1, False)
+    assert set(report["certificate"]["site_radii"]) == {"a", "b"}  # c's r_i is not covered
+    outcome = rows_by_first_cell(parse_report(config.state_dir / "reports" / "round-1.html")
+                                 .tables["outcome"])
+    assert outcome["cut off at the deadline"]["value"] == "c"
