@@ -118,7 +118,9 @@ def render_round_report(report: Mapping[str, Any]) -> str:
     sections.append(section(
         "Sites", table(headers, rows, table_id="sites", digits=3),
         note="Bytes are serialized gRPC messages: uploads received (rejected ones included), "
-        "bank downloads of this round's bank sent; n/a where a time is unknown.",
+        "bank downloads of this round's bank sent; n/a where a time is unknown. A site "
+        "joins before it fits (to learn the extractor), so join -> upload complete includes "
+        "its local fit.",
     ))
     failures = [(site["site_id"], reason) for site in report["sites"]
                 for reason in site.get("rejected", [])]
