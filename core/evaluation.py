@@ -26,13 +26,32 @@ import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 
 from core.data import AnomalyDataset
 from core.data.imageio import image_size
-from core.metrics import DefectChannel, SaturationSpec, au_pro, au_spro, image_auroc, pixel_auroc
+from core.metrics import (
+    Curve,
+    DefectChannel,
+    SaturationSpec,
+    au_spro,
+    image_auroc,
+    pixel_auroc,
+    pro_curve,
+    roc_curve,
+)
 from core.patchcore import Predictions
 from core.preprocess import ImageTransform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["EvaluationResult", "Resolution", "evaluate", "upsample_to_original"]
+__all__ = [
+    "AU_PRO_FPR_LIMIT",
+    "EvaluationResult",
+    "Resolution",
+    "evaluate",
+    "evaluate_per_category",
+    "upsample_to_original",
+]
+
+#: FPR limit of the reported AU-PRO (the MVTec AD convention).
+AU_PRO_FPR_LIMIT = 0.3
 
 Resolution = Literal["original", "model"]
 
@@ -50,6 +69,9 @@ class EvaluationResult:
     num_anomalous: int = 0
     dropped_channels: int = 0
     resolution: Resolution = "original"
+    #: With ``evaluate(..., curves=True)``: "roc" (image ROC) and "pro" (the PRO curve au_pro
+    #: integrates), each where its metric is defined. Not part of ``as_dict``.
+    curves: dict[str, Curve] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -99,13 +121,16 @@ def evaluate(
     *,
     resolution: Resolution = "original",
     with_spro: bool = True,
+    curves: bool = False,
 ) -> EvaluationResult:
     """Compare ``predictions`` (from ``PatchCore.predict(dataset)``) with ``dataset``'s labels.
 
     ``transform`` must be the model's (``config.features.transform``). ``resolution`` chooses
     the protocol (module docstring): "original" upsamples every map to its image's size (the
     official AutoVI protocol; needs a transform without crop), "model" resizes the ground truth
-    to the maps. AU-sPRO uses each category's defects config.
+    to the maps. AU-sPRO uses each category's defects config. ``curves`` also returns the image
+    ROC and the PRO curve (for a report's plots; the PRO curve costs nothing extra, AU-PRO is
+    its area).
     """
     if resolution not in ("original", "model"):
         raise ValueError(f"resolution must be 'original' or 'model', got {resolution!r}")
@@ -125,16 +150,49 @@ def evaluate(
         masks, maps, channels, dropped = _at_model_resolution(predictions, dataset, transform)
     both_classes = labels.any() and not labels.all()
     has_defect_pixels = any(m.any() for m in masks)
+    found: dict[str, Curve] = {}
+    if curves and both_classes:
+        found["roc"] = roc_curve(labels, predictions.image_scores)
+    if has_defect_pixels:
+        found["pro"] = pro_curve(masks, maps)
     return EvaluationResult(
         image_auroc=image_auroc(labels, predictions.image_scores) if both_classes else None,
         pixel_auroc=pixel_auroc(masks, maps) if has_defect_pixels else None,
-        au_pro=au_pro(masks, maps) if has_defect_pixels else None,
+        au_pro=found["pro"].area(AU_PRO_FPR_LIMIT) if has_defect_pixels else None,
         au_spro=au_spro(channels, maps) if with_spro and has_defect_pixels else {},
         num_images=n,
         num_anomalous=int(labels.sum()),
         dropped_channels=dropped,
         resolution=resolution,
+        curves=found if curves else {},
     )
+
+
+def evaluate_per_category(
+    predictions: Predictions,
+    dataset: AnomalyDataset,
+    transform: ImageTransform,
+    *,
+    resolution: Resolution = "original",
+    with_spro: bool = True,
+) -> dict[str, EvaluationResult]:
+    """:func:`evaluate` on each category's images separately: {category: result}.
+
+    Metrics are not averaged across categories in the literature but reported per category
+    (scores of different objects are not comparable); this gives those rows.
+    """
+    categories = np.array([s.category for s in dataset])
+    out: dict[str, EvaluationResult] = {}
+    for category in dataset.categories:
+        idx = np.flatnonzero(categories == category)
+        part = Predictions(
+            image_scores=predictions.image_scores[idx],
+            anomaly_maps=predictions.anomaly_maps[idx],
+            patch_grid=predictions.patch_grid,
+        )
+        out[category] = evaluate(part, dataset.subset(idx), transform, resolution=resolution,
+                                 with_spro=with_spro)
+    return out
 
 
 _Prepared = tuple[

@@ -12,6 +12,8 @@ Functions:
     pixel_auroc: ROC AUC of all pixels pooled over all images.
     au_pro: MVTec AD area under the per-region-overlap curve up to a false-positive-rate limit.
     au_spro: MVTec LOCO / AutoVI area under the saturated-PRO curve at several FPR limits.
+    roc_curve / pro_curve: the points of the image ROC and PRO curves (for plots); au_pro and
+        pro_curve share one computation, so a report plots the curve its AU-PRO integrates.
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ from scipy import ndimage
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Curve",
     "DefectChannel",
     "SaturationSpec",
     "au_pro",
     "au_spro",
     "image_auroc",
     "pixel_auroc",
+    "pro_curve",
+    "roc_curve",
 ]
 
 DEFAULT_SPRO_FPR_LIMITS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.3, 1.0)
@@ -43,6 +48,39 @@ DEFAULT_SPRO_FPR_LIMITS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.3, 1.0)
 # single scipy call instead of N.
 _EIGHT_CONNECTED_PER_IMAGE = np.zeros((3, 3, 3), dtype=bool)
 _EIGHT_CONNECTED_PER_IMAGE[1] = True
+
+
+@dataclass(frozen=True, eq=False)
+class Curve:
+    """Points of a curve over all thresholds, from the origin (highest threshold) up.
+
+    fpr: [K] float64, non-decreasing false-positive rate in [0, 1], fpr[0] == 0.
+    y: [K] float64, non-decreasing TPR (ROC) or PRO at those FPRs, y[0] == 0.
+    ``eq=False``: numpy arrays have no boolean ``==``.
+    """
+
+    fpr: NDArray[np.float64]
+    y: NDArray[np.float64]
+
+    def area(self, fpr_limit: float = 1.0) -> float:
+        """Trapezoid area from FPR 0 to ``fpr_limit`` divided by the limit (as au_pro)."""
+        limit = _check_fpr_limit("fpr_limit", fpr_limit)
+        return _normalised_area(self.fpr[1:], self.y[1:], limit)
+
+    def thinned(self, max_points: int) -> Curve:
+        """At most ``max_points`` (>= 2) points for plotting: the first and last points and the
+        points nearest to evenly spaced FPRs. The exact curve has one point per distinct score
+        (millions for pixel curves); a plot cannot show more than a few thousand."""
+        if max_points < 2:
+            raise ValueError(f"max_points must be >= 2, got {max_points}")
+        if self.fpr.size <= max_points:
+            return self
+        targets = np.linspace(0.0, 1.0, max_points)
+        picked = np.unique(np.clip(np.searchsorted(self.fpr, targets), 0, self.fpr.size - 1))
+        # A vertical jump at one FPR keeps its top: add the last point of each picked FPR.
+        last = np.searchsorted(self.fpr, self.fpr[picked], side="right") - 1
+        picked = np.unique(np.concatenate(([0], picked, last, [self.fpr.size - 1])))
+        return Curve(self.fpr[picked], self.y[picked])
 
 
 @dataclass(frozen=True)
@@ -142,6 +180,31 @@ def image_auroc(labels: ArrayLike, scores: ArrayLike) -> float:
     return _roc_auc(y, s, what="labels")
 
 
+def roc_curve(labels: ArrayLike, scores: ArrayLike) -> Curve:
+    """Image-level ROC curve: one point per distinct score, from (0, 0) to (1, 1).
+
+    Args and Raises as :func:`image_auroc` (its area, ``curve.area()``, equals image_auroc up
+    to float rounding).
+    """
+    y = _as_binary("labels", labels)
+    s = _as_finite_scores("scores", scores)
+    if y.ndim != 1 or s.shape != y.shape:
+        raise ValueError(
+            f"labels and scores must both have shape [N], got {y.shape} and {s.shape}"
+        )
+    n_pos = int(np.count_nonzero(y))
+    n_neg = y.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"a ROC curve needs both classes, but all {y.size} labels are "
+            f"{'anomalous' if n_neg == 0 else 'good'}"
+        )
+    order, last_of_tie = _descending_order(s)
+    tp = np.cumsum(y[order], dtype=np.int64)[last_of_tie]
+    fp = np.arange(1, y.size + 1, dtype=np.int64)[last_of_tie] - tp
+    return Curve(np.concatenate(([0.0], fp / n_neg)), np.concatenate(([0.0], tp / n_pos)))
+
+
 def pixel_auroc(masks: ArrayLike, anomaly_maps: ArrayLike) -> float:
     """ROC AUC of all pixels of all images pooled together.
 
@@ -188,6 +251,15 @@ def au_pro(masks: ArrayLike, anomaly_maps: ArrayLike, fpr_limit: float = 0.3) ->
             outside (0, 1], no defect region, or no OK pixel.
     """
     limit = _check_fpr_limit("fpr_limit", fpr_limit)
+    return pro_curve(masks, anomaly_maps).area(limit)
+
+
+def pro_curve(masks: ArrayLike, anomaly_maps: ArrayLike) -> Curve:
+    """The exact PRO curve that :func:`au_pro` integrates: (0, 0), then one point per distinct
+    score, FPR over all OK pixels and PRO the mean per-region overlap (see au_pro).
+
+    Args and Raises as :func:`au_pro` (without the limit).
+    """
     m, s, labelled = _flat_pixels(masks, anomaly_maps, label_regions=True)
     assert labelled is not None
     regions, num_regions = labelled
@@ -214,7 +286,7 @@ def au_pro(masks: ArrayLike, anomaly_maps: ArrayLike, fpr_limit: float = 0.3) ->
         "au_pro: %s pixels, %s regions, %s OK pixels, %s distinct scores",
         s.size, num_regions, num_ok, fpr.size,
     )
-    return _normalised_area(fpr, pro, limit)
+    return Curve(np.concatenate(([0.0], fpr)), np.concatenate(([0.0], pro)))
 
 
 def au_spro(

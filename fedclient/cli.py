@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit the local coreset, join the open round, upload (resuming after a "
         "disconnect from the server's committed position), wait for the global bank, download "
         "it (only the change when --out holds an older version), score the test images and "
-        "write metrics.json, overlays/ and bank.safetensors into --out. Follows every round the "
+        "write metrics.json, report.html, overlays/ and bank.safetensors into --out. Follows "
+        "every round the "
         "server opens for this site.",
     )
     _connection_args(run)
@@ -147,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     score = commands.add_parser(
         "score", help="score images with a bank downloaded earlier (no server needed)",
         description="Score --data's test images (all images of a plain folder) with the bank "
-        "file a previous `fedclient run` wrote; writes metrics.json and overlays/ into --out.",
+        "file a previous `fedclient run` wrote; writes metrics.json, report.html and overlays/ "
+        "into --out.",
     )
     score.add_argument("--config", type=Path, help="TOML file of settings (default: "
                        "$FEDCLIENT_CONFIG); FEDCLIENT_<SETTING> variables override it, flags "
@@ -170,8 +172,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser(
         "check", help="check settings, data, server reachability and the token",
-        description="Check, without uploading anything: the token file, the data folder, that "
-        "the server answers and accepts the token, and which round is open for this site.",
+        description="Check, without uploading anything: the data folder (every image and mask "
+        "is read; each problem is named with its file; errors make the exit status 2, "
+        "warnings do not), then, when --server is given, the token file, that the server "
+        "answers and accepts the token, and which round is open for this site. With --data "
+        "and no --server only the data is checked.",
     )
     _connection_args(check)
     check.add_argument("--data", type=Path, help="the site's images (checked when given)")
@@ -412,23 +417,41 @@ def _cmd_status(values: dict[str, object]) -> int:
     return 0
 
 
+def _check_data(values: dict[str, object]) -> bool:
+    """``check --data``: print the layout, counts and every problem; True if no error."""
+    from core.data.check import LAYOUT_NAMES, check_site_data
+
+    categories = values.get("categories")
+    found = check_site_data(Path(str(values["data"])),
+                            tuple(categories) if categories else None)  # type: ignore[arg-type]
+    status = "ok  " if not found.errors else "FAIL"
+    layout = LAYOUT_NAMES[found.layout] if found.layout else "unusable"
+    print(f"{status} data: {found.root}: {layout} layout, {found.images('train')} training "
+          f"image(s), {found.images('test') or 'no'} test image(s)")
+    for category, splits in found.counts.items():
+        parts = "; ".join(
+            f"{split} " + ", ".join(f"{defect} {n}" for defect, n in defects.items())
+            for split, defects in splits.items()
+        )
+        print(f"       {category}: {parts or 'no images'}")
+    for problem in found.errors:
+        print(f"error   {problem.path}: {problem.message}")
+    for problem in found.warnings:
+        print(f"warning {problem.path}: {problem.message}")
+    print(f"       data: {len(found.errors)} error(s), {len(found.warnings)} warning(s)")
+    return not found.errors
+
+
 def _cmd_check(values: dict[str, object]) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    from fedclient.site import load_site_data
-
+    data_ok = _check_data(values) if values.get("data") else True
+    if values.get("data") and values.get("server") in (None, ""):
+        return 0 if data_ok else 2  # data only
     connection, site_id, _ = _connection(values)
     print(f"ok   settings: site {site_id}, server {connection.address}, "
           f"{'TLS' if connection.tls else 'plaintext'}, "
           f"{'token from file' if connection.token else 'NO token'}")
-    if values.get("data"):
-        categories = values.get("categories")
-        train, test = load_site_data(
-            Path(str(values["data"])),
-            tuple(categories) if categories else None,  # type: ignore[arg-type]
-        )
-        print(f"ok   data: {len(train)} training image(s), "
-              f"{len(test) if test is not None else 'no'} test image(s)")
     with SiteSession(connection, site_id, retry=RetryPolicy(max_attempts=1)) as session:
         health = health_pb2_grpc.HealthStub(session._channel)
         try:
@@ -445,7 +468,7 @@ def _cmd_check(values: dict[str, object]) -> int:
         print(f"ok   token accepted for site {site_id}; round {joined.config.round} open, "
               f"bank size {joined.config.global_bank_size}, upload committed "
               f"{joined.upload.committed_sequence} chunk(s)")
-    return 0
+    return 0 if data_ok else 2
 
 
 def _cmd_init_config(args: argparse.Namespace) -> int:

@@ -10,6 +10,9 @@
    metrics.json, overlays and the bank into its output folder.
 4. Prints per-site metrics, bytes on the wire per round and direction (the serialized gRPC
    messages each site sent and received), and timings; then stops the server with SIGTERM.
+5. Copies the HTML reports into ``--reports`` (default ``demo-reports/``): each site's
+   ``report.html`` as ``site-N.html`` and the server's ``round-N.html`` / ``.json``; the demo
+   prints where they are.
 
 ``--in-process`` runs the in-process simulation of ``core.demo`` instead (the spec's API, with a
 centralised PatchCore beside it). The process helpers here (:class:`ServerProcess`,
@@ -237,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the server state, site outputs and logs in this folder")
+    parser.add_argument("--reports", type=Path, default=Path("demo-reports"),
+                        help="copy the sites' and the server's HTML reports here (default "
+                        "demo-reports/; replaced on each run)")
     return parser
 
 
@@ -318,9 +324,37 @@ def _run_on(
         site.site_id: json.loads((site.out_dir / "metrics.json").read_text(encoding="utf-8"))
         for site in processes
     }
+    reports = _collect_reports(processes, fed_dir / "state" / "reports", args.reports)
     _print_report(args, server.address, categories, metrics, bank_size, server_ready,
                   sites_seconds, time.perf_counter() - started, work if args.keep else None)
+    print(f"\nReports (self-contained HTML; open in a browser): {args.reports}/")
+    print("  " + "  ".join(path.name for path in reports))
     return metrics
+
+
+def _collect_reports(
+    processes: Sequence[SiteProcess], round_reports: Path, target: Path | None
+) -> list[Path]:
+    """Copy each site's report.html (as <site>.html) and the server's round reports into
+    ``target`` (emptied of earlier reports first); returns the copies. A missing report is an
+    error: every site and every closed round writes one."""
+    if target is None:
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    for old in [*target.glob("site-*.html"), *target.glob("round-*.html"),
+                *target.glob("round-*.json")]:
+        old.unlink()
+    copies = []
+    for site in processes:
+        source = site.out_dir / "report.html"
+        if not source.is_file():
+            raise RuntimeError(f"site {site.site_id} wrote no report ({source} is missing)")
+        copies.append(Path(shutil.copy2(source, target / f"{site.site_id}.html")))
+    rounds = sorted(round_reports.glob("round-*.*"), key=lambda p: (len(p.name), p.name))
+    if not any(p.suffix == ".html" for p in rounds):
+        raise RuntimeError(f"the server wrote no round report in {round_reports}")
+    copies += [Path(shutil.copy2(p, target / p.name)) for p in rounds]
+    return copies
 
 
 def _print_report(

@@ -1,30 +1,57 @@
-"""What a site writes after scoring: ``metrics.json`` and anomaly-map overlay PNGs.
+"""What a site writes after scoring: ``metrics.json``, anomaly-map overlay PNGs, report.html.
 
 Overlays show the image as the model saw it (after the extractor's resize/crop, so pixels line
 up with the anomaly map [H, W]) with the map blended on top in a blue -> red colour ramp. The
 ramp is scaled by one range for all images of a run (``vmin``/``vmax``), so a brighter overlay
 means a higher score across images, not only within one.
+
+``report.html`` (:func:`write_site_report`) is one self-contained page for people: the metrics
+table (per category and over all images), the image ROC and PRO curves, overlays of the most
+anomalous test images and of the worst false positives (the highest-scoring good images), and
+where the bank came from (round, version, rows, codec, extractor fingerprint, coverage
+certificate). Its numbers are the ones in metrics.json.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import math
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 (the conventional alias)
 from PIL import Image
+from scipy import ndimage
 
+from core.data import AnomalyDataset
+from core.evaluation import AU_PRO_FPR_LIMIT
+from core.htmlreport import fmt, image_tag, json_safe, page, section, table, write_atomic
+from core.metrics import Curve
 from core.preprocess import ImageTransform
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["colorize", "overlay", "write_metrics", "write_overlays"]
+__all__ = [
+    "Example",
+    "colorize",
+    "colour_range",
+    "examples",
+    "overlay",
+    "write_metrics",
+    "write_overlays",
+    "write_site_report",
+]
+
+#: Images shown per overlay group of the HTML report.
+REPORT_EXAMPLES = 6
+#: Points per plotted curve (the exact curves keep one point per distinct score).
+_PLOT_POINTS = 2000
 
 # Anchors of the colour ramp (value in [0, 1] -> RGB): dark blue, cyan, yellow, red.
 _RAMP_POINTS = np.array([0.0, 0.35, 0.65, 1.0])
@@ -67,6 +94,13 @@ def overlay(
     return ((1 - alpha) * base + alpha * heat).round().astype(np.uint8)
 
 
+def colour_range(anomaly_maps: np.ndarray) -> tuple[float, float]:
+    """(vmin, vmax) of the overlay colour ramp: the 1st and 99.9th percentiles of all maps
+    [N, H, W], so one hot pixel does not wash out every other image."""
+    low, high = np.percentile(anomaly_maps, [1.0, 99.9])
+    return float(low), float(high)
+
+
 def write_overlays(
     out_dir: Path,
     names: Sequence[str],
@@ -84,7 +118,7 @@ def write_overlays(
     if len(names) != anomaly_maps.shape[0]:
         raise ValueError(f"{len(names)} names for {anomaly_maps.shape[0]} anomaly maps")
     out_dir.mkdir(parents=True, exist_ok=True)
-    vmin, vmax = (float(v) for v in np.percentile(anomaly_maps, [1.0, 99.9]))
+    vmin, vmax = colour_range(anomaly_maps)
     paths = []
     for i, name in enumerate(names):
         blended = overlay(load_image(i), anomaly_maps[i], transform, vmin=vmin, vmax=vmax)
@@ -97,25 +131,214 @@ def write_overlays(
     return paths
 
 
-def _json_safe(value: object) -> object:
-    """JSON has no inf/NaN: write them as null (the key says what it would have been)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Mapping):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.generic):
-        return _json_safe(value.item())
-    return value
-
-
 def write_metrics(path: Path, metrics: Mapping[str, object]) -> Path:
     """Write ``metrics`` as indented JSON atomically (temp file + rename): a reader never sees
     half a file, even if the site is killed while writing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(metrics), indent=2, sort_keys=True) + "\n",
+    tmp.write_text(json.dumps(json_safe(metrics), indent=2, sort_keys=True) + "\n",
                    encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+# --- the HTML report ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class Example:
+    """One image shown in the report.
+
+    name: category/defect/stem; score: its image score; defect: "good" or the defect folder;
+    image: uint8 [h, w, 3] overlay at the model's geometry, the ground truth outlined in white.
+    """
+
+    name: str
+    score: float
+    defect: str
+    image: np.ndarray
+
+
+def examples(
+    dataset: AnomalyDataset,
+    names: Sequence[str],
+    image_scores: np.ndarray,
+    anomaly_maps: np.ndarray,
+    transform: ImageTransform,
+    *,
+    count: int = REPORT_EXAMPLES,
+) -> dict[str, list[Example]]:
+    """The report's overlays: {"most_anomalous": the ``count`` highest-scoring images,
+    "false_positives": the ``count`` highest-scoring good images} (the second only when the set
+    has defective images too, i.e. when "false positive" means something).
+
+    ``image_scores`` [N], ``anomaly_maps`` [N, h, w] (the model's output for ``dataset``). Only
+    the picked images are loaded; ties are broken by position, so the pick is reproducible.
+    """
+    n = len(dataset)
+    if image_scores.shape != (n,) or anomaly_maps.shape[0] != n or len(names) != n:
+        raise ValueError(
+            f"examples: {len(names)} names, scores {image_scores.shape} and maps "
+            f"{anomaly_maps.shape} for a dataset of {n} images"
+        )
+    vmin, vmax = colour_range(anomaly_maps)
+    order = np.argsort(-image_scores, kind="stable")
+    labels = dataset.labels
+    groups = {"most_anomalous": order[:count].tolist()}
+    if labels.any() and not labels.all():
+        groups["false_positives"] = [int(i) for i in order if labels[i] == 0][:count]
+
+    def render(i: int) -> Example:
+        blended = overlay(dataset.load_image(i), anomaly_maps[i], transform, vmin=vmin, vmax=vmax)
+        if dataset[i].mask_paths:
+            mask = transform.mask(dataset.load_mask(i))
+            edge = mask & ~ndimage.binary_erosion(mask)
+            blended[edge] = 255
+        return Example(names[i], float(image_scores[i]), dataset[i].defect, blended)
+
+    return {group: [render(i) for i in picked] for group, picked in groups.items()}
+
+
+def _plot(curve: Curve, *, title: str, ylabel: str, limit: float | None) -> bytes:
+    """One curve as PNG bytes (matplotlib's Agg canvas; no pyplot, so no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    thin = curve.thinned(_PLOT_POINTS)
+    figure = Figure(figsize=(4.6, 3.6), dpi=100)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    axes.plot(thin.fpr, thin.y, color="#c0392b", linewidth=1.6)
+    if limit is not None:
+        axes.axvline(limit, color="#777", linestyle="--", linewidth=1)
+        axes.text(limit, 0.04, f" FPR {limit:g}", color="#555", fontsize=8)
+    else:
+        axes.plot([0, 1], [0, 1], color="#999", linestyle=":", linewidth=1)
+    axes.set_xlim(0, 1)
+    axes.set_ylim(0, 1.02)
+    axes.set_xlabel("false-positive rate")
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=10)
+    axes.grid(alpha=0.3)
+    # Fixed margins instead of tight_layout(), which lays the figure out twice (half the time).
+    figure.subplots_adjust(left=0.14, right=0.97, bottom=0.14, top=0.91)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+_METRIC_COLUMNS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
+                   ("au_pro", f"AU-PRO@{AU_PRO_FPR_LIMIT:g}"))
+
+
+def _metrics_table(test: Mapping[str, object]) -> str:
+    """Rows: each category (when there are several), then all images."""
+    spro = sorted((k for k in test if k.startswith("au_spro@")),
+                  key=lambda k: float(k.split("@")[1]))
+    headers = ["category", "images", "anomalous", *(h for _, h in _METRIC_COLUMNS),
+               *(f"AU-sPRO@{k.split('@')[1]}" for k in spro)]
+    rows = []
+    per_category = test.get("per_category")
+    named = dict(per_category) if isinstance(per_category, Mapping) else {}
+    named["all"] = test
+    for name, values in named.items():
+        assert isinstance(values, Mapping)
+        rows.append([name, values.get("num_images"), values.get("num_anomalous"),
+                     *(values.get(k) for k, _ in _METRIC_COLUMNS),
+                     *(values.get(k) for k in spro)])
+    return table(headers, rows, table_id="metrics")
+
+
+def _provenance(metrics: Mapping[str, object]) -> str:
+    codec = metrics.get("codec")
+    codec_text = (
+        f"{codec['value_type']}, zstd level {codec['zstd_level']}"
+        + (", byte shuffle" if codec.get("byte_shuffle") else "")
+        if isinstance(codec, Mapping) else None
+    )
+    rounds = metrics.get("rounds")
+    last_round = (rounds[-1].get("round") if isinstance(rounds, list) and rounds
+                  else metrics.get("round"))
+    rows = [
+        ("site", metrics.get("site_id")),
+        ("server", metrics.get("server")),
+        ("bank file", metrics.get("bank_file")),
+        ("round", last_round),
+        ("bank version", metrics.get("bank_version")),
+        ("bank rows", metrics.get("bank_rows")),
+        ("codec", codec_text),
+        ("feature extractor", metrics.get("backbone")),
+        ("feature fingerprint", metrics.get("feature_fingerprint")),
+        ("r_S (server coverage radius)", metrics.get("server_coverage_radius")),
+        ("max r_i (largest site coverage radius)", metrics.get("max_site_coverage_radius")),
+        ("coverage certificate (max r_i + r_S)", metrics.get("certificate")),
+        ("this site's r_i", metrics.get("local_coverage_radius")),
+        ("this site's coreset rows", metrics.get("local_coreset_rows")),
+    ]
+    shown = [(k, v) for k, v in rows if v is not None]
+    out = table(["", "value"], shown, table_id="provenance")
+    if isinstance(rounds, list) and rounds:
+        out += table(
+            ["round", "rows up", "chunks", "bytes up", "bytes down", "download",
+             "upload s", "wait s", "download s"],
+            [[r.get("round"), r.get("rows_up"), r.get("chunks_total"), r.get("bytes_up"),
+              r.get("bytes_down"),
+              f"{'delta' if r.get('bank_delta') else 'full'} v{r.get('bank_version')}",
+              r.get("seconds_upload"), r.get("seconds_wait"), r.get("seconds_download")]
+             for r in rounds],
+            table_id="rounds", digits=2,
+        )
+    return out
+
+
+def write_site_report(
+    path: Path,
+    metrics: Mapping[str, object],
+    *,
+    curves: Mapping[str, Curve],
+    shown: Mapping[str, Sequence[Example]],
+) -> Path:
+    """Write the site's self-contained ``report.html`` (module docstring).
+
+    ``metrics``: what metrics.json holds (its "test" entry has the scores); ``curves``: "roc"
+    and / or "pro" from ``evaluate(..., curves=True)``; ``shown``: from :func:`examples`.
+    """
+    t0 = time.perf_counter()
+    test = metrics.get("test")
+    test = test if isinstance(test, Mapping) else {}
+    site = metrics.get("site_id") or "scored images"
+    sections = []
+    labelled = test.get("image_auroc") is not None or test.get("pixel_auroc") is not None
+    sections.append(section(
+        "Metrics", _metrics_table(test),
+        note=None if labelled else "The images carry no labels (no defective images or no "
+        "ground truth): there is nothing to compute AUROC or PRO from; scores only.",
+    ))
+    plots = []
+    if "roc" in curves:
+        plots.append(image_tag(_plot(curves["roc"], title="image ROC", ylabel="true-positive "
+                                     "rate", limit=None), "image ROC curve", css_class="plot"))
+    if "pro" in curves:
+        plots.append(image_tag(_plot(curves["pro"], title="per-region overlap (PRO)",
+                                     ylabel="PRO", limit=AU_PRO_FPR_LIMIT),
+                               "PRO curve", css_class="plot"))
+    if plots:
+        sections.append(section("Curves (all images)", *plots))
+    titles = {
+        "most_anomalous": ("Most anomalous test images", "highest image scores; ground truth "
+                           "outlined in white"),
+        "false_positives": ("Worst false positives", "good images with the highest scores"),
+    }
+    for group, items in shown.items():
+        title, note = titles[group]
+        figures = [image_tag(e.image, e.name, caption=f"{e.name} | {e.defect} | score "
+                             f"{fmt(e.score)}") for e in items]
+        sections.append(section(title, *figures, note=note + "; one colour range for all "
+                                "images (blue low, red high)"))
+    sections.append(section("Bank provenance", _provenance(metrics)))
+    subtitle = (f"{test.get('num_images', 0)} test image(s), bank v{metrics.get('bank_version')}"
+                f" ({metrics.get('bank_rows')} rows); written "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}")
+    out = write_atomic(path, page(f"FedPatchCore report: {site}", subtitle, sections))
+    logger.info("wrote %s in %.2f s", out, time.perf_counter() - t0)
+    return out

@@ -8,7 +8,8 @@ keeps the site's state in its output folder, so a restarted site carries on:
 * ``bank.safetensors``: the newest global bank it received (a PatchCore model file, with the
   bank version, round and radii in its metadata); a later download asks only for the change;
 * ``metrics.json``: what the run did (per round: rows, chunks, bytes, seconds) and the scores;
-* ``overlays/``: one anomaly-map overlay PNG per test image.
+* ``overlays/``: one anomaly-map overlay PNG per test image;
+* ``report.html``: the same results as one self-contained page for people (fedclient.report).
 
 Where to resume an upload is never stored here: the session asks the server.
 """
@@ -24,13 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from core.data import AnomalyDataset, AutoVIDataset, DatasetError, ImageFolderDataset, MVTecDataset
-from core.data.defects import DEFECTS_CONFIG_FILENAME
-from core.evaluation import evaluate
+from core.data.check import detect_layout
+from core.evaluation import evaluate, evaluate_per_category
 from core.features import FeatureConfig
 from core.federated import PatchCoreClient
+from core.metrics import Curve
 from core.patchcore import PatchCore, Predictions
 from core.serde import split_into_chunks
-from fedclient.report import write_metrics, write_overlays
+from fedclient.report import Example, examples, write_metrics, write_overlays, write_site_report
 from fedclient.session import (
     BankDownload,
     FingerprintMismatchError,
@@ -42,10 +44,12 @@ from fedpatchcore.v1 import federation_pb2 as fpb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BANK_FILE", "METRICS_FILE", "SiteOptions", "load_site_data", "run_site", "score"]
+__all__ = ["BANK_FILE", "METRICS_FILE", "REPORT_FILE", "SiteOptions", "load_site_data",
+           "run_site", "score"]
 
 BANK_FILE = "bank.safetensors"
 METRICS_FILE = "metrics.json"
+REPORT_FILE = "report.html"
 OVERLAY_DIR = "overlays"
 
 Progress = Callable[[str, int, int], None]
@@ -67,6 +71,7 @@ class SiteOptions:
     max_rounds: stop after this many rounds even if the server opens more (None: follow it).
     round_timeout_s: longest wait for a round's bank after uploading, seconds.
     overlays: write anomaly-map overlays of the test images.
+    report: write report.html (metrics, curves, a few overlays, the bank's provenance).
     """
 
     data: Path
@@ -83,6 +88,7 @@ class SiteOptions:
     max_rounds: int | None = None
     round_timeout_s: float = 3600.0
     overlays: bool = True
+    report: bool = True
 
 
 def load_site_data(
@@ -93,12 +99,12 @@ def load_site_data(
     if not root.is_dir():
         raise DatasetError(f"site data folder {root} does not exist")
     objects = list(categories) if categories else None
-    dirs = [p for p in root.iterdir() if p.is_dir() and (objects is None or p.name in objects)]
-    if any((p / DEFECTS_CONFIG_FILENAME).is_file() for p in dirs):
+    layout = detect_layout(root, categories)
+    if layout == "autovi":
         train: AnomalyDataset = AutoVIDataset(root, objects, split="train")
         has_test = all((root / c / "test").is_dir() for c in train.categories)
         return train, AutoVIDataset(root, objects, split="test") if has_test else None
-    if any((p / "train" / "good").is_dir() for p in dirs):
+    if layout == "mvtec":
         train = MVTecDataset(root, objects, split="train")
         has_test = all((root / c / "test").is_dir() for c in train.categories)
         return train, MVTecDataset(root, objects, split="test") if has_test else None
@@ -218,17 +224,32 @@ def run_site(
         "server_coverage_radius": download.server_radius,
         "max_site_coverage_radius": download.max_site_radius,
         "certificate": download.server_radius + download.max_site_radius,
+        "codec": _codec_dict(config),
         "rounds": rounds,
         "seconds": {"fit": fit_seconds},
     }
-    _save_bank(client, held, download, out)
+    _save_bank(client, held, download, out, metrics)
+    scored: _Scored | None = None
     if test is not None:
         t0 = time.perf_counter()
-        metrics["test"] = _score(client.model, test, out, options.overlays, progress)
+        scored = _score(client.model, test, out, options.overlays, progress,
+                        report=options.report)
+        metrics["test"] = scored.result
         metrics["seconds"]["score"] = time.perf_counter() - t0  # type: ignore[index]
     metrics["seconds"]["total"] = time.perf_counter() - started  # type: ignore[index]
     write_metrics(out / METRICS_FILE, metrics)
+    if options.report:
+        write_site_report(out / REPORT_FILE, metrics,
+                          curves=scored.curves if scored else {},
+                          shown=scored.shown if scored else {})
     return metrics
+
+
+def _codec_dict(config: RoundConfig) -> dict[str, object]:
+    """The round's codec as plain JSON (metrics.json, the bank file, the report)."""
+    codec = config.codec
+    return {"value_type": codec.value_type, "byte_shuffle": codec.byte_shuffle,
+            "zstd_level": codec.zstd_level}
 
 
 def _one_round(
@@ -292,7 +313,11 @@ def _one_round(
 
 
 def _save_bank(
-    client: PatchCoreClient, held: tuple[int, np.ndarray], download: BankDownload, out: Path
+    client: PatchCoreClient,
+    held: tuple[int, np.ndarray],
+    download: BankDownload,
+    out: Path,
+    metrics: dict[str, object],
 ) -> Path:
     client.update_global_bank(held[1])
     client.model.coverage_radius = download.server_radius + download.max_site_radius
@@ -304,8 +329,23 @@ def _save_bank(
             "server_coverage_radius": download.server_radius,
             "max_site_coverage_radius": download.max_site_radius,
             "pretrained": client.feature_config.pretrained,
+            # provenance for `fedclient score`'s report
+            "bank_rows": int(held[1].shape[0]),
+            "codec": metrics["codec"],
+            "feature_fingerprint": metrics["feature_fingerprint"],
+            "backbone": metrics["backbone"],
         },
     )
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """What scoring found: the metrics (for metrics.json), and for the report the curves and
+    the overlays it shows."""
+
+    result: dict[str, object]
+    curves: dict[str, Curve]
+    shown: dict[str, list[Example]]
 
 
 def _score(
@@ -314,11 +354,20 @@ def _score(
     out: Path,
     overlays: bool,
     progress: Progress | None,
-) -> dict[str, object]:
-    """Scores, metrics where labels allow, and overlays of ``test`` with ``model``'s bank."""
+    *,
+    report: bool = True,
+) -> _Scored:
+    """Scores, metrics where labels allow (per category too when there are several), overlays
+    of ``test`` with ``model``'s bank, and what the report shows."""
     predictions: Predictions = model.predict(_CountingImages(test, "score", progress))  # type: ignore[arg-type]
     transform = model.config.features.transform
-    result = evaluate(predictions, test, transform).as_dict()
+    evaluation = evaluate(predictions, test, transform, curves=report)
+    result = evaluation.as_dict()
+    if len(test.categories) > 1:
+        result["per_category"] = {
+            category: part.as_dict()
+            for category, part in evaluate_per_category(predictions, test, transform).items()
+        }
     names = [_image_name(test, i) for i in range(len(test))]
     result["image_scores"] = dict(zip(names, predictions.image_scores.tolist(), strict=True))
     if overlays:
@@ -326,7 +375,9 @@ def _score(
             out / OVERLAY_DIR, names, predictions.anomaly_maps, transform,
             load_image=test.load_image,
         )
-    return result
+    shown = (examples(test, names, predictions.image_scores, predictions.anomaly_maps,
+                      transform) if report else {})
+    return _Scored(result, evaluation.curves, shown)
 
 
 def _image_name(dataset: AnomalyDataset, index: int) -> str:
@@ -344,10 +395,12 @@ def score(
     weights: str | None = None,
     device: str | None = None,
     overlays: bool = True,
+    report: bool = True,
     progress: Progress | None = None,
 ) -> dict[str, object]:
     """``fedclient score``: score ``data``'s test images (or, for a plain folder, all of its
-    images) with a bank downloaded earlier; writes metrics.json and overlays into ``out_dir``."""
+    images) with a bank downloaded earlier; writes metrics.json, overlays and report.html into
+    ``out_dir``."""
     extra = PatchCore.read_extra(bank_file)
     model = PatchCore.load(bank_file, pretrained=weights is not None or _pretrained(bank_file),
                            weights=weights, device=device)
@@ -361,9 +414,22 @@ def score(
         "bank_rows": int(model.memory_bank.shape[0]),
         "data": str(data),
     }
-    metrics["test"] = _score(model, images, out_dir, overlays, progress)
+    # What the bank file says about where it came from (banks saved by older versions lack
+    # some of it; the report shows what is there).
+    for key in ("round", "codec", "feature_fingerprint", "backbone", "server_coverage_radius",
+                "max_site_coverage_radius"):
+        if key in extra:
+            metrics[key] = extra[key]
+    radii = (extra.get("server_coverage_radius"), extra.get("max_site_coverage_radius"))
+    if all(isinstance(r, int | float) for r in radii):
+        metrics["certificate"] = float(radii[0]) + float(radii[1])  # type: ignore[arg-type]
+    scored = _score(model, images, out_dir, overlays, progress, report=report)
+    metrics["test"] = scored.result
     metrics["seconds"] = {"score": time.perf_counter() - t0}
     write_metrics(out_dir / METRICS_FILE, metrics)
+    if report:
+        write_site_report(out_dir / REPORT_FILE, metrics, curves=scored.curves,
+                          shown=scored.shown)
     return metrics
 
 

@@ -18,6 +18,9 @@ message handler); it imports no grpc, so tests drive it without sockets. It wrap
   each closed round's selection is recomputed and checked against its stored bank version.
 * **Bank versions**: each round that changes the bank stores a new version in stable order
   (core.bankdelta), so a site holding an older version downloads only the change.
+* **Round reports**: when a round closes (ready or failed) its report is written to
+  ``state_dir/reports/round-N.{json,html}`` (fedserver.report), and rewritten as sites finish
+  downloading its bank (the servicer reports each download's bytes with ``record_download``).
 
 Thread safety: one lock guards everything but the selection itself, which runs while the round
 is SELECTING (no handler touches the aggregator then). Decoding and the fsync happen under the
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import json
 import logging
 import math
@@ -46,6 +50,7 @@ from core.serde import chunked_roundtrip, split_bank_into_chunks, upload_request
 from fedpatchcore.v1 import features_pb2 as pb
 from fedserver.config import ServerConfig
 from fedserver.journal import BankVersion, Journal, JournalCorruptError, Record, RecordKind
+from fedserver.report import write_round_report
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +75,8 @@ __all__ = [
 
 #: RemovedRows messages carry at most this many indices (8 bytes each: 512 KiB).
 REMOVED_BATCH = 65536
+#: Rejected messages a round report keeps per site (the latest ones; all are counted).
+_REJECTIONS_KEPT = 5
 
 
 class FederationError(Exception):
@@ -200,6 +207,20 @@ class BankDownload:
 
 
 @dataclass
+class _SiteStats:
+    """What a round report says about one site (unix times from time.time(); None: unknown)."""
+
+    joined_at: float | None = None
+    upload_complete_at: float | None = None
+    messages_up: int = 0
+    bytes_up: int = 0
+    chunks_resent: int = 0
+    rejected_count: int = 0
+    rejected: list[str] = field(default_factory=list)  # latest first, at most _REJECTIONS_KEPT
+    downloads: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
 class _Round:
     number: int
     expected: tuple[str, ...]
@@ -215,6 +236,15 @@ class _Round:
     message: str = ""
     completed_at: float | None = None  # perf_counter when the last upload completed
     ready_at: float | None = None  # perf_counter when the bank was stored and announced
+    # For the round report: per-site stats, unix times, selection; ``reported`` is False for a
+    # round that had closed before this process started (its report was written then).
+    stats: dict[str, _SiteStats] = field(default_factory=dict)
+    opened_at: float | None = None
+    uploads_complete_at: float | None = None
+    ready_unix: float | None = None
+    selection_seconds: float | None = None
+    restarted: bool = False
+    reported: bool = True
 
     def snapshot(self) -> RoundSnapshot:
         return RoundSnapshot(
@@ -233,6 +263,32 @@ class _Round:
 
     def complete_sites(self) -> list[str]:
         return sorted(s for s in self.expected if s in self.sites and self.sites[s].complete)
+
+
+_Receive = Callable[["Federation", str, "SiteSummary | FeatureChunk", bytes], bool]
+
+
+def _accounted(receive: _Receive) -> _Receive:
+    """Count every upload message of a site in the current round's report: messages, bytes
+    (the serialized request, accepted or not) and rejections with their reason. Holds the
+    federation's (re-entrant) lock around the call, so the count and the outcome agree."""
+
+    @functools.wraps(receive)
+    def counted(self: Federation, site_id: str, item: SiteSummary | FeatureChunk,
+                raw: bytes) -> bool:
+        with self._lock:
+            stats = self._current.stats.setdefault(site_id, _SiteStats())
+            stats.messages_up += 1
+            stats.bytes_up += len(raw)
+            try:
+                return receive(self, site_id, item, raw)
+            except (FederationError, ValueError) as error:
+                stats.rejected_count += 1
+                stats.rejected.insert(0, f"{type(error).__name__}: {error}")
+                del stats.rejected[_REJECTIONS_KEPT:]
+                raise
+
+    return counted
 
 
 class Federation:
@@ -382,11 +438,15 @@ class Federation:
                     f"the federation uses {self._fingerprint[:12]}... (backbone, weights, "
                     "layers, dims and image size must match)"
                 )
+            stats = rnd.stats.setdefault(site_id, _SiteStats())
+            if stats.joined_at is None:
+                stats.joined_at = time.time()
             logger.info("round %d: site %s joined (%s)", rnd.number, site_id, rnd.phase.value)
             return self.terms(rnd.number), self.progress(site_id, rnd.number), rnd.snapshot()
 
     # -- uploads ----------------------------------------------------------------------------
 
+    @_accounted
     def receive(self, site_id: str, item: SiteSummary | FeatureChunk, raw: bytes) -> bool:
         """Accept one upload message of ``site_id`` (the authenticated caller); durable on return.
 
@@ -481,6 +541,7 @@ class Federation:
         # identical resend returns False. Raises (changing nothing) on anything else.
         self._aggregator.receive_chunk(chunk)
         if chunk.sequence < progress.committed_sequence:
+            rnd.stats.setdefault(chunk.site_id, _SiteStats()).chunks_resent += 1
             return False
         # chunk.sequence == committed: journal it (also when the aggregator already had it
         # because an earlier append failed: the aggregator then reported a resend).
@@ -489,12 +550,14 @@ class Federation:
         progress.committed_rows += chunk.features.rows
         progress.complete = chunk.last
         if chunk.last:
+            rnd.stats.setdefault(chunk.site_id, _SiteStats()).upload_complete_at = time.time()
             logger.info(
                 "round %d: site %s upload complete: %d chunks, %d rows",
                 rnd.number, chunk.site_id, progress.committed_sequence, progress.committed_rows,
             )
             if all(s in rnd.sites and rnd.sites[s].complete for s in rnd.expected):
                 rnd.completed_at = arrived
+                rnd.uploads_complete_at = time.time()
             self._maybe_close(rnd)
         return True
 
@@ -522,6 +585,7 @@ class Federation:
         timeout = self.config.round_timeout_s
         deadline = self._clock() + timeout if timeout > 0 else None
         rnd = _Round(number, expected, quorum, deadline, threshold, base)
+        rnd.opened_at = time.time()
         if journal:
             self.journal.append_json(RecordKind.ROUND_OPENED, {
                 "round": number, "deadline": deadline, "expected": list(expected),
@@ -579,6 +643,7 @@ class Federation:
             )
             rnd.included = tuple(complete)
             rnd.completed_at = time.perf_counter()
+            rnd.uploads_complete_at = time.time()
             self._start_selection(rnd)
         else:
             rnd.message = (
@@ -591,6 +656,7 @@ class Federation:
             )
             rnd.phase = Phase.FAILED
             self._changed.notify_all()
+            self._write_report(rnd)
 
     def _select(self, rnd: _Round) -> None:
         """Selection thread: finish the round in the aggregator, store the version, announce."""
@@ -610,6 +676,8 @@ class Federation:
                 rnd.bank_version, rnd.bank_rows = version, rows
                 rnd.phase = Phase.READY
                 rnd.ready_at = time.perf_counter()
+                rnd.ready_unix = time.time()
+                rnd.selection_seconds = rnd.ready_at - started
                 logger.info(
                     "round %d ready: bank version %d, %d rows, selected in %.2f s, certificate "
                     "%.4f", rnd.number, version, rows, rnd.ready_at - started,
@@ -618,15 +686,18 @@ class Federation:
                 if rnd.number < self.config.rounds and not self._closing:
                     self._open_round(rnd.number + 1)
                 self._changed.notify_all()
+                self._write_report(rnd)
         except Exception as error:  # the round fails loudly; the server keeps serving
             logger.exception("round %d: selection failed", rnd.number)
             with self._changed:
                 rnd.phase = Phase.FAILED
                 rnd.message = f"selection failed: {type(error).__name__}: {error}"
+                rnd.selection_seconds = time.perf_counter() - started
                 self.journal.append_json(
                     RecordKind.ROUND_FAILED, {"round": rnd.number, "message": rnd.message}
                 )
                 self._changed.notify_all()
+                self._write_report(rnd)
 
     def _store_version(
         self, round_number: int, bank: np.ndarray, server_radius: float, max_site_radius: float
@@ -720,6 +791,121 @@ class Federation:
             header.rows_in_stream, header.rows_removed,
         )
         return BankDownload(header=header, removed=removed, chunks=chunks)
+
+    def record_download(
+        self,
+        site_id: str,
+        header: BankHeaderView,
+        *,
+        bytes_sent: int,
+        messages: int,
+        seconds: float,
+        complete: bool,
+    ) -> None:
+        """The servicer's account of one DownloadBank stream (serialized bytes it sent): added
+        to the report of the round whose bank it was, which is rewritten."""
+        with self._lock:
+            rnd = self._rounds.get(header.round)
+            if rnd is None or not rnd.reported:
+                return  # a bank of a round closed before this process started
+            rnd.stats.setdefault(site_id, _SiteStats()).downloads.append({
+                "version": header.version,
+                "base_version": header.base_version,
+                "rows_in_stream": header.rows_in_stream,
+                "rows_removed": header.rows_removed,
+                "messages": messages,
+                "bytes": bytes_sent,
+                "seconds": seconds,
+                "complete": complete,
+                "at": time.time(),
+            })
+            if rnd.phase in (Phase.READY, Phase.FAILED):
+                self._write_report(rnd)
+
+    def round_report(self, round_number: int) -> dict[str, Any]:
+        """What the round's report holds (fedserver.report), as a JSON-ready dict."""
+        with self._lock:
+            rnd = self._round(round_number)
+            meta = self._versions.get(rnd.bank_version) if rnd.bank_version else None
+            sites = []
+            for site_id in sorted(set(rnd.expected) | set(rnd.stats) | set(rnd.sites)):
+                stats = rnd.stats.get(site_id, _SiteStats())
+                progress = rnd.sites.get(site_id)
+                summary = progress.summary if progress is not None else None
+                sites.append({
+                    "site_id": site_id,
+                    "expected": site_id in rnd.expected,
+                    "rows": progress.committed_rows if progress else 0,
+                    "rows_announced": summary.coreset_rows if summary else None,
+                    "coverage_radius": summary.coverage_radius if summary else None,
+                    "chunks_committed": progress.committed_sequence if progress else 0,
+                    "upload_complete": bool(progress and progress.complete),
+                    "chunks_resent": stats.chunks_resent,
+                    "messages_up": stats.messages_up,
+                    "bytes_up": stats.bytes_up,
+                    "bytes_down": sum(d["bytes"] for d in stats.downloads),
+                    "downloads": list(stats.downloads),
+                    "joined_at": stats.joined_at,
+                    "upload_complete_at": stats.upload_complete_at,
+                    "rejected_count": stats.rejected_count,
+                    "rejected": list(stats.rejected),
+                })
+            included = list(rnd.included) if rnd.included is not None else None
+            counted = [s for s in sites if included is None or s["site_id"] in included]
+            radii = {s["site_id"]: s["coverage_radius"] for s in counted
+                     if s["coverage_radius"] is not None}
+            report: dict[str, Any] = {
+                "round": rnd.number,
+                "state": rnd.phase.value,
+                "message": rnd.message,
+                "expected_sites": list(rnd.expected),
+                "quorum": rnd.quorum,
+                "included_sites": included,
+                "cut_off_sites": sorted(set(rnd.expected) - set(included)) if included else [],
+                "opened_at": rnd.opened_at,
+                "uploads_complete_at": rnd.uploads_complete_at,
+                "ready_at": rnd.ready_unix,
+                "restarted": rnd.restarted,
+                "selection": {
+                    "seconds": rnd.selection_seconds,
+                    "device": self.device,
+                    "strategy": self.config.strategy,
+                    "server_selection": self.config.server_selection,
+                } if rnd.selection_seconds is not None else None,
+                "bank": {
+                    "version": rnd.bank_version,
+                    "rows": rnd.bank_rows,
+                    "codec": self.config.codec,
+                } if meta is not None else None,
+                "certificate": {
+                    "server_radius": float(meta["server_radius"]),
+                    "codec_error": float(meta.get("bank_codec_error", 0.0)),
+                    "max_site_radius": float(meta["max_site_radius"]),
+                    "certificate": float(meta["server_radius"]) + float(meta["max_site_radius"]),
+                    "site_radii": radii,
+                } if meta is not None else None,
+                "sites": sites,
+                "totals": {
+                    key: sum(s[key] for s in sites)
+                    for key in ("rows", "chunks_committed", "chunks_resent", "messages_up",
+                                "bytes_up", "bytes_down", "rejected_count")
+                } | {"downloads": sum(len(s["downloads"]) for s in sites)},
+                "written_at": time.time(),
+            }
+            return report
+
+    def _write_report(self, rnd: _Round) -> None:
+        """Write (or rewrite) the round's report; a failure to write is logged as an error and
+        does not fail the round (the bank and the journal are what the federation needs)."""
+        if not rnd.reported:
+            return
+        try:
+            json_path, _ = write_round_report(self.journal.state_dir,
+                                              self.round_report(rnd.number))
+        except OSError as error:
+            logger.error("round %d: cannot write its report: %s", rnd.number, error)
+            return
+        logger.info("round %d report: %s (and .html)", rnd.number, json_path)
 
     def watch(
         self, round_number: int, min_interval_s: float, is_active: Callable[[], bool]
@@ -866,6 +1052,7 @@ class Federation:
                     value["deadline"],
                     float(value["novelty_threshold"]),
                     int(value["base_version"]),
+                    restarted=True,
                 )
             elif record.kind in (RecordKind.SUMMARY, RecordKind.CHUNK):
                 self._replay_upload(record, cutoffs)
@@ -879,6 +1066,7 @@ class Federation:
                 value = record.json()
                 rnd = self._rounds[int(value["round"])]
                 rnd.phase, rnd.message = Phase.FAILED, str(value["message"])
+                rnd.reported = False
         if count:
             current = self._current
             logger.info(
@@ -892,6 +1080,9 @@ class Federation:
         item = self._item(record)
         rnd = self._rounds[item.round]
         progress = rnd.sites.setdefault(item.site_id, UploadProgress(item.site_id, rnd.number))
+        stats = rnd.stats.setdefault(item.site_id, _SiteStats())
+        stats.messages_up += 1  # what the journal holds: accepted messages only
+        stats.bytes_up += len(record.payload)
         fed = item.round not in cutoffs or item.site_id in cutoffs[item.round]
         if isinstance(item, SiteSummary):
             if fed:
@@ -920,4 +1111,5 @@ class Federation:
         if self._latest is None or version > self._latest.version:
             self._latest = stored
         rnd.phase, rnd.bank_version, rnd.bank_rows = Phase.READY, version, stored.bank.shape[0]
+        rnd.reported = False  # closed before this process started: its report exists
         logger.info("replayed round %d: bank version %d verified", number, version)

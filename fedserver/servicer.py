@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
@@ -36,6 +37,7 @@ from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 from fedserver.auth import AuthError, TokenStore
 from fedserver.federation import (
     REMOVED_BATCH,
+    BankDownload,
     BankNotReadyError,
     DimensionMismatchError,
     Federation,
@@ -227,27 +229,21 @@ class FederationServicer(fgrpc.FederationServiceServicer):
                 site, request.version, request.have_version
             )
             header = download.header
-            yield fpb.DownloadBankResponse(header=fpb.BankHeader(
-                version=header.version,
-                round=header.round,
-                base_version=header.base_version,
-                total_rows=header.total_rows,
-                feature_dim=header.feature_dim,
-                rows_in_stream=header.rows_in_stream,
-                rows_removed=header.rows_removed,
-                bank_checksum=header.bank_checksum,
-                server_coverage_radius=header.server_coverage_radius,
-                max_site_coverage_radius=header.max_site_coverage_radius,
-                value_type=VALUE_TYPE_WIRE_CODES[header.value_type],  # type: ignore[arg-type]
-            ))
-            for lo in range(0, download.removed.size, REMOVED_BATCH):
-                batch = download.removed[lo : lo + REMOVED_BATCH]
-                yield fpb.DownloadBankResponse(removed=fpb.RemovedRows(indices=batch.tolist()))
-            for chunk in download.chunks:
-                if not context.is_active():
-                    logger.info("site %s cancelled its bank download", site)
-                    return
-                yield fpb.DownloadBankResponse(chunk=bank_chunk_to_proto(chunk))
+            started, sent, messages, complete = time.perf_counter(), 0, 0, False
+            try:
+                for response in _download_responses(download):
+                    if messages and not context.is_active():
+                        logger.info("site %s cancelled its bank download", site)
+                        return
+                    sent += response.ByteSize()
+                    messages += 1
+                    yield response
+                complete = True
+            finally:  # the round report counts what was sent, finished or not
+                self._federation.record_download(
+                    site, header, bytes_sent=sent, messages=messages,
+                    seconds=time.perf_counter() - started, complete=complete,
+                )
 
     def WatchRound(  # noqa: N802
         self, request: fpb.WatchRoundRequest, context: grpc.ServicerContext
@@ -257,6 +253,29 @@ class FederationServicer(fgrpc.FederationServiceServicer):
             interval = (request.min_interval_ms or _DEFAULT_WATCH_INTERVAL_MS) / 1000.0
             for snapshot in self._federation.watch(request.round, interval, context.is_active):
                 yield snapshot_to_proto(snapshot)
+
+
+def _download_responses(download: BankDownload) -> Iterator[fpb.DownloadBankResponse]:
+    """A DownloadBank reply's messages: the header, the removed indices, the chunks."""
+    header = download.header
+    yield fpb.DownloadBankResponse(header=fpb.BankHeader(
+        version=header.version,
+        round=header.round,
+        base_version=header.base_version,
+        total_rows=header.total_rows,
+        feature_dim=header.feature_dim,
+        rows_in_stream=header.rows_in_stream,
+        rows_removed=header.rows_removed,
+        bank_checksum=header.bank_checksum,
+        server_coverage_radius=header.server_coverage_radius,
+        max_site_coverage_radius=header.max_site_coverage_radius,
+        value_type=VALUE_TYPE_WIRE_CODES[header.value_type],  # type: ignore[arg-type]
+    ))
+    for lo in range(0, download.removed.size, REMOVED_BATCH):
+        batch = download.removed[lo : lo + REMOVED_BATCH]
+        yield fpb.DownloadBankResponse(removed=fpb.RemovedRows(indices=batch.tolist()))
+    for chunk in download.chunks:
+        yield fpb.DownloadBankResponse(chunk=bank_chunk_to_proto(chunk))
 
 
 # -- domain -> proto ----------------------------------------------------------------------------

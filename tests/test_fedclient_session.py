@@ -341,14 +341,14 @@ def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
                          "--categories", "washer"])
     finally:
         server.stop(grace=None)
-    out = capsys.readouterr().out.splitlines()
+    out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
     assert code == 0
     assert [line.split(":")[0] for line in out[:3]] == [
-        "ok   settings", "ok   data", "ok   server health"
+        "ok   data", "ok   settings", "ok   server health"
     ]
     assert out[3] == ("ok   token accepted for site site-a; round 1 open, bank size 16, upload "
                       "committed 0 chunk(s)")
-    assert "12 training image(s), 8 test image(s)" in out[1] and "SERVING" in out[2]
+    assert "12 training image(s), 8 test image(s)" in out[0] and "SERVING" in out[2]
 
 
 def test_cli_run_refuses_early_with_one_line(federation, tmp_path, synthetic_root, capsys) -> None:
