@@ -13,6 +13,9 @@ the block writes it itself):
 * ``docker build`` / ``docker compose``: every build argument is an ARG of the Dockerfile and
   compose.yaml exists (tests/test_docker.py checks both files; CI runs the image's install
   script, scripts/check_docker_install.sh);
+* the Flower block (``pip install "fedpatchcore[flower]"``, ``flower-superlink``,
+  ``flower-supernode``, ``flwr run``) runs for real in tests/test_flower.py, which reads it from
+  this README;
 * ``python3 dev.py test`` is what .ci/run runs; ``python3 dev.py demo`` is the demo that
   tests/test_system_e2e.py drives through fedclient.demo.
 
@@ -33,6 +36,7 @@ from fedserver.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+_FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flwr")
 _ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 
 
@@ -107,6 +111,10 @@ def run_command(line: str, cwd: Path) -> None:
         _fedclient(argv, env)
     elif program == "docker":
         _docker(argv)
+    elif program in _FLOWER_PROGRAMS or words == ["pip", "install", "fedpatchcore[flower]"]:
+        flower_test = (ROOT / "tests/test_flower.py").read_text()
+        assert "def test_readme_flower_commands" in flower_test, line
+        assert program in flower_test, f"tests/test_flower.py does not run {program!r}"
     elif program == "python3" and argv[:1] == ["dev.py"]:
         assert argv[1:] in (["test"], ["demo"], ["demo", "--in-process"]), argv
         if argv[1] == "test":
