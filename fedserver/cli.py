@@ -21,7 +21,7 @@ from core.codec import CODEC_PRESETS
 from fedserver.auth import AuthError, new_token, write_tokens_file
 from fedserver.config import ConfigError, load_config
 from fedserver.federation import StateMismatchError
-from fedserver.journal import JournalCorruptError
+from fedserver.journal import JournalCorruptError, write_private
 
 logger = logging.getLogger(__name__)
 
@@ -176,13 +176,12 @@ def _init_config(args: argparse.Namespace) -> int:
     if existing and not args.force:
         print(f"fedserver: {existing[0]} exists; use --force to overwrite", file=sys.stderr)
         return 2
-    site_dir.mkdir(parents=True, exist_ok=True)
+    site_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     site_tokens = {site: new_token() for site in args.sites}
     write_tokens_file(tokens, site_tokens)
     for site, token in site_tokens.items():
         path = site_dir / f"{site}.token"
-        path.write_text(token + "\n", encoding="utf-8")
-        path.chmod(0o600)
+        write_private(path, token + "\n")
     config.write_text(_TEMPLATE.format(
         bind=args.bind, sites=", ".join(f'"{s}"' for s in args.sites), k=args.global_bank_size,
         codecs=" | ".join(sorted(CODEC_PRESETS)),

@@ -102,7 +102,10 @@ def create_server(
         options=options,
         maximum_concurrent_rpcs=config.max_workers,
     )
-    fgrpc.add_FederationServiceServicer_to_server(FederationServicer(federation, tokens), server)
+    servicer = FederationServicer(
+        federation, tokens, bind_certificates=config.client_ca is not None
+    )
+    fgrpc.add_FederationServiceServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -45,7 +45,14 @@ from core.messages import BankChunk, FeatureChunk, SiteSummary
 from core.serde import chunked_roundtrip, split_bank_into_chunks, upload_request_from_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedserver.config import ServerConfig
-from fedserver.journal import BankVersion, Journal, JournalCorruptError, Record, RecordKind
+from fedserver.journal import (
+    BankVersion,
+    Journal,
+    JournalCorruptError,
+    Record,
+    RecordKind,
+    write_private,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -805,7 +812,7 @@ class Federation:
                     f"settings ({details}); use those settings or a new state directory"
                 )
         else:
-            path.write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
+            write_private(path, json.dumps(settings, sort_keys=True))
 
     def _new_aggregator(self) -> GlobalBankAggregator:
         return GlobalBankAggregator(

@@ -53,7 +53,7 @@ from fedserver.federation import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATUS_BY_ERROR", "FederationServicer", "status_for"]
+__all__ = ["STATUS_BY_ERROR", "FederationServicer", "certificate_names", "status_for"]
 
 #: Domain error -> status code, first match wins (subclasses before their bases). Every core
 #: validation error is a ValueError subclass that names the offending field: INVALID_ARGUMENT.
@@ -111,16 +111,51 @@ def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> I
         context.abort(code, str(error))
 
 
-class FederationServicer(fgrpc.FederationServiceServicer):
-    """The gRPC face of a :class:`Federation`; ``tokens`` identify the calling site."""
+#: auth_context keys of the verified client certificate's names (gRPC's ssl transport).
+_CERT_NAME_KEYS: Final[tuple[str, ...]] = ("x509_common_name", "x509_subject_alternative_name")
 
-    def __init__(self, federation: Federation, tokens: TokenStore) -> None:
+
+def certificate_names(context: grpc.ServicerContext) -> set[str]:
+    """The CN and SAN entries of the peer's verified client certificate (empty without one)."""
+    auth = context.auth_context() or {}
+    return {
+        value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        for key in _CERT_NAME_KEYS
+        for value in auth.get(key, ())
+    }
+
+
+class FederationServicer(fgrpc.FederationServiceServicer):
+    """The gRPC face of a :class:`Federation`; ``tokens`` identify the calling site.
+
+    bind_certificates: with mTLS (the daemon sets it when ``client_ca`` is configured), a
+        token is accepted only over a connection whose client certificate names the token's
+        site in its CN or a SAN entry, so a stolen token is useless without that site's key and
+        one site's certificate cannot carry another site's token (PERMISSION_DENIED).
+    """
+
+    def __init__(
+        self, federation: Federation, tokens: TokenStore, *, bind_certificates: bool = False
+    ) -> None:
         self._federation = federation
         self._tokens = tokens
+        self._bind_certificates = bind_certificates
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        """The authenticated site: its token's, bound to its client certificate under mTLS."""
+        site = self._tokens.site_of(context.invocation_metadata())
+        if self._bind_certificates:
+            names = certificate_names(context)
+            if site not in names:
+                raise PermissionDeniedError(
+                    f"the client certificate (names {sorted(names)}) does not belong to site "
+                    f"{site!r}, the site of the bearer token: its CN or a SAN must be the site id"
+                )
+        return site
 
     def _site(self, context: grpc.ServicerContext, claimed: str) -> str:
         """The caller's site (from its token); PermissionDeniedError if it claims another."""
-        site = self._tokens.site_of(context.invocation_metadata())
+        site = self._caller(context)
         if claimed and claimed != site:
             raise PermissionDeniedError(f"site {site!r} cannot act as site {claimed!r}")
         if not claimed:
@@ -152,7 +187,7 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         accepted = ignored = 0
         round_number = 0
         with _statuses(context, "UploadFeatures", None):
-            site = self._tokens.site_of(context.invocation_metadata())
+            site = self._caller(context)
         with _statuses(context, "UploadFeatures", site):
             for request in request_iterator:
                 item = upload_request_from_proto(request)
