@@ -22,12 +22,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedpatchcore.v1 import federation_pb2 as fpb
-from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 from fedserver.auth import TokenAuthInterceptor, TokenStore
 from fedserver.config import ServerConfig
 from fedserver.federation import Federation
 from fedserver.journal import Journal
-from fedserver.servicer import FederationServicer
+from fedserver.servicer import FederationServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +104,7 @@ def create_server(
     servicer = FederationServicer(
         federation, tokens, bind_certificates=config.client_ca is not None
     )
-    fgrpc.add_FederationServiceServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 
 from core.bankdelta import bank_delta, decoded_checksum, stable_order
+from core.codec import PayloadTooLargeError
 from core.federated.aggregator import GlobalBankAggregator, IncompatibleSiteError
 from core.messages import BankChunk, FeatureChunk, SiteSummary
 from core.serde import chunked_roundtrip, split_bank_into_chunks, upload_request_from_proto
@@ -483,6 +484,12 @@ class Federation:
                 f"chunk {chunk.sequence} is beyond the committed position: chunks 0.."
                 f"{progress.committed_sequence - 1} are committed; resume from chunk "
                 f"{progress.committed_sequence}"
+            )
+        if chunk.features.decoded_size > self.config.max_chunk_bytes:
+            raise PayloadTooLargeError(
+                f"chunk {chunk.sequence} of site {chunk.site_id!r} declares a decoded payload "
+                f"of {chunk.features.decoded_size} bytes, more than this server's "
+                f"max_chunk_bytes={self.config.max_chunk_bytes} (RoundConfig.max_chunk_bytes)"
             )
         # Validates order, size, dimension and checksum, decodes and buffers the rows; an
         # identical resend returns False. Raises (changing nothing) on anything else.

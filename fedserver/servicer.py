@@ -9,11 +9,13 @@ become status codes here and only here (``STATUS_BY_ERROR``), each with the erro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Iterable, Iterator
-from typing import Final
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final
 
 import grpc
+from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
 from core.codec import (
@@ -53,7 +55,15 @@ from fedserver.federation import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATUS_BY_ERROR", "FederationServicer", "certificate_names", "status_for"]
+__all__ = [
+    "STATUS_BY_ERROR",
+    "FederationServicer",
+    "MalformedRequest",
+    "add_to_server",
+    "certificate_names",
+    "check_parsed",
+    "status_for",
+]
 
 #: Domain error -> status code, first match wins (subclasses before their bases). Every core
 #: validation error is a ValueError subclass that names the offending field: INVALID_ARGUMENT.
@@ -111,6 +121,74 @@ def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> I
         context.abort(code, str(error))
 
 
+@dataclasses.dataclass(frozen=True)
+class MalformedRequest:
+    """What the server's deserializer hands a handler for bytes that are not a valid message.
+
+    gRPC answers a deserializer exception with INTERNAL ("Exception deserializing request!"),
+    which says neither that the client is at fault nor what was wrong; so the deserializers
+    registered by :func:`add_to_server` return this instead, and the handler refuses it with
+    INVALID_ARGUMENT and the parser's reason (``check_parsed``).
+    """
+
+    message_type: str
+    size: int
+    reason: str
+
+
+def check_parsed(request: object) -> None:
+    """Raise ValueError (INVALID_ARGUMENT) if ``request`` is a :class:`MalformedRequest`."""
+    if isinstance(request, MalformedRequest):
+        raise ValueError(
+            f"malformed {request.message_type} message ({request.size} bytes): {request.reason}"
+        )
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except protobuf_message.DecodeError as error:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, len(data), str(error))
+
+    return parse
+
+
+def add_to_server(servicer: FederationServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_FederationServiceServicer_to_server``, but
+    with deserializers that turn undecodable bytes into :class:`MalformedRequest`."""
+    handlers = {
+        "JoinRound": grpc.unary_unary_rpc_method_handler(
+            servicer.JoinRound,
+            request_deserializer=_tolerant(fpb.JoinRoundRequest),
+            response_serializer=fpb.JoinRoundResponse.SerializeToString,
+        ),
+        "UploadFeatures": grpc.stream_unary_rpc_method_handler(
+            servicer.UploadFeatures,
+            request_deserializer=_tolerant(pb.UploadFeaturesRequest),
+            response_serializer=fpb.UploadFeaturesResponse.SerializeToString,
+        ),
+        "QueryUploadStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.QueryUploadStatus,
+            request_deserializer=_tolerant(fpb.QueryUploadStatusRequest),
+            response_serializer=fpb.QueryUploadStatusResponse.SerializeToString,
+        ),
+        "DownloadBank": grpc.unary_stream_rpc_method_handler(
+            servicer.DownloadBank,
+            request_deserializer=_tolerant(fpb.DownloadBankRequest),
+            response_serializer=fpb.DownloadBankResponse.SerializeToString,
+        ),
+        "WatchRound": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchRound,
+            request_deserializer=_tolerant(fpb.WatchRoundRequest),
+            response_serializer=fpb.RoundStatus.SerializeToString,
+        ),
+    }
+    name = fpb.DESCRIPTOR.services_by_name["FederationService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
 #: auth_context keys of the verified client certificate's names (gRPC's ssl transport).
 _CERT_NAME_KEYS: Final[tuple[str, ...]] = ("x509_common_name", "x509_subject_alternative_name")
 
@@ -165,7 +243,8 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def JoinRound(  # noqa: N802 - generated interface
         self, request: fpb.JoinRoundRequest, context: grpc.ServicerContext
     ) -> fpb.JoinRoundResponse:
-        with _statuses(context, "JoinRound", request.site_id):
+        with _statuses(context, "JoinRound", None):
+            check_parsed(request)
             site = self._site(context, request.site_id)
             fingerprint = request.feature_fingerprint
             if fingerprint and (
@@ -190,6 +269,7 @@ class FederationServicer(fgrpc.FederationServiceServicer):
             site = self._caller(context)
         with _statuses(context, "UploadFeatures", site):
             for request in request_iterator:
+                check_parsed(request)
                 item = upload_request_from_proto(request)
                 new = self._federation.receive(site, item, request.SerializeToString())
                 round_number = item.round
@@ -210,7 +290,8 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def QueryUploadStatus(  # noqa: N802
         self, request: fpb.QueryUploadStatusRequest, context: grpc.ServicerContext
     ) -> fpb.QueryUploadStatusResponse:
-        with _statuses(context, "QueryUploadStatus", request.site_id):
+        with _statuses(context, "QueryUploadStatus", None):
+            check_parsed(request)
             site = self._site(context, request.site_id)
             progress = self._federation.progress(site, request.round)
             return fpb.QueryUploadStatusResponse(upload=progress_to_proto(progress))
@@ -218,7 +299,8 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def DownloadBank(  # noqa: N802
         self, request: fpb.DownloadBankRequest, context: grpc.ServicerContext
     ) -> Iterator[fpb.DownloadBankResponse]:
-        with _statuses(context, "DownloadBank", request.site_id):
+        with _statuses(context, "DownloadBank", None):
+            check_parsed(request)
             site = self._site(context, request.site_id)
             download = self._federation.bank_download(
                 site, request.version, request.have_version
@@ -249,7 +331,8 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def WatchRound(  # noqa: N802
         self, request: fpb.WatchRoundRequest, context: grpc.ServicerContext
     ) -> Iterator[fpb.RoundStatus]:
-        with _statuses(context, "WatchRound", request.site_id):
+        with _statuses(context, "WatchRound", None):
+            check_parsed(request)
             self._site(context, request.site_id)
             interval = (request.min_interval_ms or _DEFAULT_WATCH_INTERVAL_MS) / 1000.0
             for snapshot in self._federation.watch(request.round, interval, context.is_active):
