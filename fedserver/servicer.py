@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
 
@@ -92,6 +94,11 @@ _PHASES: Final[dict[Phase, int]] = {
     Phase.FAILED: fpb.ROUND_STATE_FAILED,
 }
 _DEFAULT_WATCH_INTERVAL_MS: Final[int] = 500
+#: Longest QueryUploadStatus waits for the caller's running upload streams to finish
+#: committing what had arrived (FederationServicer._wait_for_streams), seconds.
+DRAIN_WAIT_S: Final[float] = 5.0
+#: A running upload stream whose position has not moved for this long has nothing in flight.
+STREAM_IDLE_S: Final[float] = 0.3
 
 
 def status_for(error: BaseException) -> grpc.StatusCode | None:
@@ -218,6 +225,54 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         self._federation = federation
         self._tokens = tokens
         self._bind_certificates = bind_certificates
+        self._streams_changed = threading.Condition()
+        self._streams: dict[str, list[grpc.ServicerContext]] = {}
+
+    @contextlib.contextmanager
+    def _uploading(self, site: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Register an upload stream of ``site`` while its handler runs."""
+        with self._streams_changed:
+            self._streams.setdefault(site, []).append(context)
+        try:
+            yield
+        finally:
+            with self._streams_changed:
+                self._streams[site].remove(context)
+                self._streams_changed.notify_all()
+
+    def _wait_for_streams(self, site: str, round_number: int) -> None:
+        """Let the site's running upload streams finish committing what has arrived before
+        answering where its upload stands.
+
+        When a connection breaks, the client learns it at once, but gRPC still hands the
+        server's handler the messages that had reached the server before the break, one by one
+        as each is committed (fsync), and only then reports the cancellation. A client that
+        asked at once would be told a position those messages are about to move, and resend
+        chunks the server then commits anyway from the old stream (measured: up to 7 chunks
+        ignored as identical resends per break before this wait). So the answer waits until
+        the site has no upload stream running, or its position has not moved for
+        STREAM_IDLE_S (a live but idle stream: nothing is in flight), at most DRAIN_WAIT_S (a
+        live stream that keeps committing: another client of the site, e.g. ``fedclient
+        status`` while uploading; the answer is then as it is, and a resend below the committed
+        position is still harmless).
+        """
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        last, moved = None, time.monotonic()
+        with self._streams_changed:
+            while self._streams.get(site):
+                now = time.monotonic()
+                try:
+                    position = self._federation.progress(site, round_number).committed_sequence
+                except Exception:  # the status call itself reports a bad round
+                    return
+                if position != last:
+                    last, moved = position, now
+                if now - moved >= STREAM_IDLE_S or now >= deadline:
+                    if now >= deadline:
+                        logger.info("site %s: an upload stream is still committing after "
+                                    "%.1f s; answering its position as it is", site, DRAIN_WAIT_S)
+                    return
+                self._streams_changed.wait(timeout=0.02)
 
     def _caller(self, context: grpc.ServicerContext) -> str:
         """The authenticated site: its token's, bound to its client certificate under mTLS."""
@@ -267,7 +322,7 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         round_number = 0
         with _statuses(context, "UploadFeatures", None):
             site = self._caller(context)
-        with _statuses(context, "UploadFeatures", site):
+        with _statuses(context, "UploadFeatures", site), self._uploading(site, context):
             for request in request_iterator:
                 check_parsed(request)
                 item = upload_request_from_proto(request)
@@ -293,6 +348,7 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         with _statuses(context, "QueryUploadStatus", None):
             check_parsed(request)
             site = self._site(context, request.site_id)
+            self._wait_for_streams(site, request.round)
             progress = self._federation.progress(site, request.round)
             return fpb.QueryUploadStatusResponse(upload=progress_to_proto(progress))
 

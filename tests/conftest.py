@@ -25,7 +25,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
     # The full reliability campaign runs only when asked for (`pytest -m reliability`); its fast
     # subset is unmarked and runs with the suite.
-    skip_campaign = pytest.mark.skip(reason="full reliability campaign: run `pytest -m reliability`")
+    skip_campaign = pytest.mark.skip(
+        reason="full reliability campaign: run `pytest -m reliability`"
+    )
     campaign = "reliability" in (config.getoption("markexpr", "") or "")
     for item in items:
         if item.get_closest_marker("reliability") is not None and not campaign:

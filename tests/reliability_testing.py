@@ -218,6 +218,13 @@ class ServerProcess:
             if match:
                 return match
 
+    def drain(self) -> list[str]:
+        """Every log line so far (after the process ended: all of them)."""
+        time.sleep(0.2)
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return self.log
+
     def kill(self) -> None:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(timeout=30)
