@@ -35,6 +35,7 @@ class _Faults:
     cuts: int = 0
     flips: int = 0
     upstream_bytes: int = 0
+    downstream_bytes: int = 0
     connections: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -82,7 +83,13 @@ class FaultProxy:
             except OSError:
                 return
             try:
-                server = socket.create_connection(("127.0.0.1", self.target_port), timeout=5)
+                server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                # Small kernel buffers on both legs: what the proxy has not forwarded stays
+                # with the sender (a download is then really in progress when the server dies).
+                server.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 16)
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 16)
+                server.settimeout(5)
+                server.connect(("127.0.0.1", self.target_port))
                 server.settimeout(None)
             except OSError:
                 _close(client, reset=True)
@@ -153,9 +160,11 @@ class FaultProxy:
         try:
             while True:
                 data = source.recv(16384)
-                if not data:
-                    sink.shutdown(socket.SHUT_WR)
+                if not data:  # the server went away: so does the client's connection
+                    _close(source, reset=True)
+                    _close(sink, reset=True)
                     return
+                self.faults.downstream_bytes += len(data)
                 rate = self.faults.down_rate
                 if rate:
                     sent += len(data)

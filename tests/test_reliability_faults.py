@@ -351,6 +351,9 @@ def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
         server.wait_for(r"site a downloads bank version 1")
         time.sleep(1.0)
         server.kill()  # mid-stream: the site holds part of the bank
+        received_at_kill = proxy.faults.downstream_bytes
+        bank_bytes = 3000 * 128 * 4
+        assert 0 < received_at_kill < bank_bytes // 2, received_at_kill
         assert thread.is_alive()
         server = ServerProcess("--config", str(config), "--bind", f"127.0.0.1:{port}",
                                log_path=tmp_path / "server2.log")
@@ -363,5 +366,6 @@ def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
     bank = result.bank  # type: ignore[attr-defined]
     np.testing.assert_array_equal(bank, _reference(data, k=3000))
     assert bank_checksum(bank) == bank_checksum(_reference(data, k=3000))
-    print(f"\nkilled mid-download: {proxy.faults.connections} connection(s) through the proxy, "
-          f"bank of {bank.shape[0]} rows received whole after the restart")
+    print(f"\nkilled mid-download after {received_at_kill} of ~{bank_bytes} B: "
+          f"{proxy.faults.connections} connection(s) through the proxy, bank of "
+          f"{bank.shape[0]} rows received whole after the restart")
