@@ -298,6 +298,7 @@ def _process_config(tmp_path: Path, sites: tuple[str, ...], k: int) -> tuple[Pat
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(900)  # process starts import torch: slow on a loaded machine
 def test_server_killed_during_selection_selects_again_after_restart(tmp_path: Path) -> None:
     config, tokens = _process_config(tmp_path, ("a", "b", "c"), k=3000)
     server = ServerProcess("--config", str(config), "--bind", "127.0.0.1:0",
@@ -325,12 +326,14 @@ def test_server_killed_during_selection_selects_again_after_restart(tmp_path: Pa
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(900)  # process starts import torch: slow on a loaded machine
 def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
-    config, tokens = _process_config(tmp_path, ("a", "b"), k=3000)
+    k, dim = 6000, 256  # a 6 MiB bank: more than gRPC's flow-control window and the buffers
+    config, tokens = _process_config(tmp_path, ("a", "b"), k=k)
     server = ServerProcess("--config", str(config), "--bind", "127.0.0.1:0",
                            log_path=tmp_path / "server.log")
     port = server.port
-    data = {s: site_rows(20 + i, 3000, dim=128) for i, s in enumerate(("a", "b"))}
+    data = {s: site_rows(20 + i, k, dim=dim) for i, s in enumerate(("a", "b"))}
     proxy = FaultProxy(port)
     try:
         for site, rows in data.items():
@@ -339,7 +342,7 @@ def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
                 session.upload(summary, chunks)
         with _session(port, "a", tokens["a"]) as session:
             session.wait_until_ready(1, timeout_s=120)
-        proxy.limit_down(400_000)  # the 1.5 MB bank takes ~4 s through the proxy
+        proxy.limit_down(500_000)  # the bank takes ~12 s through the proxy
         outcome: dict[str, object] = {}
         session = SiteSession(
             ConnectionConfig(f"127.0.0.1:{proxy.port}", token=tokens["a"], call_timeout_s=60),
@@ -349,14 +352,16 @@ def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
         thread = threading.Thread(target=lambda: outcome.update(result=session.download_bank()))
         thread.start()
         server.wait_for(r"site a downloads bank version 1")
-        time.sleep(1.0)
+        time.sleep(1.5)
         server.kill()  # mid-stream: the site holds part of the bank
         received_at_kill = proxy.faults.downstream_bytes
-        bank_bytes = 3000 * 128 * 4
+        bank_bytes = k * dim * 4
         assert 0 < received_at_kill < bank_bytes // 2, received_at_kill
         assert thread.is_alive()
         server = ServerProcess("--config", str(config), "--bind", f"127.0.0.1:{port}",
                                log_path=tmp_path / "server2.log")
+        # The site's retry downloads again from the restarted server.
+        server.wait_for(r"site a downloads bank version 1", timeout=120)
         thread.join(timeout=120)
         session.close()
         result = outcome["result"]
@@ -364,8 +369,9 @@ def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
         proxy.close()
         assert server.stop() == 0
     bank = result.bank  # type: ignore[attr-defined]
-    np.testing.assert_array_equal(bank, _reference(data, k=3000))
-    assert bank_checksum(bank) == bank_checksum(_reference(data, k=3000))
+    reference = _reference(data, k=k)
+    np.testing.assert_array_equal(bank, reference)
+    assert bank_checksum(bank) == bank_checksum(reference)
     print(f"\nkilled mid-download after {received_at_kill} of ~{bank_bytes} B: "
           f"{proxy.faults.connections} connection(s) through the proxy, bank of "
           f"{bank.shape[0]} rows received whole after the restart")

@@ -310,6 +310,7 @@ def test_fuzz_servicer_requests(
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(1200)
 def test_fuzz_full_campaign(
     servicer: tuple[FederationServicer, dict[str, str], Federation],
 ) -> None:

@@ -166,6 +166,7 @@ def test_sites_at_once_with_a_slow_one_in_process(tmp_path: Path) -> None:
 
 
 @pytest.mark.reliability
+@pytest.mark.timeout(900)
 def test_32_sites_against_a_server_process(tmp_path: Path) -> None:
     sites = [f"s{i:02d}" for i in range(32)]
     slow = sites[0]
