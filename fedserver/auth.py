@@ -26,6 +26,7 @@ from typing import Any, Final
 import grpc
 
 from core.messages import MAX_SITE_ID_BYTES
+from fedserver.journal import write_private
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +67,7 @@ def write_tokens_file(path: Path, site_tokens: dict[str, str]) -> None:
     """Write ``site_id sha256`` lines for {site_id: plaintext token}; the file is mode 0600."""
     lines = ["# fedserver tokens: site_id sha256(token) (see fedserver/auth.py)"]
     lines += [f"{site} {hash_token(token)}" for site, token in sorted(site_tokens.items())]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    path.chmod(0o600)
+    write_private(path, "\n".join(lines) + "\n")
 
 
 class TokenStore:

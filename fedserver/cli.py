@@ -26,6 +26,7 @@ from core.codec import CODEC_PRESETS
 from fedserver.auth import AuthError, new_token, write_tokens_file
 from fedserver.config import CONFIG_ENV, ConfigError, example_config, load_config
 from fedserver.health import check_health
+from fedserver.journal import write_private
 from fedserver.logs import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -172,13 +173,12 @@ def _init_config(args: argparse.Namespace) -> int:
     if existing and not args.force:
         print(f"fedserver: {existing[0]} exists; use --force to overwrite", file=sys.stderr)
         return 2
-    site_dir.mkdir(parents=True, exist_ok=True)
+    site_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     site_tokens = {site: new_token() for site in args.sites}
     write_tokens_file(tokens, site_tokens)
     for site, token in site_tokens.items():
         path = site_dir / f"{site}.token"
-        path.write_text(token + "\n", encoding="utf-8")
-        path.chmod(0o600)
+        write_private(path, token + "\n")
     config.write_text(example_config({
         "bind": args.bind, "state_dir": "state", "tokens_file": "tokens",
         "expected_sites": list(args.sites), "global_bank_size": args.global_bank_size,

@@ -23,13 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedpatchcore.v1 import federation_pb2 as fpb
-from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 from fedserver.auth import TokenAuthInterceptor, TokenStore
 from fedserver.config import ServerConfig
 from fedserver.federation import Federation
 from fedserver.journal import Journal
 from fedserver.metrics import ServerMetrics
-from fedserver.servicer import FederationServicer
+from fedserver.servicer import FederationServicer, add_to_server
 
 logger = logging.getLogger(__name__)
 
@@ -181,8 +180,10 @@ def bind_server(
         options=options,
         maximum_concurrent_rpcs=config.max_workers,
     )
-    servicer = FederationServicer(None, tokens, on_chunk=metrics.chunk)
-    fgrpc.add_FederationServiceServicer_to_server(servicer, server)
+    servicer = FederationServicer(
+        None, tokens, on_chunk=metrics.chunk, bind_certificates=config.client_ca is not None
+    )
+    add_to_server(servicer, server)
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -44,12 +44,20 @@ from typing import Any
 import numpy as np
 
 from core.bankdelta import bank_delta, decoded_checksum, stable_order
+from core.codec import PayloadTooLargeError
 from core.federated.aggregator import GlobalBankAggregator, IncompatibleSiteError
 from core.messages import BankChunk, FeatureChunk, SiteSummary
 from core.serde import chunked_roundtrip, split_bank_into_chunks, upload_request_from_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedserver.config import ServerConfig
-from fedserver.journal import BankVersion, Journal, JournalCorruptError, Record, RecordKind
+from fedserver.journal import (
+    BankVersion,
+    Journal,
+    JournalCorruptError,
+    Record,
+    RecordKind,
+    write_private,
+)
 from fedserver.report import write_round_report
 
 logger = logging.getLogger(__name__)
@@ -537,6 +545,12 @@ class Federation:
                 f"{progress.committed_sequence - 1} are committed; resume from chunk "
                 f"{progress.committed_sequence}"
             )
+        if chunk.features.decoded_size > self.config.max_chunk_bytes:
+            raise PayloadTooLargeError(
+                f"chunk {chunk.sequence} of site {chunk.site_id!r} declares a decoded payload "
+                f"of {chunk.features.decoded_size} bytes, more than this server's "
+                f"max_chunk_bytes={self.config.max_chunk_bytes} (RoundConfig.max_chunk_bytes)"
+            )
         # Validates order, size, dimension and checksum, decodes and buffers the rows; an
         # identical resend returns False. Raises (changing nothing) on anything else.
         self._aggregator.receive_chunk(chunk)
@@ -991,7 +1005,7 @@ class Federation:
                     f"settings ({details}); use those settings or a new state directory"
                 )
         else:
-            path.write_text(json.dumps(settings, sort_keys=True), encoding="utf-8")
+            write_private(path, json.dumps(settings, sort_keys=True))
 
     def _new_aggregator(self) -> GlobalBankAggregator:
         return GlobalBankAggregator(

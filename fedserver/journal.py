@@ -23,6 +23,15 @@ the end of the file) from a damaged length field, which must not be mistaken for
 Kinds: ROUND_OPENED / ROUND_CUTOFF / ROUND_CLOSED / ROUND_FAILED (JSON payloads), SUMMARY /
 CHUNK (serialized fedpatchcore.v1.UploadFeaturesRequest).
 
+Permissions: the state directory and ``banks/`` are created (or tightened to) mode 0700 and
+every file in them is created 0600 whatever the umask: the journal holds every site's features.
+
+A failed append (disk full, I/O error, directory made unwritable) raises OSError after cutting
+the file back to where the record began, so the log never keeps a partial record in its middle
+(a later, successful append after it would otherwise make the damage look like corruption of
+acknowledged data at the next start). If even that cut fails, the journal refuses every later
+append (``JournalBrokenError``) until the server is restarted and repairs the tail.
+
 Not thread-safe: the caller (fedserver.federation) serialises appends under its lock.
 """
 
@@ -43,17 +52,34 @@ import xxhash
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BankVersion", "Journal", "JournalCorruptError", "Record", "RecordKind"]
+__all__ = [
+    "DIR_MODE",
+    "FILE_MODE",
+    "BankVersion",
+    "Journal",
+    "JournalBrokenError",
+    "JournalCorruptError",
+    "Record",
+    "RecordKind",
+    "write_private",
+]
 
 MAGIC: Final[bytes] = b"FPCJRNL1"
 _HEADER: Final[struct.Struct] = struct.Struct("<IBQI")
 _HEADER_BODY: Final[int] = 13  # bytes the header checksum covers
 #: A record larger than this is not something this server wrote (chunks are < 4 MiB).
 MAX_RECORD_BYTES: Final[int] = 64 << 20
+#: Owner-only permissions of the state directory's folders and files.
+DIR_MODE: Final[int] = 0o700
+FILE_MODE: Final[int] = 0o600
 
 
 class JournalCorruptError(RuntimeError):
     """A journal record before the last one is damaged: acknowledged data cannot be trusted."""
+
+
+class JournalBrokenError(OSError):
+    """An earlier append failed and its partial record could not be cut off: no more appends."""
 
 
 class RecordKind(enum.IntEnum):
@@ -107,13 +133,18 @@ class Journal:
     def __init__(self, state_dir: Path, *, fsync: bool = True) -> None:
         self.state_dir = Path(state_dir)
         self.bank_dir = self.state_dir / "banks"
-        self.bank_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.state_dir)
+        _private_dir(self.bank_dir)
         self.path = self.state_dir / "journal.log"
         self._fsync = fsync
         self.records_at_open = self._read_and_repair()
-        self._file = open(self.path, "ab")  # noqa: SIM115 - held open for the server's life
-        if self._file.tell() == 0:
-            self._file.write(MAGIC)
+        # Unbuffered: a failed write leaves nothing in a Python buffer to be flushed later.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, FILE_MODE)
+        os.fchmod(fd, FILE_MODE)
+        self._file = os.fdopen(fd, "ab", buffering=0)
+        self._broken: str | None = None
+        if self._file.seek(0, os.SEEK_END) == 0:
+            self._write_all(MAGIC)
             self._sync()
             _fsync_dir(self.state_dir)
         self.bytes_written = 0
@@ -121,7 +152,6 @@ class Journal:
     def records(self) -> Iterator[Record]:
         """Every record on disk, in append order, read one at a time (replay at start, and the
         rebuild after a round's cutoff). Call between appends, from the appending thread."""
-        self._file.flush()
         size = self.path.stat().st_size
         with open(self.path, "rb") as handle:
             handle.seek(len(MAGIC))
@@ -131,14 +161,28 @@ class Journal:
                 yield record
 
     def append(self, kind: RecordKind, payload: bytes) -> None:
-        """Append one record and (with fsync) make it durable before returning."""
+        """Append one record and (with fsync) make it durable before returning.
+
+        Raises OSError when it could not (the file is then as before the call; module
+        docstring), JournalBrokenError after an append whose damage could not be undone.
+        """
         if len(payload) > MAX_RECORD_BYTES:
             raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
+        if self._broken is not None:
+            raise JournalBrokenError(
+                f"journal {self.path} refuses appends after an earlier failure ({self._broken}); "
+                "restart the server to repair it"
+            )
         body = struct.pack("<IBQ", len(payload), int(kind), xxhash.xxh64_intdigest(payload))
         header = body + struct.pack("<I", xxhash.xxh32_intdigest(body))
-        self._file.write(header)
-        self._file.write(payload)
-        self._sync()
+        start = self._file.seek(0, os.SEEK_END)
+        try:
+            self._write_all(header)
+            self._write_all(payload)
+            self._sync()
+        except OSError as error:
+            self._undo(start, error)
+            raise
         self.bytes_written += len(header) + len(payload)
 
     def append_json(self, kind: RecordKind, value: dict[str, Any]) -> None:
@@ -147,8 +191,11 @@ class Journal:
 
     def close(self) -> None:
         if not self._file.closed:
-            self._sync()
-            self._file.close()
+            try:
+                if self._broken is None:
+                    self._sync()
+            finally:
+                self._file.close()
 
     # -- bank versions --------------------------------------------------------------------
 
@@ -157,15 +204,15 @@ class Journal:
         stem = self.bank_dir / f"v{version:06d}"
         array = np.ascontiguousarray(bank, dtype=np.float32)
         tmp = stem.with_suffix(".npy.tmp")
-        with open(tmp, "wb") as handle:
+        with _open_private(tmp) as handle:
             np.save(handle, array, allow_pickle=False)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, stem.with_suffix(".npy"))
         tmp_meta = stem.with_suffix(".json.tmp")
-        with open(tmp_meta, "w", encoding="utf-8") as handle:
-            json.dump({**meta, "version": version, "rows": int(array.shape[0])}, handle,
-                      sort_keys=True)
+        with _open_private(tmp_meta) as handle:
+            handle.write(json.dumps({**meta, "version": version, "rows": int(array.shape[0])},
+                                    sort_keys=True).encode("utf-8"))
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_meta, stem.with_suffix(".json"))
@@ -190,9 +237,28 @@ class Journal:
     # -- internals ------------------------------------------------------------------------
 
     def _sync(self) -> None:
-        self._file.flush()
         if self._fsync:
             os.fsync(self._file.fileno())
+
+    def _write_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._file.write(view)
+            if not written:
+                raise OSError(f"short write to {self.path}")
+            view = view[written:]
+
+    def _undo(self, start: int, error: OSError) -> None:
+        """Cut a failed append's partial record off (``start``: where it began)."""
+        logger.error("journal %s: append failed (%s); cutting the file back to byte %d",
+                     self.path, error, start)
+        try:
+            os.ftruncate(self._file.fileno(), start)
+            if self._fsync:
+                os.fsync(self._file.fileno())
+        except OSError as undo_error:
+            self._broken = f"{error}; cutting it off failed too: {undo_error}"
+            logger.critical("journal %s: %s", self.path, self._broken)
 
     def _read_and_repair(self) -> int:
         """Check the existing log; cut off a torn last record; raise on damage before it.
@@ -271,6 +337,32 @@ def _is_tail_damage(handle: BinaryIO, offset: int, size: int) -> bool:
     if xxhash.xxh32_intdigest(header[:_HEADER_BODY]) != header_digest:
         return False
     return offset + _HEADER.size + length >= size
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path``, created mode 0600 whatever the umask (no moment at
+    which another user could open it), replacing what was there."""
+    path = Path(path)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    try:
+        os.fchmod(fd, FILE_MODE)
+        os.write(fd, text.encode("utf-8"))
+    finally:
+        os.close(fd)
+
+
+def _open_private(path: Path) -> BinaryIO:
+    """A new binary file opened for writing, mode 0600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    os.fchmod(fd, FILE_MODE)
+    return os.fdopen(fd, "wb")
+
+
+def _private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) if missing; make ``path`` itself mode 0700."""
+    path.mkdir(parents=True, exist_ok=True, mode=DIR_MODE)
+    if path.stat().st_mode & 0o777 != DIR_MODE:
+        path.chmod(DIR_MODE)
 
 
 def _fsync_dir(path: Path) -> None:

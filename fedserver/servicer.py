@@ -9,12 +9,15 @@ become status codes here and only here (``STATUS_BY_ERROR``), each with the erro
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import Any, Final
 
 import grpc
+from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
 from core.codec import (
@@ -55,7 +58,17 @@ from fedserver.federation import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["STATUS_BY_ERROR", "FederationServicer", "ServerStartingError", "status_for"]
+__all__ = [
+    "STATUS_BY_ERROR",
+    "FederationServicer",
+    "MalformedRequest",
+    "ServerStartingError",
+    "add_to_server",
+    "certificate_names",
+    "check_parsed",
+    "status_for",
+]
+
 
 class ServerStartingError(Exception):
     """A call arrived before the server finished replaying its state directory."""
@@ -89,6 +102,11 @@ _PHASES: Final[dict[Phase, int]] = {
     Phase.FAILED: fpb.ROUND_STATE_FAILED,
 }
 _DEFAULT_WATCH_INTERVAL_MS: Final[int] = 500
+#: Longest QueryUploadStatus waits for the caller's running upload streams to finish
+#: committing what had arrived (FederationServicer._wait_for_streams), seconds.
+DRAIN_WAIT_S: Final[float] = 5.0
+#: A running upload stream whose position has not moved for this long has nothing in flight.
+STREAM_IDLE_S: Final[float] = 0.3
 
 
 def status_for(error: BaseException) -> grpc.StatusCode | None:
@@ -118,6 +136,88 @@ def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> I
         context.abort(code, str(error))
 
 
+@dataclasses.dataclass(frozen=True)
+class MalformedRequest:
+    """What the server's deserializer hands a handler for bytes that are not a valid message.
+
+    gRPC answers a deserializer exception with INTERNAL ("Exception deserializing request!"),
+    which says neither that the client is at fault nor what was wrong; so the deserializers
+    registered by :func:`add_to_server` return this instead, and the handler refuses it with
+    INVALID_ARGUMENT and the parser's reason (``check_parsed``).
+    """
+
+    message_type: str
+    size: int
+    reason: str
+
+
+def check_parsed(request: object) -> None:
+    """Raise ValueError (INVALID_ARGUMENT) if ``request`` is a :class:`MalformedRequest`."""
+    if isinstance(request, MalformedRequest):
+        raise ValueError(
+            f"malformed {request.message_type} message ({request.size} bytes): {request.reason}"
+        )
+
+
+def _tolerant(message_class: Any) -> Callable[[bytes], object]:
+    def parse(data: bytes) -> object:
+        try:
+            return message_class.FromString(data)
+        except protobuf_message.DecodeError as error:
+            return MalformedRequest(message_class.DESCRIPTOR.full_name, len(data), str(error))
+
+    return parse
+
+
+def add_to_server(servicer: FederationServicer, server: grpc.Server) -> None:
+    """Register ``servicer`` like the generated ``add_FederationServiceServicer_to_server``, but
+    with deserializers that turn undecodable bytes into :class:`MalformedRequest`."""
+    handlers = {
+        "JoinRound": grpc.unary_unary_rpc_method_handler(
+            servicer.JoinRound,
+            request_deserializer=_tolerant(fpb.JoinRoundRequest),
+            response_serializer=fpb.JoinRoundResponse.SerializeToString,
+        ),
+        "UploadFeatures": grpc.stream_unary_rpc_method_handler(
+            servicer.UploadFeatures,
+            request_deserializer=_tolerant(pb.UploadFeaturesRequest),
+            response_serializer=fpb.UploadFeaturesResponse.SerializeToString,
+        ),
+        "QueryUploadStatus": grpc.unary_unary_rpc_method_handler(
+            servicer.QueryUploadStatus,
+            request_deserializer=_tolerant(fpb.QueryUploadStatusRequest),
+            response_serializer=fpb.QueryUploadStatusResponse.SerializeToString,
+        ),
+        "DownloadBank": grpc.unary_stream_rpc_method_handler(
+            servicer.DownloadBank,
+            request_deserializer=_tolerant(fpb.DownloadBankRequest),
+            response_serializer=fpb.DownloadBankResponse.SerializeToString,
+        ),
+        "WatchRound": grpc.unary_stream_rpc_method_handler(
+            servicer.WatchRound,
+            request_deserializer=_tolerant(fpb.WatchRoundRequest),
+            response_serializer=fpb.RoundStatus.SerializeToString,
+        ),
+    }
+    name = fpb.DESCRIPTOR.services_by_name["FederationService"].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    server.add_registered_method_handlers(name, handlers)
+
+
+#: auth_context keys of the verified client certificate's names (gRPC's ssl transport).
+_CERT_NAME_KEYS: Final[tuple[str, ...]] = ("x509_common_name", "x509_subject_alternative_name")
+
+
+def certificate_names(context: grpc.ServicerContext) -> set[str]:
+    """The CN and SAN entries of the peer's verified client certificate (empty without one)."""
+    auth = context.auth_context() or {}
+    return {
+        value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+        for key in _CERT_NAME_KEYS
+        for value in auth.get(key, ())
+    }
+
+
 class FederationServicer(fgrpc.FederationServiceServicer):
     """The gRPC face of a :class:`Federation`; ``tokens`` identify the calling site.
 
@@ -125,6 +225,11 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     already bound so that health can say NOT_SERVING): every call then fails with UNAVAILABLE,
     which clients retry, until :meth:`attach`. ``on_chunk(site, outcome)`` is told of each
     chunk: "accepted", "resent" or the status code name it was refused with (metrics).
+
+    bind_certificates: with mTLS (the daemon sets it when ``client_ca`` is configured), a
+        token is accepted only over a connection whose client certificate names the token's
+        site in its CN or a SAN entry, so a stolen token is useless without that site's key and
+        one site's certificate cannot carry another site's token (PERMISSION_DENIED).
     """
 
     def __init__(
@@ -133,10 +238,14 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         tokens: TokenStore,
         *,
         on_chunk: Callable[[str, str], None] | None = None,
+        bind_certificates: bool = False,
     ) -> None:
         self._attached = federation
         self._tokens = tokens
         self._on_chunk = on_chunk
+        self._bind_certificates = bind_certificates
+        self._streams_changed = threading.Condition()
+        self._streams: dict[str, list[grpc.ServicerContext]] = {}
 
     def attach(self, federation: Federation) -> None:
         """Serve ``federation`` from now on (its journal has been replayed)."""
@@ -150,9 +259,67 @@ class FederationServicer(fgrpc.FederationServiceServicer):
             )
         return self._attached
 
+    @contextlib.contextmanager
+    def _uploading(self, site: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """Register an upload stream of ``site`` while its handler runs."""
+        with self._streams_changed:
+            self._streams.setdefault(site, []).append(context)
+        try:
+            yield
+        finally:
+            with self._streams_changed:
+                self._streams[site].remove(context)
+                self._streams_changed.notify_all()
+
+    def _wait_for_streams(self, site: str, round_number: int) -> None:
+        """Let the site's running upload streams finish committing what has arrived before
+        answering where its upload stands.
+
+        When a connection breaks, the client learns it at once, but gRPC still hands the
+        server's handler the messages that had reached the server before the break, one by one
+        as each is committed (fsync), and only then reports the cancellation. A client that
+        asked at once would be told a position those messages are about to move, and resend
+        chunks the server then commits anyway from the old stream (measured: up to 7 chunks
+        ignored as identical resends per break before this wait). So the answer waits until
+        the site has no upload stream running, or its position has not moved for
+        STREAM_IDLE_S (a live but idle stream: nothing is in flight), at most DRAIN_WAIT_S (a
+        live stream that keeps committing: another client of the site, e.g. ``fedclient
+        status`` while uploading; the answer is then as it is, and a resend below the committed
+        position is still harmless).
+        """
+        deadline = time.monotonic() + DRAIN_WAIT_S
+        last, moved = None, time.monotonic()
+        with self._streams_changed:
+            while self._streams.get(site):
+                now = time.monotonic()
+                try:
+                    position = self._federation.progress(site, round_number).committed_sequence
+                except Exception:  # the status call itself reports a bad round
+                    return
+                if position != last:
+                    last, moved = position, now
+                if now - moved >= STREAM_IDLE_S or now >= deadline:
+                    if now >= deadline:
+                        logger.info("site %s: an upload stream is still committing after "
+                                    "%.1f s; answering its position as it is", site, DRAIN_WAIT_S)
+                    return
+                self._streams_changed.wait(timeout=0.02)
+
+    def _caller(self, context: grpc.ServicerContext) -> str:
+        """The authenticated site: its token's, bound to its client certificate under mTLS."""
+        site = self._tokens.site_of(context.invocation_metadata())
+        if self._bind_certificates:
+            names = certificate_names(context)
+            if site not in names:
+                raise PermissionDeniedError(
+                    f"the client certificate (names {sorted(names)}) does not belong to site "
+                    f"{site!r}, the site of the bearer token: its CN or a SAN must be the site id"
+                )
+        return site
+
     def _site(self, context: grpc.ServicerContext, claimed: str) -> str:
         """The caller's site (from its token); PermissionDeniedError if it claims another."""
-        site = self._tokens.site_of(context.invocation_metadata())
+        site = self._caller(context)
         if claimed and claimed != site:
             raise PermissionDeniedError(f"site {site!r} cannot act as site {claimed!r}")
         if not claimed:
@@ -162,7 +329,8 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def JoinRound(  # noqa: N802 - generated interface
         self, request: fpb.JoinRoundRequest, context: grpc.ServicerContext
     ) -> fpb.JoinRoundResponse:
-        with _statuses(context, "JoinRound", request.site_id):
+        with _statuses(context, "JoinRound", None):
+            check_parsed(request)
             site = self._site(context, request.site_id)
             fingerprint = request.feature_fingerprint
             if fingerprint and (
@@ -184,14 +352,19 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         accepted = ignored = 0
         round_number = 0
         with _statuses(context, "UploadFeatures", None):
-            site = self._tokens.site_of(context.invocation_metadata())
-        with _statuses(context, "UploadFeatures", site):
+            site = self._caller(context)
+        with _statuses(context, "UploadFeatures", site), self._uploading(site, context):
             for request in request_iterator:
                 try:
+                    check_parsed(request)
                     item = upload_request_from_proto(request)
                     new = self._federation.receive(site, item, request.SerializeToString())
                 except Exception as error:
-                    if self._on_chunk is not None and request.HasField("chunk"):
+                    if (
+                        self._on_chunk is not None
+                        and isinstance(request, pb.UploadFeaturesRequest)
+                        and request.HasField("chunk")
+                    ):
                         code = status_for(error)
                         self._on_chunk(site, code.name if code is not None else "UNKNOWN")
                     raise
@@ -215,15 +388,18 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def QueryUploadStatus(  # noqa: N802
         self, request: fpb.QueryUploadStatusRequest, context: grpc.ServicerContext
     ) -> fpb.QueryUploadStatusResponse:
-        with _statuses(context, "QueryUploadStatus", request.site_id):
+        with _statuses(context, "QueryUploadStatus", None):
+            check_parsed(request)
             site = self._site(context, request.site_id)
+            self._wait_for_streams(site, request.round)
             progress = self._federation.progress(site, request.round)
             return fpb.QueryUploadStatusResponse(upload=progress_to_proto(progress))
 
     def DownloadBank(  # noqa: N802
         self, request: fpb.DownloadBankRequest, context: grpc.ServicerContext
     ) -> Iterator[fpb.DownloadBankResponse]:
-        with _statuses(context, "DownloadBank", request.site_id):
+        with _statuses(context, "DownloadBank", None):
+            check_parsed(request)
             site = self._site(context, request.site_id)
             download = self._federation.bank_download(
                 site, request.version, request.have_version
@@ -248,7 +424,8 @@ class FederationServicer(fgrpc.FederationServiceServicer):
     def WatchRound(  # noqa: N802
         self, request: fpb.WatchRoundRequest, context: grpc.ServicerContext
     ) -> Iterator[fpb.RoundStatus]:
-        with _statuses(context, "WatchRound", request.site_id):
+        with _statuses(context, "WatchRound", None):
+            check_parsed(request)
             self._site(context, request.site_id)
             interval = (request.min_interval_ms or _DEFAULT_WATCH_INTERVAL_MS) / 1000.0
             for snapshot in self._federation.watch(request.round, interval, context.is_active):

@@ -23,7 +23,15 @@ SMALL_FEATURES = FeatureConfig(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    # The full reliability campaign runs only when asked for (`pytest -m reliability`); its fast
+    # subset is unmarked and runs with the suite.
+    skip_campaign = pytest.mark.skip(
+        reason="full reliability campaign: run `pytest -m reliability`"
+    )
+    campaign = "reliability" in (config.getoption("markexpr", "") or "")
     for item in items:
+        if item.get_closest_marker("reliability") is not None and not campaign:
+            item.add_marker(skip_campaign)
         if "cuda_device" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.gpu)
             if not torch.cuda.is_available():

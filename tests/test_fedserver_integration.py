@@ -287,9 +287,10 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
              "ca.pem", "-days", "2", "-subj", "/CN=test-ca", cwd=pki)
     (pki / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    for name in ("server", "client"):
+    # The client certificate names site "a" (CN): under mTLS it must match the token's site.
+    for name, common_name in (("server", "server"), ("client", "a")):
         _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
-                 f"{name}.csr", "-subj", f"/CN={name}", cwd=pki)
+                 f"{name}.csr", "-subj", f"/CN={common_name}", cwd=pki)
         _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
                  "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-extfile", "san.ext",
                  cwd=pki)
