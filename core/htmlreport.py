@@ -130,16 +130,20 @@ def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
     )
 
 
-def write_atomic(path: Path, text: str) -> Path:
+def write_atomic(path: Path, text: str, *, private: bool = False) -> Path:
     """Write ``text`` to ``path`` through a temporary file and a rename: a reader (a browser
-    refreshing the page, another thread rewriting it) never sees half a file."""
+    refreshing the page, another thread rewriting it) never sees half a file.
+
+    private: owner-only (file 0600, a created folder 0700), for files inside a server's state
+        directory; otherwise the file is 0644, a report for people to read.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700 if private else 0o777, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is for people to read
+        os.chmod(tmp, 0o600 if private else 0o644)  # mkstemp makes 0600
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -49,6 +49,7 @@ from prometheus_client.registry import Collector
 
 from fedserver.auth import EXEMPT_METHOD_PREFIXES, AuthError, TokenStore
 from fedserver.federation import Federation, NotFoundError, Phase
+from fedserver.servicer import MalformedRequest
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +58,14 @@ __all__ = ["SELECTION_BUCKETS", "MetricsInterceptor", "ServerMetrics"]
 #: Selection time buckets, seconds: from a small CPU bank (< 1 s) to a 100k-row GPU bank.
 SELECTION_BUCKETS: Final[tuple[float, ...]] = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
 _UPLOAD_METHOD: Final[str] = "UploadFeatures"
+
+
+def _message_bytes(message: Any) -> int:
+    """Serialized size of a request or response, bytes; bytes that did not parse reach the
+    handler as a MalformedRequest (fedserver.servicer), which carries their size."""
+    if isinstance(message, MalformedRequest):
+        return message.size
+    return int(message.ByteSize())
 
 
 class ServerMetrics:
@@ -240,7 +249,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
         def requests(iterator: Iterator[Any]) -> Iterator[Any]:
             for request in iterator:
-                received.inc(request.ByteSize())
+                received.inc(_message_bytes(request))
                 yield request
 
         def finish(context: grpc.ServicerContext, failed: BaseException | None) -> None:
@@ -257,7 +266,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             if streaming_request:
                 request = requests(request)
             else:
-                received.inc(request.ByteSize())
+                received.inc(_message_bytes(request))
             uploading = method == _UPLOAD_METHOD
             if uploading:
                 m.uploads_in_flight.inc()
@@ -269,7 +278,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             finally:
                 if uploading:
                     m.uploads_in_flight.dec()
-            sent.inc(response.ByteSize())
+            sent.inc(_message_bytes(response))
             finish(context, None)
             return response
 
@@ -278,10 +287,10 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             if streaming_request:
                 request = requests(request)
             else:
-                received.inc(request.ByteSize())
+                received.inc(_message_bytes(request))
             try:
                 for response in behavior(request, context):
-                    sent.inc(response.ByteSize())
+                    sent.inc(_message_bytes(response))
                     yield response
             except BaseException as error:
                 finish(context, error)

@@ -140,11 +140,13 @@ def render_round_report(report: Mapping[str, Any]) -> str:
 
 def write_round_report(state_dir: Path, report: Mapping[str, Any]) -> tuple[Path, Path]:
     """Write ``round-N.json`` and ``round-N.html`` under ``state_dir/reports`` (atomically;
-    rewritten when the round's downloads add to it). Returns (json path, html path)."""
+    rewritten when the round's downloads add to it; owner-only like the rest of the state
+    directory). Returns (json path, html path)."""
     folder = Path(state_dir) / REPORT_DIR
     stem = f"round-{report['round']}"
     json_path = write_atomic(folder / f"{stem}.json",
-                             json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n")
-    html_path = write_atomic(folder / f"{stem}.html", render_round_report(report))
+                             json.dumps(json_safe(report), indent=2, sort_keys=True) + "\n",
+                             private=True)
+    html_path = write_atomic(folder / f"{stem}.html", render_round_report(report), private=True)
     logger.debug("round %s report written to %s", report["round"], folder)
     return json_path, html_path
