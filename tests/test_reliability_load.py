@@ -44,6 +44,8 @@ from fedserver.daemon import create_server
 from fedserver.federation import Phase
 from fedserver.journal import Journal, RecordKind
 
+pytestmark = pytest.mark.reliability  # the campaign; full=True: only with -m reliability
+
 CODEC = CODEC_PRESETS["fp16"]
 CHUNK_BYTES = 1 << 14
 
@@ -165,7 +167,7 @@ def test_sites_at_once_with_a_slow_one_in_process(tmp_path: Path) -> None:
           f"max {max(commit) * 1e3:.1f} ms")
 
 
-@pytest.mark.reliability
+@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(900)
 def test_32_sites_against_a_server_process(tmp_path: Path) -> None:
     sites = [f"s{i:02d}" for i in range(32)]
