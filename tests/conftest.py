@@ -23,14 +23,15 @@ SMALL_FEATURES = FeatureConfig(
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     skip_gpu = pytest.mark.skip(reason="needs CUDA")
-    # The full reliability campaign runs only when asked for (`pytest -m reliability`); its fast
-    # subset is unmarked and runs with the suite.
+    # The reliability campaign (tests/test_reliability_*.py) is marked `reliability`; its slow
+    # part, `reliability(full=True)`, runs only when asked for: `pytest -m reliability`.
     skip_campaign = pytest.mark.skip(
         reason="full reliability campaign: run `pytest -m reliability`"
     )
     campaign = "reliability" in (config.getoption("markexpr", "") or "")
     for item in items:
-        if item.get_closest_marker("reliability") is not None and not campaign:
+        full = any(m.kwargs.get("full") for m in item.iter_markers("reliability"))
+        if full and not campaign:
             item.add_marker(skip_campaign)
         if "cuda_device" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.gpu)

@@ -58,6 +58,8 @@ from fedserver.federation import Federation
 from fedserver.journal import Journal
 from fedserver.servicer import FederationServicer, _tolerant
 
+pytestmark = pytest.mark.reliability  # the campaign; full=True: only with -m reliability
+
 CI_EXAMPLES = {"codec": 150, "serde": 150, "servicer": 100}
 FULL_EXAMPLES = {"codec": 4000, "serde": 4000, "servicer": 2500}
 ALLOWED_CODES = {
@@ -309,7 +311,7 @@ def test_fuzz_servicer_requests(
     assert federation.snapshot().phase.value == "collecting"  # still serving
 
 
-@pytest.mark.reliability
+@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(1200)
 def test_fuzz_full_campaign(
     servicer: tuple[FederationServicer, dict[str, str], Federation],

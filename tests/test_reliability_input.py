@@ -38,6 +38,8 @@ from fedserver.auth import new_token, write_tokens_file
 from fedserver.daemon import create_server
 from fedserver.federation import Phase
 
+pytestmark = pytest.mark.reliability  # the campaign; full=True: only with -m reliability
+
 D = 32
 CHUNK_BYTES = 20 * D * 4  # 20 rows a chunk
 MAX_CHUNK_BYTES = 1 << 14  # the server's limit on a chunk's decoded payload

@@ -44,6 +44,8 @@ from fedserver.daemon import create_server
 from fedserver.federation import Phase
 from fedserver.journal import Journal, RecordKind
 
+pytestmark = pytest.mark.reliability  # the campaign; full=True: only with -m reliability
+
 CODEC = CODEC_PRESETS["fp16"]
 CHUNK_BYTES = 1 << 14
 
@@ -149,14 +151,14 @@ def test_sites_at_once_with_a_slow_one_in_process(tmp_path: Path) -> None:
     try:
         slow_bytes = sum(c.features.decoded_size for c in uploads[slow][1])
         results, finished, errors = _run_sites(port, tokens, uploads, slow,
-                                               slow_rate=slow_bytes / 4.0, timeout_s=120)
+                                               slow_rate=slow_bytes / 6.0, timeout_s=120)
         assert not errors, errors
         assert server.federation.wait_for(1, {Phase.READY}, timeout=60).bank_rows == 300
     finally:
         server.stop(0)
     fast = [s for s in sites if s != slow]
     assert max(finished[s] for s in fast) < finished[slow]  # nobody waited for the slow site
-    assert results[slow].seconds >= 3.0  # it really was slow (about 4 s by its throttle)
+    assert results[slow].seconds >= 5.0  # it really was slow (about 6 s by its throttle)
     total = _check_accounted(config.state_dir, uploads, results)
     commit = [seconds for site, _, seconds in timer.samples if site != slow]
     print(f"\n12 sites: {total} chunks, fast sites done in "
@@ -165,7 +167,7 @@ def test_sites_at_once_with_a_slow_one_in_process(tmp_path: Path) -> None:
           f"max {max(commit) * 1e3:.1f} ms")
 
 
-@pytest.mark.reliability
+@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(900)
 def test_32_sites_against_a_server_process(tmp_path: Path) -> None:
     sites = [f"s{i:02d}" for i in range(32)]

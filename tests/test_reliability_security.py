@@ -38,6 +38,8 @@ from fedserver.cli import main as fedserver_main
 from fedserver.daemon import create_server
 from fedserver.federation import Phase
 
+pytestmark = pytest.mark.reliability  # the campaign; full=True: only with -m reliability
+
 D = 32
 CHUNK_BYTES = 20 * D * 4
 SITES = ("a", "b")
