@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = serve.add_argument_group("wire and limits")
     group.add_argument("--codec", choices=sorted(CODEC_PRESETS),
                        help="codec asked of sites and used for the bank (default fp16)")
+    group.add_argument("--byte-shuffle", action=argparse.BooleanOptionalAction, default=None,
+                       help="override the codec preset's byte-shuffle (fp32/fp16/bf16 only; "
+                       "default: the preset's, on)")
+    group.add_argument("--zstd-level", type=int,
+                       help="override the codec preset's zstd level, 1..22 (default: the "
+                       "preset's, 1)")
     group.add_argument("--max-chunk-bytes", type=int,
                        help="largest decoded chunk payload, bytes (default 1 MiB, max 3 MiB)")
     group.add_argument("--max-rows-per-site", type=int,
@@ -123,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 _SERVE_KEYS = (
     "bind", "tls_cert", "tls_key", "client_ca", "tokens_file", "max_message_bytes",
     "max_workers", "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
-    "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "max_chunk_bytes",
+    "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "byte_shuffle",
+    "zstd_level", "max_chunk_bytes",
     "max_rows_per_site", "feature_fingerprint", "feature_dim", "state_dir", "grace_s",
     "log_level",
 )
@@ -148,6 +155,8 @@ server_selection = "prefix"    # or "farthest_first" (coreset strategy only)
 seed = 0
 device = "auto"                # auto | cpu | cuda
 codec = "fp16"                 # {codecs}
+# byte_shuffle = true          # override the preset's byte-shuffle (not for int8 / int4)
+# zstd_level = 1               # override the preset's zstd level (1..22)
 max_chunk_bytes = 1048576
 max_rows_per_site = 1000000
 max_message_bytes = 8388608

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from core.codec import CODEC_PRESETS, CodecConfig
+from core.codec import CODEC_PRESETS, ZSTD_LEVEL_RANGE, CodecConfig, InvalidCodecConfigError
 from core.features import FeatureConfig
 from core.serde import MAX_CHUNK_BYTES_LIMIT
 
@@ -63,6 +63,10 @@ class ServerConfig:
         seed: seeds the selection (projection, start point / sampling keys).
         codec: preset name of core.codec.CODEC_PRESETS the server asks sites to use and sends
             the bank with ("fp16", "lossless", "bf16", "int8", "int4").
+        byte_shuffle: override the preset's byte-shuffle (None: the preset's; must stay
+            False for int8/int4, where shuffling single bytes does nothing).
+        zstd_level: override the preset's zstd level, 1..22 (None: the preset's, 1). Neither
+            override changes the decoded values, so neither is a selection setting.
         max_chunk_bytes: largest decoded chunk payload, bytes (<= 3 MiB).
         device: where selection runs: "auto" (CUDA when available), "cpu" or "cuda".
         buffer_rows: the selector's buffer (rows); None = core's default (max(2k, 131072)).
@@ -96,6 +100,8 @@ class ServerConfig:
     server_selection: Literal["prefix", "farthest_first"] = "prefix"
     seed: int = 0
     codec: str = "fp16"
+    byte_shuffle: bool | None = None
+    zstd_level: int | None = None
     max_chunk_bytes: int = 1 << 20
     device: Device = "auto"
     buffer_rows: int | None = None
@@ -157,6 +163,16 @@ class ServerConfig:
         _int_range("seed", self.seed, 0, 2**63 - 1)
         if self.codec not in CODEC_PRESETS:
             raise ConfigError(f"codec must be one of {sorted(CODEC_PRESETS)}, got {self.codec!r}")
+        if self.byte_shuffle is not None and not isinstance(self.byte_shuffle, bool):
+            raise ConfigError(f"byte_shuffle must be a bool, got {self.byte_shuffle!r}")
+        if self.zstd_level is not None:
+            low, high = ZSTD_LEVEL_RANGE
+            _int_range("zstd_level", self.zstd_level, low, high)
+        try:
+            self.codec_config  # noqa: B018 (validates the preset + overrides combination)
+        except InvalidCodecConfigError as error:
+            raise ConfigError(f"codec {self.codec!r} with byte_shuffle = {self.byte_shuffle}: "
+                              f"{error}") from error
         _int_range("max_chunk_bytes", self.max_chunk_bytes, 1024, MAX_CHUNK_BYTES_LIMIT)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -223,8 +239,13 @@ class ServerConfig:
 
     @property
     def codec_config(self) -> CodecConfig:
-        """The codec preset as a core.codec.CodecConfig."""
-        return CODEC_PRESETS[self.codec]
+        """The codec preset with the byte_shuffle / zstd_level overrides, as a CodecConfig."""
+        overrides: dict[str, Any] = {}
+        if self.byte_shuffle is not None:
+            overrides["byte_shuffle"] = self.byte_shuffle
+        if self.zstd_level is not None:
+            overrides["zstd_level"] = self.zstd_level
+        return dataclasses.replace(CODEC_PRESETS[self.codec], **overrides)
 
     @property
     def tls(self) -> bool:
