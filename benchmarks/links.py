@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         "upload + wait for the server's selection + download, as the site measures them; "
         f"median of {args.repeats} run(s). The site's fit before round 1 took "
         f"{statistics.median(fits):.1f} s (median; not part of the times). Load average "
-        f"(1 min): {min(load)}-{max(load)}."
+        f"(1 min): {min(load, key=float)}-{max(load, key=float)}."
     )
     figures = plot_links(results) if args.record else []
     append_results("Slow links: time to the global bank over 10 / 100 Mbit/s",

@@ -423,7 +423,12 @@ def notes_text(
         f"{args.test_images} test images; local coreset {args.coreset_percentage} = "
         f"{record['rows_up']} rows uploaded; global bank k = {bank_size}), 1 round, per setting "
         f"one run through the counting proxy (bytes) and {args.repeats} direct run(s) (upload "
-        "seconds: median (min-max); MB/s = raw fp32 bytes / upload seconds). fsync'ed journal. "
+        "seconds: median (min-max); MB/s = raw fp32 bytes / upload seconds, the site's upload "
+        "call from first chunk sent to the server's acknowledgement, chunks encoded before; "
+        "the timed runs use the training images only, so they do not score). fsync'ed "
+        "journal. Test metrics are scored once per distinct decoded bank values (per value "
+        "type; per chunk size for int8/int4, which quantise per chunk): shuffle and zstd are "
+        "lossless. "
         f"fp32 baseline metrics on {args.test_images * len(SYNTHETIC_CATEGORIES)} test images: "
         f"image AUROC {base_test['image_auroc']:.4f}, pixel AUROC "
         f"{base_test['pixel_auroc']:.4f}. 'wire' counts every byte of every connection "
@@ -431,7 +436,7 @@ def notes_text(
         "plaintext: no TLS); 'proxy = kernel': the proxy's counts equal the TCP_INFO counters "
         "of both its sockets, both directions. Encode/decode MB/s: this process, one thread, "
         f"on the fp32 run's global bank. Load average (1 min) during the runs: "
-        f"{min(load)}-{max(load)}.",
+        f"{min(load, key=float)}-{max(load, key=float)}.",
         "",
         "Prediction check (CommunicationProtocol.compute_communication_cost against the bytes "
         f"the proxy counted for one UploadFeatures call of the fp32 run's bank, "
