@@ -4,8 +4,11 @@ Every transfer is carried as the serialized protobuf messages the gRPC services 
 (``fedpatchcore.v1.UploadFeaturesRequest`` up, ``fedpatchcore.v1.BankChunk`` down), built by the
 same codec and chunking code, so the byte counts are exact rather than ``array.nbytes``
 estimates. They count the serialized messages; on a real connection gRPC adds a 5-byte length
-prefix per message and HTTP/2 adds 9 bytes per data frame (at most 16 KiB each by default), about
-0.06 % more by that arithmetic. Measured on the real daemon's TCP streams
+prefix per message and HTTP/2 a 9-byte header per DATA frame (gRPC's peers allow 4 MiB frames;
+measured frames of a 1 MiB-chunk upload are 190-430 KiB), plus each call's HEADERS.
+``compute_communication_cost(..., wire=True)`` adds the per-message part (:func:`wire_bytes`);
+a counting proxy on the real daemon's stream measures the rest at a few hundred bytes per call
+(benchmarks/wire.py, tests/test_bench_wire.py). Measured on the real daemon's TCP streams
 (benchmarks/system_round.py): 1.0017x the messages up and 1.0006x down, connection set-up
 included. One difference in kind: the daemon sends a site that holds an older bank only the
 change (core.bankdelta), while this simulation re-broadcasts a changed bank whole.
