@@ -145,12 +145,14 @@ def run_federation(
     server_bind: str | None = None,
     site_prefix: Sequence[str] = (),
     extra_site_args: Sequence[str] = (),
+    tls_dir: Path | None = None,
 ) -> FederationRun:
     """One fedserver process and one fedclient site process holding ``categories`` of
     ``root``; returns the site's metrics (and, with ``proxy``, the bytes it counted).
 
     server_bind: HOST to bind instead of 127.0.0.1 (a namespace's veth address);
     site_prefix: command prefix of the site (``ip netns exec NAME``).
+    tls_dir: a folder of :func:`make_certificates`: the server serves TLS, the site checks it.
     """
     from fedclient import demo  # imports grpc; keep `fedbench --help` light
 
@@ -167,6 +169,12 @@ def run_federation(
     server_args = setting.server_args()
     if server_bind is not None:
         server_args += ["--bind", f"{server_bind}:0"]
+    site_args = ["--coreset-percentage", str(coreset_percentage), "--no-overlays",
+                 *extra_site_args]
+    if tls_dir is not None:
+        server_args += ["--tls-cert", str(tls_dir / "server.pem"),
+                        "--tls-key", str(tls_dir / "server.key")]
+        site_args += ["--tls-ca", str(tls_dir / "ca.pem")]
     start = time.perf_counter()
     server = demo.ServerProcess(config, work / "fedserver.log", extra_args=server_args)
     host = server_bind or "127.0.0.1"
@@ -176,8 +184,7 @@ def run_federation(
         site = demo.start_site(
             address, "site-1", work / "fed" / "site-tokens" / "site-1.token", root,
             work / "out-site-1", categories=list(categories),
-            extra_args=["--coreset-percentage", str(coreset_percentage), "--no-overlays",
-                        *extra_site_args],
+            extra_args=site_args,
             command_prefix=site_prefix,
         )
         code = site.process.wait()
@@ -200,6 +207,29 @@ def run_federation(
             c.kernel_agrees for c in counter.connections
         )
     return run
+
+
+def make_certificates(directory: Path) -> Path:
+    """A throw-away CA and a server certificate for 127.0.0.1 (openssl, RSA 2048, 2 days) in
+    ``directory``: ca.pem, server.pem, server.key. Raises RuntimeError without openssl."""
+    import shutil
+    import subprocess
+
+    if shutil.which("openssl") is None:
+        raise RuntimeError("--tls needs the openssl command to make a test certificate")
+    directory.mkdir(parents=True)
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out",
+            "ca.pem", "-days", "2", "-subj", "/CN=fedbench-ca")
+    (directory / "san.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out",
+            "server.csr", "-subj", "/CN=fedbench-server")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "server.pem", "-days", "2", "-extfile", "san.ext")
+    return directory
 
 
 def train_only_copy(root: Path, target: Path) -> Path:
@@ -265,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="global bank k as a fraction of the training patches (0.02: k = "
                         "256, image AUROC 0.998; at 0.1 it is 1.000, saturated)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tls", action="store_true",
+                        help="every run over TLS (a throw-away CA and server certificate; "
+                        "needs openssl): the wire columns then include TLS records")
     parser.add_argument("--record", action="store_true",
                         help="append the table to benchmarks/RESULTS.md and write the plots")
     return parser
@@ -303,10 +336,11 @@ def main(argv: list[str] | None = None) -> int:
             num_test=args.test_images, image_size=64, seed=args.seed, layout="autovi",
         )
         train_only = train_only_copy(root, Path(tmp) / "train-only")
+        tls_dir = make_certificates(Path(tmp) / "pki") if args.tls else None
         scored: dict[tuple[str, int], dict[str, object]] = {}
         for i, setting in enumerate(fp32_first):
             common = dict(categories=categories, coreset_percentage=args.coreset_percentage,
-                          bank_size=bank_size)
+                          bank_size=bank_size, tls_dir=tls_dir)
             # Byte-shuffle and zstd are lossless and fp32/fp16/bf16 values do not depend on
             # the chunking: settings with the same decoded values score the same, so only the
             # first of them scores the test images (scoring is most of a run's time).
@@ -348,6 +382,8 @@ def main(argv: list[str] | None = None) -> int:
     assert isinstance(base_test, dict)
     notes = notes_text(args, results, baseline, bank_size, prediction, load)
     title = f"Wire bytes on the real system: {'full matrix' if args.full else 'quick subset'}"
+    if args.tls:
+        title += ", TLS"
     figures = []
     if args.record:
         figures = plot_wire(plot_rows, args.full)
@@ -432,8 +468,9 @@ def notes_text(
         f"fp32 baseline metrics on {args.test_images * len(SYNTHETIC_CATEGORIES)} test images: "
         f"image AUROC {base_test['image_auroc']:.4f}, pixel AUROC "
         f"{base_test['pixel_auroc']:.4f}. 'wire' counts every byte of every connection "
-        "(JoinRound, UploadFeatures, WatchRound, DownloadBank, HTTP/2 + gRPC framing, "
-        "plaintext: no TLS); 'proxy = kernel': the proxy's counts equal the TCP_INFO counters "
+        "(JoinRound, UploadFeatures, WatchRound, DownloadBank, HTTP/2 + gRPC framing"
+        f"{', TLS records and handshake' if args.tls else ', plaintext: no TLS'}); "
+        "'proxy = kernel': the proxy's counts equal the TCP_INFO counters "
         "of both its sockets, both directions. Encode/decode MB/s: this process, one thread, "
         f"on the fp32 run's global bank. Load average (1 min) during the runs: "
         f"{min(load, key=float)}-{max(load, key=float)}.",
@@ -470,7 +507,7 @@ def notes_text(
             framing = (counted.wire_up or 0) / payload
             verdicts.append(
                 f"framing overhead at the default chunk (fp16): wire/payload {framing:.5f} "
-                f"(target <= {FRAMING_TARGET}, plaintext): "
+                f"(target <= {FRAMING_TARGET}, {'TLS' if args.tls else 'plaintext'}): "
                 f"{'met' if framing <= FRAMING_TARGET else 'MISSED'}"
             )
             seconds = statistics.median(
