@@ -295,6 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="global bank k as a fraction of the training patches (0.02: k = "
                         "256, image AUROC 0.998; at 0.1 it is 1.000, saturated)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ingest-only", action="store_true",
+                        help="only the upload-rate breakdown: one in-process fedserver over "
+                        "real gRPC, strategy coreset vs random x fsync on/off, --repeats runs "
+                        "each (seconds)")
     parser.add_argument("--tls", action="store_true",
                         help="every run over TLS (a throw-away CA and server certificate; "
                         "needs openssl): the wire columns then include TLS records")
@@ -312,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1:
         raise SystemExit("fedbench wire: --repeats must be >= 1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.ingest_only:
+        return ingest_breakdown(args)
     if not args.full and (args.value_types or args.zstd_levels or args.chunk_kib):
         raise SystemExit("fedbench wire: --value-types / --zstd-levels / --chunk-kib select "
                          "within --full's matrix; add --full")
@@ -522,6 +528,75 @@ def notes_text(
     if verdicts:
         lines += ["", "Targets: " + "; ".join(verdicts) + "."]
     return "\n".join(lines)
+
+
+def ingest_breakdown(args: argparse.Namespace) -> int:
+    """Where the upload call's time goes: the same 3,200 x 1024 fp16 upload (1 MiB chunks) to
+    an in-process fedserver over loopback gRPC, with the coreset strategy (the server ranks each
+    chunk's rows as it arrives: the prefix merge) and with random sampling (no ranking), fsync
+    on and off. Rows: seeded ReLU'd Gaussians (the codec ratio differs from real banks; the
+    time does not depend on it much)."""
+    from core.messages import SiteSummary
+    from fedclient.session import ConnectionConfig, SiteSession
+    from fedserver.auth import new_token, write_tokens_file
+    from fedserver.config import ServerConfig
+    from fedserver.daemon import create_server
+
+    rows = np.maximum(np.random.default_rng(args.seed).standard_normal((3200, 1024)), 0).astype(
+        np.float32
+    )
+    codec = CODEC_PRESETS["fp16"]
+    summary = SiteSummary(
+        site_id="a", round=1, num_images=10, num_patches=rows.shape[0],
+        coreset_rows=rows.shape[0], coverage_radius=1.0, feature_dim=rows.shape[1],
+        backbone="resnet18", layers=("layer2", "layer3"), codec=codec,
+        feature_fingerprint="ab" * 32,
+    )
+    chunks = list(split_into_chunks(rows, config=codec, site_id="a", round=1))
+    table_rows = []
+    load = [Path("/proc/loadavg").read_text().split()[0]]
+    for strategy in ("coreset", "random"):
+        for fsync in (True, False):
+            seconds = []
+            for _ in range(args.repeats):
+                with tempfile.TemporaryDirectory(prefix="fedbench-ingest-") as tmp:
+                    token = new_token()
+                    write_tokens_file(Path(tmp) / "tokens", {"a": token})
+                    config = ServerConfig(
+                        state_dir=Path(tmp) / "state", tokens_file=Path(tmp) / "tokens",
+                        bind="127.0.0.1:0", global_bank_size=256, device="cpu",
+                        strategy=strategy, fsync=fsync,  # type: ignore[arg-type]
+                    )
+                    server, port = create_server(config)
+                    server.start()
+                    try:
+                        with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", token=token),
+                                         "a") as session:
+                            session.join("ab" * 32)
+                            seconds.append(session.upload(summary, chunks).seconds)
+                    finally:
+                        server.stop(0)
+            median = statistics.median(seconds)
+            table_rows.append([
+                strategy, "on" if fsync else "off", f"{median:.3f}",
+                f"{min(seconds):.3f}-{max(seconds):.3f}", f"{rows.nbytes / median / 1e6:.0f}",
+            ])
+            load.append(Path("/proc/loadavg").read_text().split()[0])
+    notes = (
+        f"The same upload (3,200 x 1024 rows = {rows.nbytes / 1e6:.1f} MB raw fp32, fp16 + "
+        f"shuffle + zstd 1, {len(chunks)} chunks of 1 MiB, encoded before the call) to an "
+        "in-process fedserver on loopback gRPC; seconds = the site's upload call (first chunk "
+        "to the server's acknowledgement), median and range of "
+        f"{args.repeats} runs; MB/s = raw fp32 bytes / median seconds. Load average (1 min): "
+        f"{min(load, key=float)}-{max(load, key=float)}."
+    )
+    append_results(
+        "Upload rate breakdown: server-side ranking and fsync",
+        markdown_table(["strategy", "fsync", "upload s (median)", "range", "MB/s raw"],
+                       table_rows),
+        notes, append=args.record,
+    )
+    return 0
 
 
 def prediction_check(bank: np.ndarray, work: Path) -> dict[str, float]:
