@@ -436,7 +436,7 @@ def table_rows(
         rows.append([
             setting.label() + (" (default)" if setting.is_default else ""), raw, payload,
             record["bytes_up"], up, down, f"{up / raw:.4f}", f"{up / payload:.5f}",
-            f"{encode:.0f}", f"{decode:.0f}", f"{upload:.3f}{spread}", f"{raw / upload / 1e6:.0f}",
+            f"{encode:.0f}", f"{decode:.0f}", f"{upload:.3f}{spread}", f"{raw / upload / 1e6:.3g}",
             _fmt_delta(d_img), _fmt_delta(d_pix) + ("" if same else " (timed runs differ!)"),
             "yes" if counted.kernel_agrees else "NO",
         ])
