@@ -307,8 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fmt_delta(value: float | None) -> str:
-    return "saturated" if value is None else f"{value:+.5f}"
+def _fmt_delta(value: float | str) -> str:
+    """A Δ AUROC, or why there is none ("saturated", "not scored")."""
+    return value if isinstance(value, str) else f"{value:+.5f}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -352,10 +353,13 @@ def main(argv: list[str] | None = None) -> int:
             # first of them scores the test images (scoring is most of a run's time).
             key = (setting.value_type,
                    setting.chunk_bytes if setting.value_type in ("int8", "int4") else 0)
-            counted = run_federation(root if key not in scored else train_only,
+            score = key not in scored and not args.tls
+            counted = run_federation(root if score else train_only,
                                      Path(tmp) / f"{i}-proxy", setting, proxy=True,
                                      **common)  # type: ignore[arg-type]
-            if key in scored:
+            if args.tls:  # a bytes-only run: the plaintext runs report the metrics
+                counted.metrics["test"] = None
+            elif key in scored:
                 counted.metrics["test"] = scored[key]
             else:
                 scored[key] = counted.metrics["test"]  # type: ignore[assignment]
@@ -384,8 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         "wire/raw up", "wire/payload up", "encode MB/s", "decode MB/s", "upload s",
         "upload MB/s raw", "Δ img AUROC", "Δ pix AUROC", "proxy = kernel",
     ]
-    base_test = baseline.metrics["test"]
-    assert isinstance(base_test, dict)
     notes = notes_text(args, results, baseline, bank_size, prediction, load)
     title = f"Wire bytes on the real system: {'full matrix' if args.full else 'quick subset'}"
     if args.tls:
@@ -398,9 +400,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _auroc_delta(test: dict[str, float], base: dict[str, float], key: str) -> float | None:
+def _auroc_delta(
+    test: dict[str, float] | None, base: dict[str, float] | None, key: str
+) -> float | str:
+    """test - base of metric ``key``; "saturated" when the baseline is 1.0 (a change could
+    not show), "not scored" for bytes-only (--tls) runs."""
+    if test is None or base is None:
+        return "not scored"
     if base[key] >= 1.0:
-        return None
+        return "saturated"
     return float(test[key]) - float(base[key])
 
 
@@ -411,7 +419,7 @@ def table_rows(
     repeats: int,
 ) -> tuple[list[list[object]], list[dict[str, object]]]:
     base_test = baseline.metrics["test"]
-    assert isinstance(base_test, dict)
+    assert base_test is None or isinstance(base_test, dict)
     rows: list[list[object]] = []
     plot_rows: list[dict[str, object]] = []
     for setting, counted, direct in results:
@@ -427,7 +435,7 @@ def table_rows(
         # a proxy run scores the test images (the timed runs see train images only: they
         # would spend most of their time scoring); the proxy relays bytes, it changes no value
         test = counted.metrics["test"]
-        assert isinstance(test, dict)
+        assert test is None or isinstance(test, dict)
         # the timed runs upload the same rows: a different row count would mean the runs
         # are not the same federation
         same = all(_rounds(d.metrics)[0]["rows_up"] == record["rows_up"] for d in direct)
@@ -456,7 +464,7 @@ def notes_text(
     load: list[str],
 ) -> str:
     base_test = baseline.metrics["test"]
-    assert isinstance(base_test, dict)
+    assert base_test is None or isinstance(base_test, dict)
     record = _rounds(baseline.metrics)[0]
     ratio = prediction["predicted"] / prediction["measured"]
     lines = [
@@ -471,9 +479,14 @@ def notes_text(
         "journal. Test metrics are scored once per distinct decoded bank values (per value "
         "type; per chunk size for int8/int4, which quantise per chunk): shuffle and zstd are "
         "lossless. "
-        f"fp32 baseline metrics on {args.test_images * len(SYNTHETIC_CATEGORIES)} test images: "
-        f"image AUROC {base_test['image_auroc']:.4f}, pixel AUROC "
-        f"{base_test['pixel_auroc']:.4f}. 'wire' counts every byte of every connection "
+        + (
+            "Bytes-only TLS run: nothing scored (TLS changes no value; the plaintext runs "
+            "report the metrics). " if base_test is None else
+            f"fp32 baseline metrics on {args.test_images * len(SYNTHETIC_CATEGORIES)} test "
+            f"images: image AUROC {base_test['image_auroc']:.4f}, pixel AUROC "
+            f"{base_test['pixel_auroc']:.4f}. "
+        )
+        + "'wire' counts every byte of every connection "
         "(JoinRound, UploadFeatures, WatchRound, DownloadBank, HTTP/2 + gRPC framing"
         f"{', TLS records and handshake' if args.tls else ', plaintext: no TLS'}); "
         "'proxy = kernel': the proxy's counts equal the TCP_INFO counters "
@@ -501,12 +514,16 @@ def notes_text(
         raw = int(rec["rows_up"]) * 1024 * 4  # type: ignore[call-overload]
         ratio = (counted.wire_up or 0) / raw
         test = counted.metrics["test"]
-        assert isinstance(test, dict)
+        assert test is None or isinstance(test, dict)
         delta = _auroc_delta(test, base_test, "image_auroc")
-        met = ratio <= target[0] and delta is not None and abs(delta) <= target[1]
+        if isinstance(delta, str):
+            verdict = f"wire/raw {'met' if ratio <= target[0] else 'MISSED'}, AUROC {delta}"
+        else:
+            met = ratio <= target[0] and abs(delta) <= target[1]
+            verdict = "met" if met else "MISSED"
         verdicts.append(
             f"{setting.value_type}: wire/raw {ratio:.4f} (target <= {target[0]}), Δ image "
-            f"AUROC {_fmt_delta(delta)} (target |Δ| <= {target[1]}): {'met' if met else 'MISSED'}"
+            f"AUROC {_fmt_delta(delta)} (target |Δ| <= {target[1]}): {verdict}"
         )
         if setting.is_default:
             payload = int(rec["payload_bytes_up"])  # type: ignore[call-overload]

@@ -19,7 +19,13 @@ import pytest
 from benchmarks import __main__ as fedbench
 from benchmarks import links, report
 from benchmarks.netcount import CountingProxy, ss_counters, tcp_info_bytes
-from benchmarks.wire import full_matrix, make_certificates, quick_matrix, train_only_copy
+from benchmarks.wire import (
+    _auroc_delta,
+    full_matrix,
+    make_certificates,
+    quick_matrix,
+    train_only_copy,
+)
 from core.codec import CODEC_PRESETS, CodecConfig
 from core.federated import CommunicationProtocol
 from core.federated.communication import wire_bytes
@@ -157,6 +163,14 @@ def test_wire_matrices() -> None:
     assert len(full) == (3 * 2 + 2) * 3 * 4 == len(set(full))
     for setting in full:
         setting.codec  # noqa: B018 (every cell is a valid CodecConfig)
+
+
+def test_auroc_change_is_not_reported_where_it_cannot_fail() -> None:
+    base = {"image_auroc": 1.0, "pixel_auroc": 0.96}
+    test = {"image_auroc": 1.0, "pixel_auroc": 0.95}
+    assert _auroc_delta(test, base, "image_auroc") == "saturated"
+    assert _auroc_delta(test, base, "pixel_auroc") == pytest.approx(-0.01)
+    assert _auroc_delta(None, base, "pixel_auroc") == "not scored"
 
 
 def test_wire_rejects_selection_flags_without_full() -> None:
