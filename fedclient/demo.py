@@ -188,11 +188,13 @@ def start_site(
     categories: Sequence[str] | None = None,
     extra_args: Sequence[str] = (),
     env: dict[str, str] | None = None,
+    command_prefix: Sequence[str] = (),
 ) -> SiteProcess:
-    """Start ``fedclient run`` for one site; its log goes to ``out_dir``.log."""
+    """Start ``fedclient run`` for one site; its log goes to ``out_dir``.log.
+    ``command_prefix``: run it under another command (benchmarks: ``ip netns exec NS``)."""
     log_path = out_dir.with_suffix(".log")
-    command = [sys.executable, "-m", "fedclient", "run", "--server", address, "--site-id",
-               site_id, "--token-file", str(token_file), "--data", str(data), "--out",
+    command = [*command_prefix, sys.executable, "-m", "fedclient", "run", "--server", address,
+               "--site-id", site_id, "--token-file", str(token_file), "--data", str(data), "--out",
                str(out_dir), "-v", *extra_args]
     if categories:
         command += ["--categories", *categories]

@@ -300,6 +300,12 @@ def _one_round(
         "extra_chunks": result.extra_chunks,
         "upload_streams": result.attempts,
         "bytes_up": result.bytes_sent,
+        # the codec's output (zstd frames + int8/int4 quantisation parameters): what the
+        # messages and the wire add framing to
+        "payload_bytes_up": sum(
+            len(c.features.payload) + len(c.features.quant_scale) + len(c.features.quant_offset)
+            for c in chunks
+        ),
         "bytes_down": download.bytes_received,
         "bank_version": download.version,
         "bank_delta": download.delta,

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     group = serve.add_argument_group("wire and limits")
     group.add_argument("--codec", choices=sorted(CODEC_PRESETS),
                        help="codec asked of sites and used for the bank (default fp16)")
+    group.add_argument("--byte-shuffle", action=argparse.BooleanOptionalAction, default=None,
+                       help="override the codec preset's byte-shuffle (fp32/fp16/bf16 only; "
+                       "default: the preset's, on)")
+    group.add_argument("--zstd-level", type=int,
+                       help="override the codec preset's zstd level, 1..22 (default: the "
+                       "preset's, 1)")
     group.add_argument("--max-chunk-bytes", type=int,
                        help="largest decoded chunk payload, bytes (default 1 MiB, max 3 MiB)")
     group.add_argument("--max-rows-per-site", type=int,
@@ -158,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
 _SERVE_KEYS = (
     "bind", "tls_cert", "tls_key", "client_ca", "tokens_file", "max_message_bytes",
     "max_workers", "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
-    "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "max_chunk_bytes",
+    "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "byte_shuffle",
+    "zstd_level", "max_chunk_bytes",
     "max_rows_per_site", "feature_fingerprint", "feature_dim", "state_dir", "grace_s",
     "log_level", "log_format", "metrics_port", "metrics_host",
 )

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
-from core.codec import CODEC_PRESETS, CodecConfig
+from core.codec import CODEC_PRESETS, ZSTD_LEVEL_RANGE, CodecConfig, InvalidCodecConfigError
 from core.serde import MAX_CHUNK_BYTES_LIMIT
 from core.settings import SettingsError, env_overrides, toml_example
 
@@ -114,6 +114,12 @@ class ServerConfig:
     codec: str = field(default="fp16", metadata=_help(
         "Codec the sites upload with and the bank is sent with: "
         + " | ".join(sorted(CODEC_PRESETS)) + "."))
+    byte_shuffle: bool | None = field(default=None, metadata=_help(
+        "Override the codec preset's byte-shuffle; unset = the preset's (must stay false for\n"
+        "int8 / int4, where shuffling single bytes does nothing). Does not change decoded values."))
+    zstd_level: int | None = field(default=None, metadata=_help(
+        "Override the codec preset's zstd level, 1..22; unset = the preset's (1). Does not\n"
+        "change decoded values, so it is not a selection setting."))
     max_chunk_bytes: int = field(default=1 << 20, metadata=_help(
         "Largest decoded chunk payload, bytes (at most 3 MiB)."))
     device: Device = field(default="auto", metadata=_help(
@@ -207,6 +213,16 @@ class ServerConfig:
         _int_range("seed", self.seed, 0, 2**63 - 1)
         if self.codec not in CODEC_PRESETS:
             raise ConfigError(f"codec must be one of {sorted(CODEC_PRESETS)}, got {self.codec!r}")
+        if self.byte_shuffle is not None and not isinstance(self.byte_shuffle, bool):
+            raise ConfigError(f"byte_shuffle must be a bool, got {self.byte_shuffle!r}")
+        if self.zstd_level is not None:
+            low, high = ZSTD_LEVEL_RANGE
+            _int_range("zstd_level", self.zstd_level, low, high)
+        try:
+            self.codec_config  # noqa: B018 (validates the preset + overrides combination)
+        except InvalidCodecConfigError as error:
+            raise ConfigError(f"codec {self.codec!r} with byte_shuffle = {self.byte_shuffle}: "
+                              f"{error}") from error
         _int_range("max_chunk_bytes", self.max_chunk_bytes, 1024, MAX_CHUNK_BYTES_LIMIT)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', got {self.device!r}")
@@ -281,8 +297,13 @@ class ServerConfig:
 
     @property
     def codec_config(self) -> CodecConfig:
-        """The codec preset as a core.codec.CodecConfig."""
-        return CODEC_PRESETS[self.codec]
+        """The codec preset with the byte_shuffle / zstd_level overrides, as a CodecConfig."""
+        overrides: dict[str, Any] = {}
+        if self.byte_shuffle is not None:
+            overrides["byte_shuffle"] = self.byte_shuffle
+        if self.zstd_level is not None:
+            overrides["zstd_level"] = self.zstd_level
+        return dataclasses.replace(CODEC_PRESETS[self.codec], **overrides)
 
     @property
     def tls(self) -> bool:

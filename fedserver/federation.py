@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 from core.bankdelta import bank_delta, decoded_checksum, stable_order
-from core.codec import PayloadTooLargeError
+from core.codec import CodecConfig, PayloadTooLargeError
 from core.federated.aggregator import GlobalBankAggregator, IncompatibleSiteError
 from core.messages import BankChunk, FeatureChunk, SiteSummary
 from core.serde import chunked_roundtrip, split_bank_into_chunks, upload_request_from_proto
@@ -177,6 +177,7 @@ class RoundTerms:
     feature_fingerprint: str
     extractor: dict[str, Any] | None
     codec_name: str
+    codec: CodecConfig
     max_chunk_bytes: int
     global_bank_size: int
     max_rows_per_site: int
@@ -404,6 +405,7 @@ class Federation:
                 feature_fingerprint=self._fingerprint,
                 extractor=extractor,
                 codec_name=self.config.codec,
+                codec=self.config.codec_config,
                 max_chunk_bytes=self.config.max_chunk_bytes,
                 global_bank_size=self.config.global_bank_size,
                 max_rows_per_site=self.config.max_rows_per_site,

@@ -21,7 +21,6 @@ from google.protobuf import message as protobuf_message
 from google.protobuf import timestamp_pb2
 
 from core.codec import (
-    CODEC_PRESETS,
     VALUE_TYPE_WIRE_CODES,
     ChecksumMismatchError,
     PayloadTooLargeError,
@@ -513,7 +512,7 @@ def terms_to_proto(terms: RoundTerms) -> fpb.RoundConfig:
         round=terms.round,
         feature_fingerprint=terms.feature_fingerprint,
         extractor=extractor,
-        codec=codec_config_to_proto(CODEC_PRESETS[terms.codec_name]),
+        codec=codec_config_to_proto(terms.codec),
         max_chunk_bytes=terms.max_chunk_bytes,
         global_bank_size=terms.global_bank_size,
         max_rows_per_site=terms.max_rows_per_site,

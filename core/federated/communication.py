@@ -4,8 +4,11 @@ Every transfer is carried as the serialized protobuf messages the gRPC services 
 (``fedpatchcore.v1.UploadFeaturesRequest`` up, ``fedpatchcore.v1.BankChunk`` down), built by the
 same codec and chunking code, so the byte counts are exact rather than ``array.nbytes``
 estimates. They count the serialized messages; on a real connection gRPC adds a 5-byte length
-prefix per message and HTTP/2 adds 9 bytes per data frame (at most 16 KiB each by default), about
-0.06 % more by that arithmetic. Measured on the real daemon's TCP streams
+prefix per message and HTTP/2 a 9-byte header per DATA frame (gRPC's peers allow 4 MiB frames;
+measured frames of a 1 MiB-chunk upload are 190-430 KiB), plus each call's HEADERS.
+``compute_communication_cost(..., wire=True)`` adds the per-message part (:func:`wire_bytes`);
+a counting proxy on the real daemon's stream measures the rest at a few hundred bytes per call
+(benchmarks/wire.py, tests/test_bench_wire.py). Measured on the real daemon's TCP streams
 (benchmarks/system_round.py): 1.0017x the messages up and 1.0006x down, connection set-up
 included. One difference in kind: the daemon sends a site that holds an older bank only the
 change (core.bankdelta), while this simulation re-broadcasts a changed bank whole.
@@ -39,13 +42,46 @@ from fedpatchcore.v1 import features_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
+#: gRPC's per-message prefix: 1 byte compressed flag + 4 bytes big-endian length.
+GRPC_MESSAGE_PREFIX_BYTES = 5
+#: HTTP/2 frame header (RFC 9113 section 4.1): 3 length + 1 type + 1 flags + 4 stream id.
+HTTP2_FRAME_HEADER_BYTES = 9
+#: SETTINGS_MAX_FRAME_SIZE gRPC's C core advertises (4 MiB): a message up to that size can go
+#: in one DATA frame. The sender cuts frames at its write slices too (measured: 190-430 KiB
+#: frames for 1 MiB chunks), which this model does not know; each extra frame is 9 bytes.
+HTTP2_MAX_FRAME_BYTES = 4 << 20
+
 __all__ = [
+    "GRPC_MESSAGE_PREFIX_BYTES",
+    "HTTP2_FRAME_HEADER_BYTES",
+    "HTTP2_MAX_FRAME_BYTES",
     "BankDelivery",
     "BankReceiver",
     "CommunicationProtocol",
     "parse_upload",
     "receive_bank",
+    "wire_bytes",
 ]
+
+
+def wire_bytes(message_bytes: int, *, max_frame_bytes: int = HTTP2_MAX_FRAME_BYTES) -> int:
+    """Bytes one serialized gRPC message of ``message_bytes`` takes on an HTTP/2 stream.
+
+    gRPC prefixes the message with 5 bytes (compressed flag, length) and HTTP/2 carries the
+    result in DATA frames of at most ``max_frame_bytes`` payload bytes, each behind a 9-byte
+    frame header. Not counted: a call's HEADERS (about 130-320 bytes: path, token, timeout),
+    its end-of-stream frame, connection-level frames (SETTINGS, WINDOW_UPDATE, PING) and the
+    extra DATA frames of the sender's write slices: a few hundred bytes per call, not per
+    message (measured on loopback: 0.01-0.04 % of a 0.7-3.3 MB upload, tests/test_bench_wire.py).
+    """
+    if message_bytes < 0 or max_frame_bytes < 1:
+        raise ValueError(
+            f"need message_bytes >= 0 and max_frame_bytes >= 1, got {message_bytes}, "
+            f"{max_frame_bytes}"
+        )
+    framed = GRPC_MESSAGE_PREFIX_BYTES + message_bytes
+    frames = -(-framed // max_frame_bytes)
+    return framed + HTTP2_FRAME_HEADER_BYTES * frames
 
 _M = TypeVar("_M", bound=Message)
 
@@ -189,23 +225,35 @@ class CommunicationProtocol:
         codec: CodecConfig | None = None,
         client_id: int | str = 0,
         round_number: int = 1,
+        summary: SiteSummary | None = None,
+        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        wire: bool = False,
     ) -> int:
         """Exact cost in bytes of the serialized messages that carry ``data``.
 
         * An array or tensor [n, D] is costed as the upload messages that would carry it under
-          ``codec`` (the chunks of :meth:`send_to_server` for ``client_id`` and
-          ``round_number``, which are part of each message; no summary): the same bytes the
-          round reports count.
+          ``codec`` (the chunks of :meth:`send_to_server` for ``client_id``, ``round_number``
+          and ``max_chunk_bytes``, which are part of each message; ``summary`` first when
+          given): the same bytes the round reports count.
         * Serialized messages (bytes, bytearray, memoryview) cost their length.
         * A list (any iterable) of these costs the sum of its items: a list of coresets is the
           sum of their uploads, a list of messages the sum of their lengths.
+
+        With ``wire=True`` each message costs what it takes on the gRPC stream instead
+        (:func:`wire_bytes`: + 5-byte gRPC prefix + 9-byte HTTP/2 DATA frame headers): the
+        UploadFeatures call's bytes on the TCP stream to within its HEADERS, a few hundred
+        bytes (benchmarks/wire.py and tests/test_bench_wire.py measure it through a counting
+        proxy: within 1 %, in practice 0.01-0.04 %).
 
         Raises TypeError for anything else (str, dict, numbers, None, ...): it cannot be
         measured, and guessing (e.g. ``len()``, which is a row count for a list of arrays)
         would report a wrong number.
         """
+        def cost(message: int) -> int:
+            return wire_bytes(message) if wire else message
+
         if isinstance(data, bytes | bytearray | memoryview):
-            return memoryview(data).nbytes
+            return cost(memoryview(data).nbytes)
         if isinstance(data, np.ndarray | torch.Tensor):
             matrix = (  # any float tensor (bf16 included) goes as float32 features
                 data.detach().to("cpu", torch.float32).numpy()
@@ -213,9 +261,10 @@ class CommunicationProtocol:
                 else data
             )
             messages = CommunicationProtocol.send_to_server(
-                client_id, matrix, codec=codec, round_number=round_number
+                client_id, matrix, codec=codec, round_number=round_number, summary=summary,
+                max_chunk_bytes=max_chunk_bytes,
             )
-            return sum(len(m) for m in messages)
+            return sum(cost(len(m)) for m in messages)
         if isinstance(data, str | Mapping) or not isinstance(data, Iterable):
             raise TypeError(
                 "compute_communication_cost measures a feature matrix (numpy array or torch "
@@ -232,6 +281,7 @@ class CommunicationProtocol:
                     "serialized messages (bytes)"
                 )
             total += CommunicationProtocol.compute_communication_cost(
-                item, codec=codec, client_id=client_id, round_number=round_number
+                item, codec=codec, client_id=client_id, round_number=round_number,
+                max_chunk_bytes=max_chunk_bytes, wire=wire,
             )
         return total
