@@ -38,9 +38,11 @@ Run: ``python -m benchmarks.scale [--full] [--record]``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import re
+import socket
 import statistics
 import sys
 import tempfile
@@ -63,7 +65,7 @@ from fedclient.session import ConnectionConfig, RoundConfig, SiteSession
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["RunResult", "build_parser", "classify_growth", "main", "run_round"]
+__all__ = ["CountingProxy", "RunResult", "build_parser", "classify_growth", "main", "run_round"]
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 FINGERPRINT = "5c" * 32
@@ -86,7 +88,8 @@ class RunResult:
     rss_idle_mib / rss_peak_mib: server VmRSS after start, VmHWM after the round (MiB).
     tcp_up / tcp_down: per site, bytes on its TCP connection (server side) up and down.
     msg_up / msg_down: per site, serialized upload / bank-download message bytes as the session
-    counts them. bank_rows: rows of the downloaded bank.
+    counts them. bank_rows: rows of the downloaded bank. proxy_up / proxy_down: per proxied
+    connection, bytes through the CountingProxy (empty without one).
     """
 
     sites: int
@@ -103,11 +106,82 @@ class RunResult:
     msg_up: tuple[int, ...]
     msg_down: tuple[int, ...]
     bank_rows: int
+    proxy_up: tuple[int, ...] = ()
+    proxy_down: tuple[int, ...] = ()
 
     @property
     def raw_up_per_site(self) -> int:
         """fp32 bytes of one site's rows (what the codec compresses)."""
         return self.rows_per_site * DIM * 4
+
+
+class CountingProxy:
+    """A TCP proxy on 127.0.0.1 that counts the bytes each connection carries each way.
+
+    Listens on a kernel-chosen port (``port``) and relays every accepted connection to
+    ``upstream`` (host, port), two threads per connection. ``up`` / ``down``: per connection
+    (numbered in accept order), bytes from the client to the upstream and back, TCP payload
+    (the same quantity as the kernel's bytes_received / bytes_acked). Counting here survives
+    connections that open and close between two ``ss`` samples (HTTP clients do).
+    """
+
+    def __init__(self, upstream: tuple[str, int]) -> None:
+        self.upstream = upstream
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self._listener.getsockname()[1]
+        self.up: list[int] = []
+        self.down: list[int] = []
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._sockets: list[socket.socket] = []
+        self._accept = threading.Thread(target=self._serve, daemon=True, name="proxy-accept")
+        self._accept.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return  # closed
+            try:
+                server = socket.create_connection(self.upstream)
+            except OSError as error:
+                logger.warning("proxy: cannot reach %s: %s", self.upstream, error)
+                client.close()
+                continue
+            with self._lock:
+                index = len(self.up)
+                self.up.append(0)
+                self.down.append(0)
+                self._sockets += [client, server]
+            for source, target, counts in ((client, server, self.up), (server, client, self.down)):
+                thread = threading.Thread(target=self._pump, args=(source, target, counts, index),
+                                          daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _pump(self, source: socket.socket, target: socket.socket, counts: list[int],
+              index: int) -> None:
+        try:
+            while data := source.recv(1 << 16):
+                target.sendall(data)
+                with self._lock:
+                    counts[index] += len(data)
+        except OSError:
+            pass
+        finally:
+            with contextlib.suppress(OSError):
+                target.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self._listener.close()
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.close()
+        for thread in self._threads:
+            thread.join(5)
 
 
 def _proc_status_kib(pid: int, field: str) -> int:
@@ -135,8 +209,15 @@ def _messages(
 
 
 def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
-              timeout_s: float = 3600.0) -> RunResult:
-    """One fresh fedserver process, ``sites`` site threads, one round; see the module doc."""
+              timeout_s: float = 3600.0, proxy: bool = False,
+              keep_arrays: Path | None = None) -> RunResult:
+    """One fresh fedserver process, ``sites`` site threads, one round; see the module doc.
+
+    proxy: route every site through a :class:`CountingProxy` (for timing against a peer that
+        is measured through one); its counts land in ``proxy_up`` / ``proxy_down``.
+    keep_arrays: write each site's uploaded rows (site-<i>.npy, i from 0) and the bank the
+        first site downloaded (bank.npy), float32, into this folder (a peer moves the same).
+    """
     if sites < 1:
         raise ValueError(f"sites must be >= 1, got {sites}")
     if bank < 1:
@@ -149,7 +230,10 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
     )
     server = ServerProcess(config_path, workdir / "fedserver.log")
     counter = TcpCounter(server.port)
+    relay = CountingProxy(("127.0.0.1", server.port)) if proxy else None
+    address = f"127.0.0.1:{relay.port}" if relay is not None else server.address
     sessions: list[SiteSession] = []
+    banks: dict[str, np.ndarray] = {}
     try:
         rss_idle = _proc_status_kib(server.process.pid, "VmRSS") / 1024.0
         for name in names:
@@ -159,14 +243,18 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
             # subchannel pool); a per-site message limit keeps each site on its own connection
             # (as separate site machines are), which the byte count per site relies on.
             sessions.append(SiteSession(
-                ConnectionConfig(server.address, token=token,
+                ConnectionConfig(address, token=token,
                                  max_message_bytes=(64 << 20) + sites_index(name)),
                 name,
             ))
         prepared: dict[str, tuple[SiteSummary, list[FeatureChunk]]] = {}
         for index, (name, session) in enumerate(zip(names, sessions, strict=True)):
             config = RoundConfig.from_proto(session.join(FINGERPRINT).config)
-            prepared[name] = _messages(name, site_features(index, rows_per_site, DIM), config)
+            rows = site_features(index, rows_per_site, DIM)
+            if keep_arrays is not None:
+                keep_arrays.mkdir(parents=True, exist_ok=True)
+                np.save(keep_arrays / f"site-{index}.npy", rows)
+            prepared[name] = _messages(name, rows, config)
         counter.start()
         start_barrier = threading.Barrier(sites + 1)
         uploaded: dict[str, float] = {}
@@ -190,6 +278,8 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
                 msg_up[name] = result.bytes_sent
                 msg_down[name] = download.bytes_received
                 bank_rows[name] = int(download.bank.shape[0])
+                if keep_arrays is not None and name == names[0]:
+                    banks[name] = download.bank
             except BaseException as error:  # reported after the join
                 errors.append(error)
                 if not start_barrier.broken:
@@ -211,6 +301,8 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
     finally:
         for session in sessions:
             session.close()
+        if relay is not None:
+            relay.close()
         if counter._thread.is_alive():
             counter.stop()
         server.stop()
@@ -223,6 +315,8 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
             f"counted {len(counter.up)} TCP connection(s) on the server port for {sites} sites: "
             "the per-site byte counts would be wrong"
         )
+    if keep_arrays is not None:
+        np.save(keep_arrays / "bank.npy", banks[names[0]])
     ordered_peers = sorted(counter.up)
     return RunResult(
         sites=sites, bank=bank, rows_per_site=rows_per_site,
@@ -236,6 +330,8 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
         msg_up=tuple(msg_up[n] for n in names),
         msg_down=tuple(msg_down[n] for n in names),
         bank_rows=min(bank_rows.values()),
+        proxy_up=tuple(relay.up) if relay is not None else (),
+        proxy_down=tuple(relay.down) if relay is not None else (),
     )
 
 
