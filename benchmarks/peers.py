@@ -593,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _validate(parser, args)
+    os.environ.setdefault("TQDM_DISABLE", "1")  # anomalib's progress bars, per selection
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-peers-") as tmp:
         if "flower" in args.parts:

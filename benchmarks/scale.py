@@ -479,7 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.scale", description=__doc__.split("\n\n")[0]
     )
     parser.add_argument("--full", action="store_true",
-                        help=f"sites {FULL_SITES} at k=10,000 and banks {FULL_BANKS} at 8 sites "
+                        help=f"sites {FULL_SITES} at k=10,000 and banks {FULL_BANKS} at 4 sites "
                         f"(default quick: sites {QUICK_SITES} at k=2,000, banks {QUICK_BANKS} "
                         "at 4 sites)")
     parser.add_argument("--sites", type=int, nargs="+", default=None,
@@ -489,7 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fixed-bank", type=int, default=None,
                         help="bank size of the sites sweep (quick 2,000, full 10,000)")
     parser.add_argument("--fixed-sites", type=int, default=None,
-                        help="sites of the bank sweep (quick 4, full 8)")
+                        help="sites of the bank sweep (default 4: at k = 100k each site "
+                        "holds a 400 MB decoded bank)")
     parser.add_argument("--share", type=float, default=2.0,
                         help="each site uploads floor(share * k / sites) rows (default 2)")
     parser.add_argument("--repeats", type=int, default=3, help="fresh servers per point (>= 1)")
@@ -524,16 +525,16 @@ def main(argv: list[str] | None = None) -> int:
     sites_sweep = tuple(args.sites or (FULL_SITES if args.full else QUICK_SITES))
     banks_sweep = tuple(args.banks or (FULL_BANKS if args.full else QUICK_BANKS))
     fixed_bank = args.fixed_bank or (10_000 if args.full else 2000)
-    fixed_sites = args.fixed_sites or (8 if args.full else 4)
+    fixed_sites = args.fixed_sites or 4
     configs = sorted(
         {(s, fixed_bank) for s in sites_sweep} | {(fixed_sites, b) for b in banks_sweep}
     )
-    loads: list[str] = []
+    loads: list[float] = []
     results: dict[tuple[int, int], list[RunResult]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-scale-") as tmp:
         for repeat in range(args.repeats):
             for sites, bank in configs:
-                loads.append(Path("/proc/loadavg").read_text().split()[0])
+                loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
                 work = Path(tmp) / f"s{sites}-k{bank}-r{repeat}"
                 work.mkdir()
                 result = run_round(sites, bank, work, share=args.share)
