@@ -61,7 +61,7 @@ from core.codec import CodecConfig
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import split_into_chunks
 from fedclient.demo import ServerProcess, write_server_config
-from fedclient.session import ConnectionConfig, RoundConfig, SiteSession
+from fedclient.session import ConnectionConfig, RoundConfig, SessionError, SiteSession
 
 logger = logging.getLogger(__name__)
 
@@ -530,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         {(s, fixed_bank) for s in sites_sweep} | {(fixed_sites, b) for b in banks_sweep}
     )
     loads: list[float] = []
+    failures: list[str] = []
     results: dict[tuple[int, int], list[RunResult]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-scale-") as tmp:
         for repeat in range(args.repeats):
@@ -537,13 +538,23 @@ def main(argv: list[str] | None = None) -> int:
                 loads.append(float(Path("/proc/loadavg").read_text().split()[0]))
                 work = Path(tmp) / f"s{sites}-k{bank}-r{repeat}"
                 work.mkdir()
-                result = run_round(sites, bank, work, share=args.share)
+                try:
+                    result = run_round(sites, bank, work, share=args.share)
+                except (RuntimeError, SessionError) as error:
+                    # One configuration failing (a server out of memory at a large bank) must not
+                    # lose the others: it is reported under the tables instead.
+                    failures.append(f"{sites} sites x k={bank:,} (repeat {repeat + 1}): "
+                                    f"{' '.join(str(error).split())[:300]}")
+                    logger.error("sites %d bank %d failed: %s", sites, bank, error)
+                    continue
                 results[(sites, bank)].append(result)
                 logger.warning("sites %d bank %d repeat %d: round %.2f s, selection %.2f s, "
                                "peak RSS %.0f MiB", sites, bank, repeat + 1, result.round_s,
                                result.selection_s, result.rss_peak_mib)
-    by_sites = [Point(s, fixed_bank, tuple(results[(s, fixed_bank)])) for s in sites_sweep]
-    by_bank = [Point(fixed_sites, b, tuple(results[(fixed_sites, b)])) for b in banks_sweep]
+    by_sites = [Point(s, fixed_bank, tuple(results[(s, fixed_bank)])) for s in sites_sweep
+                if results[(s, fixed_bank)]]
+    by_bank = [Point(fixed_sites, b, tuple(results[(fixed_sites, b)])) for b in banks_sweep
+               if results[(fixed_sites, b)]]
     mode = "full" if args.full else "quick"
     common = (
         f"Median (min-max) of {args.repeats} fresh fedserver processes per row; load average "
@@ -562,6 +573,8 @@ def main(argv: list[str] | None = None) -> int:
          f"{fixed_sites} sites"),
     ):
         notes = common
+        if failures:
+            notes += " FAILED runs (not in the table): " + "; ".join(failures) + "."
         if len(points) >= 2:
             notes += f" Growth against {x_attr}: {_growth_notes(points, x_attr)}."
         append_results(title, markdown_table(HEADER, [_row(p) for p in points]), notes,
@@ -569,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"scale_{x_attr}{'' if args.full else '_quick'}.png"
         targets = ([FIGURES / name] if args.record else []) + (
             [args.figures / name] if args.figures else [])
-        for path in targets:
+        for path in targets if points else []:
             _plot(points, x_attr, fixed, args.share, path)
             print(f"wrote {path}")
     return 0
