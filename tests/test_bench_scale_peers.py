@@ -13,6 +13,7 @@ import torch
 from benchmarks import peers, scale
 
 
+@pytest.mark.slow  # starts fedserver init-config and a fedserver process (about 10 s idle)
 def test_scale_round_two_sites_counts_every_site(tmp_path: Path) -> None:
     result = scale.run_round(2, 200, tmp_path / "run", proxy=True, keep_arrays=tmp_path / "arr")
     assert result.sites == 2 and result.rows_per_site == 200  # floor(2 * 200 / 2)
