@@ -210,11 +210,12 @@ def _messages(
 
 def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
               timeout_s: float = 3600.0, proxy: bool = False,
-              keep_arrays: Path | None = None) -> RunResult:
+              keep_arrays: Path | None = None, codec: str = "fp16") -> RunResult:
     """One fresh fedserver process, ``sites`` site threads, one round; see the module doc.
 
     proxy: route every site through a :class:`CountingProxy` (for timing against a peer that
         is measured through one); its counts land in ``proxy_up`` / ``proxy_down``.
+    codec: the server's codec preset (sites upload with it, the bank comes down with it).
     keep_arrays: write each site's uploaded rows (site-<i>.npy, i from 0) and the bank the
         first site downloaded (bank.npy), float32, into this folder (a peer moves the same).
     """
@@ -226,7 +227,7 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
     names = [f"site-{i + 1:02d}" for i in range(sites)]
     fed = workdir / "fed"
     config_path = write_server_config(
-        fed, names, global_bank_size=bank, extractor=None, rounds=1, seed=0
+        fed, names, global_bank_size=bank, extractor=None, rounds=1, seed=0, codec=codec
     )
     server = ServerProcess(config_path, workdir / "fedserver.log")
     counter = TcpCounter(server.port)
