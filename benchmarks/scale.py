@@ -441,6 +441,7 @@ def _plot(
     ax_rss = ax_time.twinx()
     ax_rss.plot(xs, [p.med("rss_peak_mib") for p in points], "k:", label="server peak RSS")
     ax_rss.set_ylabel("server peak RSS, MiB")
+    ax_rss.set_ylim(bottom=0)  # from zero: a flat RSS must look flat, not like noise
     label = "concurrent sites" if x_attr == "sites" else "global bank size k (rows of D=1024)"
     for ax in (ax_bytes, ax_time):
         ax.set_xscale("log", base=2 if x_attr == "sites" else 10)
