@@ -557,7 +557,10 @@ def main(argv: list[str] | None = None) -> int:
                 if results[(s, fixed_bank)]]
     by_bank = [Point(fixed_sites, b, tuple(results[(fixed_sites, b)])) for b in banks_sweep
                if results[(fixed_sites, b)]]
-    mode = "full" if args.full else "quick"
+    custom = any(v is not None for v in (args.sites, args.banks, args.fixed_bank,
+                                         args.fixed_sites))
+    mode = "custom" if custom else ("full" if args.full else "quick")
+    failures_reported = False
     common = (
         f"Median (min-max) of {args.repeats} fresh fedserver processes per row; load average "
         f"(1 min) before the runs {min(loads)}-{max(loads)}. Sites are threads of the benchmark "
@@ -574,9 +577,12 @@ def main(argv: list[str] | None = None) -> int:
         (by_bank, "bank", f"Scale ({mode}): bank size at {fixed_sites} sites",
          f"{fixed_sites} sites"),
     ):
+        if not points:
+            continue
         notes = common
-        if failures:
-            notes += " FAILED runs (not in the table): " + "; ".join(failures) + "."
+        if failures and not failures_reported:
+            notes += " FAILED runs (not in the tables): " + "; ".join(failures) + "."
+            failures_reported = True
         if len(points) >= 2:
             notes += f" Growth against {x_attr}: {_growth_notes(points, x_attr)}."
         append_results(title, markdown_table(HEADER, [_row(p) for p in points]), notes,
@@ -587,6 +593,10 @@ def main(argv: list[str] | None = None) -> int:
         for path in targets if points else []:
             _plot(points, x_attr, fixed, args.share, path)
             print(f"wrote {path}")
+    if failures and not failures_reported:
+        append_results(f"Scale ({mode}): every configuration failed", "",
+                       common + " FAILED runs: " + "; ".join(failures) + ".",
+                       append=args.record)
     return 0
 
 
