@@ -4,9 +4,11 @@
   ``ArrayRecord``s, which flwr ships uncompressed) against ours (fedserver + fedclient sessions,
   the server's codec). Flower pins protobuf < 7 and the project's generated code needs
   protobuf >= 7, so the Flower side runs in its OWN virtual environment
-  (``--flwr-venv``, created on first use with ``pip install flwr==1.42.0 numpy``) as a separate
-  program (benchmarks/flower_side.py) that only reads .npy files; see that file for exactly what
-  is counted there.
+  (``--flwr-venv``, created on first use with ``pip install flwr==1.42.0 numpy``): its
+  deployment engine (flower-superlink, one flower-supernode per site, ``flwr run`` of the app in
+  benchmarks/flower_app, which imports only flwr and numpy and moves the .npy arrays ours
+  wrote). Bytes: one CountingProxy between the SuperNodes and the SuperLink for Flower, between
+  the sites and fedserver for ours (:func:`run_flower_round` says what is and is not counted).
 * ``anomalib``: single-site PatchCore (ours) against anomalib 2.7's ``PatchcoreModel`` on the
   same images with the SAME backbone weights (ours is built seeded with random weights,
   pretrained=False; every tensor of its state dict is copied into anomalib's backbone, and the
