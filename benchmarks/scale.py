@@ -29,7 +29,8 @@ Per configuration (median and min-max over ``--repeats`` fresh servers):
   more after every site finished and before any channel closes. Each site's connection is
   checked to be counted.
 
-Plots (``--record``: benchmarks/figures/scale_sites.png and scale_bank.png): bytes and times
+Plots (``--record``: benchmarks/figures/scale_sites.png and scale_bank.png, ``_quick`` for the
+quick run): bytes and times
 against S at a fixed bank and against the bank at a fixed S.
 
 Run: ``python -m benchmarks.scale [--full] [--record]``.
