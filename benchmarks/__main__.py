@@ -30,6 +30,13 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
              "and chunk size, upload time, AUROC change"),
     "links": ("links", "time to the global bank over emulated 10 / 100 Mbit/s site uplinks "
               "(network namespaces + tc tbf; root), rounds 1 and 2"),
+    "scale": ("scale", "1 .. 32 concurrent sites and bank sizes 1k .. 100k against a real "
+              "fedserver: round time, server peak RSS, selection time, bytes per site"),
+    "peers": ("peers", "Flower's transport, anomalib's PatchcoreModel and KCenterGreedy against "
+              "ours, each as a ratio in one run"),
+    "reliability": ("reliability", "the full reliability and security campaign "
+                    "(pytest -m reliability: faults, bad input, fuzzing, 32-site load, TLS)"),
+    "report-speed": ("report_speed", "what writing report.html costs fedclient score"),
     "system-round": ("system_round", "a whole demo federation on loopback: wall time and TCP "
                      "bytes per round"),
     "codec-tradeoff": ("codec_tradeoff", "codec size / error / speed / metric change on "

@@ -404,6 +404,8 @@ _EXAMPLES: Final[dict[str, str]] = {
     "tls_key": '"server.key"',
     "client_ca": '"ca.pem"',
     "buffer_rows": "131072",
+    "byte_shuffle": "true",
+    "zstd_level": "3",
     "extractor": (
         '{ backbone = "wide_resnet50_2", layers = ["layer2", "layer3"], pretrained = true, '
         "pretrain_embed_dim = 1024, target_embed_dim = 1024, patch_size = 3, resize = 256, "

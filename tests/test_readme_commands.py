@@ -16,6 +16,9 @@ the block writes it itself):
 * the Flower block (``pip install "fedpatchcore[flower]"``, ``flower-superlink``,
   ``flower-supernode``, ``flwr run``) runs for real in tests/test_flower.py, which reads it from
   this README;
+* ``fedbench`` commands (``sudo`` allowed: the links benchmark needs root) parse with the real
+  entry point and the sub-command's own parser (the benchmarks' quick runs are tested in
+  tests/test_bench_*.py and tests/test_benchmarks_cli.py);
 * ``python3 dev.py test`` is what .ci/run runs; ``python3 dev.py demo`` is the demo that
   tests/test_system_e2e.py drives through fedclient.demo.
 
@@ -24,12 +27,14 @@ A command matching none of these fails the test: add a check for it here.
 
 from __future__ import annotations
 
+import importlib
 import re
 import shlex
 from pathlib import Path
 
 import pytest
 
+from benchmarks import __main__ as bench_cli
 from fedclient import cli as client_cli
 from fedserver import cli as server_cli
 from fedserver.config import load_config
@@ -95,12 +100,21 @@ def _docker(argv: list[str]) -> None:
             next(words)
 
 
+def _fedbench(argv: list[str]) -> None:
+    args = bench_cli.build_parser().parse_args(argv)
+    module = importlib.import_module(f"benchmarks.{bench_cli.COMMANDS[args.command][0]}")
+    assert hasattr(module, "build_parser"), f"fedbench {args.command}: give it a build_parser()"
+    module.build_parser().parse_args(args.args)
+
+
 def run_command(line: str, cwd: Path) -> None:
     words = shlex.split(line, comments=True)
     env: dict[str, str] = {}
     while _ASSIGNMENT.match(words[0]):
         name, value = _ASSIGNMENT.match(words[0]).groups()  # type: ignore[union-attr]
         env[name] = value
+        words = words[1:]
+    if words[0] == "sudo":
         words = words[1:]
     program, argv = words[0], words[1:]
     if program in ("python", "python3") and argv[:2] == ["-m", "fedserver"]:
@@ -111,6 +125,8 @@ def run_command(line: str, cwd: Path) -> None:
         _fedclient(argv, env)
     elif program == "docker":
         _docker(argv)
+    elif program == "fedbench":
+        _fedbench(argv)
     elif program in _FLOWER_PROGRAMS or words == ["pip", "install", "fedpatchcore[flower]"]:
         flower_test = (ROOT / "tests/test_flower.py").read_text()
         assert "def test_readme_flower_commands" in flower_test, line
