@@ -208,7 +208,12 @@ class ConnectionConfig:
     tls: TLS settings; None means plaintext (loopback and tests only: the token travels in
         the clear).
     max_message_bytes: max send and receive message size set on the channel, bytes.
-    call_timeout_s: deadline of each unary call and each upload stream attempt, seconds.
+    call_timeout_s: deadline of each unary call, seconds; an upload stream attempt gets this
+        plus the time its bytes take at ``min_upload_bytes_per_s``, so that a large coreset on
+        a slow link or a busy server is not cut off by a fixed deadline.
+    min_upload_bytes_per_s: the slowest upload rate, bytes/s, a stream is given time for
+        (default 128 KiB/s, about 1 Mbit/s); a stream slower than this is abandoned and
+        resumed from the server's committed position.
     """
 
     address: str
@@ -216,6 +221,7 @@ class ConnectionConfig:
     tls: TLSConfig | None = None
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     call_timeout_s: float = 60.0
+    min_upload_bytes_per_s: float = 128 * 1024
 
     def __post_init__(self) -> None:
         host, sep, port = self.address.rpartition(":")
@@ -228,6 +234,14 @@ class ConnectionConfig:
             )
         if self.call_timeout_s <= 0:
             raise ValueError(f"call_timeout_s must be > 0, got {self.call_timeout_s}")
+        if self.min_upload_bytes_per_s <= 0:
+            raise ValueError(
+                f"min_upload_bytes_per_s must be > 0, got {self.min_upload_bytes_per_s}"
+            )
+
+    def upload_timeout_s(self, stream_bytes: int) -> float:
+        """Deadline of one upload stream that carries ``stream_bytes`` bytes, seconds."""
+        return self.call_timeout_s + stream_bytes / self.min_upload_bytes_per_s
 
     def open_channel(self) -> grpc.Channel:
         options = [
@@ -559,18 +573,19 @@ class SiteSession:
                 )
             attempts += 1
             counter = _SendCounter()
-            stream = self._requests(
-                None if status.summary_committed else summary_request,
-                requests[position:],
-                counter,
+            summary_message = None if status.summary_committed else summary_request
+            stream_bytes = sum(r.ByteSize() for r in requests[position:]) + (
+                summary_message.ByteSize() if summary_message is not None else 0
             )
+            stream = self._requests(summary_message, requests[position:], counter)
             logger.info(
                 "site %s: upload round %d from chunk %d of %d (attempt %d)", self.site_id,
                 round_number, position, len(requests), attempts,
             )
             try:
                 response = self._stub.UploadFeatures(
-                    stream, metadata=self._metadata, timeout=self.connection.call_timeout_s
+                    stream, metadata=self._metadata,
+                    timeout=self.connection.upload_timeout_s(stream_bytes),
                 )
                 status = response.upload
             except grpc.RpcError as error:

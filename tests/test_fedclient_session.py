@@ -81,6 +81,30 @@ def test_upload_sends_every_chunk_once(federation) -> None:
     assert result.bytes_sent > sum(c.features.decoded_size for c in chunks) // 4  # counted
 
 
+def test_upload_deadline_grows_with_the_bytes_to_send(federation) -> None:
+    """A stream slower than call_timeout_s but faster than min_upload_bytes_per_s completes in
+    one attempt; with the floor above the actual rate the same stream is cut and retried."""
+    servicer, port = federation
+    _, summary, chunks = _upload_of(640)
+    total = sum(c.features.decoded_size for c in chunks)  # >= the encoded bytes (fp16 + zstd)
+    rate = total / 1.5  # the throttled stream takes up to ~1.5 s, three times call_timeout_s
+
+    def session(floor: float) -> SiteSession:
+        return SiteSession(
+            ConnectionConfig(f"127.0.0.1:{port}", token="tok-a", call_timeout_s=0.5,
+                             min_upload_bytes_per_s=floor),
+            "site-a", retry=RetryPolicy(max_attempts=2, initial_backoff_s=0.01),
+            rng=random.Random(7), max_upload_bytes_per_s=rate,
+        )
+
+    with session(floor=rate / 2) as slow_but_allowed:
+        result = slow_but_allowed.upload(summary, chunks)
+    assert result.status.complete and result.attempts == 1
+    servicer.uploads.clear()
+    with session(floor=rate * 100) as too_slow, pytest.raises(ServerUnavailableError):
+        too_slow.upload(summary, chunks)  # deadline ~0.5 s: every attempt is cut
+
+
 def test_broken_stream_resumes_from_the_committed_position(federation) -> None:
     servicer, port = federation
     _, summary, chunks = _upload_of(640)
