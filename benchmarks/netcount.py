@@ -125,6 +125,7 @@ class CountingProxy:
         self._up = 0
         self._down = 0
         self._closed: list[ConnectionCount] = []
+        self._per_connection: list[list[int]] = []  # [up, down] per accepted connection
         self._threads: list[threading.Thread] = []
         self._open: set[socket.socket] = set()
         self._stopping = threading.Event()
@@ -145,6 +146,12 @@ class CountingProxy:
         """(up, down) bytes relayed so far over all connections."""
         with self._lock:
             return self._up, self._down
+
+    def per_connection(self) -> list[tuple[int, int]]:
+        """(up, down) bytes of every connection accepted so far, open or ended, in accept
+        order (a live snapshot; short-lived HTTP connections are all here)."""
+        with self._lock:
+            return [(up, down) for up, down in self._per_connection]
 
     @property
     def connections(self) -> list[ConnectionCount]:
@@ -183,9 +190,10 @@ class CountingProxy:
             return
         for sock in (client, server):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        counts = [0, 0]
         with self._lock:
             self._open.update((client, server))
-        counts = [0, 0]
+            self._per_connection.append(counts)
         eof = [False, False]
         up = threading.Thread(target=self._pump, args=(client, server, counts, eof, 0),
                               daemon=True)
@@ -222,8 +230,8 @@ class CountingProxy:
                     eof[direction] = True
                     break
                 sink.sendall(view[:n])
-                counts[direction] += n
                 with self._lock:
+                    counts[direction] += n
                     if direction == 0:
                         self._up += n
                     else:

@@ -408,7 +408,7 @@ def run_flower_round(python: Path, data: Path, sites: int, workdir: Path,
     reach the SuperLink through a CountingProxy, so every byte of the Fleet API (all requests,
     HTTP framing, heartbeats) is counted; the ServerApp and the CLI talk to the SuperLink
     directly (they are the server side)."""
-    from benchmarks.scale import CountingProxy
+    from benchmarks.netcount import CountingProxy
 
     bin_dir = python.parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}",
@@ -440,7 +440,7 @@ def run_flower_round(python: Path, data: Path, sites: int, workdir: Path,
         link = start([str(bin_dir / "flower-superlink"), "--insecure", "--host", "127.0.0.1",
                       "--port", str(link_port)], "superlink")
         _wait_port(link_port, link, "flower-superlink", 120)
-        proxy = CountingProxy(("127.0.0.1", link_port))
+        proxy = CountingProxy(("127.0.0.1", link_port), drain_s=0.0)
         for site in range(sites):
             node_port = _free_port()
             start([str(bin_dir / "flower-supernode"), "--insecure", "--superlink",
@@ -480,7 +480,9 @@ def run_flower_round(python: Path, data: Path, sites: int, workdir: Path,
     assert proxy is not None
     if len(result["bank_rows"]) != sites or len(set(result["bank_rows"])) != 1:
         raise FlowerSetupError(f"sites got different banks over Flower: {result['bank_rows']}")
-    return FlowerRound(tuple(proxy.up), tuple(proxy.down), len(proxy.up), result["upload_s"],
+    counts = proxy.per_connection()
+    return FlowerRound(tuple(up for up, _ in counts), tuple(down for _, down in counts),
+                       len(counts), result["upload_s"],
                        result["download_s"], result["round_s"], wall)
 
 

@@ -39,11 +39,9 @@ Run: ``python -m benchmarks.scale [--full] [--record]``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import re
-import socket
 import statistics
 import sys
 import tempfile
@@ -55,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.netcount import CountingProxy
 from benchmarks.report import append_results, markdown_table
 from benchmarks.server_selection import site_features
 from benchmarks.system_round import TcpCounter
@@ -66,7 +65,7 @@ from fedclient.session import ConnectionConfig, RoundConfig, SessionError, SiteS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CountingProxy", "RunResult", "build_parser", "classify_growth", "main", "run_round"]
+__all__ = ["RunResult", "build_parser", "classify_growth", "main", "run_round"]
 
 FIGURES = Path(__file__).resolve().parent / "figures"
 FINGERPRINT = "5c" * 32
@@ -116,75 +115,6 @@ class RunResult:
         return self.rows_per_site * DIM * 4
 
 
-class CountingProxy:
-    """A TCP proxy on 127.0.0.1 that counts the bytes each connection carries each way.
-
-    Listens on a kernel-chosen port (``port``) and relays every accepted connection to
-    ``upstream`` (host, port), two threads per connection. ``up`` / ``down``: per connection
-    (numbered in accept order), bytes from the client to the upstream and back, TCP payload
-    (the same quantity as the kernel's bytes_received / bytes_acked). Counting here survives
-    connections that open and close between two ``ss`` samples (HTTP clients do).
-    """
-
-    def __init__(self, upstream: tuple[str, int]) -> None:
-        self.upstream = upstream
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self.up: list[int] = []
-        self.down: list[int] = []
-        self._lock = threading.Lock()
-        self._threads: list[threading.Thread] = []
-        self._sockets: list[socket.socket] = []
-        self._accept = threading.Thread(target=self._serve, daemon=True, name="proxy-accept")
-        self._accept.start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return  # closed
-            try:
-                server = socket.create_connection(self.upstream)
-            except OSError as error:
-                logger.warning("proxy: cannot reach %s: %s", self.upstream, error)
-                client.close()
-                continue
-            with self._lock:
-                index = len(self.up)
-                self.up.append(0)
-                self.down.append(0)
-                self._sockets += [client, server]
-            for source, target, counts in ((client, server, self.up), (server, client, self.down)):
-                thread = threading.Thread(target=self._pump, args=(source, target, counts, index),
-                                          daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _pump(self, source: socket.socket, target: socket.socket, counts: list[int],
-              index: int) -> None:
-        try:
-            while data := source.recv(1 << 16):
-                target.sendall(data)
-                with self._lock:
-                    counts[index] += len(data)
-        except OSError:
-            pass
-        finally:
-            with contextlib.suppress(OSError):
-                target.shutdown(socket.SHUT_WR)
-
-    def close(self) -> None:
-        self._listener.close()
-        with self._lock:
-            sockets = list(self._sockets)
-        for sock in sockets:
-            with contextlib.suppress(OSError):
-                sock.close()
-        for thread in self._threads:
-            thread.join(5)
-
-
 def _proc_status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -232,7 +162,8 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
     )
     server = ServerProcess(config_path, workdir / "fedserver.log")
     counter = TcpCounter(server.port)
-    relay = CountingProxy(("127.0.0.1", server.port)) if proxy else None
+    relay = CountingProxy(("127.0.0.1", server.port), drain_s=5.0) if proxy else None
+    relay_counts: list[tuple[int, int]] = []
     address = f"127.0.0.1:{relay.port}" if relay is not None else server.address
     sessions: list[SiteSession] = []
     banks: dict[str, np.ndarray] = {}
@@ -305,6 +236,7 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
             session.close()
         if relay is not None:
             relay.close()
+            relay_counts = relay.per_connection()
         if counter._thread.is_alive():
             counter.stop()
         server.stop()
@@ -332,8 +264,8 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
         msg_up=tuple(msg_up[n] for n in names),
         msg_down=tuple(msg_down[n] for n in names),
         bank_rows=min(bank_rows.values()),
-        proxy_up=tuple(relay.up) if relay is not None else (),
-        proxy_down=tuple(relay.down) if relay is not None else (),
+        proxy_up=tuple(up for up, _ in relay_counts),
+        proxy_down=tuple(down for _, down in relay_counts),
     )
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks import peers, scale
+from benchmarks.netcount import CountingProxy
 
 
 @pytest.mark.slow  # starts fedserver init-config and a fedserver process (about 10 s idle)
@@ -51,7 +52,7 @@ def test_counting_proxy_counts_both_directions() -> None:
 
         thread = threading.Thread(target=echo_doubled)
         thread.start()
-        proxy = scale.CountingProxy(("127.0.0.1", port))
+        proxy = CountingProxy(("127.0.0.1", port), drain_s=0.0)
         try:
             with socket.create_connection(("127.0.0.1", proxy.port)) as client:
                 client.sendall(b"x" * 1000)
@@ -62,7 +63,7 @@ def test_counting_proxy_counts_both_directions() -> None:
         finally:
             proxy.close()
     assert received == b"x" * 2000
-    assert proxy.up == [1000] and proxy.down == [2000]
+    assert proxy.per_connection() == [(1000, 2000)]
 
 
 @pytest.mark.parametrize(
