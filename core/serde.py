@@ -476,6 +476,11 @@ class _Received:
     value_type: str
     checksum: int
 
+    def __str__(self) -> str:
+        return (f"rows {self.row_offset}..{self.row_offset + self.rows} x {self.cols} "
+                f"{self.value_type}, checksum {self.checksum:#018x}"
+                + (", last" if self.last else ""))
+
 
 class ChunkAssembler:
     """Reassembles one chunk stream (one site's upload, or one global bank) into [rows, D].
@@ -574,7 +579,7 @@ class ChunkAssembler:
             if self._received[chunk.sequence] != received:
                 raise ChunkConflictError(
                     f"chunk {chunk.sequence} was resent with different content: first "
-                    f"{self._received[chunk.sequence]}, now {received}"
+                    f"({self._received[chunk.sequence]}), now ({received})"
                 )
             logger.debug("ignoring identical resend of chunk %s", chunk.sequence)
             return None

@@ -643,7 +643,10 @@ class Federation:
                     and rnd.deadline is not None
                     and self._clock() >= rnd.deadline
                 ):
-                    self._deadline_passed(rnd)
+                    try:
+                        self._deadline_passed(rnd)
+                    except OSError as error:  # the journal could not record the cut-off
+                        self._fail_unjournaled(rnd, "its deadline passed", error)
                 self._changed.wait(timeout=0.2)
 
     def _deadline_passed(self, rnd: _Round) -> None:
@@ -709,11 +712,31 @@ class Federation:
                 rnd.phase = Phase.FAILED
                 rnd.message = f"selection failed: {type(error).__name__}: {error}"
                 rnd.selection_seconds = time.perf_counter() - started
-                self.journal.append_json(
-                    RecordKind.ROUND_FAILED, {"round": rnd.number, "message": rnd.message}
-                )
+                try:
+                    self.journal.append_json(
+                        RecordKind.ROUND_FAILED, {"round": rnd.number, "message": rnd.message}
+                    )
+                except OSError as journal_error:
+                    logger.critical(
+                        "round %d: cannot journal its failure (%s); a restarted server will "
+                        "select it again from the journaled uploads", rnd.number, journal_error,
+                    )
                 self._changed.notify_all()
                 self._write_report(rnd)
+
+    def _fail_unjournaled(self, rnd: _Round, what: str, error: OSError) -> None:
+        """Fail ``rnd`` in memory when the state directory cannot record ``what`` happened
+        (disk full, read-only): sites are told at once instead of waiting on a round that can
+        no longer move; the journal keeps every acknowledged chunk, so a restarted server (with
+        space again) takes the round up from there. Called with ``self._changed`` held."""
+        rnd.phase = Phase.FAILED
+        rnd.message = (
+            f"{what} but the server's state directory cannot record it ({error}); the server "
+            "needs attention, then a restart resumes the round"
+        )
+        logger.critical("round %d failed: %s", rnd.number, rnd.message)
+        self._changed.notify_all()
+        self._write_report(rnd)
 
     def _store_version(
         self, round_number: int, bank: np.ndarray, server_radius: float, max_site_radius: float

@@ -323,6 +323,38 @@ def test_deadline_below_quorum_fails_the_round(tmp_path: Path) -> None:
     federation.close()
 
 
+def test_a_state_directory_that_cannot_record_the_deadline_fails_the_round_loudly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Disk full when the deadline passes: the round fails at once with a message saying why
+    (it used to kill the deadline thread and leave the round collecting forever), and a
+    restart with space again takes the round up from the journaled uploads."""
+    now = [0.0]
+    config, _ = make_config(tmp_path, ["a", "b"], quorum=1, round_timeout_s=5.0)
+    journal = Journal(config.state_dir)
+    federation = Federation(config, journal, ("a", "b"), clock=lambda: now[0])
+    federation.start()
+    summary, chunks = upload_messages("a", site_rows(0, 60))
+    for item in (summary, *chunks):
+        federation.receive("a", item, _raw(item))
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(journal, "append_json", disk_full)
+    now[0] = 10.0
+    snapshot = federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30)
+    assert snapshot.phase is Phase.FAILED
+    assert "cannot record it" in snapshot.message and "No space left" in snapshot.message
+    federation.close()
+    monkeypatch.undo()
+    again = Federation(config, Journal(config.state_dir), ("a", "b"), clock=lambda: now[0])
+    again.start()  # the cut-off was never journaled: the deadline passes again, now recorded
+    snapshot = again.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30)
+    assert snapshot.phase is Phase.READY and snapshot.sites_complete == 1
+    again.close()
+
+
 def test_fingerprint_pinned_by_the_first_site(tmp_path: Path) -> None:
     from core.federated.aggregator import IncompatibleSiteError
 
