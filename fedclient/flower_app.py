@@ -230,7 +230,8 @@ def evaluate(msg: Message, context: Context) -> Message:
         "bytes-down": sum(len(m) for m in messages),
     }
     if test_set is not None:
-        scores = _score(client.model, test_set, site.out_dir, site.overlays, None)
+        scores = _score(client.model, test_set, site.out_dir, site.overlays, None,
+                        report=False).result
         for name in ("image_auroc", "pixel_auroc"):
             value = scores.get(name)
             if isinstance(value, float):

@@ -191,6 +191,7 @@ def round_config_message(server: ServerConfig, num_sites: int) -> bytes:
         feature_fingerprint=features.fingerprint(),
         extractor=extractor,
         codec_name=server.codec,
+        codec=server.codec_config,
         max_chunk_bytes=server.max_chunk_bytes,
         global_bank_size=server.global_bank_size,
         max_rows_per_site=server.max_rows_per_site,

@@ -85,6 +85,17 @@ def _readme_flower_blocks() -> tuple[list[str], str]:
     return [line for line in bash[0].splitlines() if line.strip()], toml[0]
 
 
+def _wait_listening(port: int, process: subprocess.Popen[bytes], timeout_s: float) -> None:
+    """Until something accepts connections on 127.0.0.1:``port`` (the SuperLink's port)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"the SuperLink exited with {process.returncode}"
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout_s} s")
+
+
 def _free_port() -> int:
     # flower-superlink refuses --port 0, so the test picks ports the OS just handed out.
     with socket.socket() as probe:
@@ -193,6 +204,8 @@ def test_readme_flower_commands_give_the_in_process_bank(
                     _tool(command), cwd=tmp_path, env=env, stdout=log,
                     stderr=subprocess.STDOUT, start_new_session=True,
                 ))
+        # `flwr run` does not wait for the SuperLink: it fails at once if nothing listens yet.
+        _wait_listening(int(ports["9093"]), processes[0], timeout_s=120)
         run = subprocess.run(
             _tool(argv[5]), cwd=tmp_path, env=env, capture_output=True, text=True,
             timeout=RUN_TIMEOUT_S,
