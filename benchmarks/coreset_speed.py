@@ -193,6 +193,8 @@ def _worker(spec_path: str) -> None:
     ours_dim = min(int(spec["ours_dim"]), x.shape[1])  # >= D: no projection, D itself
     cap = _vm_size_bytes() + int(float(spec["cap_gib"]) * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    logger.info("address space capped at %.2f GiB (mapped after imports and input: %.2f GiB)",
+                cap / 2**30, (cap - float(spec["cap_gib"]) * 2**30) / 2**30)
     outcomes: list[Outcome] = []
     for raw in spec["trials"]:
         trial = Trial(**raw)

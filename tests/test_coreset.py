@@ -302,3 +302,15 @@ def test_selection_runs_single_threaded_and_restores_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("projection", ["pca", "gaussian"])
+def test_guided_exact_radius_is_exact_when_guesses_miss(projection: str) -> None:
+    # Unstructured rows far from the origin with a tiny projection: the projected guesses are
+    # often wrong and a Gaussian projection is not centred, so the dense check must decide.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3000, 48)).astype(np.float32) + np.float32(50.0)
+    result = greedy_coreset(x, 200, projection_dim=4, projection=projection, seed=3)  # type: ignore[arg-type]
+    bank = x[result.indices].astype(np.float64)
+    d2 = ((x.astype(np.float64)[:, None, :] - bank[None]) ** 2).sum(-1).min(axis=1)
+    assert result.radius == pytest.approx(float(np.sqrt(d2.max())), rel=1e-5)
