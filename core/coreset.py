@@ -120,7 +120,7 @@ def _as_float32_numpy(features: np.ndarray | torch.Tensor) -> np.ndarray:
     return array
 
 
-ProjectionKind = Literal["pca", "gaussian"]
+ProjectionKind = Literal["auto", "pca", "gaussian", "pca_jl"]
 
 #: Rows sampled to fit the PCA projection (more adds cost, not quality, on CNN features).
 PCA_SAMPLE_ROWS = 2048
@@ -145,32 +145,73 @@ class Projection:
         return out
 
 
+#: "auto" projects with "pca_jl" when the 99th percentile of the sampled rows' residual norms
+#: (what PCA-d leaves out) exceeds this multiple of their median, else with "pca". Measured
+#: p99 / median at d = 64: random-init WRN-50 embeddings 3.0, clustered ReLU rows 1.21, i.i.d.
+#: Gaussian rows 1.05 (see fit_projection for why a heavy residual tail matters).
+_RESIDUAL_TAIL = 1.5
+
+
 def fit_projection(
     features: np.ndarray,
     dim: int | None,
     seed: int,
-    kind: ProjectionKind = "pca",
+    kind: ProjectionKind = "auto",
 ) -> Projection | None:
     """Fit the projection used to compare distances (None: compare in the original space).
 
     Args:
         features: [N, D] rows (a seeded sample of at most PCA_SAMPLE_ROWS is used for PCA).
         dim: target dimension; None or >= D means no projection.
-        seed: seeds the row sample and the randomized SVD (PCA) or the matrix (Gaussian).
-        kind: "pca" (default) or "gaussian".
+        seed: seeds the row sample and the randomized SVD (PCA) and the Gaussian matrix.
+        kind: "auto" (default: "pca_jl" where the PCA residual has a heavy tail, else "pca"),
+            "pca", "gaussian", or "pca_jl": the leading ``dim // 2`` principal directions
+            unscaled, plus a Gaussian JL projection of what they leave out (the residual) to
+            the other ``dim - dim // 2`` coordinates.
 
-    Both kinds are scaled so that the expected squared distance between rows is preserved:
+    Every kind is scaled so that the expected squared distance between rows is preserved:
     projected distances then live on the scale of original-space radii, which the incremental
-    selector adds to them.
+    selector adds to them. Why "pca_jl": plain PCA drops the residual and stretches the kept
+    directions to make up for it on average, so rows that differ mostly outside the kept
+    directions look close, and farthest-first leaves them coarsely covered; the JL half keeps
+    residual distances in expectation. On 20,000 random-init WRN-50 embeddings -> 2,000 (seeds
+    0-2) PCA-128 gave radii 0.231-0.243, PCA-64 + JL-64 0.218-0.222 (anomalib: 0.221-0.223).
+    Where the residual is plain noise of about equal size in every row (clustered ReLU rows of
+    coreset_speed: 156,800 -> 15,680), the JL half only blurs the clusters: same radius, 2.5x
+    the selection time. "auto" tells the two apart by the residual norms of the PCA sample.
     """
-    n, d_in = features.shape
-    if kind not in ("pca", "gaussian"):
-        raise ValueError(f"projection must be 'pca' or 'gaussian', got {kind!r}")
+    d_in = features.shape[1]
+    if kind not in ("auto", "pca", "gaussian", "pca_jl"):
+        raise ValueError(
+            f"projection must be 'auto', 'pca', 'gaussian' or 'pca_jl', got {kind!r}"
+        )
     if dim is None or dim >= d_in:
         return None
     if kind == "gaussian":
         matrix = projection_matrix(d_in, dim, seed).numpy()
         return Projection(np.zeros(d_in, dtype=np.float32), matrix)
+    mean, basis, scale, tail = _fit_pca(features, dim, seed)
+    if kind == "auto":
+        kind = "pca_jl" if tail > _RESIDUAL_TAIL and dim >= 2 else "pca"
+        logger.debug("projection: residual p99/median %.2f -> %s", tail, kind)
+    if kind == "pca" or dim < 2:
+        return Projection(mean, (basis * scale).astype(np.float32))
+    kept = basis[:, : dim // 2].astype(np.float64)  # orthonormal columns (or zero padding)
+    gaussian = projection_matrix(d_in, dim - dim // 2, seed + 1).numpy().astype(np.float64)
+    residual = gaussian - kept @ (kept.T @ gaussian)  # JL of the part PCA leaves out
+    matrix = np.concatenate([kept, residual], axis=1).astype(np.float32)
+    return Projection(mean, np.ascontiguousarray(matrix))
+
+
+def _fit_pca(features: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, float,
+                                                                   float]:
+    """PCA of a seeded sample of at most PCA_SAMPLE_ROWS rows.
+
+    Returns (mean [D] float32, orthonormal basis [D, dim] float32 (zero-padded if the sample
+    has fewer rows than dim), scale that makes the basis preserve the expected squared
+    distance, p99 / median of the sample rows' residual norms |(x - mean) - B B^T (x - mean)|).
+    """
+    n, d_in = features.shape
     generator = torch.Generator().manual_seed(seed)
     take = min(n, PCA_SAMPLE_ROWS)
     rows = torch.randperm(n, generator=generator)[:take].sort().values.numpy()
@@ -185,10 +226,16 @@ def fit_projection(
     captured = float((singular**2).sum())
     total = float((centred**2).sum())
     scale = math.sqrt(total / captured) if captured > 0 else 1.0
-    matrix = (basis * scale).contiguous().numpy().astype(np.float32)
+    centred64 = centred.double()
+    kept = centred64 @ basis.double()
+    residual2 = (centred64**2).sum(dim=1) - (kept**2).sum(dim=1)
+    residual = residual2.clamp_min(0.0).sqrt()
+    median = float(residual.median())
+    tail = float(torch.quantile(residual, 0.99)) / median if median > 0 else 1.0
+    matrix = basis.contiguous().numpy().astype(np.float32)
     if matrix.shape[1] < dim:  # fewer sampled rows than dims: pad with zero directions
         matrix = np.pad(matrix, ((0, 0), (0, dim - matrix.shape[1])))
-    return Projection(mean.numpy().astype(np.float32), matrix)
+    return mean.numpy().astype(np.float32), matrix, scale, tail
 
 
 def _project(projection: Projection | None, features: np.ndarray) -> np.ndarray:
@@ -832,7 +879,7 @@ def greedy_coreset(
     k: int,
     *,
     projection_dim: int | None = 128,
-    projection: ProjectionKind = "pca",
+    projection: ProjectionKind = "auto",
     seed: int = 0,
     device: str | torch.device | None = None,
     compute_radius: bool = True,
@@ -844,7 +891,7 @@ def greedy_coreset(
         k: coreset size, 1 <= k <= N.
         projection_dim: dimension of the projection used to compare distances; None (or >= D)
             compares in the original space.
-        projection: "pca" (default) or "gaussian" (see the module docstring).
+        projection: "auto" (default), "pca", "pca_jl" or "gaussian" (see :func:`fit_projection`).
         seed: seeds both the projection and the start point (a uniformly drawn row).
         device: where to run the selection loop: "cuda" runs it in torch on the GPU; None or "cpu"
             runs the pruned NumPy loop. None picks CUDA when ``features`` already lives there.
@@ -942,7 +989,7 @@ class IncrementalCoreset:
         *,
         capacity: int | None = None,
         projection_dim: int | None = 128,
-        projection: ProjectionKind = "pca",
+        projection: ProjectionKind = "auto",
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:
