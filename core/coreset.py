@@ -132,6 +132,7 @@ class Projection:
 
     mean: np.ndarray  # [D]
     matrix: np.ndarray  # [D, d]
+    kind: str = "pca"  # what fit_projection made: "pca", "pca_jl" or "gaussian" (never "auto")
 
     def apply(self, features: np.ndarray, *, block_rows: int = 16384) -> np.ndarray:
         """[N, D] -> [N, d] float32, in row blocks so the centred copy stays block-sized."""
@@ -191,18 +192,18 @@ def fit_projection(
         return None
     if kind == "gaussian":
         matrix = projection_matrix(d_in, dim, seed).numpy()
-        return Projection(np.zeros(d_in, dtype=np.float32), matrix)
+        return Projection(np.zeros(d_in, dtype=np.float32), matrix, "gaussian")
     mean, basis, scale, tail = _fit_pca(features, dim, seed)
     if kind == "auto":
         kind = "pca_jl" if tail > _RESIDUAL_TAIL and dim >= 2 else "pca"
         logger.debug("projection: residual p99/median %.2f -> %s", tail, kind)
     if kind == "pca" or dim < 2:
-        return Projection(mean, (basis * scale).astype(np.float32))
+        return Projection(mean, (basis * scale).astype(np.float32), "pca")
     kept = basis[:, : dim // 2].astype(np.float64)  # orthonormal columns (or zero padding)
     gaussian = projection_matrix(d_in, dim - dim // 2, seed + 1).numpy().astype(np.float64)
     residual = gaussian - kept @ (kept.T @ gaussian)  # JL of the part PCA leaves out
     matrix = np.concatenate([kept, residual], axis=1).astype(np.float32)
-    return Projection(mean, np.ascontiguousarray(matrix))
+    return Projection(mean, np.ascontiguousarray(matrix), "pca_jl")
 
 
 def _fit_pca(features: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, float,
