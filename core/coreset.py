@@ -43,7 +43,8 @@ Why this module looks the way it does:
   the federated coverage certificate (a projection distorts distances by 1 +- eps). The exact
   radius visits rows by decreasing upper bound, tightens each bound with its distance to the 8
   bank rows nearest in the projection, and gives the full [rows, k] x D check to the rest in
-  groups of 32, largest bound first: on 156,800 x 1024 -> 15,680, 123 rows instead of 7,168.
+  groups of 32, largest bound first: on 156,800 x 1024 -> 15,680, 123 rows get the full check
+  (7,421 with one guess).
 
 On CPU the loop runs in NumPy: on this kind of machine ``numpy.dot`` (OpenBLAS) computes the
 [N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch (plain
