@@ -51,7 +51,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from benchmarks.report import append_results, markdown_table, peak_rss_mib
-from core.coreset import coverage_radius, greedy_coreset
+from core.coreset import coverage_radius, fit_projection, greedy_coreset
 from core.data import MVTecDataset, generate_synthetic_dataset
 from core.features import FeatureConfig, PatchFeatureExtractor, iterate_batches
 from core.preprocess import ImageTransform
@@ -67,8 +67,8 @@ ALLOCATORS: tuple[tuple[str, dict[str, str]], ...] = (
 #: Address space a worker may map beyond what it maps after its imports and input, GiB. anomalib
 #: needs about 1 GiB at 20,000 x 1536; runaways reached 14-24 GB.
 DEFAULT_CAP_GIB = 6.0
-#: Our projection (greedy_coreset's default).
-OURS_PROJECTION = "pca"
+#: Our projection (greedy_coreset's default; "auto" resolves per input, see fit_projection).
+OURS_PROJECTION = "auto"
 
 
 def clustered_relu(n: int, dim: int, *, clusters: int = 200, seed: int = 0) -> np.ndarray:
@@ -145,6 +145,7 @@ class Outcome:
     status: str
     projection_dim: int
     peak_rss_mib: float
+    projection: str = ""
 
 
 def _vm_size_bytes() -> int:
@@ -191,8 +192,11 @@ def _worker(spec_path: str) -> None:
         _run_anomalib(warm, max(1, warm.shape[0] // 10), 0)
     greedy_coreset(warm, max(1, warm.shape[0] // 10), seed=0)
     ours_dim = min(int(spec["ours_dim"]), x.shape[1])  # >= D: no projection, D itself
+    kind = str(spec.get("ours_projection", OURS_PROJECTION))
     cap = _vm_size_bytes() + int(float(spec["cap_gib"]) * 2**30)
     resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+    logger.info("address space capped at %.2f GiB (mapped after imports and input: %.2f GiB)",
+                cap / 2**30, (cap - float(spec["cap_gib"]) * 2**30) / 2**30)
     outcomes: list[Outcome] = []
     for raw in spec["trials"]:
         trial = Trial(**raw)
@@ -200,22 +204,26 @@ def _worker(spec_path: str) -> None:
             if trial.side == "anomalib":
                 seconds, indices, dim = _run_anomalib(x, k, trial.seed)
                 radius = coverage_radius(x, x[indices])
+                projection = "sparse random"
             else:
                 start = time.perf_counter()
-                result = greedy_coreset(x, k, seed=trial.seed, projection_dim=ours_dim)
+                result = greedy_coreset(x, k, seed=trial.seed, projection_dim=ours_dim,
+                                        projection=kind)
                 seconds = time.perf_counter() - start
                 assert result.radius is not None
                 radius, dim = result.radius, ours_dim
+                fitted = fit_projection(x, ours_dim, trial.seed, kind)  # untimed: which kind
+                projection = "none" if fitted is None else fitted.kind
             status = "ok"
         except (MemoryError, RuntimeError) as error:  # torch raises RuntimeError on OOM
             if "alloc" not in str(error).lower() and not isinstance(error, MemoryError):
                 raise
-            seconds, radius, dim = float("nan"), None, -1
+            seconds, radius, dim, projection = float("nan"), None, -1, ""
             status = f"runaway: {type(error).__name__}"
             logger.warning("%s seed %d hit the address-space cap: %s", trial.side, trial.seed,
                            str(error).splitlines()[0][:200])
         outcomes.append(Outcome(trial.side, trial.seed, seconds, radius, status, dim,
-                                peak_rss_mib()))
+                                peak_rss_mib(), projection))
         logger.info("%s", outcomes[-1])
     Path(spec["out"]).write_text(json.dumps([asdict(o) for o in outcomes]))
 
@@ -229,6 +237,7 @@ def run_worker(
     cap_gib: float,
     nice: int = 0,
     ours_dim: int = 128,
+    ours_projection: str = OURS_PROJECTION,
 ) -> list[Outcome]:
     """Run ``trials`` in one child process with ``env`` added; returns their outcomes."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -240,6 +249,7 @@ def run_worker(
             "out": str(out_path),
             "cap_gib": cap_gib,
             "ours_dim": ours_dim,
+            "ours_projection": ours_projection,
         }
         spec_path.write_text(json.dumps(spec))
         command = [sys.executable, "-m", "benchmarks.coreset_speed", "--worker", str(spec_path)]
@@ -252,6 +262,13 @@ def run_worker(
             cwd=Path(__file__).resolve().parent.parent,
         )
         return [Outcome(**o) for o in json.loads(out_path.read_text())]
+
+
+def _ours_projection(outcomes: Sequence[Outcome]) -> str:
+    """Our projection in a table cell: the dim and the kind(s) it resolved to, e.g. "128 pca"."""
+    ok = [o for o in outcomes if o.status == "ok"]
+    kinds = ",".join(sorted({o.projection for o in ok})) or "-"
+    return f"{ok[0].projection_dim} {kinds}" if ok else "-"
 
 
 def _anomalib_installed() -> bool:
@@ -270,18 +287,21 @@ def _spread(values: Sequence[float]) -> str:
 
 def matrix_rows(
     name: str, input_spec: dict[str, object], k: int, runs: int, cap_gib: float,
-    with_anomalib: bool, ours_dim: int = 128,
+    with_anomalib: bool, ours_dim: int = 128, *,
+    ours_projection: str = OURS_PROJECTION,
+    allocators: Sequence[tuple[str, dict[str, str]]] = ALLOCATORS,
 ) -> tuple[list[list[object]], dict[str, list[Outcome]]]:
-    """Case A for one input: every allocator setting, both sides in one child per setting."""
+    """Case A for one input: each allocator setting, both sides in one child per setting."""
     rows: list[list[object]] = []
     by_setting: dict[str, list[Outcome]] = {}
-    for setting, env in ALLOCATORS:
+    for setting, env in allocators:
         trials: list[Trial] = []
         for seed in range(runs):
             if with_anomalib:
                 trials.append(Trial("anomalib", seed))
             trials.append(Trial("ours", seed))
-        outcomes = run_worker(input_spec, k, trials, env, cap_gib=cap_gib, ours_dim=ours_dim)
+        outcomes = run_worker(input_spec, k, trials, env, cap_gib=cap_gib, ours_dim=ours_dim,
+                              ours_projection=ours_projection)
         by_setting[setting] = outcomes
         anomalib = [o for o in outcomes if o.side == "anomalib"]
         ours = [o for o in outcomes if o.side == "ours"]
@@ -308,26 +328,27 @@ def matrix_rows(
             speedup, ratio = "-", "-"
             a_cells = ["not run", "-", "-", "-"]
         rows.append([name, setting, *a_cells, _spread(o_sec), _spread(o_rad),
-                     ours[0].projection_dim, speedup, ratio])
+                     _ours_projection(ours), speedup, ratio])
     return rows, by_setting
 
 
 MATRIX_HEADER = [
     "input", "allocator", "anomalib s: median (min-max)", "anomalib runaways",
     "anomalib radius", "anomalib proj. dim", "ours s (incl. exact radius)", "ours radius",
-    "ours proj. dim", "speed-up (medians)", "radius ours / anomalib (medians)",
+    "ours projection", "speed-up (medians)", "radius ours / anomalib (medians)",
 ]
 
 
 def large_rows(
     input_spec: dict[str, object], k: int, runs: int, cap_gib: float, anomalib: bool,
-    ours_dim: int = 128,
+    ours_dim: int = 128, *,
+    ours_projection: str = OURS_PROJECTION,
 ) -> list[list[object]]:
     """Case B: ours (``runs`` times, one child) and anomalib (once, own child): seconds, radius,
     peak RSS of each side's process."""
     rows: list[list[object]] = []
     ours = run_worker(input_spec, k, [Trial("ours", s) for s in range(runs)], {}, cap_gib=cap_gib,
-                      ours_dim=ours_dim)
+                      ours_dim=ours_dim, ours_projection=ours_projection)
     ours_sec = [o.seconds for o in ours]
     ours_rad = [o.radius for o in ours if o.radius is not None]
     a_outcome: Outcome | None = None
@@ -335,7 +356,8 @@ def large_rows(
         a_outcome = run_worker(input_spec, k, [Trial("anomalib", 0)], {}, cap_gib=cap_gib,
                                nice=10)[0]
     if a_outcome is not None:
-        rows.append(["anomalib 2.7 KCenterGreedy (1 run)", a_outcome.projection_dim,
+        rows.append(["anomalib 2.7 KCenterGreedy (1 run)",
+                     f"{a_outcome.projection_dim} {a_outcome.projection}",
                      f"{a_outcome.seconds:.4g}" if a_outcome.status == "ok" else a_outcome.status,
                      a_outcome.radius if a_outcome.radius is not None else "-",
                      round(a_outcome.peak_rss_mib), "1.0x"])
@@ -343,13 +365,13 @@ def large_rows(
         f"{a_outcome.seconds / statistics.median(ours_sec):.0f}x"
         if a_outcome is not None and a_outcome.status == "ok" else "-"
     )
-    rows.append([f"greedy_coreset ({runs} runs, incl. exact radius)", ours[0].projection_dim,
+    rows.append([f"greedy_coreset ({runs} runs, incl. exact radius)", _ours_projection(ours),
                  _spread(ours_sec), _spread(ours_rad), round(max(o.peak_rss_mib for o in ours)),
                  speedup])
     return rows
 
 
-LARGE_HEADER = ["method", "proj. dim", "seconds: median (min-max)", "coverage radius",
+LARGE_HEADER = ["method", "projection", "seconds: median (min-max)", "coverage radius",
                 "peak RSS of its process (MiB)", "speed-up vs anomalib"]
 
 
@@ -366,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-anomalib", action="store_true", help="ours only")
     parser.add_argument("--ours-dim", type=int, default=128,
                         help="greedy_coreset's projection_dim (its default: 128)")
+    parser.add_argument("--ours-projection", default=OURS_PROJECTION,
+                        choices=["auto", "pca", "pca_jl", "gaussian"],
+                        help="greedy_coreset's projection (its default: auto)")
+    parser.add_argument("--allocators", nargs="+", default=[name for name, _ in ALLOCATORS],
+                        choices=[name for name, _ in ALLOCATORS], metavar="SETTING",
+                        help="allocator settings of case A (default: all three)")
     parser.add_argument("--cap-gib", type=float, default=DEFAULT_CAP_GIB,
                         help="address space a worker may add after its imports, GiB")
     parser.add_argument("--worker", metavar="SPEC_JSON", help=argparse.SUPPRESS)
@@ -401,8 +429,11 @@ def main(argv: list[str] | None = None) -> int:
             inputs.append(("Gaussian", gauss_path))
             rows: list[list[object]] = []
             for name, path in inputs:
-                rows += matrix_rows(name, {"npy": str(path)}, a_k, runs, args.cap_gib,
-                                    with_anomalib, args.ours_dim)[0]
+                rows += matrix_rows(
+                    name, {"npy": str(path)}, a_k, runs, args.cap_gib, with_anomalib,
+                    args.ours_dim, ours_projection=args.ours_projection,
+                    allocators=[a for a in ALLOCATORS if a[0] in args.allocators],
+                )[0]
             append_results(
                 f"Coreset speed, allocator matrix: {a_rows:,} x 1536 -> {a_k:,} vs anomalib "
                 "KCenterGreedy",
@@ -418,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             spec: dict[str, object] = {"n": b_n, "dim": b_dim, "clusters": 200, "seed": 0}
             table = large_rows(spec, b_k, runs, args.cap_gib,
                                with_anomalib and (args.large_anomalib or args.quick),
-                               args.ours_dim)
+                               args.ours_dim, ours_projection=args.ours_projection)
             append_results(
                 f"Coreset speed: {b_n:,} x {b_dim} -> {b_k:,} (clustered ReLU, like one "
                 "200-image category)",

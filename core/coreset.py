@@ -15,11 +15,16 @@ Why this module looks the way it does:
   embeddings, the coverage radius was 9 % smaller with PCA-128 than with Gaussian-128, and 4 %
   smaller than anomalib's 244-dim sparse projection). That depends on the data: on the 20,000
   random-init WRN-50 embeddings of ``benchmarks/coreset_speed.py`` (30 images) PCA-128 gave a
-  radius 0.231-0.243 against anomalib's 0.223-0.229, and PCA-256 0.219 (seed 0): raise
-  ``projection_dim`` where features are less correlated. ``projection="gaussian"`` gives the
-  classic JL projection. Both are scaled to preserve the mean squared distance and come from a
-  ``torch.Generator`` seeded by ``seed``, so the same input and seed give the same coreset
-  (patchcore-inspection builds an unseeded ``nn.Linear`` on every call).
+  radius 0.231-0.243 against anomalib's 0.221-0.223. There PCA drops a residual with a heavy
+  tail (a few rows differ from the rest mostly outside the leading directions), so the default
+  ``projection="auto"`` checks the PCA sample's residual norms and, where their tail is heavy,
+  keeps 64 principal directions plus a JL projection of the residual to 64 more ("pca_jl":
+  radius 0.218-0.222 there at the same cost); where the residual is even noise it keeps plain
+  PCA-128, whose selection is 2.5x cheaper on clustered rows (see ``fit_projection``).
+  ``projection="gaussian"`` gives the classic JL projection. All are scaled to preserve the
+  mean squared distance and come from a ``torch.Generator`` seeded by ``seed``, so the same
+  input and seed give the same coreset (patchcore-inspection builds an unseeded ``nn.Linear``
+  on every call).
 * **The start point is part of the coreset**, as farthest-first defines it (anomalib long left it
   out; its 2.7 KCenterGreedy includes it).
 * **Memory O(N), never N x N.** We keep one running min-distance per point.
@@ -36,9 +41,10 @@ Why this module looks the way it does:
   including batched sizes and data far from the origin, which is centred first).
 * **Radii are reported in the original feature space**, not in the projection, because they feed
   the federated coverage certificate (a projection distorts distances by 1 +- eps). The exact
-  radius visits rows by decreasing upper bound and tightens each bound with its distance to the
-  bank row nearest in the leading projected coordinates, so only a few hundred to a few thousand
-  rows need a full [row, k] x D check.
+  radius visits rows by decreasing upper bound, tightens each bound with its distance to the 8
+  bank rows nearest in the projection, and gives the full [rows, k] x D check to the rest in
+  groups of 32, largest bound first: on 156,800 x 1024 -> 15,680, 123 rows get the full check
+  (7,421 with one guess).
 
 On CPU the loop runs in NumPy: on this kind of machine ``numpy.dot`` (OpenBLAS) computes the
 [N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch (plain
@@ -120,7 +126,7 @@ def _as_float32_numpy(features: np.ndarray | torch.Tensor) -> np.ndarray:
     return array
 
 
-ProjectionKind = Literal["pca", "gaussian"]
+ProjectionKind = Literal["auto", "pca", "gaussian", "pca_jl"]
 
 #: Rows sampled to fit the PCA projection (more adds cost, not quality, on CNN features).
 PCA_SAMPLE_ROWS = 2048
@@ -132,6 +138,7 @@ class Projection:
 
     mean: np.ndarray  # [D]
     matrix: np.ndarray  # [D, d]
+    kind: str = "pca"  # what fit_projection made: "pca", "pca_jl" or "gaussian" (never "auto")
 
     def apply(self, features: np.ndarray, *, block_rows: int = 16384) -> np.ndarray:
         """[N, D] -> [N, d] float32, in row blocks so the centred copy stays block-sized."""
@@ -145,32 +152,75 @@ class Projection:
         return out
 
 
+#: "auto" projects with "pca_jl" when the 99th percentile of the sampled rows' residual norms
+#: (what PCA-d leaves out) exceeds this multiple of their median, else with "pca". Measured
+#: p99 / median at d = 128, seeds 0-2: random-init WRN-50 embeddings 2.20-2.25, clustered ReLU
+#: rows 1.44-1.52, i.i.d. Gaussian rows 1.04-1.05 (see fit_projection for why a heavy residual
+#: tail matters). A threshold calibrated on these inputs, not a law: pass "pca" or "pca_jl" to
+#: choose.
+_RESIDUAL_TAIL = 1.85
+
+
 def fit_projection(
     features: np.ndarray,
     dim: int | None,
     seed: int,
-    kind: ProjectionKind = "pca",
+    kind: ProjectionKind = "auto",
 ) -> Projection | None:
     """Fit the projection used to compare distances (None: compare in the original space).
 
     Args:
         features: [N, D] rows (a seeded sample of at most PCA_SAMPLE_ROWS is used for PCA).
         dim: target dimension; None or >= D means no projection.
-        seed: seeds the row sample and the randomized SVD (PCA) or the matrix (Gaussian).
-        kind: "pca" (default) or "gaussian".
+        seed: seeds the row sample and the randomized SVD (PCA) and the Gaussian matrix.
+        kind: "auto" (default: "pca_jl" where the PCA residual has a heavy tail, else "pca"),
+            "pca", "gaussian", or "pca_jl": the leading ``dim // 2`` principal directions
+            unscaled, plus a Gaussian JL projection of what they leave out (the residual) to
+            the other ``dim - dim // 2`` coordinates.
 
-    Both kinds are scaled so that the expected squared distance between rows is preserved:
+    Every kind is scaled so that the expected squared distance between rows is preserved:
     projected distances then live on the scale of original-space radii, which the incremental
-    selector adds to them.
+    selector adds to them. Why "pca_jl": plain PCA drops the residual and stretches the kept
+    directions to make up for it on average, so rows that differ mostly outside the kept
+    directions look close, and farthest-first leaves them coarsely covered; the JL half keeps
+    residual distances in expectation. On 20,000 random-init WRN-50 embeddings -> 2,000 (seeds
+    0-2) PCA-128 gave radii 0.231-0.243, PCA-64 + JL-64 0.218-0.222 (anomalib: 0.221-0.223).
+    Where the residual is plain noise of about equal size in every row (clustered ReLU rows of
+    coreset_speed: 156,800 -> 15,680), the JL half only blurs the clusters: same radius, 2.5x
+    the selection time. "auto" tells the two apart by the residual norms of the PCA sample.
     """
-    n, d_in = features.shape
-    if kind not in ("pca", "gaussian"):
-        raise ValueError(f"projection must be 'pca' or 'gaussian', got {kind!r}")
+    d_in = features.shape[1]
+    if kind not in ("auto", "pca", "gaussian", "pca_jl"):
+        raise ValueError(
+            f"projection must be 'auto', 'pca', 'gaussian' or 'pca_jl', got {kind!r}"
+        )
     if dim is None or dim >= d_in:
         return None
     if kind == "gaussian":
         matrix = projection_matrix(d_in, dim, seed).numpy()
-        return Projection(np.zeros(d_in, dtype=np.float32), matrix)
+        return Projection(np.zeros(d_in, dtype=np.float32), matrix, "gaussian")
+    mean, basis, scale, tail = _fit_pca(features, dim, seed)
+    if kind == "auto":
+        kind = "pca_jl" if tail > _RESIDUAL_TAIL and dim >= 2 else "pca"
+        logger.debug("projection: residual p99/median %.2f -> %s", tail, kind)
+    if kind == "pca" or dim < 2:
+        return Projection(mean, (basis * scale).astype(np.float32), "pca")
+    kept = basis[:, : dim // 2].astype(np.float64)  # orthonormal columns (or zero padding)
+    gaussian = projection_matrix(d_in, dim - dim // 2, seed + 1).numpy().astype(np.float64)
+    residual = gaussian - kept @ (kept.T @ gaussian)  # JL of the part PCA leaves out
+    matrix = np.concatenate([kept, residual], axis=1).astype(np.float32)
+    return Projection(mean, np.ascontiguousarray(matrix), "pca_jl")
+
+
+def _fit_pca(features: np.ndarray, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, float,
+                                                                   float]:
+    """PCA of a seeded sample of at most PCA_SAMPLE_ROWS rows.
+
+    Returns (mean [D] float32, orthonormal basis [D, dim] float32 (zero-padded if the sample
+    has fewer rows than dim), scale that makes the basis preserve the expected squared
+    distance, p99 / median of the sample rows' residual norms |(x - mean) - B B^T (x - mean)|).
+    """
+    n, d_in = features.shape
     generator = torch.Generator().manual_seed(seed)
     take = min(n, PCA_SAMPLE_ROWS)
     rows = torch.randperm(n, generator=generator)[:take].sort().values.numpy()
@@ -185,10 +235,16 @@ def fit_projection(
     captured = float((singular**2).sum())
     total = float((centred**2).sum())
     scale = math.sqrt(total / captured) if captured > 0 else 1.0
-    matrix = (basis * scale).contiguous().numpy().astype(np.float32)
+    centred64 = centred.double()
+    kept = centred64 @ basis.double()
+    residual2 = (centred64**2).sum(dim=1) - (kept**2).sum(dim=1)
+    residual = residual2.clamp_min(0.0).sqrt()
+    median = float(residual.median())
+    tail = float(torch.quantile(residual, 0.99)) / median if median > 0 else 1.0
+    matrix = basis.contiguous().numpy().astype(np.float32)
     if matrix.shape[1] < dim:  # fewer sampled rows than dims: pad with zero directions
         matrix = np.pad(matrix, ((0, 0), (0, dim - matrix.shape[1])))
-    return Projection(mean.numpy().astype(np.float32), matrix)
+    return mean.numpy().astype(np.float32), matrix, scale, tail
 
 
 def _project(projection: Projection | None, features: np.ndarray) -> np.ndarray:
@@ -666,10 +722,6 @@ def _partition_in_place(buffer: np.ndarray, size: int, keep: np.ndarray) -> np.n
 _CENTRED_QUERY_BLOCK = 1024
 _CENTRED_BANK_BLOCK = 4096
 
-#: Leading projected coordinates used to guess each row's nearest bank rows (any guess is
-#: safe: it only tightens an upper bound that the exact check below then relies on).
-_GUIDE_DIMS = 32
-
 
 def _exact_radius(
     features: np.ndarray,
@@ -684,84 +736,128 @@ def _exact_radius(
         features: [N, D] rows to cover. bank: [k, D] (may be a view into ``features``).
         assigned: [N] for each row, the bank row the selection assigned it to.
         offsets: [N] radii that rows already stand in for (default 0).
-        guide: optional (projected features [N, d], projected bank [k, d]) used to guess each
+        guide: optional (projected features [N, d], projected bank [k, d]) used to find each
             candidate row's nearest bank rows.
 
     ``upper[i] = |x_i - bank[assigned[i]]|`` bounds row i's true nearest-bank distance from
     above (the projection may have assigned it to a slightly farther member). Rows are visited
     by decreasing ``upper + offset`` in blocks; a row is settled without its exact value when
-    its bound is <= the radius found so far. With a guide, each row's bound is first tightened
-    by its exact distance to the bank row nearest in the projection's leading coordinates, so
-    the full [rows, k] x D check is left to the few rows whose tightened bound still exceeds
-    the radius (on 156,800 x 1024 -> 15,680: 410 rows instead of 7,680).
+    its bound is <= the radius found so far, and the others get a full [rows, k] x D check.
+    With a guide, each visited row's bound is first tightened by its exact distance to the
+    ``_GUESSES`` bank rows nearest in the projection (one [rows, k] x d product, d = 128 against
+    D = 1024), and the full check goes to the rows, by decreasing tightened bound, in small
+    groups so that the radius they raise settles the rest.
     """
-    # Distances in the bank's frame when the rows sit far from the origin (see _frame_origin;
-    # random-init CNN features do: squared offset 3.3 against a spread of 0.09). The bank is
-    # then centred block by block, never copied whole: a centred copy of a k = 78,400 bank is
-    # 306 MiB, more than a fit's whole margin below 2 GiB.
-    origin = _frame_origin(bank)
-    upper = _assigned_distances(features, bank, assigned)
-    if offsets is not None:
-        upper += offsets
+    assigned_distance = _assigned_distances(features, bank, assigned)
+    upper = assigned_distance if offsets is None else assigned_distance + offsets
     order = np.argsort(-upper, kind="stable")
-    k = bank.shape[0]
-    if origin is None:
-        bank_rows = torch.from_numpy(bank)
-        bank_sq = torch.linalg.vector_norm(bank_rows, dim=1) ** 2
-        dense_block = max(16, min(256, (1 << 22) // max(1, k)))  # [block, k] <= 16 MiB
-    else:
-        dense_block = _CENTRED_QUERY_BLOCK  # each block re-centres the bank: fewer, larger
+    nearest = _DenseNearest(features, bank)
+    if guide is not None:
+        return _guided_radius(features, bank, assigned_distance, offsets, upper, order, guide,
+                              nearest)
     radius = 0.0
+    for lo in range(0, order.size, nearest.block):
+        if radius >= upper[order[lo]]:
+            break
+        part = order[lo : lo + nearest.block]
+        exact = nearest(part)
+        values = exact if offsets is None else exact + offsets[part]
+        radius = max(radius, float(values.max()))
+    return radius
 
-    def nearest(part: np.ndarray) -> np.ndarray:
-        """Exact Euclidean distance [len(part)] from features[part] to the nearest bank row."""
-        if origin is None:
-            return _nearest_distance(torch.from_numpy(features[part]), bank_rows, bank_sq).numpy()
-        queries = torch.from_numpy(features[part] - origin)
+
+class _DenseNearest:
+    """Exact distance from chosen rows of ``features`` [N, D] to their nearest ``bank`` [k, D]
+    row by a full [rows, k] x D product; ``block`` is the number of rows worth one call.
+
+    Distances are taken in the bank's frame when the rows sit far from the origin (see
+    _frame_origin; random-init CNN features do: squared offset 3.3 against a spread of 0.09).
+    The bank is then centred block by block, never copied whole: a centred copy of a
+    k = 78,400 bank is 306 MiB, more than a fit's whole margin below 2 GiB.
+    """
+
+    def __init__(self, features: np.ndarray, bank: np.ndarray) -> None:
+        self.features, self.bank = features, bank
+        self.origin = _frame_origin(bank)
+        k = bank.shape[0]
+        self.bank_sq: torch.Tensor | None = None
+        if self.origin is None:
+            self.bank_sq = torch.linalg.vector_norm(torch.from_numpy(bank), dim=1) ** 2
+            self.block = max(16, min(256, (1 << 22) // max(1, k)))  # [block, k] <= 16 MiB
+        else:
+            self.block = _CENTRED_QUERY_BLOCK  # each call re-centres the bank: fewer, larger
+
+    def __call__(self, part: np.ndarray) -> np.ndarray:
+        """[len(part)] exact Euclidean distance from features[part] to the nearest bank row."""
+        if self.origin is None:
+            return _nearest_distance(
+                torch.from_numpy(self.features[part]), torch.from_numpy(self.bank), self.bank_sq
+            ).numpy()
+        queries = torch.from_numpy(self.features[part] - self.origin)
         best: torch.Tensor | None = None
-        for lo in range(0, k, _CENTRED_BANK_BLOCK):
-            block = torch.from_numpy(bank[lo : lo + _CENTRED_BANK_BLOCK] - origin)
+        for lo in range(0, self.bank.shape[0], _CENTRED_BANK_BLOCK):
+            block = torch.from_numpy(self.bank[lo : lo + _CENTRED_BANK_BLOCK] - self.origin)
             distance = _nearest_distance(queries, block)
             best = distance if best is None else torch.minimum(best, distance)
         assert best is not None
         return best.numpy()
 
-    def settle(rows: np.ndarray, bounds: np.ndarray) -> None:
-        """Exact values for ``rows`` (sorted by decreasing ``bounds``) until none can matter."""
-        nonlocal radius
-        for lo in range(0, rows.size, dense_block):
-            if radius >= bounds[lo]:
-                return
-            part = rows[lo : lo + dense_block]
+
+#: Bank rows nearest in the projection whose exact distance tightens a row's upper bound
+#: (any choice is safe: a bound only has to hold, and the full check decides the rest).
+_GUESSES = 8
+#: Rows per dense exact check once guesses are spent (few: each one may settle the rest).
+_SETTLE_ROWS = 32
+
+
+def _guided_radius(
+    features: np.ndarray,
+    bank: np.ndarray,
+    assigned_distance: np.ndarray,
+    offsets: np.ndarray | None,
+    upper: np.ndarray,
+    order: np.ndarray,
+    guide: tuple[np.ndarray, np.ndarray],
+    nearest: _DenseNearest,
+) -> float:
+    """:func:`_exact_radius` with a projection: see there. ``assigned_distance`` [N] is each
+    row's distance to its assigned bank row, ``upper`` that plus ``offsets``, ``order`` the rows
+    by decreasing ``upper``."""
+    k = bank.shape[0]
+    guesses = min(_GUESSES, k)
+    radius = 0.0
+    projected, bank_projected = guide
+    bank_proj_sq = np.einsum("ij,ij->i", bank_projected, bank_projected)
+    block = max(16, min(256, (1 << 22) // k))  # [block, k] projected distances <= 16 MiB
+    lo = 0
+    while lo < order.size:
+        if radius >= upper[order[lo]]:
+            break
+        rows = order[lo : lo + (_SETTLE_ROWS if lo == 0 else block)]  # a first radius, fast
+        lo += rows.size
+        rows = rows[upper[rows] > radius]
+        x_proj = projected[rows]
+        pd2 = x_proj @ (bank_projected.T * -2.0)  # [rows, k] (|x|^2 is the same along a row)
+        pd2 += bank_proj_sq[None, :]
+        # torch's topk: ~6x faster than numpy's argpartition, which also writes [rows, k] int64.
+        guess = torch.topk(torch.from_numpy(pd2), guesses, dim=1, largest=False,
+                           sorted=False).indices.numpy()
+        del pd2
+        tight = assigned_distance[rows].copy()
+        for g in range(guesses):
+            diffs = features[rows] - bank[guess[:, g]]
+            np.minimum(tight, np.sqrt(np.einsum("ij,ij->i", diffs, diffs)), out=tight)
+        if offsets is not None:
+            tight += offsets[rows]
+        live = np.flatnonzero(tight > radius)
+        live = live[np.argsort(-tight[live], kind="stable")]
+        for start in range(0, live.size, _SETTLE_ROWS):
+            if radius >= tight[live[start]]:
+                break
+            part = rows[live[start : start + _SETTLE_ROWS]]
             exact = nearest(part)
             values = exact if offsets is None else exact + offsets[part]
             radius = max(radius, float(values.max()))
-
-    if guide is None:
-        settle(order, upper[order])
-        return radius
-    projected, bank_projected = guide
-    lead = min(_GUIDE_DIMS, projected.shape[1])
-    bank_lead = np.ascontiguousarray(bank_projected[:, :lead])
-    bank_lead_sq = np.einsum("ij,ij->i", bank_lead, bank_lead)
-    block = max(64, min(1024, (1 << 22) // k))  # [block, k] lead distances <= 16 MiB
-    for lo in range(0, order.size, block):
-        if radius >= upper[order[lo]]:
-            break
-        rows = order[lo : lo + block]
-        rows = rows[upper[rows] > radius]
-        x_lead = projected[rows, :lead]
-        near = x_lead @ (bank_lead.T * -2.0)
-        near += bank_lead_sq[None, :]
-        guess = near.argmin(axis=1)
-        diffs = features[rows] - bank[guess]
-        tight = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
-        if offsets is not None:
-            tight += offsets[rows]
-        tight = np.minimum(tight, upper[rows])
-        need = np.flatnonzero(tight > radius)
-        need = need[np.argsort(-tight[need], kind="stable")]
-        settle(rows[need], tight[need])
     return radius
 
 
@@ -792,7 +888,7 @@ def greedy_coreset(
     k: int,
     *,
     projection_dim: int | None = 128,
-    projection: ProjectionKind = "pca",
+    projection: ProjectionKind = "auto",
     seed: int = 0,
     device: str | torch.device | None = None,
     compute_radius: bool = True,
@@ -804,7 +900,7 @@ def greedy_coreset(
         k: coreset size, 1 <= k <= N.
         projection_dim: dimension of the projection used to compare distances; None (or >= D)
             compares in the original space.
-        projection: "pca" (default) or "gaussian" (see the module docstring).
+        projection: "auto" (default), "pca", "pca_jl" or "gaussian" (see :func:`fit_projection`).
         seed: seeds both the projection and the start point (a uniformly drawn row).
         device: where to run the selection loop: "cuda" runs it in torch on the GPU; None or "cpu"
             runs the pruned NumPy loop. None picks CUDA when ``features`` already lives there.
@@ -902,7 +998,7 @@ class IncrementalCoreset:
         *,
         capacity: int | None = None,
         projection_dim: int | None = 128,
-        projection: ProjectionKind = "pca",
+        projection: ProjectionKind = "auto",
         seed: int = 0,
         device: str | torch.device | None = None,
     ) -> None:

@@ -91,7 +91,7 @@ def test_radius_is_exact_in_original_space() -> None:
     assert coverage_radius(x[:500], x[result.indices]) == pytest.approx(brute, rel=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["pca", "gaussian"])
+@pytest.mark.parametrize("kind", ["pca", "gaussian", "pca_jl"])
 def test_projection_keeps_quality(kind: str) -> None:
     rng = np.random.default_rng(2)
     x = clustered(rng, 5000, 512, clusters=60)
@@ -302,3 +302,50 @@ def test_selection_runs_single_threaded_and_restores_thread_count() -> None:
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("projection", ["pca", "gaussian"])
+def test_guided_exact_radius_is_exact_when_guesses_miss(projection: str) -> None:
+    # Unstructured rows far from the origin with a tiny projection: the projected guesses are
+    # often wrong and a Gaussian projection is not centred, so the dense check must decide.
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((3000, 48)).astype(np.float32) + np.float32(50.0)
+    result = greedy_coreset(x, 200, projection_dim=4, projection=projection, seed=3)  # type: ignore[arg-type]
+    bank = x[result.indices].astype(np.float64)
+    d2 = ((x.astype(np.float64)[:, None, :] - bank[None]) ** 2).sum(-1).min(axis=1)
+    assert result.radius == pytest.approx(float(np.sqrt(d2.max())), rel=1e-5)
+
+
+def test_pca_jl_is_pca_plus_a_projection_of_the_residual() -> None:
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((3000, 16)) @ rng.standard_normal((16, 256))).astype(np.float32)
+    x += 0.1 * rng.standard_normal(x.shape).astype(np.float32)
+    fitted = fit_projection(x, 32, seed=5, kind="pca_jl")
+    assert fitted is not None and fitted.matrix.shape == (256, 32)
+    basis, residual = fitted.matrix[:, :16].astype(np.float64), fitted.matrix[:, 16:]
+    np.testing.assert_allclose(basis.T @ basis, np.eye(16), atol=1e-4)  # unscaled PCA half
+    np.testing.assert_allclose(basis.T @ residual, 0.0, atol=1e-4)  # JL half sees the rest
+    # expected squared distances are kept (the incremental selector adds the two scales)
+    pairs = rng.integers(0, 3000, size=(2000, 2))
+    p = fitted.apply(x)
+    ratio = (np.sum((p[pairs[:, 0]] - p[pairs[:, 1]]) ** 2)
+             / np.sum((x[pairs[:, 0]] - x[pairs[:, 1]]).astype(np.float64) ** 2))
+    assert ratio == pytest.approx(1.0, rel=0.05)
+
+
+def test_pca_jl_covers_rows_that_differ_outside_the_principal_directions() -> None:
+    # A rank-8 cloud plus 40 rows pushed far along 40 different low-variance directions: PCA-16
+    # keeps the cloud's 8 directions and only some of the outliers', so farthest-first never
+    # sees the others; the JL half of pca_jl does, and picks them.
+    rng = np.random.default_rng(3)
+    cloud = rng.standard_normal((3000, 8)) @ rng.standard_normal((8, 64)) * 0.1
+    cloud += 0.01 * rng.standard_normal(cloud.shape)
+    directions = np.linalg.qr(rng.standard_normal((64, 64)))[0][:, 24:]  # [64, 40]
+    cloud[:40] += 20.0 * directions.T
+    x = cloud.astype(np.float32)
+    pca = greedy_coreset(x, 100, projection_dim=16, projection="pca", seed=0).radius
+    pca_jl = greedy_coreset(x, 100, projection_dim=16, projection="pca_jl", seed=0).radius
+    full = greedy_coreset(x, 100, projection_dim=None, seed=0).radius
+    assert pca is not None and pca_jl is not None and full is not None
+    assert pca > 15.0  # an outlier left uncovered (measured: 19.8)
+    assert pca_jl < 1.2 * full  # measured: 2.75 against 2.70 without a projection

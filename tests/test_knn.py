@@ -60,3 +60,21 @@ def test_gpu_torch_backend_matches_cpu(cuda_device: torch.device) -> None:
     )
     np.testing.assert_allclose(gpu_d, cpu_d, rtol=1e-3, atol=1e-3)
     assert np.mean(gpu_i == cpu_i) > 0.999
+
+
+def test_faiss_bank_added_in_centred_blocks_is_the_whole_bank(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("faiss")
+    import core.knn
+
+    monkeypatch.setattr(core.knn, "_ADD_BLOCK", 7)  # 100 rows: 15 blocks, the last one short
+    rng = np.random.default_rng(5)
+    bank = (rng.standard_normal((100, 16)) + 300.0).astype(np.float32)
+    queries = (rng.standard_normal((40, 16)) + 300.0).astype(np.float32)
+    index = NearestNeighbourIndex(bank, backend="faiss")
+    assert index._index.ntotal == 100
+    d = np.linalg.norm(queries[:, None, :].astype(np.float64) - bank[None], axis=2)
+    dist, idx = index.search(queries, 3)
+    np.testing.assert_array_equal(idx, np.argsort(d, axis=1)[:, :3])
+    np.testing.assert_allclose(dist, np.sort(d, axis=1)[:, :3], rtol=1e-4)
