@@ -2,8 +2,8 @@
 
 * ``flower``: the same federation's arrays moved by Flower's own transport (flwr 1.42,
   ``ArrayRecord``s, which flwr ships uncompressed) against ours (fedserver + fedclient sessions,
-  the server's codec). Flower pins protobuf < 7 and the project's generated code needs
-  protobuf >= 7, so the Flower side runs in its OWN virtual environment
+  the server's codec). The Flower side runs in its OWN virtual environment, flwr and numpy
+  only, so it shares no code or transport setting with ours
   (``--flwr-venv``, created on first use with ``pip install flwr==1.42.0 numpy``): its
   deployment engine (flower-superlink, one flower-supernode per site, ``flwr run`` of the app in
   benchmarks/flower_app, which imports only flwr and numpy and moves the .npy arrays ours
@@ -313,7 +313,8 @@ def run_coreset_part(args: argparse.Namespace) -> None:
 # -- Flower ------------------------------------------------------------------------------------
 
 FLWR_VERSION = "1.42.0"
-DEFAULT_FLWR_VENV = Path("/work/venvs/flwr-bench")
+#: A checkout-local environment (git-ignored) holding flwr and numpy only.
+DEFAULT_FLWR_VENV = Path(__file__).resolve().parents[1] / ".venv-flwr-bench"
 FLOWER_APP = Path(__file__).resolve().parent / "flower_app"
 _APP_TOML = """[build-system]
 requires = ["hatchling"]
@@ -550,8 +551,8 @@ def run_flower_part(args: argparse.Namespace, workdir: Path) -> None:
         "ServerApp's send_and_receive of the upload plus that of the bank (it includes "
         "Flower's pull intervals and ClientApp process starts), both through the proxy; "
         f"median (min-max) of {args.repeats} alternating runs. Flower runs in its own virtual "
-        f"environment ({args.flwr_venv}; flwr {FLWR_VERSION} pins protobuf < 7, the project's "
-        "generated code needs >= 7). Flower / ours per codec: " + "; ".join(verdicts) + "."
+        f"environment ({args.flwr_venv}; flwr {FLWR_VERSION} and numpy only). "
+        "Flower / ours per codec: " + "; ".join(verdicts) + "."
     )
     append_results(
         f"Peers: Flower's transport vs ours, {sites} sites, bank {bank:,}",
