@@ -394,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         title += ", TLS"
     figures = []
     if args.record:
-        figures = plot_wire(plot_rows, args.full)
+        figures = plot_wire(plot_rows, ("full" if args.full else "quick")
+                            + ("_tls" if args.tls else ""))
     append_results(title, markdown_table(header, rows), notes, append=args.record,
                    figures=figures)
     return 0
@@ -657,14 +658,14 @@ def prediction_check(bank: np.ndarray, work: Path) -> dict[str, float]:
     }
 
 
-def plot_wire(plot_rows: list[dict[str, object]], full: bool) -> list[Path]:
-    """wire/raw per codec (bars) and the chunk-size sweep (framing overhead, upload MB/s)."""
+def plot_wire(plot_rows: list[dict[str, object]], suffix: str) -> list[Path]:
+    """wire/raw per codec (bars) and the chunk-size sweep (framing overhead, upload MB/s);
+    files wire_ratio_<suffix>.png and wire_chunks_<suffix>.png."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    suffix = "full" if full else "quick"
     figures = []
     chunk_default = [r for r in plot_rows
                      if r["setting"].chunk_bytes == DEFAULT_MAX_CHUNK_BYTES]  # type: ignore[attr-defined]
