@@ -272,7 +272,10 @@ def _provenance(metrics: Mapping[str, object]) -> str:
         ("r_S (server coverage radius)", metrics.get("server_coverage_radius")),
         ("max r_i (largest site coverage radius)", metrics.get("max_site_coverage_radius")),
         ("coverage certificate (max r_i + r_S)", metrics.get("certificate")),
-        ("this site's r_i", metrics.get("local_coverage_radius")),
+        # The r_i the server counts adds the upload codec's error (core.federated's
+        # decoded_coverage_radius), so it can be a little larger than this one.
+        ("this site's r_i (float32 rows, before the upload codec)",
+         metrics.get("local_coverage_radius")),
         ("this site's coreset rows", metrics.get("local_coreset_rows")),
     ]
     shown = [(k, v) for k, v in rows if v is not None]
