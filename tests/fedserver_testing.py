@@ -7,6 +7,15 @@ watch.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +38,7 @@ from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 from fedserver.auth import new_token, write_tokens_file
 from fedserver.config import ServerConfig
 
+ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = "ab" * 32
 MESSAGE_LIMIT = 8 << 20
 
@@ -171,3 +181,68 @@ def decoded(chunks: Sequence[FeatureChunk]) -> np.ndarray:
     return np.concatenate(
         [decode_matrix(c.features, max_decoded_bytes=1 << 24) for c in chunks], axis=0
     )
+
+
+class ServerProcess:
+    """``python -m fedserver serve ARGS`` as a child process, its stderr log collected (the
+    port is read from it; also appended to ``log_path`` when given)."""
+
+    def __init__(self, *args: str, log_path: Path | None = None) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH", "")]
+        )
+        env["OMP_NUM_THREADS"] = "1"
+        self.log_path = log_path
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fedserver", "serve", *args],
+            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        self.log: list[str] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = int(self.wait_for(r"listening on port (\d+)").group(1))
+
+    def _read(self) -> None:
+        assert self.process.stderr is not None
+        with contextlib.ExitStack() as stack:
+            log = (stack.enter_context(open(self.log_path, "a", encoding="utf-8"))
+                   if self.log_path is not None else None)
+            for line in self.process.stderr:
+                if log is not None:
+                    log.write(line)
+                    log.flush()
+                self.lines.put(line)
+
+    def wait_for(self, pattern: str, timeout: float = 90) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(
+                    f"no server log line matching {pattern!r} in {timeout} s; log: {self.log[-20:]}"
+                ) from None
+            self.log.append(line)
+            match = re.search(pattern, line)
+            if match:
+                return match
+
+    def drain(self) -> list[str]:
+        """Every log line so far (after the process ended: all of them)."""
+        time.sleep(0.2)
+        while not self.lines.empty():
+            self.log.append(self.lines.get())
+        return self.log
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def stop(self, signum: int = signal.SIGTERM) -> int:
+        """Send ``signum`` (if still running), wait for the exit code, collect the last lines."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        code = self.process.wait(timeout=60)
+        self.drain()
+        return code

@@ -11,13 +11,10 @@ the downstream direction (so a download is still running when the server is kill
 from __future__ import annotations
 
 import os
-import queue
 import re
-import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -184,64 +181,6 @@ def _close(sock: socket.socket, *, reset: bool = False) -> None:
         sock.close()
     except OSError:
         pass
-
-
-class ServerProcess:
-    """``python -m fedserver serve ARGS`` with its stderr log collected (port read from it)."""
-
-    def __init__(self, *args: str, log_path: Path) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH", "")]
-        )
-        env["OMP_NUM_THREADS"] = "1"
-        self.log_path = log_path
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedserver", "serve", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.wait_for(r"listening on port (\d+)").group(1))
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        with open(self.log_path, "a", encoding="utf-8") as log:
-            for line in self.process.stderr:
-                log.write(line)
-                log.flush()
-                self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 90) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
-                raise AssertionError(
-                    f"no server log line matching {pattern!r} in {timeout} s; log: {self.log[-20:]}"
-                ) from None
-            self.log.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def drain(self) -> list[str]:
-        """Every log line so far (after the process ended: all of them)."""
-        time.sleep(0.2)
-        while not self.lines.empty():
-            self.log.append(self.lines.get())
-        return self.log
-
-    def kill(self) -> None:
-        self.process.send_signal(signal.SIGKILL)
-        self.process.wait(timeout=30)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(timeout=60)
 
 
 def openssl(*args: str, cwd: Path) -> None:

@@ -2,64 +2,17 @@
 
 from __future__ import annotations
 
-import os
-import queue
-import re
 import signal
-import subprocess
-import sys
-import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fedserver_testing import TestClient, site_rows, upload_messages
+from fedserver_testing import ServerProcess, TestClient, site_rows, upload_messages
 
 from fedserver.cli import main as cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 CHUNK_BYTES = 32 * 4 * 25
-
-
-class ServerProcess:
-    """`python -m fedserver serve` with its log lines collected; port read from the log."""
-
-    def __init__(self, *args: str) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT), str(ROOT / "protos"), env.get("PYTHONPATH", "")]
-        )
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "fedserver", "serve", *args],
-            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env, cwd=ROOT,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.log: list[str] = []
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port = int(self.wait_for(r"listening on port (\d+)").group(1))
-
-    def _read(self) -> None:
-        assert self.process.stderr is not None
-        for line in self.process.stderr:
-            self.lines.put(line)
-
-    def wait_for(self, pattern: str, timeout: float = 60) -> re.Match[str]:
-        while True:
-            try:
-                line = self.lines.get(timeout=timeout)
-            except queue.Empty:
-                raise AssertionError(f"no log line matching {pattern!r}; got {self.log}") from None
-            self.log.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-
-    def stop(self, signum: int) -> int:
-        self.process.send_signal(signum)
-        code = self.process.wait(timeout=60)
-        while not self.lines.empty():
-            self.log.append(self.lines.get())
-        return code
 
 
 @pytest.fixture

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fedserver_testing import TestClient, make_config, site_rows, upload_messages
-from reliability_testing import FaultProxy, ServerProcess
+from fedserver_testing import ServerProcess, TestClient, make_config, site_rows, upload_messages
+from reliability_testing import FaultProxy
 
 from core.bankdelta import bank_checksum
 from core.federated.aggregator import GlobalBankAggregator

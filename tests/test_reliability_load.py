@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedserver_testing import make_config, site_rows, upload_messages
-from reliability_testing import ServerProcess, current_rss_bytes, peak_rss_bytes
+from fedserver_testing import ServerProcess, make_config, site_rows, upload_messages
+from reliability_testing import current_rss_bytes, peak_rss_bytes
 
 from core.codec import CODEC_PRESETS
 from core.federated.aggregator import GlobalBankAggregator
