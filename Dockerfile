@@ -33,6 +33,7 @@ COPY core ./core
 COPY fedserver ./fedserver
 COPY fedclient ./fedclient
 COPY protos ./protos
+COPY benchmarks ./benchmarks
 COPY scripts/docker_install.sh ./scripts/docker_install.sh
 RUN --mount=type=cache,target=/root/.cache/pip \
     PIP_EXTRA_INDEX_URL="${TORCH_INDEX}" bash scripts/docker_install.sh /opt/venv "${EXTRAS}"

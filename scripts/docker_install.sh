@@ -14,7 +14,7 @@
 # Dockerfile's TORCH_INDEX) for CPU-only or CUDA torch wheels, and pip's cache is reused.
 set -euo pipefail
 
-SOURCES=(pyproject.toml constraints.txt README.md core fedserver fedclient protos)
+SOURCES=(pyproject.toml constraints.txt README.md core fedserver fedclient protos benchmarks)
 
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:?usage: docker_install.sh VENV [EXTRAS]}"
