@@ -27,20 +27,19 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the full reliability campaign: pytest -m reliability -s tests/ "
                     "(from a checkout of the repository; takes several minutes).",
     )
-    parser.add_argument("pytest_args", nargs=argparse.REMAINDER,
-                        help="extra pytest arguments, e.g. -k fuzz or -x")
+    parser.epilog = "Any other argument goes to pytest, e.g. -k fuzz, -x or -q."
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    _, pytest_args = build_parser().parse_known_args(argv)
     tests = ROOT / "tests"
     if not (tests / "test_reliability_input.py").is_file():
         print(f"fedbench reliability: no test suite at {tests} (run it from a checkout of the "
               "repository, not an installed wheel)", file=sys.stderr)
         return 2
     command = [sys.executable, "-m", "pytest", "-m", "reliability", "-s", str(tests),
-               *args.pytest_args]
+               *pytest_args]
     print("running:", " ".join(command), flush=True)
     return subprocess.run(command, cwd=ROOT, check=False).returncode
 

@@ -50,3 +50,22 @@ def test_benchmark_quick_mode_runs_and_only_prints(
     out = capsys.readouterr().out
     assert header in out and "|---|" in out
     assert RESULTS.read_bytes() == before, f"{name} wrote RESULTS.md without --record"
+
+
+def test_fedbench_reliability_runs_the_marked_campaign_with_the_arguments_given(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from benchmarks import __main__ as fedbench
+    from benchmarks import reliability
+
+    ran: list[list[str]] = []
+
+    class Done:
+        returncode = 3
+
+    monkeypatch.setattr(reliability.subprocess, "run",
+                        lambda command, **_: ran.append(command) or Done())
+    assert fedbench.main(["reliability", "-k", "fuzz", "-x"], prog="fedbench") == 3
+    (command,) = ran
+    assert command[1:5] == ["-m", "pytest", "-m", "reliability"]
+    assert command[-3:] == ["-k", "fuzz", "-x"]
