@@ -18,7 +18,7 @@ from typing import Any, Final
 
 import grpc
 from google.protobuf import message as protobuf_message
-from google.protobuf import timestamp_pb2
+from google.protobuf import message_factory, timestamp_pb2
 
 from core.codec import (
     VALUE_TYPE_WIRE_CODES,
@@ -168,39 +168,37 @@ def _tolerant(message_class: Any) -> Callable[[bytes], object]:
     return parse
 
 
+#: (client streaming, server streaming) -> grpc's handler constructor for that kind of rpc.
+_HANDLER_KINDS: Final[dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]]] = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
 def add_to_server(servicer: FederationServicer, server: grpc.Server) -> None:
     """Register ``servicer`` like the generated ``add_FederationServiceServicer_to_server``, but
-    with deserializers that turn undecodable bytes into :class:`MalformedRequest`."""
-    handlers = {
-        "JoinRound": grpc.unary_unary_rpc_method_handler(
-            servicer.JoinRound,
-            request_deserializer=_tolerant(fpb.JoinRoundRequest),
-            response_serializer=fpb.JoinRoundResponse.SerializeToString,
-        ),
-        "UploadFeatures": grpc.stream_unary_rpc_method_handler(
-            servicer.UploadFeatures,
-            request_deserializer=_tolerant(pb.UploadFeaturesRequest),
-            response_serializer=fpb.UploadFeaturesResponse.SerializeToString,
-        ),
-        "QueryUploadStatus": grpc.unary_unary_rpc_method_handler(
-            servicer.QueryUploadStatus,
-            request_deserializer=_tolerant(fpb.QueryUploadStatusRequest),
-            response_serializer=fpb.QueryUploadStatusResponse.SerializeToString,
-        ),
-        "DownloadBank": grpc.unary_stream_rpc_method_handler(
-            servicer.DownloadBank,
-            request_deserializer=_tolerant(fpb.DownloadBankRequest),
-            response_serializer=fpb.DownloadBankResponse.SerializeToString,
-        ),
-        "WatchRound": grpc.unary_stream_rpc_method_handler(
-            servicer.WatchRound,
-            request_deserializer=_tolerant(fpb.WatchRoundRequest),
-            response_serializer=fpb.RoundStatus.SerializeToString,
-        ),
-    }
-    name = fpb.DESCRIPTOR.services_by_name["FederationService"].full_name
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
-    server.add_registered_method_handlers(name, handlers)
+    with deserializers that turn undecodable bytes into :class:`MalformedRequest`.
+
+    The handler table is derived from the service's descriptor (method names, message types,
+    streaming kinds), so it cannot drift from federation.proto.
+    """
+    service = fpb.DESCRIPTOR.services_by_name["FederationService"]
+    handlers = {}
+    for method in service.methods:
+        kind = _HANDLER_KINDS[(method.client_streaming, method.server_streaming)]
+        handlers[method.name] = kind(
+            getattr(servicer, method.name),
+            request_deserializer=_tolerant(message_factory.GetMessageClass(method.input_type)),
+            response_serializer=message_factory.GetMessageClass(
+                method.output_type
+            ).SerializeToString,
+        )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(service.full_name, handlers),)
+    )
+    server.add_registered_method_handlers(service.full_name, handlers)
 
 
 #: auth_context keys of the verified client certificate's names (gRPC's ssl transport).
