@@ -27,12 +27,20 @@ import socket
 import struct
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Final
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConnectionCount", "CountingProxy", "KernelCount", "ss_counters", "tcp_info_bytes"]
+__all__ = [
+    "ConnectionCount",
+    "CountingProxy",
+    "KernelCount",
+    "TcpCounter",
+    "ss_counters",
+    "tcp_info_bytes",
+]
 
 # struct tcp_info (include/uapi/linux/tcp.h): u64 tcpi_bytes_received at byte 128, u64
 # tcpi_bytes_sent at 200 and tcpi_bytes_retrans at 208 (Linux >= 4.19). 232 bytes cover them.
@@ -42,8 +50,23 @@ _BYTES_SENT_AT: Final[int] = 200
 _BYTES_RETRANS_AT: Final[int] = 208
 _BUFFER: Final[int] = 1 << 20
 _SS_COUNTERS: Final[re.Pattern[str]] = re.compile(
-    r"\b(bytes_sent|bytes_received|bytes_retrans):(\d+)"
+    r"\b(bytes_sent|bytes_received|bytes_retrans|bytes_acked):(\d+)"
 )
+
+
+def _ss_established(socket_filter: str) -> list[tuple[str, dict[str, int]]]:
+    """(peer address, byte counters) of each established socket ``ss -tin`` lists for the
+    filter expression (e.g. ``sport = :50051``)."""
+    out = subprocess.run(
+        ["ss", "-tinH", "state", "established", f"( {socket_filter} )"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    # Each socket is a header line (Recv-Q Send-Q Local Peer) and an indented info line.
+    lines = out.splitlines()
+    return [
+        (header.split()[-1], {k: int(v) for k, v in _SS_COUNTERS.findall(info)})
+        for header, info in zip(lines[::2], lines[1::2], strict=False)
+    ]
 
 
 @dataclass(frozen=True)
@@ -75,15 +98,10 @@ def tcp_info_bytes(sock: socket.socket) -> KernelCount:
 def ss_counters(local_port: int, peer_port: int) -> KernelCount | None:
     """The same counters as ``ss -tin`` prints them for the established socket
     127.0.0.1:local_port <-> :peer_port (None when ss lists no such socket)."""
-    out = subprocess.run(
-        ["ss", "-tinH", "state", "established",
-         f"( sport = :{local_port} and dport = :{peer_port} )"],
-        capture_output=True, text=True, check=True,
-    ).stdout
-    lines = out.splitlines()
-    if len(lines) < 2:
+    sockets = _ss_established(f"sport = :{local_port} and dport = :{peer_port}")
+    if not sockets:
         return None
-    counters = {k: int(v) for k, v in _SS_COUNTERS.findall(lines[1])}
+    counters = sockets[0][1]
     return KernelCount(
         received=counters.get("bytes_received", 0),
         sent=counters.get("bytes_sent", 0) - counters.get("bytes_retrans", 0),
@@ -240,3 +258,38 @@ class CountingProxy:
             logger.debug("proxy: connection ended by %s", error)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
+
+
+class TcpCounter:
+    """Samples TCP_INFO byte counters of the established connections on a server port."""
+
+    def __init__(self, port: int, interval_s: float = 0.05) -> None:
+        self.port = port
+        self.interval_s = interval_s
+        self.up: dict[str, int] = {}  # peer -> bytes the server received
+        self.down: dict[str, int] = {}  # peer -> bytes the server sent and got acked
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop sampling and take one last sample (the connections still open now); calling
+        it again only samples again."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+        self.sample()
+
+    def sample(self) -> None:
+        """Read the counters of the port's established connections once (kept: the largest
+        value seen per peer, so closed connections keep their last sample)."""
+        for peer, counters in _ss_established(f"sport = :{self.port}"):
+            self.up[peer] = max(self.up.get(peer, 0), counters.get("bytes_received", 0))
+            self.down[peer] = max(self.down.get(peer, 0), counters.get("bytes_acked", 0))
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            time.sleep(self.interval_s)

@@ -24,7 +24,7 @@ Per configuration (median and min-max over ``--repeats`` fresh servers):
 * server peak RSS: VmHWM of the fedserver process from /proc/PID/status, after the round; and
   VmRSS right after it started (imports, idle) for reference;
 * wire bytes per site, up and down: the kernel's TCP_INFO counters of each site's connection on
-  the server side (``ss -tin``: bytes_received, bytes_acked; benchmarks.system_round.TcpCounter),
+  the server side (``ss -tin``: bytes_received, bytes_acked; benchmarks.netcount.TcpCounter),
   with HTTP/2 + gRPC framing, join, status, watch and download; sampled every 50 ms and once
   more after every site finished and before any channel closes. Each site's connection is
   checked to be counted.
@@ -53,10 +53,9 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.netcount import CountingProxy
+from benchmarks.netcount import CountingProxy, TcpCounter
 from benchmarks.report import append_results, markdown_table
 from benchmarks.server_selection import site_features
-from benchmarks.system_round import TcpCounter
 from core.codec import CodecConfig
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import split_into_chunks
@@ -228,8 +227,7 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
             thread.join()
         if errors:
             raise RuntimeError(f"a site failed: {errors[0]!r}") from errors[0]
-        counter.stop()
-        counter._sample()  # after every site finished, before any channel closes
+        counter.stop()  # its last sample: every site finished, no channel closed yet
         rss_peak = _proc_status_kib(server.process.pid, "VmHWM") / 1024.0
     finally:
         for session in sessions:
@@ -237,8 +235,7 @@ def run_round(sites: int, bank: int, workdir: Path, *, share: float = 2.0,
         if relay is not None:
             relay.close()
             relay_counts = relay.per_connection()
-        if counter._thread.is_alive():
-            counter.stop()
+        counter.stop()
         server.stop()
     log = (workdir / "fedserver.log").read_text(encoding="utf-8")
     selected = _SELECTED.search(log)

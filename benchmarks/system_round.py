@@ -18,57 +18,16 @@ No Python proxy sits in the path (it would slow the loopback stream, REFERENCE.m
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+from benchmarks.netcount import TcpCounter
 from benchmarks.report import append_results, markdown_table
 from core.data import generate_synthetic_dataset
 from fedclient import demo
-
-_COUNTERS = re.compile(r"(bytes_received|bytes_acked):(\d+)")
-
-
-class TcpCounter:
-    """Samples TCP_INFO byte counters of the established connections on a server port."""
-
-    def __init__(self, port: int, interval_s: float = 0.05) -> None:
-        self.port = port
-        self.interval_s = interval_s
-        self.up: dict[str, int] = {}  # peer -> bytes the server received
-        self.down: dict[str, int] = {}  # peer -> bytes the server sent and got acked
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _sample(self) -> None:
-        out = subprocess.run(
-            ["ss", "-tinH", "state", "established", f"( sport = :{self.port} )"],
-            capture_output=True, text=True, check=True,
-        ).stdout
-        # Each socket is a header line (Recv-Q Send-Q Local Peer) and an indented info line.
-        lines = out.splitlines()
-        for header, info in zip(lines[::2], lines[1::2], strict=False):
-            peer = header.split()[-1]
-            counters = dict(_COUNTERS.findall(info))
-            self.up[peer] = max(self.up.get(peer, 0), int(counters.get("bytes_received", 0)))
-            self.down[peer] = max(self.down.get(peer, 0), int(counters.get("bytes_acked", 0)))
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self._sample()
-            time.sleep(self.interval_s)
 
 
 def build_parser() -> argparse.ArgumentParser:
