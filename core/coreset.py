@@ -35,8 +35,15 @@ Why this module looks the way it does:
 * **Triangle-inequality pruning.** Each row remembers its nearest center c_a and squared
   distance m. A new pick p can move it only if |p - c_a|^2 < 4 m; cluster radii rule out whole
   clusters (their rows are never read), a bound from the leading 16 PCA coordinates rules out
-  most centers before the exact center-to-pick GEMM, and within a reached cluster only the
-  (row, pick) pairs passing the test are evaluated. The selection order is exactly that of
+  most centers before the exact center-to-pick GEMM (where it rules out too few, as on
+  isotropic clusters, it is retried ever more rarely), and within a reached cluster only the
+  (row, pick) pairs passing the test are evaluated, one matrix-vector product per pick.
+* **Rows laid out by cluster.** On large inputs (>= 32,768 rows) the working copy of the rows
+  is re-sorted by nearest center after 512, 2,048, 8,192, ... picks, so the rows a batch reads
+  lie in contiguous runs instead of scattered over the matrix (the pair evaluation is bound by
+  memory reads). On 156,800 x 128 -> 15,680 farthest-first took 4.5 s before, 3.6 s after.
+  Exact ties (e.g. duplicate rows) may then break differently than by lowest input index.
+  The selection order is exactly that of
   plain farthest-first (``tests/test_coreset.py`` checks it against a naive float64 reference,
   including batched sizes and data far from the origin, which is centred first).
 * **Radii are reported in the original feature space**, not in the projection, because they feed
@@ -140,15 +147,20 @@ class Projection:
     matrix: np.ndarray  # [D, d]
     kind: str = "pca"  # what fit_projection made: "pca", "pca_jl" or "gaussian" (never "auto")
 
-    def apply(self, features: np.ndarray, *, block_rows: int = 16384) -> np.ndarray:
-        """[N, D] -> [N, d] float32, in row blocks so the centred copy stays block-sized."""
-        out = np.empty((features.shape[0], self.matrix.shape[1]), dtype=np.float32)
-        mean = torch.from_numpy(self.mean)
-        matrix = torch.from_numpy(self.matrix)
-        # torch's matmul is ~2x faster than numpy's here; both are float32.
-        for lo in range(0, features.shape[0], block_rows):
-            block = torch.from_numpy(features[lo : lo + block_rows]) - mean
-            torch.matmul(block, matrix, out=torch.from_numpy(out[lo : lo + block_rows]))
+    def apply(self, features: np.ndarray, *, block_rows: int = 512) -> np.ndarray:
+        """[N, D] -> [N, d] float32, centring ``block_rows`` rows at a time into one reused
+        buffer: at 512 x 1024 floats (2 MiB) it stays in cache, where a 16,384-row block
+        (64 MiB) went to memory and back (0.88 s against 0.47 s for 156,800 x 1024 -> 128 on
+        one core). Centring first, not (x @ M) - (mean @ M): the latter cancels badly for
+        rows far from the origin."""
+        n, d_in = features.shape
+        out = np.empty((n, self.matrix.shape[1]), dtype=np.float32)
+        centred = np.empty((min(block_rows, n), d_in), dtype=np.float32)
+        for lo in range(0, n, block_rows):
+            block = features[lo : lo + block_rows]
+            buffer = centred[: block.shape[0]]
+            np.subtract(block, self.mean, out=buffer)
+            np.matmul(buffer, self.matrix, out=out[lo : lo + block_rows])
         return out
 
 
@@ -304,6 +316,9 @@ def farthest_first(
       distances (one GEMM) and evaluates only the (row, pick) pairs that pass this test: late in
       a selection that is a few rows per pick. Where most pairs pass (unstructured data), one
       [rows, b] GEMM is used instead. Rows of clusters no pick can reach are never read.
+    * **Layout.** From _RELAYOUT_MIN_ROWS rows on, the rows are copied in cluster order at
+      _RELAYOUT_FIRST, x _RELAYOUT_GROWTH, ... picks (``points`` itself is not changed; the
+      copy costs N x d floats more while it runs); results come back in input numbering.
     """
     n, dim = points.shape
     if not 1 <= k <= n:
@@ -342,25 +357,58 @@ def farthest_first(
     lead_sq[0] = float(lead_centers[0] @ lead_centers[0])
     cluster_r2[0] = float(min_d2.max()) if n > 1 else 0.0
     t = 1
+    lead_wait, lead_backoff = 0, 1  # batches until the lead bound is tried again
+    layout = None  # row i of the working arrays is input row layout[i] (None: identity)
+    next_layout = _RELAYOUT_FIRST if n >= _RELAYOUT_MIN_ROWS else k
     while t < k:
+        if t >= next_layout:
+            # Rows of one cluster together: a batch then reads contiguous runs, not scattered
+            # rows (on 156,800 x 128 -> 15,680: 4.5 s -> 3.6 s). Stable, so within a cluster
+            # rows keep their order.
+            order = np.argsort(assignment, kind="stable")
+            layout = order if layout is None else layout[order]
+            points, sq_norms, assignment = points[order], sq_norms[order], assignment[order]
+            min_d2 = min_d2[order]
+            if bonus is None:
+                key = min_d2
+            else:
+                key, bonus = key[order], bonus[order]
+            next_layout *= _RELAYOUT_GROWTH
         batch = _next_batch(points, sq_norms, key, min_d2, bonus, min(k - t, _MAX_BATCH))
         b = batch.size
-        selected[t : t + b] = batch
+        selected[t : t + b] = batch if layout is None else layout[batch]
         centers[t : t + b] = points[batch]
         center_sq[t : t + b] = sq_norms[batch]
         lead_centers[t : t + b] = points[batch, :lead]
         lead_sq[t : t + b] = np.einsum("ij,ij->i", lead_centers[t : t + b],
                                        lead_centers[t : t + b])
-        _apply_batch(points, sq_norms, centers, center_sq, cluster_r2, assignment, min_d2,
-                     key, bonus, batch, t, lead_centers, lead_sq)
+        if _apply_batch(points, sq_norms, centers, center_sq, cluster_r2, assignment, min_d2,
+                        key, bonus, batch, t, lead_centers, lead_sq, lead_wait == 0):
+            lead_backoff = 1
+        elif lead_wait == 0:  # tried in vain: skip it for twice as many batches as last time
+            lead_backoff = min(2 * lead_backoff, _LEAD_MAX_BACKOFF)
+            lead_wait = lead_backoff
+        else:
+            lead_wait -= 1
         if on_progress is not None and (t + b) // _PROGRESS_EVERY > t // _PROGRESS_EVERY:
             on_progress(t + b)
         t += b
+    if layout is not None:
+        in_input_order = np.empty_like(assignment)
+        in_input_order[layout] = assignment
+        assignment = in_input_order
     return selected, assignment
 
 
+#: farthest_first lays rows out by cluster at t = FIRST, FIRST * GROWTH, ... picks, when the
+#: input has at least MIN_ROWS rows (smaller inputs stay in cache; re-laying them costs more).
+_RELAYOUT_FIRST = 512
+_RELAYOUT_GROWTH = 4
+_RELAYOUT_MIN_ROWS = 32768
 #: Leading projected coordinates used for the center-to-pick lower bound.
 _LEAD_DIMS = 16
+#: Most batches the lead bound is skipped after failing (it is retried at least this often).
+_LEAD_MAX_BACKOFF = 32
 #: Rows of highest priority among which a batch of picks is made.
 _CANDIDATES = 512
 #: Most picks per batch (the [rows, b] work per batch grows with it).
@@ -406,8 +454,8 @@ def _next_batch(
     cand, tau = _top_rows(key, min(_CANDIDATES, key.shape[0]))
     cand_pts = points[cand]
     cand_sq = sq_norms[cand]
-    cand_d2 = min_d2[cand].copy()
-    cand_key = key[cand].copy()
+    cand_d2 = min_d2[cand]  # fancy indexing: copies, changed below
+    cand_key = cand_d2 if bonus is None else key[cand]
     cand_bonus = None if bonus is None else bonus[cand]
     picks: list[int] = []
     while len(picks) < limit:
@@ -419,18 +467,16 @@ def _next_batch(
             # A tie with rows outside the candidates (e.g. duplicates): plain argmax decides.
             return np.array([int(key.argmax())], dtype=np.int64)
         picks.append(int(cand[i]))
-        cand_key[i] = -np.inf
+        # -inf sticks under the minimum below (and in the bonus), so a pick never wins again
+        cand_d2[i] = -np.inf
         d2 = cand_pts @ (cand_pts[i] * -2.0)
         d2 += cand_sq
         d2 += cand_sq[i]
         np.maximum(d2, 0.0, out=d2)
         np.minimum(cand_d2, d2, out=cand_d2)
-        live = cand_key != -np.inf
-        if cand_bonus is None:
-            cand_key = np.where(live, cand_d2, -np.inf).astype(np.float32)
-        else:
-            prio = np.sqrt(np.maximum(cand_d2, 0.0)) + cand_bonus
-            cand_key = np.where(live, prio, -np.inf).astype(np.float32)
+        if cand_bonus is not None:
+            cand_bonus[i] = -np.inf
+            cand_key = np.sqrt(np.maximum(cand_d2, 0.0)) + cand_bonus
     if not picks:
         return np.array([int(key.argmax())], dtype=np.int64)
     return np.array(picks, dtype=np.int64)
@@ -450,9 +496,11 @@ def _apply_batch(
     t: int,
     lead_centers: np.ndarray,
     lead_sq: np.ndarray,
-) -> None:
+    try_lead: bool = True,
+) -> bool:
     """Add ``batch`` (rows of ``points``) as centers t .. t+b-1, already copied to ``centers``:
-    update min_d2, assignment, key and the cluster radius bounds.
+    update min_d2, assignment, key and the cluster radius bounds. Returns whether the
+    leading-coordinate bound (tried only if ``try_lead``) ruled out at least half the clusters.
 
     Row x (cluster a, squared distance m_x to c_a) can move to pick p_i only if
     |p_i - c_a|^2 < 4 m_x. So: cluster-level pairs (a, i) with |p_i - c_a| < 2 R_a come from one
@@ -468,13 +516,18 @@ def _apply_batch(
     # give a lower bound on center distances; with PCA they carry most of the variance, so a
     # [t, lead] GEMM rules out most clusters and the full [*, d] one runs on the rest only
     # (over a selection the center scan is O(k^2): it dominates for k in the 10^4-10^5).
+    # Where the leading coordinates carry little of the spread (isotropic clusters) the bound
+    # rules out nothing: the caller then stops trying it for a while (try_lead).
     lead = lead_centers.shape[1]
-    low2 = lead_centers[:t] @ (lead_centers[t : t + b].T * -2.0)
-    low2 += lead_sq[:t, None]
-    low2 += lead_sq[None, t : t + b]
-    near = np.flatnonzero((low2 * (1.0 - _PRUNE_REL_SLACK) < reach[:, None]).any(axis=1))
-    del low2
-    if lead == centers.shape[1] or 2 * near.size > t:
+    lead_helped = False
+    if try_lead and lead < centers.shape[1]:
+        low2 = lead_centers[:t] @ (lead_centers[t : t + b].T * -2.0)
+        low2 += lead_sq[:t, None]
+        low2 += lead_sq[None, t : t + b]
+        near = np.flatnonzero((low2 * (1.0 - _PRUNE_REL_SLACK) < reach[:, None]).any(axis=1))
+        del low2
+        lead_helped = 2 * near.size <= t
+    if not lead_helped:
         near = np.arange(t)
         dc2 = centers[:t] @ (new.T * -2.0)  # [t, b] squared center-to-pick distances
     else:
@@ -497,7 +550,7 @@ def _apply_batch(
         r_d2 = min_d2[r]
         counts = per_cluster[assignment[r]]
         total = int(counts.sum())
-        if 4 * total > r.size * b:
+        if total * _DENSE_PAIR_COST > r.size * b:
             # Most pairs pass (little structure): one GEMM for the block is cheaper.
             d2 = points[r] @ (new.T * -2.0)
             d2 += sq_norms[r, None]
@@ -517,7 +570,7 @@ def _apply_batch(
             if owner.size == 0:
                 continue
             x, pi = r[owner], pair_i[pidx]
-            d2 = np.einsum("ij,ij->i", points[x], new[pi])
+            d2 = _pair_dots(points, new, x, pi)
             d2 *= -2.0
             d2 += sq_norms[x]
             d2 += new_sq[pi]
@@ -545,6 +598,29 @@ def _apply_batch(
     touched = np.flatnonzero(touched_cluster[assignment])
     live = touched[min_d2[touched] != -np.inf]
     np.maximum.at(cluster_r2, assignment[live], min_d2[live])
+    return lead_helped
+
+
+def _pair_dots(points: np.ndarray, picks: np.ndarray, rows: np.ndarray,
+               pick_of: np.ndarray) -> np.ndarray:
+    """[P] dot products points[rows[j]] . picks[pick_of[j]] for P (row, pick) pairs.
+
+    Grouped by pick, one matrix-vector product per pick over the gathered rows: on 156,800 x
+    128 rows that costs about half of gathering both sides of every pair for a row-wise
+    ``einsum`` (the pair evaluation is most of a clustered selection's time).
+    """
+    order = np.argsort(pick_of.astype(np.int16), kind="stable")  # radix sort: b <= _MAX_BATCH
+    ends = np.cumsum(np.bincount(pick_of, minlength=picks.shape[0]))
+    gathered = points[rows[order]]
+    dots = np.empty(rows.size, dtype=np.float32)
+    lo = 0
+    for i, hi in enumerate(ends.tolist()):
+        if hi > lo:
+            np.matmul(gathered[lo:hi], picks[i], out=dots[lo:hi])
+        lo = hi
+    out = np.empty_like(dots)
+    out[order] = dots
+    return out
 
 
 def _farthest_first_torch(
@@ -639,15 +715,23 @@ def coverage_radius(
 #: Picks between progress-bar updates (one Python call per 256 picks: nothing next to a pick).
 _PROGRESS_EVERY = 256
 
+_DENSE_PAIR_COST = 4
 _ROW_BLOCK = 8192  # rows per block of the [block, D] temporaries below
+_CACHED_ROWS = 512  # rows per block of a [block, D] buffer meant to stay in cache
 
 
 def _assigned_distances(features: np.ndarray, bank: np.ndarray, assigned: np.ndarray) -> np.ndarray:
-    """[N] Euclidean |features[i] - bank[assigned[i]]|, in row blocks (no [N, D] temporary)."""
-    out = np.empty(features.shape[0], dtype=np.float32)
-    for lo in range(0, features.shape[0], _ROW_BLOCK):
-        diffs = features[lo : lo + _ROW_BLOCK] - bank[assigned[lo : lo + _ROW_BLOCK]]
-        out[lo : lo + _ROW_BLOCK] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
+    """[N] Euclidean |features[i] - bank[assigned[i]]|, through one reused [512, D] buffer
+    that stays in cache (8,192-row temporaries went to memory and back: 0.30 s against
+    0.17 s on 156,800 x 1024)."""
+    n = features.shape[0]
+    out = np.empty(n, dtype=np.float32)
+    buffer = np.empty((min(_CACHED_ROWS, n), features.shape[1]), dtype=np.float32)
+    for lo in range(0, n, _CACHED_ROWS):
+        diffs = buffer[: min(_CACHED_ROWS, n - lo)]
+        np.take(bank, assigned[lo : lo + _CACHED_ROWS], axis=0, out=diffs)
+        np.subtract(features[lo : lo + _CACHED_ROWS], diffs, out=diffs)
+        out[lo : lo + _CACHED_ROWS] = np.sqrt(np.einsum("ij,ij->i", diffs, diffs))
     return out
 
 

@@ -273,6 +273,41 @@ def test_batched_order_matches_naive_reference_on_large_inputs(n: int, k: int, d
     np.testing.assert_allclose(d[np.arange(n), assignment], d.min(axis=1), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("weighted", [False, True])
+def test_order_stays_exact_when_rows_are_laid_out_by_cluster(
+    monkeypatch: pytest.MonkeyPatch, weighted: bool
+) -> None:
+    """Large inputs are re-laid out by cluster during the selection (core.coreset
+    _RELAYOUT_*); picks and assignments must still come back in input numbering, in plain
+    farthest-first order. Forced here on a small input, re-laid out every few batches.
+
+    Each pick is checked against the float64 priorities given the picks before it: it must be
+    the maximum up to float32 rounding (relative 1e-5: weighted priorities here have near-ties
+    at a relative gap of 1.5e-6, which float32 distances cannot order)."""
+    import core.coreset as coreset
+
+    monkeypatch.setattr(coreset, "_RELAYOUT_MIN_ROWS", 0)
+    monkeypatch.setattr(coreset, "_RELAYOUT_FIRST", 8)
+    monkeypatch.setattr(coreset, "_RELAYOUT_GROWTH", 2)
+    rng = np.random.default_rng(21)
+    n, k, start = 3000, 700, 17
+    points = clustered(rng, n, 20, clusters=40)
+    radii = rng.random(n).astype(np.float32) if weighted else np.zeros(n, np.float32)
+    got, assignment = farthest_first(points, k, start=start, radii=radii if weighted else None)
+    assert got[0] == start and np.unique(got).size == k
+    dist = np.linalg.norm(points - points[start], axis=1).astype(np.float64)
+    for step, pick in enumerate(got[1:], start=1):
+        priority = dist + radii
+        priority[got[:step]] = -np.inf
+        assert priority[pick] >= priority.max() * (1 - 1e-5), f"pick {step} is not farthest"
+        dist = np.minimum(dist, np.linalg.norm(points - points[pick], axis=1))
+    if not weighted:
+        np.testing.assert_array_equal(got, naive_farthest_first(points.astype(np.float64), k,
+                                                                start))
+    d = np.linalg.norm(points[:, None, :] - points[got][None], axis=2)
+    np.testing.assert_allclose(d[np.arange(n), assignment], d.min(axis=1), rtol=1e-4, atol=1e-4)
+
+
 def test_guided_exact_radius_equals_brute_force() -> None:
     rng = np.random.default_rng(3)
     x = np.maximum(clustered(rng, 6000, 96, clusters=30), 0.0)
