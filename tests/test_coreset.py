@@ -33,6 +33,21 @@ def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 12) ->
     )
 
 
+def assert_farthest_first_up_to_rounding(
+    points: np.ndarray, got: np.ndarray, radii: np.ndarray, rel: float = 1e-5
+) -> None:
+    """Each pick of ``got`` has the highest float64 priority dist-to-chosen + radius given the
+    picks before it, up to float32 rounding (relative ``rel``): weighted priorities have
+    near-ties (relative gaps of 1e-6 here) that float32 distances cannot order."""
+    assert np.unique(got).size == got.size
+    dist = np.linalg.norm(points - points[got[0]], axis=1).astype(np.float64)
+    for step, pick in enumerate(got[1:], start=1):
+        priority = dist + radii
+        priority[got[:step]] = -np.inf
+        assert priority[pick] >= priority.max() * (1 - rel), f"pick {step} is not farthest"
+        dist = np.minimum(dist, np.linalg.norm(points - points[pick], axis=1))
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_order_matches_naive_reference(seed: int) -> None:
     rng = np.random.default_rng(seed)
@@ -55,6 +70,27 @@ def test_torch_path_gives_same_order() -> None:
     points = clustered(rng, 400, 16)
     got, _ = _farthest_first_torch(torch.from_numpy(points), 90, 5)
     np.testing.assert_array_equal(got, naive_farthest_first(points.astype(np.float64), 90, 5))
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_torch_path_is_exact_in_batches(weighted: bool) -> None:
+    """The torch (GPU) path proves batches of picks among 512 candidates and applies them with
+    one GEMM: over many batches, with a finite candidate bound, it must still make plain
+    farthest-first's picks (run here on a CPU tensor)."""
+    rng = np.random.default_rng(9)
+    n, k, start = 3000, 700, 13
+    points = clustered(rng, n, 12, clusters=40)
+    radii = (rng.random(n) * 20).astype(np.float32) if weighted else np.zeros(n, np.float32)
+    got, assignment = _farthest_first_torch(
+        torch.from_numpy(points), k, start, radii if weighted else None
+    )
+    assert got[0] == start
+    assert_farthest_first_up_to_rounding(points, got, radii)
+    if not weighted:
+        np.testing.assert_array_equal(got, naive_farthest_first(points.astype(np.float64), k,
+                                                                start))
+    d = np.linalg.norm(points[:, None, :] - points[got][None], axis=2)
+    np.testing.assert_allclose(d[np.arange(n), assignment], d.min(axis=1), rtol=1e-4, atol=1e-4)
 
 
 def test_start_point_is_in_coreset_and_indices_unique_with_duplicates() -> None:
@@ -187,12 +223,14 @@ def test_gpu_selection_matches_cpu(cuda_device: torch.device) -> None:
     assert gpu.radius == pytest.approx(cpu.radius, rel=0.02)
 
 
-def test_radius_weighted_order_matches_naive_reference() -> None:
-    """farthest_first(radii=r) picks by dist-to-chosen + r among unchosen rows."""
+@pytest.mark.parametrize("radius_scale", [2.0, 50.0])
+def test_radius_weighted_order_matches_naive_reference(radius_scale: float) -> None:
+    """farthest_first(radii=r) picks by dist-to-chosen + r among unchosen rows (radii far
+    above the distances: a chosen row must not win again on its radius alone)."""
     rng = np.random.default_rng(11)
     points = clustered(rng, 300, 8)
-    radii = rng.random(300).astype(np.float32) * 2
-    k, start = 60, 4
+    radii = rng.random(300).astype(np.float32) * np.float32(radius_scale)
+    k, start = 150, 4  # more than one batch of picks (_MAX_BATCH = 64)
     chosen = [start]
     dist = np.linalg.norm(points - points[start], axis=1).astype(np.float64)
     for _ in range(k - 1):
@@ -279,11 +317,7 @@ def test_order_stays_exact_when_rows_are_laid_out_by_cluster(
 ) -> None:
     """Large inputs are re-laid out by cluster during the selection (core.coreset
     _RELAYOUT_*); picks and assignments must still come back in input numbering, in plain
-    farthest-first order. Forced here on a small input, re-laid out every few batches.
-
-    Each pick is checked against the float64 priorities given the picks before it: it must be
-    the maximum up to float32 rounding (relative 1e-5: weighted priorities here have near-ties
-    at a relative gap of 1.5e-6, which float32 distances cannot order)."""
+    farthest-first order. Forced here on a small input, re-laid out every few batches."""
     import core.coreset as coreset
 
     monkeypatch.setattr(coreset, "_RELAYOUT_MIN_ROWS", 0)
@@ -294,13 +328,8 @@ def test_order_stays_exact_when_rows_are_laid_out_by_cluster(
     points = clustered(rng, n, 20, clusters=40)
     radii = rng.random(n).astype(np.float32) if weighted else np.zeros(n, np.float32)
     got, assignment = farthest_first(points, k, start=start, radii=radii if weighted else None)
-    assert got[0] == start and np.unique(got).size == k
-    dist = np.linalg.norm(points - points[start], axis=1).astype(np.float64)
-    for step, pick in enumerate(got[1:], start=1):
-        priority = dist + radii
-        priority[got[:step]] = -np.inf
-        assert priority[pick] >= priority.max() * (1 - 1e-5), f"pick {step} is not farthest"
-        dist = np.minimum(dist, np.linalg.norm(points - points[pick], axis=1))
+    assert got[0] == start
+    assert_farthest_first_up_to_rounding(points, got, radii)
     if not weighted:
         np.testing.assert_array_equal(got, naive_farthest_first(points.astype(np.float64), k,
                                                                 start))
