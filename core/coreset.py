@@ -54,8 +54,9 @@ Why this module looks the way it does:
   (7,421 with one guess).
 
 On CPU the loop runs in NumPy: on this kind of machine ``numpy.dot`` (OpenBLAS) computes the
-[N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch (plain
-farthest-first, one fused ``addmv`` per pick).
+[N x 128] @ [128] product about 6x faster than ``torch.mv``. On CUDA it runs in torch with the
+same batches of picks and no pruning: one [N, b] GEMM per batch of up to 64 picks (its speed on
+a GPU is not measured yet; see ``benchmarks/gpu_check.sh``).
 """
 
 from __future__ import annotations
