@@ -33,19 +33,28 @@ def clustered(rng: np.random.Generator, n: int, dim: int, clusters: int = 12) ->
     )
 
 
-def assert_farthest_first_up_to_rounding(
-    points: np.ndarray, got: np.ndarray, radii: np.ndarray, rel: float = 1e-5
+def assert_is_farthest_first(
+    points: np.ndarray, got: np.ndarray, assignment: np.ndarray, radii: np.ndarray | None = None
 ) -> None:
-    """Each pick of ``got`` has the highest float64 priority dist-to-chosen + radius given the
-    picks before it, up to float32 rounding (relative ``rel``): weighted priorities have
-    near-ties (relative gaps of 1e-6 here) that float32 distances cannot order."""
+    """``got`` (picks) and ``assignment`` are farthest-first's on ``points``: without radii the
+    exact float64 reference order; with radii each pick has the highest priority
+    dist-to-chosen + radius given the picks before it, up to float32 rounding (relative 1e-5:
+    weighted priorities have near-ties, relative gaps of 1e-6 here, that float32 distances
+    cannot order). Each row is assigned to its nearest pick."""
     assert np.unique(got).size == got.size
-    dist = np.linalg.norm(points - points[got[0]], axis=1).astype(np.float64)
-    for step, pick in enumerate(got[1:], start=1):
-        priority = dist + radii
-        priority[got[:step]] = -np.inf
-        assert priority[pick] >= priority.max() * (1 - rel), f"pick {step} is not farthest"
-        dist = np.minimum(dist, np.linalg.norm(points - points[pick], axis=1))
+    if radii is None:
+        expected = naive_farthest_first(points.astype(np.float64), got.size, int(got[0]))
+        np.testing.assert_array_equal(got, expected)
+    else:
+        dist = np.linalg.norm(points - points[got[0]], axis=1).astype(np.float64)
+        for step, pick in enumerate(got[1:], start=1):
+            priority = dist + radii
+            priority[got[:step]] = -np.inf
+            assert priority[pick] >= priority.max() * (1 - 1e-5), f"pick {step} is not farthest"
+            dist = np.minimum(dist, np.linalg.norm(points - points[pick], axis=1))
+    d = np.linalg.norm(points[:, None, :] - points[got][None], axis=2)
+    np.testing.assert_allclose(d[np.arange(points.shape[0]), assignment], d.min(axis=1),
+                               rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -80,17 +89,10 @@ def test_torch_path_is_exact_in_batches(weighted: bool) -> None:
     rng = np.random.default_rng(9)
     n, k, start = 3000, 700, 13
     points = clustered(rng, n, 12, clusters=40)
-    radii = (rng.random(n) * 20).astype(np.float32) if weighted else np.zeros(n, np.float32)
-    got, assignment = _farthest_first_torch(
-        torch.from_numpy(points), k, start, radii if weighted else None
-    )
+    radii = (rng.random(n) * 20).astype(np.float32) if weighted else None
+    got, assignment = _farthest_first_torch(torch.from_numpy(points), k, start, radii)
     assert got[0] == start
-    assert_farthest_first_up_to_rounding(points, got, radii)
-    if not weighted:
-        np.testing.assert_array_equal(got, naive_farthest_first(points.astype(np.float64), k,
-                                                                start))
-    d = np.linalg.norm(points[:, None, :] - points[got][None], axis=2)
-    np.testing.assert_allclose(d[np.arange(n), assignment], d.min(axis=1), rtol=1e-4, atol=1e-4)
+    assert_is_farthest_first(points, got, assignment, radii)
 
 
 def test_start_point_is_in_coreset_and_indices_unique_with_duplicates() -> None:
@@ -326,15 +328,10 @@ def test_order_stays_exact_when_rows_are_laid_out_by_cluster(
     rng = np.random.default_rng(21)
     n, k, start = 3000, 700, 17
     points = clustered(rng, n, 20, clusters=40)
-    radii = rng.random(n).astype(np.float32) if weighted else np.zeros(n, np.float32)
-    got, assignment = farthest_first(points, k, start=start, radii=radii if weighted else None)
+    radii = rng.random(n).astype(np.float32) if weighted else None
+    got, assignment = farthest_first(points, k, start=start, radii=radii)
     assert got[0] == start
-    assert_farthest_first_up_to_rounding(points, got, radii)
-    if not weighted:
-        np.testing.assert_array_equal(got, naive_farthest_first(points.astype(np.float64), k,
-                                                                start))
-    d = np.linalg.norm(points[:, None, :] - points[got][None], axis=2)
-    np.testing.assert_allclose(d[np.arange(n), assignment], d.min(axis=1), rtol=1e-4, atol=1e-4)
+    assert_is_farthest_first(points, got, assignment, radii)
 
 
 def test_guided_exact_radius_equals_brute_force() -> None:
