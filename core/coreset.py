@@ -317,9 +317,10 @@ def farthest_first(
       distances (one GEMM) and evaluates only the (row, pick) pairs that pass this test: late in
       a selection that is a few rows per pick. Where most pairs pass (unstructured data), one
       [rows, b] GEMM is used instead. Rows of clusters no pick can reach are never read.
-    * **Layout.** From _RELAYOUT_MIN_ROWS rows on, the rows are copied in cluster order at
-      _RELAYOUT_FIRST, x _RELAYOUT_GROWTH, ... picks (``points`` itself is not changed; the
-      copy costs N x d floats more while it runs); results come back in input numbering.
+    * **Layout.** From _RELAYOUT_MIN_ROWS rows of at most _RELAYOUT_MAX_DIM columns on, the
+      rows are copied in cluster order at _RELAYOUT_FIRST, x _RELAYOUT_GROWTH, ... picks
+      (``points`` itself is not changed; the copy costs N x d floats more while it runs);
+      results come back in input numbering.
     """
     n, dim = points.shape
     if not 1 <= k <= n:
@@ -360,7 +361,8 @@ def farthest_first(
     t = 1
     lead_wait, lead_backoff = 0, 1  # batches until the lead bound is tried again
     layout = None  # row i of the working arrays is input row layout[i] (None: identity)
-    next_layout = _RELAYOUT_FIRST if n >= _RELAYOUT_MIN_ROWS else k
+    relayout = n >= _RELAYOUT_MIN_ROWS and dim <= _RELAYOUT_MAX_DIM
+    next_layout = _RELAYOUT_FIRST if relayout else k
     while t < k:
         if t >= next_layout:
             # Rows of one cluster together: a batch then reads contiguous runs, not scattered
@@ -406,6 +408,9 @@ def farthest_first(
 _RELAYOUT_FIRST = 512
 _RELAYOUT_GROWTH = 4
 _RELAYOUT_MIN_ROWS = 32768
+#: ... and at most this many columns: projected rows. Unprojected ones (projection_dim=None)
+#: are not copied: a second [N, D] matrix would double the selection's memory.
+_RELAYOUT_MAX_DIM = 256
 #: Leading projected coordinates used for the center-to-pick lower bound.
 _LEAD_DIMS = 16
 #: Most batches the lead bound is skipped after failing (it is retried at least this often).
