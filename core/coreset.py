@@ -322,6 +322,21 @@ def farthest_first(
       (``points`` itself is not changed; the copy costs N x d floats more while it runs);
       results come back in input numbering.
     """
+    return _farthest_first_made(lambda: points, k, start, radii, on_progress)
+
+
+def _farthest_first_made(
+    make_points: Callable[[], np.ndarray],
+    k: int,
+    start: int,
+    radii: np.ndarray | None,
+    on_progress: Callable[[int], None] | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`farthest_first` on the rows ``make_points()`` returns. Where nothing else holds
+    that array (a projection made for this selection), laying the rows out by cluster replaces
+    it instead of copying it beside it: one N x d matrix less at the peak of a fit's reduces."""
+    points = make_points()
+    del make_points
     n, dim = points.shape
     if not 1 <= k <= n:
         raise ValueError(f"k must be in [1, {n}] for {n} points, got {k}")
@@ -1055,7 +1070,8 @@ def greedy_coreset(
     with _one_thread(run_device):
         fitted = fit_projection(array, projection_dim, seed, projection)
         projected = _project(fitted, array)
-        indices, assignment = _run_farthest_first(projected, k, start, None, run_device)
+        indices, assignment = _run_farthest_first(lambda: projected, n, k, start, None,
+                                                  run_device)
         radius = None
         if compute_radius:
             guide = None if fitted is None else (projected, projected[indices])
@@ -1064,21 +1080,25 @@ def greedy_coreset(
 
 
 def _run_farthest_first(
-    projected: np.ndarray,
+    make_projected: Callable[[], np.ndarray],
+    rows: int,
     k: int,
     start: int,
     radii: np.ndarray | None,
     device: torch.device,
 ) -> tuple[np.ndarray, np.ndarray]:
-    with progress_bar(k, f"coreset {k:,} of {projected.shape[0]:,} rows", "pick") as bar:
+    """Farthest-first with a progress bar on ``device``, over the [rows, d] array that
+    ``make_projected()`` returns (made here, so that nothing else need hold it: see
+    :func:`_farthest_first_made`)."""
+    with progress_bar(k, f"coreset {k:,} of {rows:,} rows", "pick") as bar:
         def advance(picks: int) -> None:
             bar.update(picks - bar.n)
 
         if device.type == "cuda":
             return _farthest_first_torch(
-                torch.from_numpy(projected).to(device), k, start, radii, advance
+                torch.from_numpy(make_projected()).to(device), k, start, radii, advance
             )
-        return farthest_first(projected, k, start=start, radii=radii, on_progress=advance)
+        return _farthest_first_made(make_projected, k, start, radii, advance)
 
 
 @dataclass(frozen=True)
@@ -1229,8 +1249,10 @@ class IncrementalCoreset:
             self._projection_fitted = True
         start = int(torch.randint(self._size, (1,), generator=generator))
         radii = self._radii[: self._size]
+        projection = self._projection
         return _run_farthest_first(
-            _project(self._projection, buffered),
+            lambda: _project(projection, buffered),  # held by the selection alone
+            self._size,
             k,
             start,
             radii if radii.any() else None,

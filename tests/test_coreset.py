@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -410,3 +412,30 @@ def test_pca_jl_covers_rows_that_differ_outside_the_principal_directions() -> No
     assert pca is not None and pca_jl is not None and full is not None
     assert pca > 15.0  # an outlier left uncovered (measured: 19.8)
     assert pca_jl < 1.2 * full  # measured: 2.75 against 2.70 without a projection
+
+
+def test_cluster_layout_replaces_a_projection_nothing_else_holds() -> None:
+    """The fit's reduces hand farthest-first a projection made for it alone: laying its rows
+    out by cluster must then replace that array, not copy it beside it (one [N, d] matrix
+    less at the fit's memory peak). numpy reports its buffers to tracemalloc."""
+    import tracemalloc
+
+    from core.coreset import _farthest_first_made
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((40_000, 32)).astype(np.float32)  # >= _RELAYOUT_MIN_ROWS
+
+    def made() -> np.ndarray:
+        return base * np.float32(1.0)  # a fresh array each call
+
+    def peak(run: Callable[[], object]) -> int:
+        tracemalloc.start()
+        try:
+            run()
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    held = peak(lambda: farthest_first(made(), 2_100, start=0))  # the caller keeps the array
+    owned = peak(lambda: _farthest_first_made(made, 2_100, 0, None, None))
+    assert held - owned >= 0.9 * base.nbytes
