@@ -776,8 +776,8 @@ def coverage_radius(
 _PROGRESS_EVERY = 256
 
 #: A row block takes one dense [rows, b] GEMM when more than 1 / this of its (row, pick) pairs
-#: pass the pruning test: a gathered pair costs about this many GEMM pairs (2 to 32 measured
-#: the same on 156,800 x 128 -> 15,680; 64 and up were 35 % slower).
+#: pass the pruning test: a gathered pair costs about this many GEMM pairs (4 to 32 measured
+#: the same on 156,800 x 128 -> 15,680, before the cluster layout; 64 and up were 33 % slower).
 _DENSE_PAIR_COST = 4
 _ROW_BLOCK = 8192  # rows per block of the [block, D] temporaries below
 _CACHED_ROWS = 512  # rows per block of a [block, D] buffer meant to stay in cache
