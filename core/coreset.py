@@ -955,6 +955,8 @@ class _DenseNearest:
 _GUESSES = 8
 #: Rows per dense exact check once guesses are spent (few: each one may settle the rest).
 _SETTLE_ROWS = 32
+#: Rows collected across blocks before they get their dense checks (after the first block).
+_SETTLE_BATCH = 128
 
 
 def _guided_radius(
@@ -976,6 +978,10 @@ def _guided_radius(
     projected, bank_projected = guide
     bank_proj_sq = np.einsum("ij,ij->i", bank_projected, bank_projected)
     block = max(16, min(256, (1 << 22) // k))  # [block, k] projected distances <= 16 MiB
+    pending_rows: list[np.ndarray] = []  # rows waiting for the full check, and their bounds
+    pending_tight: list[np.ndarray] = []
+    waiting = 0
+    rows_first = min(_SETTLE_ROWS, order.size)
     lo = 0
     while lo < order.size:
         if radius >= upper[order[lo]]:
@@ -991,20 +997,52 @@ def _guided_radius(
                            sorted=False).indices.numpy()
         del pd2
         tight = assigned_distance[rows].copy()
+        x_rows = features[rows]  # gathered once for all guesses
+        diffs = np.empty_like(x_rows)
         for g in range(guesses):
-            diffs = features[rows] - bank[guess[:, g]]
+            np.take(bank, guess[:, g], axis=0, out=diffs)
+            np.subtract(x_rows, diffs, out=diffs)
             np.minimum(tight, np.sqrt(np.einsum("ij,ij->i", diffs, diffs)), out=tight)
+        del x_rows, diffs
         if offsets is not None:
             tight += offsets[rows]
-        live = np.flatnonzero(tight > radius)
-        live = live[np.argsort(-tight[live], kind="stable")]
-        for start in range(0, live.size, _SETTLE_ROWS):
-            if radius >= tight[live[start]]:
-                break
-            part = rows[live[start : start + _SETTLE_ROWS]]
-            exact = nearest(part)
-            values = exact if offsets is None else exact + offsets[part]
-            radius = max(radius, float(values.max()))
+        live = tight > radius
+        pending_rows.append(rows[live])
+        pending_tight.append(tight[live])
+        waiting += int(live.sum())
+        # The first block settles at once (an early radius settles most later rows); after it,
+        # rows wait for a batch of full checks: each reads the whole bank, so a few large
+        # checks cost less than many small ones (unstructured rows leave ~10 per block).
+        if lo == rows_first or waiting >= _SETTLE_BATCH:
+            radius = _settle(nearest, offsets, pending_rows, pending_tight, radius)
+            waiting = 0
+    return _settle(nearest, offsets, pending_rows, pending_tight, radius)
+
+
+def _settle(
+    nearest: _DenseNearest,
+    offsets: np.ndarray | None,
+    pending_rows: list[np.ndarray],
+    pending_tight: list[np.ndarray],
+    radius: float,
+) -> float:
+    """Give the pending rows whose bound still exceeds ``radius`` the full check, largest bound
+    first, in groups of ``_SETTLE_ROWS`` (the radius each group raises may settle the rest);
+    returns the raised radius and empties both lists."""
+    if not pending_rows:
+        return radius
+    rows, tight = np.concatenate(pending_rows), np.concatenate(pending_tight)
+    pending_rows.clear()
+    pending_tight.clear()
+    live = np.flatnonzero(tight > radius)
+    live = live[np.argsort(-tight[live], kind="stable")]
+    for start in range(0, live.size, _SETTLE_ROWS):
+        if radius >= tight[live[start]]:
+            break
+        part = rows[live[start : start + _SETTLE_ROWS]]
+        exact = nearest(part)
+        values = exact if offsets is None else exact + offsets[part]
+        radius = max(radius, float(values.max()))
     return radius
 
 
