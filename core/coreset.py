@@ -953,6 +953,8 @@ class _DenseNearest:
 #: Bank rows nearest in the projection whose exact distance tightens a row's upper bound
 #: (any choice is safe: a bound only has to hold, and the full check decides the rest).
 _GUESSES = 8
+#: Most rows per block of the guided radius (one [block, k] projected product each).
+_GUIDE_BLOCK_MAX = 256
 #: Rows per dense exact check once guesses are spent (few: each one may settle the rest).
 _SETTLE_ROWS = 32
 #: Rows collected across blocks before they get their dense checks (after the first block).
@@ -977,7 +979,7 @@ def _guided_radius(
     radius = 0.0
     projected, bank_projected = guide
     bank_proj_sq = np.einsum("ij,ij->i", bank_projected, bank_projected)
-    block = max(16, min(256, (1 << 22) // k))  # [block, k] projected distances <= 16 MiB
+    block = max(16, min(_GUIDE_BLOCK_MAX, (1 << 22) // k))  # [block, k] projected: <= 16 MiB
     pending_rows: list[np.ndarray] = []  # rows waiting for the full check, and their bounds
     pending_tight: list[np.ndarray] = []
     waiting = 0
