@@ -39,12 +39,11 @@ Why this module looks the way it does:
   isotropic clusters, it is retried ever more rarely), and within a reached cluster only the
   (row, pick) pairs passing the test are evaluated, one matrix-vector product per pick.
 * **Rows laid out by cluster.** On large projected inputs (>= 32,768 rows of <= 256 columns)
-  the working copy of the rows
-  is re-sorted by nearest center after 512, 2,048, 8,192, ... picks, so the rows a batch reads
-  lie in contiguous runs instead of scattered over the matrix (the pair evaluation is bound by
-  memory reads). On 156,800 x 128 -> 15,680 farthest-first took 4.5 s before, 3.6 s after.
-  Exact ties (e.g. duplicate rows) may then break differently than by lowest input index.
-  The selection order is exactly that of
+  the working copy of the rows is re-sorted by nearest center after 512, 2,048, 8,192, ...
+  picks, so the rows a batch reads lie in contiguous runs instead of scattered over the matrix
+  (the pair evaluation is bound by memory reads). On 156,800 x 128 -> 15,680 farthest-first
+  took 4.5 s before, 3.6 s after. Exact ties (e.g. duplicate rows) may then break differently
+  than by lowest input index. The selection order is exactly that of
   plain farthest-first (``tests/test_coreset.py`` checks it against a naive float64 reference,
   including batched sizes and data far from the origin, which is centred first).
 * **Radii are reported in the original feature space**, not in the projection, because they feed
