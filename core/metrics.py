@@ -192,16 +192,7 @@ def roc_curve(labels: ArrayLike, scores: ArrayLike) -> Curve:
         raise ValueError(
             f"labels and scores must both have shape [N], got {y.shape} and {s.shape}"
         )
-    n_pos = int(np.count_nonzero(y))
-    n_neg = y.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"a ROC curve needs both classes, but all {y.size} labels are "
-            f"{'anomalous' if n_neg == 0 else 'good'}"
-        )
-    order, last_of_tie = _descending_order(s)
-    tp = np.cumsum(y[order], dtype=np.int64)[last_of_tie]
-    fp = np.arange(1, y.size + 1, dtype=np.int64)[last_of_tie] - tp
+    tp, fp, n_pos, n_neg = _roc_counts(y, s, "a ROC curve", "labels")
     return Curve(np.concatenate(([0.0], fp / n_neg)), np.concatenate(([0.0], tp / n_pos)))
 
 
@@ -524,22 +515,32 @@ def _descending_order(scores: NDArray[np.floating]) -> tuple[NDArray[np.intp], N
     return order, last_of_tie
 
 
+def _roc_counts(
+    labels: NDArray[np.bool_], scores: NDArray[np.floating], needed_by: str, what: str
+) -> tuple[NDArray[np.int64], NDArray[np.int64], int, int]:
+    """(tp, fp, n_pos, n_neg): cumulative true and false positives [G] at the last row of each
+    tie group of ``scores``, highest score first, and the class sizes. Raises ValueError naming
+    ``needed_by`` when ``labels`` ([N] bool, ``what`` in the message) hold one class only."""
+    n_pos = int(np.count_nonzero(labels))
+    n_neg = labels.size - n_pos
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(
+            f"{needed_by} needs both classes, but all {labels.size} {what} are "
+            f"{'anomalous' if n_neg == 0 else 'good'}"
+        )
+    order, last_of_tie = _descending_order(scores)
+    tp = np.cumsum(labels[order], dtype=np.int64)[last_of_tie]
+    fp = np.arange(1, labels.size + 1, dtype=np.int64)[last_of_tie] - tp
+    return tp, fp, n_pos, n_neg
+
+
 def _roc_auc(labels: NDArray[np.bool_], scores: NDArray[np.floating], what: str) -> float:
     """Exact ROC AUC via one sort, ties counted one half (sklearn's trapezoid over tie groups).
 
     Works on integer counts: the area is sum over tie groups of fp_group * (tp_before +
     tp_group / 2), divided by n_pos * n_neg once at the end.
     """
-    n_pos = int(np.count_nonzero(labels))
-    n_neg = labels.size - n_pos
-    if n_pos == 0 or n_neg == 0:
-        raise ValueError(
-            f"AUROC needs both classes, but all {labels.size} {what} are "
-            f"{'anomalous' if n_neg == 0 else 'good'}"
-        )
-    order, last_of_tie = _descending_order(scores)
-    tp = np.cumsum(labels[order], dtype=np.int64)[last_of_tie]
-    fp = np.arange(1, labels.size + 1, dtype=np.int64)[last_of_tie] - tp
+    tp, fp, n_pos, n_neg = _roc_counts(labels, scores, "AUROC", what)
     tp_prev = np.concatenate(([0], tp[:-1]))
     fp_prev = np.concatenate(([0], fp[:-1]))
     # 2 * area * n_pos * n_neg, as exact integers (values stay far below 2**63 for any image set).
