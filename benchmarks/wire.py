@@ -47,6 +47,7 @@ from benchmarks.netcount import CountingProxy
 from benchmarks.report import append_results, markdown_table, plot_path, save_figure
 from core.codec import CODEC_PRESETS, VALUE_TYPES, CodecConfig, decode_matrix
 from core.data import SYNTHETIC_CATEGORIES, generate_synthetic_dataset
+from core.messages import SiteSummary
 from core.serde import DEFAULT_MAX_CHUNK_BYTES, split_into_chunks
 
 logger = logging.getLogger(__name__)
@@ -548,13 +549,26 @@ def notes_text(
     return "\n".join(lines)
 
 
+#: Feature fingerprint of the synthetic probe uploads (any 64 hex digits the server accepts).
+PROBE_FINGERPRINT = "ab" * 32
+
+
+def _probe_summary(site_id: str, rows: np.ndarray, codec: CodecConfig) -> SiteSummary:
+    """Round-1 SiteSummary announcing ``rows`` [N, D] as one site's whole coreset."""
+    return SiteSummary(
+        site_id=site_id, round=1, num_images=10, num_patches=rows.shape[0],
+        coreset_rows=rows.shape[0], coverage_radius=1.0, feature_dim=rows.shape[1],
+        backbone="resnet18", layers=("layer2", "layer3"), codec=codec,
+        feature_fingerprint=PROBE_FINGERPRINT,
+    )
+
+
 def ingest_breakdown(args: argparse.Namespace) -> int:
     """Where the upload call's time goes: the same 3,200 x 1024 fp16 upload (1 MiB chunks) to
     an in-process fedserver over loopback gRPC, with the coreset strategy (the server ranks each
     chunk's rows as it arrives: the prefix merge) and with random sampling (no ranking), fsync
     on and off. Rows: seeded ReLU'd Gaussians (the codec ratio differs from real banks; the
     time does not depend on it much)."""
-    from core.messages import SiteSummary
     from fedclient.session import ConnectionConfig, SiteSession
     from fedserver.auth import new_token, write_tokens_file
     from fedserver.config import ServerConfig
@@ -564,12 +578,7 @@ def ingest_breakdown(args: argparse.Namespace) -> int:
         np.float32
     )
     codec = CODEC_PRESETS["fp16"]
-    summary = SiteSummary(
-        site_id="a", round=1, num_images=10, num_patches=rows.shape[0],
-        coreset_rows=rows.shape[0], coverage_radius=1.0, feature_dim=rows.shape[1],
-        backbone="resnet18", layers=("layer2", "layer3"), codec=codec,
-        feature_fingerprint="ab" * 32,
-    )
+    summary = _probe_summary("a", rows, codec)
     chunks = list(split_into_chunks(rows, config=codec, site_id="a", round=1))
     table_rows = []
     load = [Path("/proc/loadavg").read_text().split()[0]]
@@ -590,7 +599,7 @@ def ingest_breakdown(args: argparse.Namespace) -> int:
                     try:
                         with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", token=token),
                                          "a") as session:
-                            session.join("ab" * 32)
+                            session.join(PROBE_FINGERPRINT)
                             seconds.append(session.upload(summary, chunks).seconds)
                     finally:
                         server.stop(0)
@@ -621,7 +630,6 @@ def prediction_check(bank: np.ndarray, work: Path) -> dict[str, float]:
     """Upload ``bank`` once through the proxy with fedclient's SiteSession to a real fedserver
     process and compare the bytes of that UploadFeatures call with the prediction."""
     from core.federated import CommunicationProtocol
-    from core.messages import SiteSummary
     from fedclient import demo
     from fedclient.session import ConnectionConfig, SiteSession, read_token_file
 
@@ -634,13 +642,8 @@ def prediction_check(bank: np.ndarray, work: Path) -> dict[str, float]:
         with CountingProxy(("127.0.0.1", server.port)) as proxy:
             token = read_token_file(work / "fed" / "site-tokens" / "probe.token")
             with SiteSession(ConnectionConfig(proxy.address, token=token), "probe") as session:
-                session.join("ab" * 32)
-                summary = SiteSummary(
-                    site_id="probe", round=1, num_images=10, num_patches=bank.shape[0],
-                    coreset_rows=bank.shape[0], coverage_radius=1.0, feature_dim=bank.shape[1],
-                    backbone="resnet18", layers=("layer2", "layer3"), codec=codec,
-                    feature_fingerprint="ab" * 32,
-                )
+                session.join(PROBE_FINGERPRINT)
+                summary = _probe_summary("probe", bank, codec)
                 chunks = list(split_into_chunks(bank, config=codec, site_id="probe", round=1))
                 before = proxy.totals()[0]
                 session.upload(summary, chunks)
