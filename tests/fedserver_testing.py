@@ -37,6 +37,8 @@ from fedpatchcore.v1 import federation_pb2 as fpb
 from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 from fedserver.auth import new_token, write_tokens_file
 from fedserver.config import ServerConfig
+from fedserver.federation import Federation, Phase, RoundSnapshot
+from fedserver.journal import Journal
 
 ROOT = Path(__file__).resolve().parents[1]
 FINGERPRINT = "ab" * 32
@@ -89,6 +91,21 @@ def upload_messages(
         rows, config=codec, site_id=site, round=round_number, max_chunk_bytes=max_chunk_bytes
     ))
     return summary, chunks
+
+
+def round_failed_below_quorum(tmp_path: Path) -> tuple[ServerConfig, Federation, RoundSnapshot]:
+    """A federation of sites a and b (quorum 2, deadline 5 s on a fake clock) in which only a
+    uploads before the deadline passes. Returns the config, the still-open federation and
+    round 1's snapshot once it is READY or FAILED (it should be FAILED)."""
+    now = [0.0]
+    config, _ = make_config(tmp_path, ["a", "b"], round_timeout_s=5.0)
+    federation = Federation(config, Journal(config.state_dir), ("a", "b"), clock=lambda: now[0])
+    federation.start()
+    summary, chunks = upload_messages("a", site_rows(0, 60))
+    for item in (summary, *chunks):
+        federation.receive("a", item, upload_request_to_proto(item).SerializeToString())
+    now[0] = 10.0
+    return config, federation, federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30)
 
 
 def channel(port: int) -> grpc.Channel:

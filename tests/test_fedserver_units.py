@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedserver_testing import FINGERPRINT, make_config, site_rows, upload_messages
+from fedserver_testing import (
+    FINGERPRINT,
+    make_config,
+    round_failed_below_quorum,
+    site_rows,
+    upload_messages,
+)
 
 from core.bankdelta import (
     DeltaError,
@@ -310,15 +316,7 @@ def test_deadline_cuts_off_incomplete_sites_when_the_quorum_is_met(tmp_path: Pat
 
 
 def test_deadline_below_quorum_fails_the_round(tmp_path: Path) -> None:
-    now = [0.0]
-    config, _ = make_config(tmp_path, ["a", "b"], round_timeout_s=5.0)
-    federation = Federation(config, Journal(config.state_dir), ("a", "b"), clock=lambda: now[0])
-    federation.start()
-    summary, chunks = upload_messages("a", site_rows(0, 60))
-    for item in (summary, *chunks):
-        federation.receive("a", item, _raw(item))
-    now[0] = 10.0
-    snapshot = federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30)
+    _, federation, snapshot = round_failed_below_quorum(tmp_path)
     assert snapshot.phase is Phase.FAILED and "quorum is 2" in snapshot.message
     federation.close()
 

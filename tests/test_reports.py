@@ -18,7 +18,13 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fedserver_testing import TestClient, make_config, site_rows, upload_messages
+from fedserver_testing import (
+    TestClient,
+    make_config,
+    round_failed_below_quorum,
+    site_rows,
+    upload_messages,
+)
 from PIL import Image
 
 from core.data import AutoVIDataset
@@ -324,15 +330,8 @@ def test_round_report_counts_what_each_site_sent_and_received(tmp_path: Path) ->
 
 
 def test_failed_round_report_and_no_rewrite_after_a_restart(tmp_path: Path) -> None:
-    now = [0.0]
-    config, _ = make_config(tmp_path, ["a", "b"], round_timeout_s=5.0)
-    federation = Federation(config, Journal(config.state_dir), ("a", "b"), clock=lambda: now[0])
-    federation.start()
-    summary, chunks = upload_messages("a", site_rows(0, 60))
-    for item in (summary, *chunks):
-        federation.receive("a", item, upload_request_to_proto(item).SerializeToString())
-    now[0] = 10.0
-    assert federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30).phase is Phase.FAILED
+    config, federation, snapshot = round_failed_below_quorum(tmp_path)
+    assert snapshot.phase is Phase.FAILED
     federation.close()
     json_path = config.state_dir / "reports" / "round-1.json"
     report = json.loads(json_path.read_text())
