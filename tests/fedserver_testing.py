@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ import numpy as np
 
 from core.bankdelta import apply_delta
 from core.codec import CODEC_PRESETS, CodecConfig, decode_matrix
+from core.federated.aggregator import GlobalBankAggregator
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import (
     ChunkAssembler,
@@ -91,6 +92,38 @@ def upload_messages(
         rows, config=codec, site_id=site, round=round_number, max_chunk_bytes=max_chunk_bytes
     ))
     return summary, chunks
+
+
+def aggregate(
+    uploads: Mapping[str, tuple[SiteSummary, Sequence[FeatureChunk]]],
+    k: int = 50,
+    *,
+    device: str = "cpu",
+) -> np.ndarray:
+    """The bank a GlobalBankAggregator (seed 0) selects from these uploads, fed in process site
+    by site in sorted order: what a server given the same uploads must reproduce."""
+    aggregator = GlobalBankAggregator(k, seed=0, device=device)
+    aggregator.begin_round(1)
+    for site in sorted(uploads):
+        summary, chunks = uploads[site]
+        aggregator.receive_summary(summary)
+        for chunk in chunks:
+            aggregator.receive_chunk(chunk)
+    return aggregator.finish_round().bank
+
+
+def reference_bank(
+    data: Mapping[str, np.ndarray],
+    k: int = 50,
+    *,
+    max_chunk_bytes: int = 1 << 14,
+    device: str = "cpu",
+) -> np.ndarray:
+    """:func:`aggregate` of each site's rows ``data[site]`` as :func:`upload_messages` sends
+    them (lossless, chunks of ``max_chunk_bytes``)."""
+    uploads = {s: upload_messages(s, rows, max_chunk_bytes=max_chunk_bytes)
+               for s, rows in data.items()}
+    return aggregate(uploads, k, device=device)
 
 
 def round_failed_below_quorum(tmp_path: Path) -> tuple[ServerConfig, Federation, RoundSnapshot]:

@@ -12,7 +12,14 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fedserver_testing import TestClient, channel, make_config, site_rows, upload_messages
+from fedserver_testing import (
+    TestClient,
+    channel,
+    make_config,
+    reference_bank,
+    site_rows,
+    upload_messages,
+)
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
@@ -394,11 +401,6 @@ def test_daemon_selects_on_cuda(tmp_path: Path, cuda_device: object) -> None:
         client.close()
     finally:
         server.stop(0)
-    aggregator = GlobalBankAggregator(50, seed=0, device="cuda")
-    aggregator.begin_round(1)
-    for site in sorted(data):
-        summary, chunks = upload_messages(site, data[site], max_chunk_bytes=CHUNK_BYTES)
-        aggregator.receive_summary(summary)
-        for chunk in chunks:
-            aggregator.receive_chunk(chunk)
-    np.testing.assert_array_equal(bank, aggregator.finish_round().bank)
+    np.testing.assert_array_equal(
+        bank, reference_bank(data, max_chunk_bytes=CHUNK_BYTES, device="cuda")
+    )

@@ -11,6 +11,7 @@ Figures (bytes re-sent by a resumed upload, faults survived) are printed with ``
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import subprocess
@@ -22,11 +23,17 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fedserver_testing import ServerProcess, TestClient, make_config, site_rows, upload_messages
+from fedserver_testing import (
+    ServerProcess,
+    TestClient,
+    make_config,
+    reference_bank,
+    site_rows,
+    upload_messages,
+)
 from reliability_testing import FaultProxy
 
 from core.bankdelta import bank_checksum
-from core.federated.aggregator import GlobalBankAggregator
 from core.messages import FeatureChunk
 from core.serde import upload_request_to_proto
 from fedclient.session import (
@@ -57,16 +64,8 @@ def _session(port: int, site: str, token: str, attempts: int = 4) -> SiteSession
     )
 
 
-def _reference(data: dict[str, np.ndarray], k: int = 50, chunk_bytes: int = CHUNK_BYTES
-               ) -> np.ndarray:
-    aggregator = GlobalBankAggregator(k, seed=0)
-    aggregator.begin_round(1)
-    for site in sorted(data):
-        summary, chunks = upload_messages(site, data[site], max_chunk_bytes=chunk_bytes)
-        aggregator.receive_summary(summary)
-        for chunk in chunks:
-            aggregator.receive_chunk(chunk)
-    return aggregator.finish_round().bank
+#: The bank the server must reproduce from ``data`` (site -> rows) uploaded in CHUNK_BYTES chunks.
+_reference = functools.partial(reference_bank, max_chunk_bytes=CHUNK_BYTES)
 
 
 class _Counting:

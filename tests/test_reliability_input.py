@@ -24,13 +24,13 @@ from fedserver_testing import (
     TestClient,
     channel,
     make_config,
+    reference_bank,
     site_rows,
     upload_messages,
 )
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from core.codec import compute_checksum
-from core.federated.aggregator import GlobalBankAggregator
 from core.serde import upload_request_to_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
@@ -309,14 +309,7 @@ def test_bad_input_cases_while_an_honest_site_uploads(tmp_path: Path) -> None:
             client.close()
         conn.close()
         server.stop(0)
-    reference = GlobalBankAggregator(50, seed=0)
-    reference.begin_round(1)
-    for site in sorted(data):
-        summary, chunks = upload_messages(site, data[site], max_chunk_bytes=CHUNK_BYTES)
-        reference.receive_summary(summary)
-        for chunk in chunks:
-            reference.receive_chunk(chunk)
-    np.testing.assert_array_equal(bank, reference.finish_round().bank)
+    np.testing.assert_array_equal(bank, reference_bank(data, max_chunk_bytes=CHUNK_BYTES))
     assert len(outcomes) == len(cases) >= 15
     print(f"\nbad input: {len(cases)} cases, each refused with its code and message while an "
           "honest site uploaded; server up after each")

@@ -31,11 +31,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fedserver_testing import ServerProcess, make_config, site_rows, upload_messages
+from fedserver_testing import ServerProcess, aggregate, make_config, site_rows, upload_messages
 from reliability_testing import current_rss_bytes, peak_rss_bytes
 
 from core.codec import CODEC_PRESETS
-from core.federated.aggregator import GlobalBankAggregator
 from core.messages import FeatureChunk, SiteSummary
 from fedclient.session import ConnectionConfig, RetryPolicy, SiteSession, UploadResult
 from fedserver.auth import new_token, write_tokens_file
@@ -110,15 +109,6 @@ def _check_accounted(state_dir: Path, uploads: dict, results: dict) -> int:
     return expected
 
 
-def _reference(uploads: dict, k: int) -> np.ndarray:
-    aggregator = GlobalBankAggregator(k, seed=0)
-    aggregator.begin_round(1)
-    for site in sorted(uploads):
-        summary, chunks = uploads[site]
-        aggregator.receive_summary(summary)
-        for chunk in chunks:
-            aggregator.receive_chunk(chunk)
-    return aggregator.finish_round().bank
 
 
 class _CommitTimer:
@@ -201,7 +191,7 @@ def test_32_sites_against_a_server_process(tmp_path: Path) -> None:
     fast = [s for s in sites if s != slow]
     assert max(finished[s] for s in fast) < finished[slow]
     total_chunks = _check_accounted(tmp_path / "state", uploads, results)
-    np.testing.assert_array_equal(bank, _reference(uploads, k))
+    np.testing.assert_array_equal(bank, aggregate(uploads, k))
     buffer = len(sites) * rows * dim * 4
     bank_bytes = k * dim * 4
     window = max_workers * (2 * DEFAULT_MAX_MESSAGE_BYTES + 2 * CHUNK_BYTES)

@@ -8,6 +8,7 @@ time, stored hashed, never logged; the state directory and token files are owner
 
 from __future__ import annotations
 
+import functools
 import hmac
 import inspect
 import logging
@@ -20,10 +21,9 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from fedserver_testing import TestClient, make_config, site_rows, upload_messages
+from fedserver_testing import TestClient, make_config, reference_bank, site_rows, upload_messages
 from reliability_testing import make_pki
 
-from core.federated.aggregator import GlobalBankAggregator
 from fedclient.session import (
     ConnectionConfig,
     PermissionDeniedError,
@@ -65,15 +65,8 @@ def _session(port: int, site: str, token: str, pki: Path, cert: str | None) -> S
     )
 
 
-def _reference(data: dict[str, np.ndarray]) -> np.ndarray:
-    aggregator = GlobalBankAggregator(50, seed=0)
-    aggregator.begin_round(1)
-    for site in sorted(data):
-        summary, chunks = upload_messages(site, data[site], max_chunk_bytes=CHUNK_BYTES)
-        aggregator.receive_summary(summary)
-        for chunk in chunks:
-            aggregator.receive_chunk(chunk)
-    return aggregator.finish_round().bank
+#: The bank the server must reproduce from ``data`` (site -> rows) uploaded in CHUNK_BYTES chunks.
+_reference = functools.partial(reference_bank, max_chunk_bytes=CHUNK_BYTES)
 
 
 @pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
