@@ -84,6 +84,26 @@ _RETRYABLE: Final[frozenset[grpc.StatusCode]] = frozenset(
 )
 
 
+#: Trailing metadata with which fedserver refuses an rpc over its concurrency budget (the
+#: caller holds too many rpcs at once): RESOURCE_EXHAUSTED, but worth retrying after a pause,
+#: unlike a limit on what the site sends (too many rows), which is final.
+_CONCURRENCY_REFUSAL: Final[tuple[str, str]] = ("fedpatchcore-retry", "concurrency")
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    """Whether the same request may succeed later (see _RETRYABLE and _CONCURRENCY_REFUSAL)."""
+    code = error.code() if hasattr(error, "code") else None
+    if code in _RETRYABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    if any((k, v) == _CONCURRENCY_REFUSAL for k, v in (trailing or ())):
+        return True
+    details = (error.details() if hasattr(error, "details") else "") or ""
+    return details.startswith("Concurrent RPC limit exceeded")  # grpc's own server-wide limit
+
+
 # --- errors ------------------------------------------------------------------------------------
 
 
@@ -267,6 +287,9 @@ class RetryPolicy:
         min(max_backoff_s, initial_backoff_s * multiplier**(n-1)) seconds ...
     jitter: ... scaled by a uniform factor in [1 - jitter, 1] (spreads sites that lost the
         server together, so they do not reconnect in lock-step).
+    reconnect_s: a watch of the round (a site waiting for the bank) is bounded by time, not
+        attempts: it keeps reconnecting while the server is away (restarting, draining) for
+        up to this many seconds after the last message it received.
     """
 
     max_attempts: int = 6
@@ -274,6 +297,7 @@ class RetryPolicy:
     max_backoff_s: float = 8.0
     multiplier: float = 2.0
     jitter: float = 0.5
+    reconnect_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -287,6 +311,8 @@ class RetryPolicy:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.reconnect_s < 0:
+            raise ValueError(f"reconnect_s must be >= 0, got {self.reconnect_s}")
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
@@ -481,7 +507,7 @@ class SiteSession:
                 return function()
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                if code not in _RETRYABLE or attempt == self.retry.max_attempts:
+                if not _retryable(error) or attempt == self.retry.max_attempts:
                     raise _error_from_rpc(error, what, self.connection.address) from None
                 delay = self.retry.backoff(attempt, self._rng)
                 logger.warning(
@@ -590,7 +616,7 @@ class SiteSession:
                 status = response.upload
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                if code not in _RETRYABLE or attempts == self.retry.max_attempts:
+                if not _retryable(error) or attempts == self.retry.max_attempts:
                     raise _error_from_rpc(
                         error, f"upload of round {round_number}", self.connection.address
                     ) from None
@@ -675,7 +701,7 @@ class SiteSession:
                 return self._read_bank(responses, have, max_rows, start)
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                if code not in _RETRYABLE or attempt == self.retry.max_attempts:
+                if not _retryable(error) or attempt == self.retry.max_attempts:
                     raise _error_from_rpc(error, what, self.connection.address) from None
                 delay = self.retry.backoff(attempt, self._rng)
                 logger.warning("%s: %s; retry in %.2f s", what, code.name, delay)
@@ -774,37 +800,63 @@ class SiteSession:
     ) -> Iterator[fpb.RoundStatus]:
         """WatchRound: yield the round's status now and on every change until it ends.
 
-        A broken stream is reopened (bounded by the retry policy, counted per break, reset
-        after any message arrives). ``timeout_s`` bounds the whole watch.
+        A broken stream, or one the server ends before the round does (it is draining for a
+        restart), is reopened with backoff while the server is away, for up to
+        ``retry.reconnect_s`` after the last message (then ServerUnavailableError), so a site
+        waiting for the bank rides out a server restart; a server never reached at all gets
+        ``retry.max_attempts`` tries, like any call. ``timeout_s`` bounds the whole watch.
         """
         request = fpb.WatchRoundRequest(
             site_id=self.site_id, round=round_number, min_interval_ms=min_interval_ms
         )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         failures = 0
+        last_message: float | None = None  # None until the server answered once
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
                 for status in self._stub.WatchRound(
                     request, metadata=self._metadata, timeout=remaining
                 ):
-                    failures = 0
+                    failures, last_message = 0, time.monotonic()
                     yield status
                     if status.state in (fpb.ROUND_STATE_READY, fpb.ROUND_STATE_FAILED):
                         return
-                return  # the server ended the stream (shutting down): the caller decides
+                reason = "the server ended the watch before the round did (draining)"
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                failures += 1
-                timed_out = deadline is not None and time.monotonic() >= deadline
-                if code not in _RETRYABLE or failures >= self.retry.max_attempts or timed_out:
+                if not _retryable(error):
                     raise _error_from_rpc(
                         error, f"watching round {round_number or 'open'}",
                         self.connection.address,
                     ) from None
-                delay = self.retry.backoff(failures, self._rng)
-                logger.warning("watch: %s; reconnecting in %.2f s", code.name, delay)
-                self._sleep(delay)
+                reason = f"{code.name}: {error.details()}"  # type: ignore[attr-defined]
+                final = error
+            else:
+                final = None
+            failures += 1
+            now = time.monotonic()
+            # Never reached: bounded by attempts like any call. Reached before: the server is
+            # restarting or draining, so keep at it for reconnect_s.
+            gone = (failures >= self.retry.max_attempts if last_message is None
+                    else now - last_message >= self.retry.reconnect_s)
+            if gone or (deadline is not None and now >= deadline):
+                if final is not None:
+                    raise _error_from_rpc(
+                        final, f"watching round {round_number or 'open'}",
+                        self.connection.address,
+                    ) from None
+                raise ServerUnavailableError(
+                    f"the server at {self.connection.address} ended the watch of round "
+                    f"{round_number or 'open'} before the bank was ready, and did not come "
+                    f"back within {self.retry.reconnect_s:.0f} s"
+                )
+            delay = self.retry.backoff(min(failures, self.retry.max_attempts), self._rng)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - now))
+            logger.warning("watch of round %s: %s; reconnecting in %.2f s",
+                           round_number or "open", reason, delay)
+            self._sleep(delay)
 
     def wait_until_ready(
         self,

@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
@@ -69,20 +70,26 @@ _reference = functools.partial(reference_bank, max_chunk_bytes=CHUNK_BYTES)
 
 
 class _Counting:
-    """Counts what Federation.receive returned (True: committed, False: identical resend)."""
+    """Counts what Federation.submit's futures resolved to for chunks (True: committed, False:
+    identical resend)."""
 
     def __init__(self, server: object) -> None:
         federation = server.federation  # type: ignore[attr-defined]
         self.new = self.ignored = 0
-        original = federation.receive
+        original = federation.submit
 
-        def receive(*args: object) -> bool:
-            result = original(*args)
-            if isinstance(args[1], FeatureChunk):
+        def count(done: Future[bool]) -> None:
+            if done.exception() is None:
+                result = done.result()
                 self.new, self.ignored = self.new + int(result), self.ignored + int(not result)
-            return result
 
-        federation.receive = receive
+        def submit(*args: object) -> Future[bool]:
+            future = original(*args)
+            if isinstance(args[1], FeatureChunk):
+                future.add_done_callback(count)
+            return future
+
+        federation.submit = submit
 
 
 def _message_bytes(site: str, rows: np.ndarray) -> int:
