@@ -270,6 +270,15 @@ class ConnectionConfig:
             # The session is the one place that retries (bounded, resuming from the server's
             # committed position); gRPC's transparent retries would be a second, invisible one.
             ("grpc.enable_retries", 0),
+            # A server that restarts is back in seconds: gRPC's own reconnect backoff (up to
+            # 120 s by default) would keep the channel failing fast long after it is, so the
+            # session's bounded retries would spend themselves on a channel that never tries.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            # Subchannels of this session's own: a broken connection of one session (one site
+            # of many in a test or benchmark process) does not put another's into backoff.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.tls is None:
             return grpc.insecure_channel(self.address, options=options)

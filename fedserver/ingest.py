@@ -15,9 +15,9 @@ QueryUploadStatus, the UploadFeatures response and the round's progress report o
 Pipelining: :meth:`Ingest.submit` returns a future as soon as the chunk is decoded and queued
 for the journal, so a stream's next chunk is decoded while the journal writes the last one; the
 rpc answers only after every future resolved. A chunk must follow the site's *accepted*
-position (committed + queued). If a journal batch fails, the site's records queued behind it fail too,
-unwritten (the journal's stream rule), and the site is rolled back to its committed position
-(the aggregator forgets the rows, which the worker never saw) and starts a new stream
+position (committed + queued). If a journal batch fails, the site's records queued behind it
+fail too, unwritten (the journal's stream rule), and the site is rolled back to its committed
+position (the aggregator forgets the rows, which the worker never saw) and starts a new stream
 generation, so the client resumes from there.
 
 Ranking never happens here: rows reach the aggregator's selector only in the selection worker.

@@ -305,7 +305,6 @@ def _process_config(tmp_path: Path, sites: tuple[str, ...], k: int) -> tuple[Pat
     return tmp_path / "server.toml", tokens
 
 
-@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(900)  # process starts import torch: slow on a loaded machine
 def test_server_killed_during_selection_selects_again_after_restart(tmp_path: Path) -> None:
     config, tokens = _process_config(tmp_path, ("a", "b", "c"), k=6000)
@@ -333,7 +332,6 @@ def test_server_killed_during_selection_selects_again_after_restart(tmp_path: Pa
     np.testing.assert_array_equal(bank, _reference(data, k=6000))
 
 
-@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(900)  # process starts import torch: slow on a loaded machine
 def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
     k, dim = 6000, 256  # a 6 MiB bank: more than gRPC's flow-control window and the buffers
