@@ -282,10 +282,11 @@ class FederationServicer:
         committing the chunks that had reached it before the break (decoded and queued for the
         journal's group commit), and gRPC may still hand the handler messages that had arrived.
         A client that asked at once would be told a position those messages are about to move,
-        and resend chunks the server then commits anyway from the old stream. So the answer waits until the site has no upload stream
-        running, or its position has not moved for STREAM_IDLE_S (a live but idle stream:
-        nothing is in flight), at most DRAIN_WAIT_S (a live stream that keeps committing:
-        another client of the site, e.g. ``fedclient status`` while uploading).
+        and resend chunks the server then commits anyway from the old stream. So the answer
+        waits until the site has no upload stream running and nothing queued for the journal,
+        or its position has not moved for STREAM_IDLE_S (a live but idle stream: nothing is in
+        flight), at most DRAIN_WAIT_S (a live stream that keeps committing: another client of
+        the site, e.g. ``fedclient status`` while uploading).
         """
         deadline = time.monotonic() + DRAIN_WAIT_S
         last, moved = None, time.monotonic()
