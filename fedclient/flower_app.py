@@ -44,7 +44,7 @@ from core.features import FeatureConfig
 from core.federated import PatchCoreClient
 from core.federated.communication import receive_bank
 from core.patchcore import ImageSource
-from core.serde import split_into_chunks, upload_request_to_proto
+from core.serde import upload_request_to_proto
 from fedclient.session import FingerprintMismatchError, RoundConfig
 from fedclient.site import BANK_FILE, _score, load_site_data
 from fedpatchcore.v1 import federation_pb2 as fpb
@@ -155,12 +155,8 @@ def site_upload(
 ) -> list[bytes]:
     """A fitted client's round-1 upload as serialized UploadFeaturesRequest messages: its
     SiteSummary, then its coreset's chunks; exactly what ``fedclient run`` streams."""
-    rows = client.get_coreset()
-    summary = client.summary(round_number, rows.shape[0], codec)
-    chunks = split_into_chunks(
-        rows, config=codec, site_id=client.site_id, round=round_number,
-        max_chunk_bytes=max_chunk_bytes,
-    )
+    summary, chunks = client.encode_upload(round_number, client.get_coreset(), codec,
+                                           max_chunk_bytes=max_chunk_bytes)
     return [upload_request_to_proto(item).SerializeToString() for item in (summary, *chunks)]
 
 

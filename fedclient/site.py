@@ -1,7 +1,7 @@
 """A site's whole job, as ``fedclient run`` does it: fit, join, upload, download, score, report.
 
-The pieces are core's: ``core.federated.PatchCoreClient`` fits the local coreset and finds novel
-patches, ``core.serde.split_into_chunks`` makes the chunks, ``core.evaluation.evaluate`` scores;
+The pieces are core's: ``core.federated.PatchCoreClient`` fits the local coreset, finds novel
+patches and encodes the upload (summary and chunks), ``core.evaluation.evaluate`` scores;
 :class:`~fedclient.session.SiteSession` moves the messages. This module only sequences them and
 keeps the site's state in its output folder, so a restarted site carries on:
 
@@ -31,7 +31,6 @@ from core.features import FeatureConfig
 from core.federated import PatchCoreClient
 from core.metrics import Curve
 from core.patchcore import PatchCore, Predictions
-from core.serde import split_into_chunks
 from fedclient.report import Example, examples, write_metrics, write_overlays, write_site_report
 from fedclient.session import (
     BankDownload,
@@ -273,13 +272,9 @@ def _one_round(
             held = (base.version, base.bank)
         upload = client.novel_features(held[1], config.novelty_threshold)
         rows, num_novel = upload.features, upload.num_novel
-    summary = client.summary(r, rows.shape[0], config.codec)
-    chunks = list(
-        split_into_chunks(
-            rows, config=config.codec, site_id=session.site_id, round=r,
-            max_chunk_bytes=config.max_chunk_bytes,
-        )
-    )
+    # r_i is measured with the server's chunking: int8/int4 quantise per chunk.
+    summary, chunks = client.encode_upload(r, rows, config.codec,
+                                           max_chunk_bytes=config.max_chunk_bytes)
     result: UploadResult = session.upload(summary, chunks)
     client.record_upload(rows)
     t0 = time.perf_counter()

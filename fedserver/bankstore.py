@@ -2,8 +2,8 @@
 
 Each round that changes the bank stores a new version in stable order (core.bankdelta), so a
 site holding an older version downloads only the change: the indices of removed rows, then the
-added rows in chunks. The stored r_S includes the codec's error for the bank as the sites decode
-it (module doc of :meth:`BankStore.store`).
+added rows in chunks. The stored r_S includes the codec's error for the bank as the sites hold
+it, whichever versions they downloaded and by which deltas (:meth:`BankStore.held_codec_error`).
 
 Thread safety: :meth:`store` runs on the selection worker, everything else on rpc threads; the
 version table is replaced, never mutated in place, so readers take no lock (``_latest`` and
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from core.bankdelta import bank_delta, decoded_checksum, stable_order
+from core.bankdelta import ELEMENTWISE_VALUE_TYPES, bank_delta, decoded_checksum, stable_order
 from core.codec import CodecConfig
 from core.messages import BankChunk
 from core.serde import chunked_roundtrip, split_bank_into_chunks
@@ -98,12 +98,12 @@ class BankStore:
     ) -> tuple[int, int]:
         """Store ``bank`` as a new version in stable order, unless it equals the latest.
 
-        Returns (version, rows). r_S must hold for the bank as the sites decode it (as
-        core.federated.FederatedServer reports it): the codec's largest row error is added,
-        measured with the chunking the downloads use (int8/int4 quantise per chunk): for the
-        full bank, for the delta from the previous version (its added rows travel in chunks of
-        their own), and, since a site that followed every version by deltas holds rows that
-        came in each of those streams, never less than the previous version's error.
+        Returns (version, rows). The stored r_S is the selector's ``server_radius`` plus
+        :meth:`held_codec_error`: it holds for the rows a site holds after downloading this
+        version by any path (full, or a delta from any older version, after any earlier path).
+        The version records the chunking its errors were measured with (``bank_chunk_bytes``);
+        every stream to it is cut that way (:meth:`download`), whatever the server's
+        max_chunk_bytes is after a restart.
         """
         table = self._table
         previous = table.latest
@@ -115,19 +115,12 @@ class BankStore:
                             previous.version)
                 return previous.version, previous.bank.shape[0]
         version = 1 if previous is None else previous.version + 1
-        _, codec_error = chunked_roundtrip(ordered, config=self._codec,
-                                           max_chunk_bytes=self._chunk_bytes)
-        if previous is not None:
-            added = bank_delta(previous.bank, ordered).added
-            if added.shape[0]:
-                _, delta_error = chunked_roundtrip(added, config=self._codec,
-                                                   max_chunk_bytes=self._chunk_bytes)
-                codec_error = max(codec_error, delta_error)
-            codec_error = max(codec_error, float(previous.meta.get("bank_codec_error", 0.0)))
+        codec_error = self.held_codec_error(ordered, previous)
         meta = {
             "round": round_number,
             "server_radius": server_radius + codec_error,
             "bank_codec_error": codec_error,
+            "bank_chunk_bytes": self._chunk_bytes,
             "max_site_radius": max_site_radius,
             "codec": self._codec_name,
             "checksum": decoded_checksum(ordered, self._codec),
@@ -137,6 +130,37 @@ class BankStore:
         self._table = _Table({**table.versions, version: full},
                              BankVersion(version, ordered, full))
         return version, ordered.shape[0]
+
+    def held_codec_error(self, ordered: np.ndarray, previous: BankVersion | None) -> float:
+        """E(v): the largest row error, against ``ordered`` (the new version v [k, D] in stable
+        order), of what a site can hold after downloading v by any path.
+
+        A site's copy of v is v's full stream, or a delta from an older version u: u's rows
+        that survive (as the site holds them: error <= E(u) by induction) then the added rows
+        ``ordered[s_u:]`` (s_u: u's survivors), decoded from a stream of their own. So
+
+            E(v) = max(F(v), max over u < v of D(u, v), E(v - 1))
+
+        with F the full stream's error, D(u, v) the delta stream's, and E(v - 1) >= E(u) for
+        every older u. int8/int4 quantise per chunk, so every delta's stream is measured (each
+        distinct s_u once); element-wise value types decode a row the same in any chunk, so
+        E(v) = F(v) exactly. All measured with this store's chunking, which :meth:`download`
+        then uses for every stream to v.
+        """
+        _, error = chunked_roundtrip(ordered, config=self._codec,
+                                     max_chunk_bytes=self._chunk_bytes)
+        if previous is None or self._codec.value_type in ELEMENTWISE_VALUE_TYPES:
+            return error
+        survivors: set[int] = set()
+        for u in sorted(self._table.versions):
+            base = previous if u == previous.version else self._journal.load_bank(u)
+            survivors.add(base.bank.shape[0] - bank_delta(base.bank, ordered).removed.size)
+        for start in sorted(survivors):
+            if start < ordered.shape[0]:
+                _, added_error = chunked_roundtrip(ordered[start:], config=self._codec,
+                                                   max_chunk_bytes=self._chunk_bytes)
+                error = max(error, added_error)
+        return max(error, float(previous.meta.get("bank_codec_error", 0.0)))
 
     def verify_replayed(self, round_number: int, version: int, bank: np.ndarray) -> int:
         """At start: check that the replayed selection of ``round_number`` reproduces the
@@ -204,6 +228,9 @@ class BankStore:
             round=header.round,
             server_coverage_radius=header.server_coverage_radius,
             max_site_coverage_radius=header.max_site_coverage_radius,
-            max_chunk_bytes=self._chunk_bytes,
+            # The chunking the version's codec error was measured with (store): the header's
+            # r_S holds for exactly these chunks. Versions stored before it was recorded use
+            # the current setting.
+            max_chunk_bytes=int(meta.get("bank_chunk_bytes", self._chunk_bytes)),
         )
         return BankDownload(header=header, removed=removed, chunks=chunks)

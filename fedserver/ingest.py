@@ -36,7 +36,12 @@ from typing import Protocol
 import numpy as np
 
 from core.codec import PayloadTooLargeError
-from core.federated.aggregator import GlobalBankAggregator, IncompatibleSiteError
+from core.federated.aggregator import (
+    GlobalBankAggregator,
+    IncompatibleSiteError,
+    SummaryConflictError,
+    summary_difference,
+)
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import chunk_identity
 from fedserver.errors import (
@@ -152,8 +157,11 @@ class Ingest:
             if held == summary:  # an identical resend (durable, or queued for the journal)
                 return _done(False)
             if held is not None:
-                raise RoundClosedError(
-                    f"site {site_id!r} already sent a different summary for round {rnd.number}"
+                # INVALID_ARGUMENT, as a chunk resent with other content: the message
+                # contradicts what the site sent, whatever state the round is in.
+                raise SummaryConflictError(
+                    f"site {site_id!r} already sent a different summary for round {rnd.number}: "
+                    f"{summary_difference(held, summary)}"
                 )
             self._check_summary(rnd, summary)
             host.aggregator.receive_summary(summary)

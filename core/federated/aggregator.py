@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "AggregationError",
+    "CodecMismatchError",
     "GlobalBankAggregator",
     "IncompatibleSiteError",
     "RoundOutcome",
@@ -49,7 +50,10 @@ __all__ = [
     "ServerSelection",
     "SiteLimitError",
     "Strategy",
+    "SummaryConflictError",
     "UploadSizeMismatchError",
+    "check_chunk_codec",
+    "summary_difference",
     "warn_if_bank_short",
 ]
 
@@ -83,6 +87,19 @@ class SiteLimitError(AggregationError):
     message (gRPC RESOURCE_EXHAUSTED). The message names the limit."""
 
 
+class SummaryConflictError(AggregationError):
+    """A site resent its summary of the open round with other content. A message that
+    contradicts what the site already sent is malformed (INVALID_ARGUMENT), like a chunk resent
+    with other content (core.serde.ChunkConflictError): resending it cannot succeed, whatever
+    state the round is in."""
+
+
+class CodecMismatchError(AggregationError):
+    """A chunk is encoded otherwise than its site's SiteSummary.codec declared. The summary's
+    r_i includes the declared codec's round-trip error, so rows sent with another value type
+    (int4 for int8, say) could lie farther from the site's patches than r_i certifies."""
+
+
 class UploadSizeMismatchError(AggregationError):
     """A site's last chunk ends its upload at another row count than its SiteSummary declared
     (``coreset_rows``): its summary (r_i, num_patches) would describe rows that never came."""
@@ -103,6 +120,41 @@ def warn_if_bank_short(requested: int, bank_rows: int, available: int) -> bool:
         bank_rows, requested, available,
     )
     return True
+
+
+def check_chunk_codec(chunk: FeatureChunk, summary: SiteSummary) -> None:
+    """Raise CodecMismatchError unless ``chunk`` is encoded with ``summary.codec``.
+
+    Compared: the value type (it fixes the round-trip error that r_i includes), byte_shuffle
+    and the checksum type. zstd_level is informational (decoding does not depend on it) and
+    is not compared.
+    """
+    declared = summary.codec
+    matrix = chunk.features
+    differences = [
+        f"{name} {got!r} (the summary declared {want!r})"
+        for name, got, want in (
+            ("value_type", matrix.value_type, declared.value_type),
+            ("byte_shuffle", matrix.byte_shuffle, declared.byte_shuffle),
+            ("checksum_type", matrix.checksum_type, declared.checksum),
+        )
+        if got != want
+    ]
+    if differences:
+        raise CodecMismatchError(
+            f"chunk {chunk.sequence} of site {chunk.site_id!r} has {', '.join(differences)}: "
+            "every chunk must use the codec of its SiteSummary, for which r_i was computed"
+        )
+
+
+def summary_difference(first: SiteSummary, second: SiteSummary) -> str:
+    """Which fields of two summaries differ, e.g. "coverage_radius 0.25 -> 0.3"."""
+    changed = [
+        f"{name} {getattr(first, name)!r} -> {getattr(second, name)!r}"
+        for name in SiteSummary.__dataclass_fields__
+        if getattr(first, name) != getattr(second, name)
+    ]
+    return ", ".join(changed) or "no field differs"
 
 
 @dataclass(frozen=True)
@@ -255,9 +307,9 @@ class GlobalBankAggregator:
         previous = self._uploads.get(summary.site_id)
         if previous is not None:
             if previous.summary != summary:
-                raise RoundStateError(
+                raise SummaryConflictError(
                     f"site {summary.site_id!r} already sent a different summary for round "
-                    f"{self.round}"
+                    f"{self.round}: {summary_difference(previous.summary, summary)}"
                 )
             return
         if self._fingerprint is not None and summary.feature_fingerprint != self._fingerprint:
@@ -319,10 +371,11 @@ class GlobalBankAggregator:
         (touching only the selector). :meth:`rollback` undoes accepted chunks whose journal
         append failed.
 
-        Raises RoundStateError (wrong round, no summary yet), UploadSizeMismatchError (the
-        last chunk ends the upload short of the rows the summary declared) or the
-        ChunkAssembler's errors (order, conflict, too many rows, undecodable matrix); on error
-        nothing changes.
+        Raises RoundStateError (wrong round, no summary yet), CodecMismatchError (the chunk's
+        value type, byte shuffle or checksum type is not the summary's codec),
+        UploadSizeMismatchError (the last chunk ends the upload short of the rows the summary
+        declared) or the ChunkAssembler's errors (order, conflict, too many rows, undecodable
+        matrix); on error nothing changes.
         """
         self._check_round(chunk.round, f"chunk {chunk.sequence} of site {chunk.site_id!r}")
         upload = self._uploads.get(chunk.site_id)
@@ -331,6 +384,7 @@ class GlobalBankAggregator:
                 f"chunk {chunk.sequence} of site {chunk.site_id!r} arrived before the site's "
                 f"summary for round {self.round}"
             )
+        check_chunk_codec(chunk, upload.summary)
         assembler = upload.assembler
         declared = upload.summary.coreset_rows
         # Checked before the assembler commits the chunk, so a refused last chunk changes

@@ -16,9 +16,9 @@ from core.codec import CodecConfig
 from core.coreset import IncrementalCoreset
 from core.features import FeatureConfig
 from core.knn import NearestNeighbourIndex
-from core.messages import SiteSummary
+from core.messages import FeatureChunk, SiteSummary
 from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
-from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip
+from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip, split_into_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,24 @@ class PatchCoreClient:
 
     # -- federation plumbing ---------------------------------------------------------------
 
+    def encode_upload(
+        self,
+        round_number: int,
+        rows: np.ndarray,
+        codec: CodecConfig,
+        *,
+        max_chunk_bytes: int,
+    ) -> tuple[SiteSummary, list[FeatureChunk]]:
+        """This site's upload of ``round_number``: its SiteSummary and the chunks of ``rows``
+        [n, D], both for ``codec`` cut at ``max_chunk_bytes`` (the server's
+        RoundConfig.max_chunk_bytes), so the summary's r_i includes the round-trip error of
+        exactly the chunks that are sent."""
+        summary = self.summary(round_number, rows.shape[0], codec,
+                               max_chunk_bytes=max_chunk_bytes)
+        chunks = list(split_into_chunks(rows, config=codec, site_id=self.site_id,
+                                        round=round_number, max_chunk_bytes=max_chunk_bytes))
+        return summary, chunks
+
     def record_upload(self, rows: np.ndarray) -> None:
         """Remember rows this site sent, as the server decoded them (their realised coverage
         is reported per round)."""
@@ -236,12 +254,16 @@ class PatchCoreClient:
         rows: int,
         codec: CodecConfig,
         *,
-        max_chunk_bytes: int = DEFAULT_MAX_CHUNK_BYTES,
+        max_chunk_bytes: int,
     ) -> SiteSummary:
         """The SiteSummary message that precedes this site's chunks in ``round_number``.
 
         Its coverage radius is :meth:`decoded_coverage_radius` for the codec and chunk size
         the chunks are sent with: the radius of the rows the server will actually hold.
+        ``max_chunk_bytes`` has no default on purpose: int8/int4 quantise per chunk, so r_i
+        measured with one chunking (1 MiB) does not hold for chunks cut with another (the
+        server's RoundConfig.max_chunk_bytes, up to 3 MiB). :meth:`encode_upload` makes the
+        summary and the chunks from one value.
         """
         config = self.feature_config
         if self._fingerprint is None:

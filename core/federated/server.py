@@ -28,7 +28,7 @@ from core.federated.strategies import (
     federated_random_aggregation,
 )
 from core.messages import FeatureChunk, SiteSummary
-from core.serde import chunked_roundtrip
+from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip
 
 logger = logging.getLogger(__name__)
 
@@ -247,7 +247,9 @@ class FederatedServer:
                 upload = client.novel_features(self.get_global_model(), threshold)
                 rows, num_novel[client.site_id] = upload.features, upload.num_novel
                 training_radius = max(training_radius or 0.0, upload.max_distance)
-            summary = client.summary(round_number, rows.shape[0], self.codec)
+            # The in-process protocol cuts chunks at the default size (send_to_server).
+            summary = client.summary(round_number, rows.shape[0], self.codec,
+                                     max_chunk_bytes=DEFAULT_MAX_CHUNK_BYTES)
             messages = CommunicationProtocol.send_to_server(
                 client.site_id, rows, round_number=round_number, codec=self.codec,
                 summary=summary,
