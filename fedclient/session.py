@@ -335,6 +335,7 @@ class RoundConfig:
 
     feature_fingerprint / extractor: empty / None when the server pins no extractor.
     deadline_unix_s: None when the round has no deadline.
+    federation_id: the server's federation (its state directory); "" from a server without one.
     """
 
     round: int
@@ -350,6 +351,7 @@ class RoundConfig:
     quorum: int
     novelty_threshold: float
     base_bank_version: int
+    federation_id: str = ""
 
     @classmethod
     def from_proto(cls, message: fpb.RoundConfig) -> RoundConfig:
@@ -371,6 +373,7 @@ class RoundConfig:
             quorum=message.quorum,
             novelty_threshold=message.novelty_threshold,
             base_bank_version=message.base_bank_version,
+            federation_id=message.federation_id,
         )
 
     def feature_config(self, *, weights: str | None = None) -> FeatureConfig | None:
@@ -437,6 +440,7 @@ class BankDownload:
 
     bank: [K, D] float32, in the server's bank order. delta: True when only the change since
     ``base_version`` travelled. bytes_received: serialized DownloadBankResponse bytes.
+    federation_id: the federation the bank belongs to (BankHeader.federation_id).
     """
 
     bank: NDArray[np.float32]
@@ -450,6 +454,7 @@ class BankDownload:
     max_site_radius: float
     bytes_received: int
     seconds: float
+    federation_id: str = ""
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -794,6 +799,7 @@ class SiteSession:
             max_site_radius=header.max_site_coverage_radius,
             bytes_received=received,
             seconds=time.perf_counter() - start,
+            federation_id=header.federation_id,
         )
         logger.info(
             "site %s: bank v%d (%s, %d rows, %d in stream, %d removed), %d B", self.site_id,

@@ -151,6 +151,21 @@ def _held_bank(out_dir: Path) -> tuple[int, np.ndarray] | None:
     return version, load_file(str(path))["memory_bank"]
 
 
+def _same_federation(out_dir: Path, federation_id: str) -> bool:
+    """Whether the bank saved in ``out_dir`` belongs to the server's federation; if not, one
+    line says it is replaced. Bank versions count from 1 in every federation (and again after
+    a server's state is reset), so a version number alone does not identify a bank."""
+    saved = PatchCore.read_extra(out_dir / BANK_FILE).get("federation_id", "")
+    if saved == federation_id:
+        return True
+    logger.warning(
+        "%s belongs to federation %s, this server runs federation %s: it is stale (another "
+        "federation, or a server whose state was reset) and is replaced by a full download",
+        out_dir / BANK_FILE, saved or "(not recorded)", federation_id or "(none)",
+    )
+    return False
+
+
 def run_site(
     session: SiteSession,
     options: SiteOptions,
@@ -194,6 +209,8 @@ def run_site(
     fit_seconds = time.perf_counter() - t0
 
     held = _held_bank(out)
+    if held is not None and not _same_federation(out, config.federation_id):
+        held = None
     rounds: list[dict[str, object]] = []
     download: BankDownload | None = None
     while True:
@@ -326,6 +343,7 @@ def _save_bank(
         out / BANK_FILE,
         extra={
             "bank_version": held[0],
+            "federation_id": download.federation_id,
             "round": download.round,
             "server_coverage_radius": download.server_radius,
             "max_site_coverage_radius": download.max_site_radius,

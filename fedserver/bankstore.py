@@ -46,6 +46,7 @@ class BankHeaderView:
     server_coverage_radius: float
     max_site_coverage_radius: float
     value_type: str
+    federation_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -72,12 +73,15 @@ class BankStore:
         journal: where versions are saved and loaded (``banks/vNNNNNN.{npy,json}``).
         codec: the codec banks are sent with; max_chunk_bytes: their chunking.
         codec_name: the preset's name, recorded in each version's metadata.
+        federation_id: the state directory's federation id, sent in every BankHeader.
     """
 
     def __init__(
-        self, journal: Journal, codec: CodecConfig, codec_name: str, max_chunk_bytes: int
+        self, journal: Journal, codec: CodecConfig, codec_name: str, max_chunk_bytes: int,
+        federation_id: str = "",
     ) -> None:
         self._journal = journal
+        self._federation_id = federation_id
         self._codec = codec
         self._codec_name = codec_name
         self._chunk_bytes = max_chunk_bytes
@@ -221,6 +225,7 @@ class BankStore:
             server_coverage_radius=float(meta["server_radius"]),
             max_site_coverage_radius=float(meta["max_site_radius"]),
             value_type=self._codec.value_type,
+            federation_id=self._federation_id,
         )
         chunks = split_bank_into_chunks(
             rows,

@@ -37,10 +37,12 @@ import dataclasses
 import json
 import logging
 import math
+import secrets
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -72,6 +74,7 @@ from fedserver.selection import SelectionResult, SelectionWorker
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "FEDERATION_ID_FILE",
     "REMOVED_BATCH",
     "BankDownload",
     "BankHeaderView",
@@ -90,6 +93,7 @@ __all__ = [
     "StorageError",
     "UploadLimitError",
     "UploadProgress",
+    "federation_id_of",
 ]
 
 #: RemovedRows messages carry at most this many indices (8 bytes each: 512 KiB).
@@ -137,7 +141,9 @@ class Federation:
         self._closing = False
         self._aggregator = self._new_aggregator()
         self._check_site_limit()
-        self._bank = BankStore(journal, config.codec_config, config.codec, config.max_chunk_bytes)
+        self.federation_id = federation_id_of(journal.state_dir)
+        self._bank = BankStore(journal, config.codec_config, config.codec, config.max_chunk_bytes,
+                               self.federation_id)
         self._worker = SelectionWorker()
         self._ingest = Ingest(self, journal, self._pins, config.max_chunk_bytes)
         self._deadline_thread: threading.Thread | None = None
@@ -279,6 +285,7 @@ class Federation:
                 quorum=rnd.quorum,
                 novelty_threshold=rnd.novelty_threshold,
                 base_bank_version=rnd.base_version,
+                federation_id=self.federation_id,
             )
 
     def progress(self, site_id: str, round_number: int = 0) -> UploadProgress:
@@ -727,6 +734,34 @@ class Federation:
     def cutoffs(self) -> dict[int, set[str]]:
         """Per round that cut sites off, the sites it included (from the journal)."""
         return cut_off_sites(self.journal)
+
+
+#: File of the state directory that holds its federation id (one line, 32 lowercase hex).
+FEDERATION_ID_FILE = "federation_id"
+
+
+def federation_id_of(state_dir: Path) -> str:
+    """The federation id of ``state_dir``, drawn and stored (mode 0600, fsync'ed) on first use.
+
+    128 bits from the OS's CSPRNG, deliberately unseeded: the id must differ between state
+    directories (a reset server is another federation) and must not be derivable from the
+    config, so two servers with one config still differ. Sites compare it with the id they
+    saved with their bank (RoundConfig/BankHeader.federation_id). A state directory created
+    before ids existed gets one at its next start (its sites then download one full bank).
+    """
+    path = Path(state_dir) / FEDERATION_ID_FILE
+    if path.exists():
+        value = path.read_text(encoding="ascii").strip()
+        if len(value) != 32 or any(c not in "0123456789abcdef" for c in value):
+            raise StateMismatchError(
+                f"{path} must hold 32 lowercase hex characters, got {value[:40]!r}: restore it "
+                "or remove it (sites then download the full bank once)"
+            )
+        return value
+    value = secrets.token_hex(16)
+    write_private(path, value + "\n")
+    logger.info("new federation id %s (state directory %s)", value, state_dir)
+    return value
 
 
 def _json(value: dict[str, Any]) -> bytes:

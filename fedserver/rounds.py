@@ -104,6 +104,7 @@ class RoundTerms:
     quorum: int
     novelty_threshold: float
     base_bank_version: int
+    federation_id: str = ""
 
 
 @dataclass

@@ -527,6 +527,7 @@ def _header_responses(download: BankDownload) -> Iterator[fpb.DownloadBankRespon
         server_coverage_radius=header.server_coverage_radius,
         max_site_coverage_radius=header.max_site_coverage_radius,
         value_type=VALUE_TYPE_WIRE_CODES[header.value_type],  # type: ignore[arg-type]
+        federation_id=header.federation_id,
     ))
     for lo in range(0, download.removed.size, REMOVED_BATCH):
         batch = download.removed[lo : lo + REMOVED_BATCH]
@@ -601,4 +602,5 @@ def terms_to_proto(terms: RoundTerms) -> fpb.RoundConfig:
         quorum=terms.quorum,
         novelty_threshold=terms.novelty_threshold,
         base_bank_version=terms.base_bank_version,
+        federation_id=terms.federation_id,
     )

@@ -10,6 +10,7 @@ what it can, and the protocol's documented behaviour is what the server does.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from fedserver_testing import (
     site_rows,
     upload_messages,
 )
+from safetensors.numpy import load_file
 
 from core.codec import CODEC_PRESETS, CodecConfig, decode_matrix
 from core.federated import PatchCoreClient
@@ -51,6 +53,8 @@ from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
 from fedserver.bankstore import BankStore
 from fedserver.daemon import FedServer, create_server
+from fedserver.errors import StateMismatchError
+from fedserver.federation import Phase
 from fedserver.journal import Journal
 from fedserver.servicer import _header_responses
 
@@ -348,3 +352,79 @@ def test_bank_streams_use_the_chunking_their_error_was_measured_with(tmp_path: P
     chunks = list(restarted.download(1).chunks)
     assert [c.features.rows for c in chunks] == [4, 4]
     journal.close()
+
+
+# -- 8. federation id: a bank of another federation is replaced ----------------------------------
+
+
+def _run_site_against(tmp_path: Path, name: str, out: Path, data: Path,
+                      **overrides: object) -> tuple[dict[str, object], str, np.ndarray]:
+    """One ``fedclient run`` round of site "a" against a fresh server (its own state
+    directory): (metrics, the server's federation id, its bank as a full download decodes it)."""
+    from fedclient.site import run_site
+    from tests.conftest import SMALL_FEATURES
+
+    config, tokens = make_config(tmp_path / name, ["a"], codec="int8", global_bank_size=20,
+                                 **overrides)
+    fed, port = create_server(config)
+    fed.start()
+    try:
+        with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", tokens["a"]), "a") as session:
+            options = SiteOptions(data=data, out_dir=out, features=SMALL_FEATURES,
+                                  categories=("stripes",), overlays=False, report=False)
+            metrics = run_site(session, options)
+            full = session.download_bank()
+        return metrics, fed.federation.federation_id, full.bank
+    finally:
+        fed.stop(0)
+
+
+def test_a_bank_of_another_federation_is_replaced_not_kept_or_refused(
+    tmp_path: Path, synthetic_root: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A site that saved bank version 1 of federation A meets server B (another state
+    directory; its version 1 is another bank of the same size). int8 carries no bank checksum,
+    so without the id B's empty delta "v1 -> v1" would leave A's bank in place unnoticed."""
+    from core.patchcore import PatchCore
+
+    out = tmp_path / "site-a"
+    _, first_id, first_bank = _run_site_against(tmp_path, "A", out, synthetic_root)
+    assert PatchCore.read_extra(out / "bank.safetensors")["federation_id"] == first_id
+    caplog.set_level(logging.WARNING, logger="fedclient.site")
+    metrics, second_id, second_bank = _run_site_against(tmp_path, "B", out, synthetic_root,
+                                                        strategy="random")
+    assert first_id != second_id and len(second_id) == 32
+    assert not np.array_equal(first_bank, second_bank)  # the two version 1s differ
+    saved = load_file(str(out / "bank.safetensors"))["memory_bank"]
+    np.testing.assert_array_equal(saved, second_bank)
+    assert metrics["rounds"][0]["bank_delta"] is False  # type: ignore[index]
+    stale = [r.getMessage() for r in caplog.records if "is stale" in r.getMessage()]
+    assert len(stale) == 1 and first_id in stale[0] and second_id in stale[0]
+    assert PatchCore.read_extra(out / "bank.safetensors")["federation_id"] == second_id
+
+
+def test_federation_id_is_kept_by_the_state_directory(tmp_path: Path) -> None:
+    """Drawn once with the state directory, sent in RoundConfig and in every BankHeader, the
+    same after a restart; a damaged id file stops the server with a message."""
+    config, tokens = make_config(tmp_path, ["a"], feature_dim=D)
+    fed, port = create_server(config)
+    fed.start()
+    try:
+        client = TestClient(port, "a", tokens["a"])
+        federation_id = client.join().config.federation_id
+        summary, chunks = upload_messages("a", site_rows(0, 60, D))
+        client.upload([summary, *chunks])
+        fed.federation.wait_for(1, {Phase.READY}, timeout=60)
+        assert client.download().header.federation_id == federation_id
+        client.close()
+    finally:
+        fed.stop(0)
+    assert (config.state_dir / "federation_id").read_text() == federation_id + "\n"
+    fed, port = create_server(config)
+    try:
+        assert fed.federation.federation_id == federation_id
+    finally:
+        fed.stop(0)
+    (config.state_dir / "federation_id").write_text("not-an-id\n")
+    with pytest.raises(StateMismatchError, match="32 lowercase hex"):
+        create_server(config)

@@ -250,6 +250,16 @@ EXPECTED_FEDERATION_FIELDS = {
         ("rows_in_stream", 6, "uint64"), ("rows_removed", 7, "uint64"),
         ("bank_checksum", 8, "fixed64"), ("server_coverage_radius", 9, "double"),
         ("max_site_coverage_radius", 10, "double"), ("value_type", 11, "enum"),
+        ("federation_id", 12, "string"),
+    ],
+    "RoundConfig": [
+        ("round", 1, "uint32"), ("feature_fingerprint", 2, "string"),
+        ("extractor", 3, "message"), ("codec", 4, "message"), ("max_chunk_bytes", 5, "uint32"),
+        ("global_bank_size", 6, "uint64"), ("max_rows_per_site", 7, "uint64"),
+        ("feature_dim", 8, "uint32"), ("deadline", 9, "message"),
+        ("expected_sites", 10, "uint32"), ("quorum", 11, "uint32"),
+        ("novelty_threshold", 12, "double"), ("base_bank_version", 13, "uint64"),
+        ("federation_id", 14, "string"),
     ],
 }
 

@@ -65,7 +65,7 @@ class FeatureExtractor(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., pretrained: _Optional[bool] = ..., pretrain_embed_dim: _Optional[int] = ..., target_embed_dim: _Optional[int] = ..., patch_size: _Optional[int] = ..., resize: _Optional[_Iterable[int]] = ..., crop: _Optional[int] = ..., init_seed: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round", "feature_fingerprint", "extractor", "codec", "max_chunk_bytes", "global_bank_size", "max_rows_per_site", "feature_dim", "deadline", "expected_sites", "quorum", "novelty_threshold", "base_bank_version")
+    __slots__ = ("round", "feature_fingerprint", "extractor", "codec", "max_chunk_bytes", "global_bank_size", "max_rows_per_site", "feature_dim", "deadline", "expected_sites", "quorum", "novelty_threshold", "base_bank_version", "federation_id")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class RoundConfig(_message.Message):
     QUORUM_FIELD_NUMBER: _ClassVar[int]
     NOVELTY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BASE_BANK_VERSION_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     round: int
     feature_fingerprint: str
     extractor: FeatureExtractor
@@ -92,7 +93,8 @@ class RoundConfig(_message.Message):
     quorum: int
     novelty_threshold: float
     base_bank_version: int
-    def __init__(self, round: _Optional[int] = ..., feature_fingerprint: _Optional[str] = ..., extractor: _Optional[_Union[FeatureExtractor, _Mapping]] = ..., codec: _Optional[_Union[_features_pb2.CodecConfig, _Mapping]] = ..., max_chunk_bytes: _Optional[int] = ..., global_bank_size: _Optional[int] = ..., max_rows_per_site: _Optional[int] = ..., feature_dim: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expected_sites: _Optional[int] = ..., quorum: _Optional[int] = ..., novelty_threshold: _Optional[float] = ..., base_bank_version: _Optional[int] = ...) -> None: ...
+    federation_id: str
+    def __init__(self, round: _Optional[int] = ..., feature_fingerprint: _Optional[str] = ..., extractor: _Optional[_Union[FeatureExtractor, _Mapping]] = ..., codec: _Optional[_Union[_features_pb2.CodecConfig, _Mapping]] = ..., max_chunk_bytes: _Optional[int] = ..., global_bank_size: _Optional[int] = ..., max_rows_per_site: _Optional[int] = ..., feature_dim: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expected_sites: _Optional[int] = ..., quorum: _Optional[int] = ..., novelty_threshold: _Optional[float] = ..., base_bank_version: _Optional[int] = ..., federation_id: _Optional[str] = ...) -> None: ...
 
 class QueryUploadStatusRequest(_message.Message):
     __slots__ = ("site_id", "round")
@@ -155,7 +157,7 @@ class DownloadBankResponse(_message.Message):
     def __init__(self, header: _Optional[_Union[BankHeader, _Mapping]] = ..., removed: _Optional[_Union[RemovedRows, _Mapping]] = ..., chunk: _Optional[_Union[_features_pb2.BankChunk, _Mapping]] = ...) -> None: ...
 
 class BankHeader(_message.Message):
-    __slots__ = ("version", "round", "base_version", "total_rows", "feature_dim", "rows_in_stream", "rows_removed", "bank_checksum", "server_coverage_radius", "max_site_coverage_radius", "value_type")
+    __slots__ = ("version", "round", "base_version", "total_rows", "feature_dim", "rows_in_stream", "rows_removed", "bank_checksum", "server_coverage_radius", "max_site_coverage_radius", "value_type", "federation_id")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     BASE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +169,7 @@ class BankHeader(_message.Message):
     SERVER_COVERAGE_RADIUS_FIELD_NUMBER: _ClassVar[int]
     MAX_SITE_COVERAGE_RADIUS_FIELD_NUMBER: _ClassVar[int]
     VALUE_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
     version: int
     round: int
     base_version: int
@@ -178,7 +181,8 @@ class BankHeader(_message.Message):
     server_coverage_radius: float
     max_site_coverage_radius: float
     value_type: _features_pb2.ValueType
-    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., total_rows: _Optional[int] = ..., feature_dim: _Optional[int] = ..., rows_in_stream: _Optional[int] = ..., rows_removed: _Optional[int] = ..., bank_checksum: _Optional[int] = ..., server_coverage_radius: _Optional[float] = ..., max_site_coverage_radius: _Optional[float] = ..., value_type: _Optional[_Union[_features_pb2.ValueType, str]] = ...) -> None: ...
+    federation_id: str
+    def __init__(self, version: _Optional[int] = ..., round: _Optional[int] = ..., base_version: _Optional[int] = ..., total_rows: _Optional[int] = ..., feature_dim: _Optional[int] = ..., rows_in_stream: _Optional[int] = ..., rows_removed: _Optional[int] = ..., bank_checksum: _Optional[int] = ..., server_coverage_radius: _Optional[float] = ..., max_site_coverage_radius: _Optional[float] = ..., value_type: _Optional[_Union[_features_pb2.ValueType, str]] = ..., federation_id: _Optional[str] = ...) -> None: ...
 
 class RemovedRows(_message.Message):
     __slots__ = ("indices",)
