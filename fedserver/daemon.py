@@ -32,7 +32,10 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection_pb2 as reflection_v1alpha_pb2
+from grpc_reflection.v1alpha import reflection_pb2_grpc as reflection_v1alpha_pb2_grpc
 
+from fedpatchcore.reflection.v1 import reflection_pb2 as reflection_v1_pb2
 from fedpatchcore.v1 import federation_pb2 as fpb
 from fedserver.access import AccessInterceptor, RpcBudgets
 from fedserver.auth import TokenStore
@@ -47,6 +50,8 @@ logger = logging.getLogger(__name__)
 __all__ = ["FedServer", "bind_server", "create_server", "serve"]
 
 SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FederationService"].full_name
+#: grpc.reflection.v1.ServerReflection (protos/fedpatchcore/reflection/v1/reflection.proto).
+REFLECTION_V1_SERVICE = reflection_v1_pb2.DESCRIPTOR.services_by_name["ServerReflection"]
 T = TypeVar("T")
 
 
@@ -218,6 +223,33 @@ def _credentials(config: ServerConfig) -> grpc.ServerCredentials:
     )
 
 
+def add_reflection(server: grpc.aio.Server, service_names: tuple[str, ...]) -> None:
+    """Serve server reflection as grpc.reflection.v1 and v1alpha, listing ``service_names``
+    and both reflection services.
+
+    grpcio-reflection implements only v1alpha (grpc/grpc#38576) while grpcurl and other tools
+    ask v1 first. The two versions' messages are identical on the wire (the same fields and
+    numbers under another package; tests/test_protocol_truth.py compares the descriptors), so
+    v1 is the same asyncio servicer registered under the v1 method name with v1alpha message
+    (de)serializers; importing the v1 schema puts its descriptor in the default pool, so a
+    client can also describe the v1 service itself. Both are token-exempt
+    (fedserver.auth.EXEMPT_METHOD_PREFIXES) and their streams count in the exempt budgets of
+    fedserver.access.
+    """
+    names = (*service_names, reflection.SERVICE_NAME, REFLECTION_V1_SERVICE.full_name)
+    servicer = reflection.aio.ReflectionServicer(names)
+    reflection_v1alpha_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_v1alpha_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_v1alpha_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        REFLECTION_V1_SERVICE.full_name,
+        {REFLECTION_V1_SERVICE.methods[0].name: handler},
+    ),))
+
+
 def bind_server(
     config: ServerConfig, *, clock: Callable[[], float] | None = None
 ) -> FedServer:
@@ -265,9 +297,7 @@ async def _bind(
     add_to_server(servicer, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
     try:
         if config.tls:
             port = server.add_secure_port(config.bind, _credentials(config))

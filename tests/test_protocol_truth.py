@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from fedserver_testing import (
     TestClient,
+    channel,
     make_config,
     site_rows,
     upload_messages,
@@ -428,3 +429,75 @@ def test_federation_id_is_kept_by_the_state_directory(tmp_path: Path) -> None:
     (config.state_dir / "federation_id").write_text("not-an-id\n")
     with pytest.raises(StateMismatchError, match="32 lowercase hex"):
         create_server(config)
+
+
+# -- reflection v1 ---------------------------------------------------------------------------------
+
+
+def test_reflection_v1_lists_and_describes_the_services_without_a_token(tmp_path: Path) -> None:
+    """What `grpcurl list` / `grpcurl describe` ask, through grpc.reflection.v1."""
+    from google.protobuf import descriptor_pb2
+
+    from fedpatchcore.reflection.v1 import reflection_pb2 as v1
+    from fedpatchcore.reflection.v1 import reflection_pb2_grpc as v1_grpc
+
+    config, _ = make_config(tmp_path, ["a"], max_exempt_streams_per_peer=2)
+    fed, port = create_server(config)
+    fed.start()
+    try:
+        with channel(port) as conn:  # no token
+            stub = v1_grpc.ServerReflectionStub(conn)
+            responses = list(stub.ServerReflectionInfo(iter([
+                v1.ServerReflectionRequest(list_services=""),
+                v1.ServerReflectionRequest(
+                    file_containing_symbol="fedpatchcore.v1.FederationService"),
+                v1.ServerReflectionRequest(
+                    file_containing_symbol="grpc.reflection.v1.ServerReflection"),
+            ]), timeout=10))
+            names = {s.name for s in responses[0].list_services_response.service}
+            assert {"fedpatchcore.v1.FederationService", "grpc.health.v1.Health",
+                    "grpc.reflection.v1.ServerReflection",
+                    "grpc.reflection.v1alpha.ServerReflection"} <= names
+            files = [descriptor_pb2.FileDescriptorProto.FromString(raw)
+                     for raw in responses[1].file_descriptor_response.file_descriptor_proto]
+            services = {s.name for f in files for s in f.service}
+            assert "FederationService" in services
+            assert {f.package for f in files} >= {"fedpatchcore.v1"}
+            v1_files = responses[2].file_descriptor_response.file_descriptor_proto
+            assert descriptor_pb2.FileDescriptorProto.FromString(v1_files[0]).package == (
+                "grpc.reflection.v1")
+            # Token-exempt, so counted in the exempt stream budget: 2 per peer here.
+            def idle() -> Iterator[v1.ServerReflectionRequest]:
+                time.sleep(2)
+                yield from ()
+
+            held = [stub.ServerReflectionInfo(idle(), timeout=10) for _ in range(2)]
+            time.sleep(0.5)
+            with pytest.raises(grpc.RpcError) as error:
+                list(stub.ServerReflectionInfo(
+                    iter([v1.ServerReflectionRequest(list_services="")]), timeout=10))
+            assert error.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert ("fedpatchcore-retry", "concurrency") in (
+                error.value.trailing_metadata() or ())
+            for call in held:
+                list(call)
+    finally:
+        fed.stop(0)
+
+
+def test_reflection_v1_messages_are_v1alpha_on_the_wire() -> None:
+    """The v1 servicer is v1alpha's with v1alpha (de)serializers: safe because every message
+    has the same fields, numbers, types and cardinality."""
+    from grpc_reflection.v1alpha import reflection_pb2 as v1alpha
+
+    from fedpatchcore.reflection.v1 import reflection_pb2 as v1
+
+    assert v1.DESCRIPTOR.package == "grpc.reflection.v1"
+    assert set(v1.DESCRIPTOR.message_types_by_name) == set(v1alpha.DESCRIPTOR.message_types_by_name)
+    for name, ours in v1.DESCRIPTOR.message_types_by_name.items():
+        theirs = v1alpha.DESCRIPTOR.message_types_by_name[name]
+        def shape(message: object) -> list[tuple[object, ...]]:
+            return [(f.name, f.number, f.type, f.is_repeated, f.containing_oneof is not None)
+                    for f in message.fields]  # type: ignore[attr-defined]
+
+        assert shape(ours) == shape(theirs), name
