@@ -388,7 +388,7 @@ class FederationServicer:
         accepted = ignored = 0
         round_number = 0
         site = ""
-        async with _statuses(context, "UploadFeatures", None):
+        async with _statuses(context, "UploadFeatures", self._site_of(context)):
             site = self._caller(context)
         self._uploads_open[site] = self._uploads_open.get(site, 0) + 1
         # Chunks decoded and queued for the journal whose durability is not yet known; at

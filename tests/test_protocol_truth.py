@@ -68,7 +68,7 @@ def _row_errors(held: np.ndarray, truth: np.ndarray) -> np.ndarray:
     return np.sqrt((difference * difference).sum(axis=1))
 
 
-# -- 1. r_i is measured with the chunking that is sent -------------------------------------------
+# -- 1. r_i is measured with the chunking that is sent --------------------------------------------
 
 
 class _FakeImages:
@@ -355,7 +355,7 @@ def test_bank_streams_use_the_chunking_their_error_was_measured_with(tmp_path: P
     journal.close()
 
 
-# -- 8. federation id: a bank of another federation is replaced ----------------------------------
+# -- 8. federation id: a bank of another federation is replaced -----------------------------------
 
 
 def _run_site_against(tmp_path: Path, name: str, out: Path, data: Path,
@@ -431,7 +431,7 @@ def test_federation_id_is_kept_by_the_state_directory(tmp_path: Path) -> None:
         create_server(config)
 
 
-# -- reflection v1 ---------------------------------------------------------------------------------
+# -- reflection v1 --------------------------------------------------------------------------------
 
 
 def test_reflection_v1_lists_and_describes_the_services_without_a_token(tmp_path: Path) -> None:
@@ -501,3 +501,81 @@ def test_reflection_v1_messages_are_v1alpha_on_the_wire() -> None:
                     for f in message.fields]  # type: ignore[attr-defined]
 
         assert shape(ours) == shape(theirs), name
+
+
+# -- behaviour the docs describe ------------------------------------------------------------------
+
+
+def test_refused_calls_with_a_valid_token_log_the_tokens_site(
+    server: tuple[FedServer, int, dict[str, str]], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A refusal's log line names the caller's site (from its token), not "site None"."""
+    _, port, tokens = server
+    caplog.set_level(logging.WARNING, logger="fedserver.servicer")
+    client = TestClient(port, "b", tokens["b"])
+    try:
+        client.site = "a"  # b's token, a's name: PERMISSION_DENIED on every call
+        calls = {
+            "JoinRound": client.join,
+            "QueryUploadStatus": client.status,
+            "DownloadBank": client.download,
+            "WatchRound": client.watch_until_done,
+            "UploadFeatures": lambda: client.upload(
+                [upload_messages("a", site_rows(0, 10, D))[0]]),
+        }
+        for name, call in calls.items():
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() is grpc.StatusCode.PERMISSION_DENIED, name
+    finally:
+        client.close()
+    lines = [r.getMessage() for r in caplog.records if "PERMISSION_DENIED" in r.getMessage()]
+    for name in calls:
+        assert any(line.startswith(f"{name} from site b: ") for line in lines), (name, lines)
+    assert not any("site None" in line for line in lines)
+
+
+def test_unknown_bank_version_is_failed_precondition_until_a_bank_exists_then_not_found(
+    server: tuple[FedServer, int, dict[str, str]],
+) -> None:
+    """As docs/protocol.md says: while no bank exists FAILED_PRECONDITION wins (the version
+    may still come: watch the round); afterwards a version never built is NOT_FOUND."""
+    fed, port, tokens = server
+    client = TestClient(port, "a", tokens["a"])
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            client.download(version=7)
+        assert error.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        for site, seed in (("a", 0), ("b", 1)):
+            other = TestClient(port, site, tokens[site])
+            summary, chunks = upload_messages(site, site_rows(seed, 60, D))
+            other.upload([summary, *chunks])
+            other.close()
+        fed.federation.wait_for(1, {Phase.READY}, timeout=60)
+        with pytest.raises(grpc.RpcError) as error:
+            client.download(version=7)
+        assert error.value.code() is grpc.StatusCode.NOT_FOUND
+        assert "bank version 7 does not exist; the latest is 1" in (error.value.details() or "")
+    finally:
+        client.close()
+
+
+def test_watch_round_sends_snapshots_and_may_skip_selecting(
+    server: tuple[FedServer, int, dict[str, str]],
+) -> None:
+    """WatchRound sends the round's state when it changes, not every transition: a watch
+    opened after the bank is ready gets one READY snapshot (SELECTING never shows)."""
+    fed, port, tokens = server
+    for site, seed in (("a", 0), ("b", 1)):
+        client = TestClient(port, site, tokens[site])
+        summary, chunks = upload_messages(site, site_rows(seed, 60, D))
+        client.upload([summary, *chunks])
+        client.close()
+    fed.federation.wait_for(1, {Phase.READY}, timeout=60)
+    client = TestClient(port, "a", tokens["a"])
+    try:
+        statuses = client.watch_until_done(1)
+    finally:
+        client.close()
+    assert [s.state for s in statuses] == [fpb.ROUND_STATE_READY]
+    assert statuses[0].bank_version == 1
