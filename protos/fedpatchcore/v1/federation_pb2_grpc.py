@@ -86,13 +86,18 @@ class FederationServiceServicer:
         * the first message of a site's round is its SiteSummary, then FeatureChunks in sequence
         order 0, 1, 2, ...; FeatureChunk.sequence plays ByteStream's write_offset, in chunks,
         and FeatureChunk.last its finish_write;
-        * the server acknowledges a chunk only after it is durable on its disk (fsync), and
-        answers, when the client half-closes, with the committed position;
+        * the server counts a chunk in the committed position only after it is durable on its
+        disk (fsync), and answers, when the client half-closes, with the committed position
+        (the acknowledgement: every chunk it counts is on disk, and survives a crash);
         * after a broken stream the client calls QueryUploadStatus and opens a new UploadFeatures
         stream starting at committed_sequence (the summary need not be resent; an identical
-        resend is ignored). Chunks below the committed position are ignored when identical to
-        the committed copy (idempotent retries) and refused (INVALID_ARGUMENT) when different;
-        a chunk beyond it is refused with OUT_OF_RANGE.
+        resend is ignored, a different one INVALID_ARGUMENT). Chunks below the committed
+        position are ignored when identical to the committed copy (idempotent retries) and
+        refused (INVALID_ARGUMENT) when different; a chunk beyond it is refused with
+        OUT_OF_RANGE. After the round closed, identical resends are still ignored and anything
+        else is FAILED_PRECONDITION.
+        Every chunk must be encoded with its summary's codec (value type, byte shuffle, checksum
+        type; INVALID_ARGUMENT otherwise): the summary's r_i includes that codec's error.
         Every message of one stream belongs to one site (the token's) and one round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -110,18 +115,24 @@ class FederationServiceServicer:
     def DownloadBank(self, request, context):
         """Download the global bank. Server-streaming because a bank (10,000 x 1024 float32 = 40 MiB
         raw) is far above one message's limit. A site that already holds version `have_version`
-        receives only the change: the indices of rows removed from its copy and the rows added.
-        Fails with FAILED_PRECONDITION while no bank is ready (watch the round with WatchRound).
+        (of this federation: BankHeader.federation_id) receives only the change: the indices of
+        rows removed from its copy and the rows added. Fails with FAILED_PRECONDITION while no bank
+        is ready, whatever version is asked for (watch the round with WatchRound); once a bank
+        exists, a version never built is NOT_FOUND.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WatchRound(self, request, context):
-        """Follow a round: one RoundStatus now and one on every change (a site joins, rows arrive
-        (at most every `min_interval_ms`), selection starts, the bank is ready, the round fails).
-        Server-streaming so a site waits for the bank without polling; the stream ends after the
-        round reaches ROUND_STATE_READY or ROUND_STATE_FAILED, or when the server shuts down.
+        """Follow a round. Sends snapshots, not transitions: the round's status now, then whenever
+        it differs from the last one sent (a site joins or completes, the state changes at once;
+        changes of rows_received alone at most every `min_interval_ms`). A state that lasts
+        shorter than the server takes to send a snapshot may never be seen: ROUND_STATE_SELECTING
+        in particular can be skipped (COLLECTING, then READY), and a watch opened after the round
+        ended receives one READY or FAILED snapshot. Server-streaming so a site waits for the bank
+        without polling; the stream ends after a READY or FAILED snapshot, or when the server shuts
+        down (watch again after reconnecting).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
