@@ -200,14 +200,20 @@ def test_aggregator_refuses_a_chunk_in_another_codec_than_its_summary() -> None:
     aggregator = GlobalBankAggregator(10)
     aggregator.begin_round(1)
     aggregator.receive_summary(summary)  # type: ignore[arg-type]
-    with pytest.raises(CodecMismatchError, match=r"value_type 'int4' \(the summary declared "
-                                                 r"'int8'\)"):
+    with pytest.raises(CodecMismatchError, match=r"encoded as 'int4', its SiteSummary "
+                                                 r"declared 'int8'"):
         aggregator.receive_chunk(chunks[0])
     assert aggregator.next_sequence("a") == 0  # nothing was accepted
-    # zstd_level is informational: another level is not a mismatch.
+    # zstd_level (and byte_shuffle, the checksum type) change no decoded value: not compared.
     rows = site_rows(0, 40, D)
     releveled = CodecConfig("int8", byte_shuffle=False, zstd_level=9)
     for chunk in split_into_chunks(rows, config=releveled, site_id="a", round=1,
+                                   max_chunk_bytes=1 << 14):
+        assert aggregator.receive_chunk(chunk)
+    summary, _ = upload_messages("b", rows)  # lossless: fp32 with byte shuffle
+    aggregator.receive_summary(summary)
+    unshuffled = CodecConfig("fp32", byte_shuffle=False)
+    for chunk in split_into_chunks(rows, config=unshuffled, site_id="b", round=1,
                                    max_chunk_bytes=1 << 14):
         assert aggregator.receive_chunk(chunk)
 
@@ -232,7 +238,7 @@ def test_daemon_refuses_a_chunk_in_another_codec_with_invalid_argument(
             client.upload([summary, *chunks])  # type: ignore[list-item]
         assert error.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         details = error.value.details() or ""
-        assert "'int4'" in details and "declared 'int8'" in details
+        assert "encoded as 'int4'" in details and "declared 'int8'" in details
         assert client.status().committed_sequence == 0 and client.status().summary_committed
     finally:
         client.close()

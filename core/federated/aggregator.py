@@ -95,7 +95,7 @@ class SummaryConflictError(AggregationError):
 
 
 class CodecMismatchError(AggregationError):
-    """A chunk is encoded otherwise than its site's SiteSummary.codec declared. The summary's
+    """A chunk's value type is not the one its site's SiteSummary.codec declared. The summary's
     r_i includes the declared codec's round-trip error, so rows sent with another value type
     (int4 for int8, say) could lie farther from the site's patches than r_i certifies."""
 
@@ -123,27 +123,19 @@ def warn_if_bank_short(requested: int, bank_rows: int, available: int) -> bool:
 
 
 def check_chunk_codec(chunk: FeatureChunk, summary: SiteSummary) -> None:
-    """Raise CodecMismatchError unless ``chunk`` is encoded with ``summary.codec``.
+    """Raise CodecMismatchError unless ``chunk`` has the value type of ``summary.codec``.
 
-    Compared: the value type (it fixes the round-trip error that r_i includes), byte_shuffle
-    and the checksum type. zstd_level is informational (decoding does not depend on it) and
-    is not compared.
+    Only the value type decides the decoded values (with the chunking), so only it bounds the
+    error r_i must include; byte_shuffle, zstd_level and the checksum type are lossless
+    transport choices that each EncodedMatrix declares for itself.
     """
-    declared = summary.codec
-    matrix = chunk.features
-    differences = [
-        f"{name} {got!r} (the summary declared {want!r})"
-        for name, got, want in (
-            ("value_type", matrix.value_type, declared.value_type),
-            ("byte_shuffle", matrix.byte_shuffle, declared.byte_shuffle),
-            ("checksum_type", matrix.checksum_type, declared.checksum),
-        )
-        if got != want
-    ]
-    if differences:
+    declared = summary.codec.value_type
+    actual = chunk.features.value_type
+    if actual != declared:
         raise CodecMismatchError(
-            f"chunk {chunk.sequence} of site {chunk.site_id!r} has {', '.join(differences)}: "
-            "every chunk must use the codec of its SiteSummary, for which r_i was computed"
+            f"chunk {chunk.sequence} of site {chunk.site_id!r} is encoded as {actual!r}, its "
+            f"SiteSummary declared {declared!r}: every chunk must use the summary's value type "
+            "(the site's coverage radius includes that codec's error)"
         )
 
 
@@ -372,7 +364,7 @@ class GlobalBankAggregator:
         append failed.
 
         Raises RoundStateError (wrong round, no summary yet), CodecMismatchError (the chunk's
-        value type, byte shuffle or checksum type is not the summary's codec),
+        value type is not the summary's),
         UploadSizeMismatchError (the last chunk ends the upload short of the rows the summary
         declared) or the ChunkAssembler's errors (order, conflict, too many rows, undecodable
         matrix); on error nothing changes.

@@ -96,8 +96,8 @@ class FederationServiceServicer:
         refused (INVALID_ARGUMENT) when different; a chunk beyond it is refused with
         OUT_OF_RANGE. After the round closed, identical resends are still ignored and anything
         else is FAILED_PRECONDITION.
-        Every chunk must be encoded with its summary's codec (value type, byte shuffle, checksum
-        type; INVALID_ARGUMENT otherwise): the summary's r_i includes that codec's error.
+        Every chunk must carry its summary's value type (SiteSummary.codec; INVALID_ARGUMENT
+        otherwise): the summary's r_i includes that codec's error.
         Every message of one stream belongs to one site (the token's) and one round.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
