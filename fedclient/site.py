@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from core.data import AnomalyDataset, AutoVIDataset, DatasetError, ImageFolderDataset, MVTecDataset
-from core.data.check import detect_layout
+from core.data.check import resolve_site_folder
 from core.evaluation import evaluate, evaluate_per_category
 from core.features import FeatureConfig
 from core.federated import PatchCoreClient
@@ -94,23 +94,22 @@ class SiteOptions:
 def load_site_data(
     root: Path, categories: tuple[str, ...] | None = None
 ) -> tuple[AnomalyDataset, AnomalyDataset | None]:
-    """(train, test or None) of a site's folder; DatasetError naming the folder if unusable."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"site data folder {root} does not exist")
-    objects = list(categories) if categories else None
-    layout = detect_layout(root, categories)
-    if layout == "autovi":
-        train: AnomalyDataset = AutoVIDataset(root, objects, split="train")
-        has_test = all((root / c / "test").is_dir() for c in train.categories)
-        return train, AutoVIDataset(root, objects, split="test") if has_test else None
-    if layout == "mvtec":
-        train = MVTecDataset(root, objects, split="train")
-        has_test = all((root / c / "test").is_dir() for c in train.categories)
-        return train, MVTecDataset(root, objects, split="test") if has_test else None
+    """(train, test or None) of a site's folder; DatasetError naming the folder if unusable.
+
+    ``root`` may be an MVTec AD / AutoVI dataset folder, one of its category folders, or a
+    plain folder of good images (core.data.check.resolve_site_folder): nothing under a
+    category's test/ or ground_truth/ is ever read as a training image.
+    """
+    site = resolve_site_folder(root, categories)
+    objects = list(site.categories) if site.categories else None
+    if site.layout in ("autovi", "mvtec"):
+        reader = AutoVIDataset if site.layout == "autovi" else MVTecDataset
+        train: AnomalyDataset = reader(site.root, objects, split="train")
+        has_test = all((site.root / c / "test").is_dir() for c in train.categories)
+        return train, reader(site.root, objects, split="test") if has_test else None
     if categories:
         raise DatasetError(f"{root} is a plain image folder: it has no categories to select")
-    return ImageFolderDataset(root), None
+    return ImageFolderDataset(site.root), None
 
 
 class _CountingImages:

@@ -155,3 +155,14 @@ def test_cli_check_data_lists_errors_then_warnings_and_exits_2(
     assert len(errors) == 1 and len(warnings) == 1 and max(errors) < min(warnings)
     assert str(root / "washer" / "train" / "good" / "000.png") in out[errors[0]]
     assert out[-1].strip() == "data: 1 error(s), 1 warning(s)"
+
+
+def test_check_reads_a_category_folder_and_refuses_a_folder_under_test(tmp_path: Path) -> None:
+    root = generate_synthetic_dataset(tmp_path / "m", categories=("washer", "screw"),
+                                      num_train=3, num_test=2, image_size=32, layout="mvtec")
+    report = check_site_data(root / "washer")
+    assert report.layout == "mvtec" and not report.errors, report.problems
+    assert list(report.counts) == ["washer"] and report.images("train") == 3
+    _has(check_site_data(root / "washer" / "test"), "error", root / "washer" / "test",
+         "inside test/ of the category folder")
+    _has(check_site_data(tmp_path), "error", tmp_path, "defects and masks included")
