@@ -170,8 +170,9 @@ def run_federation(
     server_args = setting.server_args()
     if server_bind is not None:
         server_args += ["--bind", f"{server_bind}:0"]
+    # --backbone/--no-pretrained: the weights a site checks before it contacts the server
     site_args = ["--coreset-percentage", str(coreset_percentage), "--no-overlays",
-                 *extra_site_args]
+                 "--backbone", "resnet18", "--no-pretrained", *extra_site_args]
     if tls_dir is not None:
         server_args += ["--tls-cert", str(tls_dir / "server.pem"),
                         "--tls-key", str(tls_dir / "server.key")]

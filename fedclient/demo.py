@@ -39,6 +39,7 @@ from pathlib import Path
 
 from core.data import AutoVIDataset, DatasetError
 from core.demo import demo_dataset
+from core.features import WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_weights(args: argparse.Namespace) -> None:
+    """Before any process starts: the weights every site will load can be had (one line, not
+    one traceback per site, when they cannot)."""
+    from core.features import FeatureConfig, check_weights
+    from core.preprocess import ImageTransform
+
+    check_weights(FeatureConfig(
+        args.backbone, pretrained=bool(args.pretrained or args.weights), weights=args.weights,
+        transform=ImageTransform(resize=args.image_size, crop=None),
+    ))
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    _check_weights(args)
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-system-demo-") as tmp:
         work = args.keep if args.keep is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -278,14 +292,17 @@ def _run_on(
         "pretrain_embed_dim": 1024, "target_embed_dim": 1024, "patch_size": 3,
         "resize": args.image_size, "crop": 0, "init_seed": 0,
     }
-    site_features = ["--coreset-percentage", str(args.coreset_percentage), "--seed", str(args.seed)]
+    # Each site names the pinned backbone and its weights too: a site checks its weights before
+    # it contacts the server (fedclient.site.prepare_site).
+    site_features = ["--coreset-percentage", str(args.coreset_percentage), "--seed", str(args.seed),
+                     "--backbone", args.backbone,
+                     "--pretrained" if args.pretrained else "--no-pretrained"]
     if args.weights:
         # A server-pinned pretrained extractor has timm's weights in its fingerprint; a weights
         # file has its content hash. So with a file nothing is pinned: every site passes the same
         # extractor flags and file, and the server holds the sites to the first one's fingerprint.
         extractor = None
-        site_features += ["--backbone", args.backbone, "--image-size", str(args.image_size),
-                          "--weights", str(args.weights)]
+        site_features += ["--image-size", str(args.image_size), "--weights", str(args.weights)]
     fed_dir = work / "fed"
     if fed_dir.exists():
         shutil.rmtree(fed_dir)
@@ -445,7 +462,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except DatasetError as error:
+    except WeightsUnavailableError as error:
+        print(f"demo: error: {error.problem}. Run the demo without --pretrained (random "
+              "weights, no network needed), or give --weights FILE (a local state dict of "
+              f"{error.backbone})", file=sys.stderr)
+        return 2
+    except (DatasetError, ValueError) as error:
         parser.error(str(error))
     except RuntimeError as error:
         print(f"demo: error: {error}", file=sys.stderr)
