@@ -205,8 +205,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--server", default="127.0.0.1:50051",
                       help="fedserver address HOST:PORT to write (default 127.0.0.1:50051)")
     init.add_argument("--site-id", help="site id to write (default: left commented out)")
-    init.add_argument("--token-file", default="site.token",
-                      help="token file path to write, relative to the file (default site.token)")
+    init.add_argument("--token-file",
+                      help="token file path to write, relative to the file (default "
+                      "<site-id>.token, the name fedserver init-config gave it; site.token "
+                      "without --site-id)")
     init.add_argument("--data", default="data",
                       help="data folder to write, relative to the file (default data)")
     return parser
@@ -264,6 +266,12 @@ def _connection(values: dict[str, object]) -> tuple[ConnectionConfig, str, Retry
     server = str(_require(values, "server"))
     site_id = str(_require(values, "site_id"))
     token_file = values.get("token_file")
+    if token_file and not Path(str(token_file)).is_file():
+        raise UsageError(
+            f"token file {token_file} not found: put there the token file the server's "
+            f"operator gave site {site_id} (fedserver init-config writes one per site in "
+            "site-tokens/), or give its path with --token-file"
+        )
     token = read_token_file(Path(str(token_file))) if token_file else None
     tls = None
     if values.get("tls_ca") or values.get("tls_cert"):
@@ -527,6 +535,8 @@ def _cmd_init_config(args: argparse.Namespace) -> int:
     path: Path = args.path
     if path.exists():
         raise UsageError(f"{path} exists; not overwriting it")
+    if args.token_file is None:
+        args.token_file = f"{args.site_id}.token" if args.site_id else "site.token"
     filled = {key: getattr(args, key) for key in ("server", "site_id", "token_file", "data")
               if getattr(args, key) is not None}
     path.write_text(example_config(filled), encoding="utf-8")
