@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -161,11 +162,27 @@ class StaleBankError(RejectedError):
         self.bytes_received = bytes_received
 
 
+#: How gRPC reports a failed TLS handshake in an UNAVAILABLE's details (the part a user can act
+#: on: "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...: WRONG_VERSION_NUMBER").
+_TLS_FAILURE: Final[re.Pattern[str]] = re.compile(
+    r"(?i)(tls handshake failed|ssl handshake|handshake failed|certificate verify failed)"
+    r"[^;]*?(?=: OK$|$)"
+)
+
+
 def _error_from_rpc(error: grpc.RpcError, what: str, address: str) -> SessionError:
     """Map a final RpcError to the SessionError a user can act on."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     details = " ".join(details.split())  # one line
+    if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE.search(details):
+        return ServerUnavailableError(
+            f"TLS handshake with the server at {address} failed ({what}): the server may not "
+            "use TLS (then leave out --tls-ca/--tls-cert/--tls-key), or its certificate is not "
+            "signed by --tls-ca or names another host (--tls-server-name); gRPC said: "
+            f"{_TLS_FAILURE.search(details).group(0)}",  # type: ignore[union-attr]
+            code,
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ServerUnavailableError(
             f"cannot reach the server at {address} ({what}): {details}", code

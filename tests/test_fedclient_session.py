@@ -435,3 +435,32 @@ def test_cli_run_refuses_early_with_one_line(federation, tmp_path, synthetic_roo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the round does not accept this (join)" in err
     assert not (tmp_path / "out" / "metrics.json").exists()  # refused before any work
+
+
+def test_tls_against_a_plaintext_server_is_one_line_without_grpc_log_lines(
+    federation, pki, tmp_path
+) -> None:
+    """A site with --tls-ca against a plaintext server: one line that says what to check,
+    without gRPC's raw text or its C-core log lines (a fresh process: the C core reads its log
+    level when grpc is first imported)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, port = federation
+    token = tmp_path / "t"
+    token.write_text("tok-a")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "protos")])
+    done = subprocess.run(
+        [sys.executable, "-m", "fedclient", "status", "--server", f"127.0.0.1:{port}",
+         "--site-id", "site-a", "--token-file", str(token), "--tls-ca", str(pki / "ca.pem"),
+         "--retries", "1", "--timeout", "5"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "TLS handshake with the server" in done.stderr and "--tls-ca" in done.stderr
+    assert "ssl_transport_security" not in done.stderr
