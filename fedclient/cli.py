@@ -307,12 +307,16 @@ def _features(values: dict[str, object]) -> FeatureConfig:
 
 
 class _ProgressBar:
-    """One-line progress on stderr for fitting and scoring (only when stderr is a terminal,
-    so logs and CI output stay clean)."""
+    """Progress on stderr for a terminal (nothing otherwise, so logs and CI output stay clean):
+    a bar while images are fitted or scored, one line per step in between (:meth:`say`), and
+    the round's status while the site waits for its bank (:meth:`status`). A log record ends
+    an unfinished bar line first (:meth:`break_line`, called by :class:`_EndBarLine`), so a
+    warning never lands inside a bar."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._last = 0.0
+        self._open = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
@@ -322,9 +326,54 @@ class _ProgressBar:
         width = 30
         filled = width * done // max(total, 1)
         sys.stderr.write(f"\r{stage:>5} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        self._open = done < total
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+    def say(self, text: str) -> None:
+        """One step line (fitted, uploading, downloaded, ...)."""
+        if self.enabled:
+            self.break_line()
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def status(self, status: fpb.RoundStatus) -> None:
+        """The round's state while waiting for the bank, rewritten in place."""
+        if not self.enabled:
+            return
+        expected = status.sites_expected or "?"
+        sys.stderr.write(f"\r       round {status.round}: {_STATES.get(status.state, '?')}, "
+                         f"{status.sites_complete}/{expected} site(s) uploaded\033[K")
+        self._open = True
+        if status.state in (fpb.ROUND_STATE_READY, fpb.ROUND_STATE_FAILED):
+            self.break_line()
+        sys.stderr.flush()
+
+    def break_line(self) -> None:
+        if self._open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open = False
+
+
+class _EndBarLine(logging.Filter):
+    """Attached to the stderr log handler: ends the progress bar's line before a record."""
+
+    def __init__(self, bar: _ProgressBar) -> None:
+        super().__init__()
+        self.bar = bar
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.bar.break_line()
+        return True
+
+
+def _progress_bar() -> _ProgressBar:
+    bar = _ProgressBar(sys.stderr.isatty())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_EndBarLine(bar))
+    return bar
 
 
 def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
@@ -384,11 +433,16 @@ def _cmd_run(values: dict[str, object]) -> int:
         connection, site_id, retry=retry,
         max_upload_bytes_per_s=float(rate) if rate else None,  # type: ignore[arg-type]
     ) as session:
-        metrics = run_site(session, options, progress=_ProgressBar(sys.stderr.isatty()))
+        bar = _progress_bar()
+        metrics = run_site(session, options, progress=bar, on_status=bar.status,
+                           notify=bar.say)
     test = metrics.get("test") or {}
     rounds = metrics["rounds"]
     up = sum(r["bytes_up"] for r in rounds)  # type: ignore[attr-defined, index]
     down = sum(r["bytes_down"] for r in rounds)  # type: ignore[attr-defined, index]
+    # Bytes are what this run moved: a rerun after a complete upload sends nothing again.
+    held = sum(r["chunks_committed_at_start"] for r in rounds)  # type: ignore[attr-defined, index]
+    resumed = f" (the server already held {held} chunk(s))" if held else ""
     scores = ", ".join(
         f"{k} {test[k]:.3f}"  # type: ignore[index]
         for k in ("image_auroc", "pixel_auroc", "au_pro")
@@ -396,7 +450,7 @@ def _cmd_run(values: dict[str, object]) -> int:
     )
     print(
         f"site {site_id}: bank v{metrics['bank_version']} ({metrics['bank_rows']} rows) after "
-        f"{len(rounds)} round(s), {up} B up, {down} B down"  # type: ignore[arg-type]
+        f"{len(rounds)} round(s); this run sent {up} B{resumed}, received {down} B"  # type: ignore[arg-type]
         + (f"; {scores}" if scores else "")
         + f"; wrote {options.out_dir}"
     )
@@ -421,7 +475,7 @@ def _cmd_score(values: dict[str, object]) -> int:
         weights=str(values["weights"]) if values.get("weights") else None,
         device=values.get("device"),  # type: ignore[arg-type]
         overlays=not values.get("no_overlays", False),
-        progress=_ProgressBar(sys.stderr.isatty()),
+        progress=_progress_bar(),
     )
     test = metrics["test"]
     assert isinstance(test, dict)

@@ -300,7 +300,9 @@ def _provenance(metrics: Mapping[str, object]) -> str:
     out = table(["", "value"], shown, table_id="provenance")
     if isinstance(rounds, list) and rounds:
         out += table(
-            ["round", "rows up", "chunks", "bytes up", "bytes down", "download",
+            # bytes this run moved: a rerun after a complete upload sends nothing again
+            ["round", "rows up", "chunks", "bytes up (this run)", "bytes down (this run)",
+             "download",
              "upload s", "wait s", "download s"],
             [[r.get("round"), r.get("rows_up"), r.get("chunks_total"), r.get("bytes_up"),
               r.get("bytes_down"),

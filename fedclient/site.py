@@ -244,15 +244,20 @@ def run_site(
     *,
     progress: Progress | None = None,
     on_status: Callable[[fpb.RoundStatus], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
     """Take part in every round the server opens for this site, then score its test images.
 
-    Returns the metrics dict it also writes to ``out_dir/metrics.json``. Raises the session's
+    ``progress`` follows the images fitted and scored, ``on_status`` the round while the site
+    waits for its bank, and ``notify`` gets one line per step in between (fitted, uploading,
+    waiting, downloaded), for a terminal. Returns the metrics dict it also writes to
+    ``out_dir/metrics.json``. Raises the session's
     SessionError subclasses (unreachable server, refused token, closed round, fingerprint
     mismatch, ...) and DatasetError for unusable data.
     """
     started = time.perf_counter()
     out = options.out_dir
+    say = notify if notify is not None else (lambda text: None)
     prepared = prepare_site(options)  # before joining: nothing local may fail after the round
     train, test = prepared.train, prepared.test
 
@@ -295,13 +300,15 @@ def run_site(
     t0 = time.perf_counter()
     client.train()
     fit_seconds = time.perf_counter() - t0
+    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows, "
+        f"coverage radius r_i {client.coverage_radius:.3f}")
 
     have = (held.version, held.bank) if held is not None else None
     rounds: list[dict[str, object]] = []
     download: BankDownload | None = None
     while True:
         record, download, have = _one_round(
-            session, client, config, have, options, on_status
+            session, client, config, have, options, on_status, say
         )
         rounds.append(record)
         if options.max_rounds is not None and len(rounds) >= options.max_rounds:
@@ -335,6 +342,7 @@ def run_site(
     scored: _Scored | None = None
     if test is not None:
         t0 = time.perf_counter()
+        say(f"scoring {len(test)} test image(s) with bank v{download.version}")
         scored = _score(client.model, test, out, options.overlays, progress,
                         report=options.report)
         metrics["test"] = scored.result
@@ -362,6 +370,7 @@ def _one_round(
     held: tuple[int, np.ndarray] | None,
     options: SiteOptions,
     on_status: Callable[[fpb.RoundStatus], None] | None,
+    say: Callable[[str], None],
 ) -> tuple[dict[str, object], BankDownload, tuple[int, np.ndarray]]:
     """Upload this site's rows of ``config.round``, wait for its bank and download it."""
     r = config.round
@@ -383,8 +392,12 @@ def _one_round(
             max_chunk_bytes=config.max_chunk_bytes,
         )
     )
+    say(f"round {r}: uploading {rows.shape[0]} rows in {len(chunks)} chunk(s)")
     result: UploadResult = session.upload(summary, chunks)
     client.record_upload(rows)
+    say(f"round {r}: upload complete ({result.bytes_sent} B sent"
+        + (f", {result.committed_at_start} chunk(s) already on the server" if
+           result.committed_at_start else "") + "); waiting for the round's bank")
     t0 = time.perf_counter()
     status = session.wait_until_ready(r, timeout_s=options.round_timeout_s, on_status=on_status)
     wait_seconds = time.perf_counter() - t0
@@ -392,6 +405,8 @@ def _one_round(
     download = session.download_bank(
         version=status.bank_version, have=held, max_rows=config.global_bank_size
     )
+    say(f"round {r}: bank v{download.version} downloaded ({download.bank.shape[0]} rows, "
+        f"{'delta' if download.delta else 'full'}, {download.bytes_received} B)")
     held = (download.version, download.bank)
     record: dict[str, object] = {
         "round": r,

@@ -464,3 +464,37 @@ def test_tls_against_a_plaintext_server_is_one_line_without_grpc_log_lines(
     assert done.stderr.count("\n") == 1, done.stderr
     assert "TLS handshake with the server" in done.stderr and "--tls-ca" in done.stderr
     assert "ssl_transport_security" not in done.stderr
+
+
+def test_progress_on_a_terminal_keeps_log_lines_out_of_the_bar(monkeypatch) -> None:
+    """The random-weights warning used to be printed into the progress bar's line; steps
+    between the fit and score bars, and the round's status while waiting, are shown."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    handler = logging.StreamHandler(terminal)
+    logging.getLogger().addHandler(handler)
+    try:
+        bar = cli._progress_bar()
+        bar("fit", 1, 4)
+        logging.getLogger("core.features").warning("BACKBONE resnet18 HAS RANDOM WEIGHTS")
+        bar("fit", 4, 4)
+        bar.say("round 1: uploading 10 rows in 1 chunk(s)")
+        bar.status(fpb.RoundStatus(round=1, state=fpb.ROUND_STATE_COLLECTING, sites_expected=3,
+                                   sites_complete=1))
+        bar.status(fpb.RoundStatus(round=1, state=fpb.ROUND_STATE_READY, sites_expected=3,
+                                   sites_complete=3))
+        bar.say("round 1: bank v1 downloaded")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = terminal.getvalue().split("\n")
+    assert lines[0] == "\r  fit [#######.......................] 1/4"
+    assert lines[1] == "BACKBONE resnet18 HAS RANDOM WEIGHTS"  # on a line of its own
+    assert lines[2].endswith("4/4") and lines[3] == "round 1: uploading 10 rows in 1 chunk(s)"
+    assert "round 1: ready, 3/3 site(s) uploaded" in lines[4]
+    assert lines[5] == "round 1: bank v1 downloaded"

@@ -13,7 +13,8 @@ the whole path runs in well under a minute; plant-3's ``--data`` is its category
 It checks what the issue found broken on this path:
 
 * with the defaults every site exits 0 and writes metrics.json and report.html with metrics (the
-  centre crop is scored on the pixels the model saw, and the report says so);
+  centre crop is scored on the pixels the model saw, and the report says so), and so does
+  ``fedclient score`` with the bank a site downloaded;
 * both name the weights' provenance (random, prominently);
 * offline with the default (pretrained) weights a site exits 2 before it joins: one line on
   stderr naming the flags, no traceback, nothing in the server's log;
@@ -79,10 +80,9 @@ def _site_argv(words: list[str], site: str, address: str, data: Path, out: Path)
     for word in words[1:]:
         word = word.replace("127.0.0.1:50051", address)
         word = word.replace("plant-1", site).replace("plant1", f"plant{number}")
-        if word == f"/data/plant{number}":
+        if word in (f"/data/plant{number}", "/data/new-images"):
             word = str(data)
-        elif word == f"plant{number}-out":
-            word = str(out)
+        word = word.replace(f"plant{number}-out", str(out))
         replaced.append(word)
     return [sys.executable, "-m", "fedclient", *replaced]
 
@@ -109,6 +109,7 @@ def test_the_readme_path_with_defaults_ends_with_metrics_and_reports(
     _command(commands, "fedserver", "serve")
     check = _command(commands, "fedclient", "check")
     run = _command(commands, "fedclient", "run")
+    score = _command(commands, "fedclient", "score")
     subprocess.run([sys.executable, "-m", "fedserver", *init[1:]], cwd=tmp_path, env=_env(),
                    check=True, capture_output=True, text=True, timeout=TIMEOUT_S)
     for site in SITES:  # what the server's operator hands to each site
@@ -168,48 +169,48 @@ def test_the_readme_path_with_defaults_ends_with_metrics_and_reports(
         summary = results[site][0]
         assert f"image_auroc {test['image_auroc']:.3f}" in summary, summary
 
+    # `fedclient score` with the bank plant-1 downloaded: the same crop, the same protocol.
+    scored = subprocess.run(
+        _site_argv(score, "plant-1", "", plants["plant-1"], outs["plant-1"]), cwd=tmp_path,
+        capture_output=True, text=True, timeout=TIMEOUT_S, env=_env(),
+    )
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    metrics = json.loads((tmp_path / "scored" / "metrics.json").read_text(encoding="utf-8"))
+    assert metrics["test"]["resolution"] == "model" and metrics["weights"]["kind"] == "random"
+    assert isinstance(metrics["test"]["pixel_auroc"], float)
+
 
 def test_a_stale_bank_from_an_earlier_federation_is_replaced(
     plants: dict[str, Path], tmp_path: Path
 ) -> None:
     """After a federation ends (or the server is reset), a new one starts at bank version 1
-    again: the site's saved v1 is another federation's bank. It is replaced, with one line."""
+    again: the site's saved v1 is another federation's bank (here of 10 rows; the new bank
+    holds all of the site's coreset). It is replaced, with one line."""
     out = tmp_path / "plant1-out"
-    token = {}
-    for federation, sites in (("fed-old", "plant-1,plant-2"), ("fed-new", "plant-1")):
-        subprocess.run([sys.executable, "-m", "fedserver", "init-config", "--sites", sites,
-                        "--dir", federation], cwd=tmp_path, env=_env(), check=True,
-                       capture_output=True, timeout=TIMEOUT_S)
-        token[federation] = tmp_path / federation / "site-tokens" / "plant-1.token"
-    results = []
-    for federation, sites in (("fed-old", ("plant-1", "plant-2")), ("fed-new", ("plant-1",))):
+    runs = []
+    for federation, bank_size in (("fed-old", "10"), ("fed-new", "10000")):
+        subprocess.run([sys.executable, "-m", "fedserver", "init-config", "--sites", "plant-1",
+                        "--dir", federation, "--global-bank-size", bank_size], cwd=tmp_path,
+                       env=_env(), check=True, capture_output=True, timeout=TIMEOUT_S)
         server = ServerProcess(tmp_path / federation / "server.toml",
                                tmp_path / f"{federation}.log", env=_env())
         try:
-            processes = [
-                subprocess.Popen(
-                    [sys.executable, "-m", "fedclient", "run", "--server", server.address,
-                     "--site-id", site, "--token-file",
-                     str(tmp_path / federation / "site-tokens" / f"{site}.token"),
-                     "--data", str(plants[site]), "--out",
-                     str(out if site == "plant-1" else tmp_path / f"{site}-out"),
-                     "--no-pretrained", "--backbone", "resnet18", "--image-size", "64"],
-                    cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                    text=True,
-                )
-                for site in sites
-            ]
-            outputs = [p.communicate(timeout=TIMEOUT_S) for p in processes]
-            for process, (_, err) in zip(processes, outputs, strict=True):
-                assert process.returncode == 0, err[-3000:]
-            results.append(outputs[0])
+            runs.append(subprocess.run(
+                [sys.executable, "-m", "fedclient", "run", "--server", server.address,
+                 "--site-id", "plant-1", "--token-file",
+                 str(tmp_path / federation / "site-tokens" / "plant-1.token"),
+                 "--data", str(plants["plant-1"]), "--out", str(out),
+                 "--no-pretrained", "--backbone", "resnet18", "--image-size", "64"],
+                cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=TIMEOUT_S,
+            ))
         finally:
             server.stop()
+        assert runs[-1].returncode == 0, runs[-1].stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     record = metrics["rounds"][0]
     assert record["bank_version"] == 1 and not record["bank_delta"]
-    assert "header says" in record["bank_replaced"], record["bank_replaced"]
-    warnings = [line for line in results[1][1].splitlines() if "is not the server's" in line]
-    assert len(warnings) == 1 and "full bank" in warnings[0], results[1][1]
-    assert metrics["bank_rows"] < json.loads(
-        (tmp_path / "plant-2-out" / "metrics.json").read_text(encoding="utf-8"))["bank_rows"]
+    assert metrics["bank_rows"] > 10
+    assert "has 10 rows, the header says" in record["bank_replaced"], record["bank_replaced"]
+    warnings = [line for line in runs[1].stderr.splitlines() if "is not the server's" in line]
+    assert len(warnings) == 1 and "full bank" in warnings[0], runs[1].stderr
+    assert "is not the server's" not in runs[0].stderr
