@@ -277,6 +277,8 @@ def test_cli_status_prints_the_round(federation, tmp_path, capsys) -> None:
                      "--token-file", str(token), "--follow"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("round 1: collecting") and "bank v1 (4 rows)" in out[1]
+    # sites_joined counts uploads begun (the server logs "joined" earlier, at JoinRound)
+    assert "sites uploading or done" in out[0] and " joined" not in out[0]
 
 
 def test_every_command_has_help(capsys) -> None:
