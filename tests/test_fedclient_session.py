@@ -500,3 +500,29 @@ def test_progress_on_a_terminal_keeps_log_lines_out_of_the_bar(monkeypatch) -> N
     assert lines[2].endswith("4/4") and lines[3] == "round 1: uploading 10 rows in 1 chunk(s)"
     assert "round 1: ready, 3/3 site(s) uploaded" in lines[4]
     assert lines[5] == "round 1: bank v1 downloaded"
+
+
+def test_a_concurrency_refusal_is_retried_and_a_limit_refusal_is_final() -> None:
+    """RESOURCE_EXHAUSTED with fedserver's ``fedpatchcore-retry: concurrency`` trailer (the site
+    held too many rpcs at once) may pass on a retry; RESOURCE_EXHAUSTED for too many rows may
+    not."""
+    from fedclient.session import _retryable
+
+    class Refusal(grpc.RpcError):
+        def __init__(self, details: str, trailing: tuple[tuple[str, str], ...]) -> None:
+            self._details, self._trailing = details, trailing
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return self._details
+
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return self._trailing
+
+    assert _retryable(Refusal("concurrency limit: site 'a' already holds 16 open rpcs",
+                              (("fedpatchcore-retry", "concurrency"),)))
+    assert _retryable(Refusal("Concurrent RPC limit exceeded!", ()))
+    assert not _retryable(Refusal("site 'a' announces 5000 rows, more than max_rows_per_site=1000",
+                                  ()))
