@@ -60,7 +60,7 @@ CHUNK_SIZES = (64 * KIB, 256 * KIB, 1024 * KIB, 3 * 1024 * KIB)
 ZSTD_LEVELS = (1, 3, 9)
 #: value type -> its preset name (fedserver --codec)
 PRESET_OF = {preset.value_type: name for name, preset in CODEC_PRESETS.items()}
-#: value type -> (wire/raw target, |Δ image AUROC| target) of issue 8.
+#: value type -> (wire/raw target, |Δ image AUROC| target).
 TARGETS = {"fp16": (0.42, 0.001), "int8": (0.22, 0.002), "int4": (0.12, 0.005)}
 FRAMING_TARGET = 1.003
 UPLOAD_TARGET_MBS = 250.0
@@ -171,8 +171,9 @@ def run_federation(
     server_args = setting.server_args()
     if server_bind is not None:
         server_args += ["--bind", f"{server_bind}:0"]
+    # --backbone/--no-pretrained: the weights a site checks before it contacts the server
     site_args = ["--coreset-percentage", str(coreset_percentage), "--no-overlays",
-                 *extra_site_args]
+                 "--backbone", "resnet18", "--no-pretrained", *extra_site_args]
     if tls_dir is not None:
         server_args += ["--tls-cert", str(tls_dir / "server.pem"),
                         "--tls-key", str(tls_dir / "server.key")]
@@ -518,14 +519,18 @@ def notes_text(
         test = counted.metrics["test"]
         assert test is None or isinstance(test, dict)
         delta = _auroc_delta(test, base_test, "image_auroc")
+        # Bytes are a property of the codec; the Δ AUROC of one scored run is not: the bank's
+        # picks (and so the scores a codec moves) vary between runs and machines, and one run of
+        # int8 gave +0.00004 where another gave +0.00227. So the Δ verdict names its single run.
         if isinstance(delta, str):
-            verdict = f"wire/raw {'met' if ratio <= target[0] else 'MISSED'}, AUROC {delta}"
+            auroc = f"Δ image AUROC {delta}"
         else:
-            met = ratio <= target[0] and abs(delta) <= target[1]
-            verdict = "met" if met else "MISSED"
+            within = "within" if abs(delta) <= target[1] else "OUTSIDE"
+            auroc = (f"Δ image AUROC {_fmt_delta(delta)} {within} |Δ| <= {target[1]} in this "
+                     "single scored run (it varies between runs: repeat before calling it)")
         verdicts.append(
-            f"{setting.value_type}: wire/raw {ratio:.4f} (target <= {target[0]}), Δ image "
-            f"AUROC {_fmt_delta(delta)} (target |Δ| <= {target[1]}): {verdict}"
+            f"{setting.value_type}: wire/raw {ratio:.4f} (target <= {target[0]}): "
+            f"{'met' if ratio <= target[0] else 'MISSED'}; {auroc}"
         )
         if setting.is_default:
             payload = int(rec["payload_bytes_up"])  # type: ignore[call-overload]

@@ -17,8 +17,10 @@ act on (the CLI prints it without a traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ __all__ = [
     "ServerUnavailableError",
     "SessionError",
     "SiteSession",
+    "StaleBankError",
     "TLSConfig",
     "UploadResult",
 ]
@@ -146,11 +149,40 @@ class RejectedError(SessionError):
     """The server rejected a request's content (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
 
 
+class StaleBankError(RejectedError):
+    """The bank this site holds is not the server's bank of that version: a delta against it
+    gives the wrong rows or fails the checksum (it comes from an earlier federation or from a
+    server whose state was reset). :meth:`SiteSession.download_bank` then fetches the full bank.
+
+    bytes_received: what the refused delta download moved (counted with the full one).
+    """
+
+    def __init__(self, message: str, bytes_received: int = 0) -> None:
+        super().__init__(message)
+        self.bytes_received = bytes_received
+
+
+#: How gRPC reports a failed TLS handshake in an UNAVAILABLE's details (the part a user can act
+#: on: "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...: WRONG_VERSION_NUMBER").
+_TLS_FAILURE: Final[re.Pattern[str]] = re.compile(
+    r"(?i)(tls handshake failed|ssl handshake|handshake failed|certificate verify failed)"
+    r"[^;]*?(?=: OK$|$)"
+)
+
+
 def _error_from_rpc(error: grpc.RpcError, what: str, address: str) -> SessionError:
     """Map a final RpcError to the SessionError a user can act on."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     details = " ".join(details.split())  # one line
+    if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE.search(details):
+        return ServerUnavailableError(
+            f"TLS handshake with the server at {address} failed ({what}): the server may not "
+            "use TLS (then leave out --tls-ca/--tls-cert/--tls-key), or its certificate is not "
+            "signed by --tls-ca or names another host (--tls-server-name); gRPC said: "
+            f"{_TLS_FAILURE.search(details).group(0)}",  # type: ignore[union-attr]
+            code,
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ServerUnavailableError(
             f"cannot reach the server at {address} ({what}): {details}", code
@@ -455,6 +487,8 @@ class BankDownload:
     bytes_received: int
     seconds: float
     federation_id: str = ""
+    #: Why the bank the site held was discarded (StaleBankError's message), or None.
+    replaced_stale: str | None = None
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -701,6 +735,27 @@ class SiteSession:
         Decoding, order and resend checks are core.serde's ChunkAssembler; the result is checked
         against the header's checksum when the codec makes one (element-wise value types).
         """
+        if have is not None:
+            try:
+                return self._download_bank(version, have, max_rows)
+            except StaleBankError as error:
+                # One line that says why, then the whole bank: a stale copy must not stop a site.
+                logger.warning(
+                    "site %s: the bank it holds (version %d, %d rows) is not the server's: %s; "
+                    "it comes from an earlier federation or a reset server, so it is discarded "
+                    "and the full bank downloaded", self.site_id, have[0], have[1].shape[0],
+                    error,
+                )
+                result = self._download_bank(version, None, max_rows)
+                return dataclasses.replace(
+                    result, replaced_stale=str(error),
+                    bytes_received=result.bytes_received + error.bytes_received,
+                )
+        return self._download_bank(version, None, max_rows)
+
+    def _download_bank(
+        self, version: int, have: tuple[int, NDArray[np.float32]] | None, max_rows: int
+    ) -> BankDownload:
         have_version = have[0] if have is not None else 0
         request = fpb.DownloadBankRequest(
             site_id=self.site_id, version=version, have_version=have_version
@@ -773,20 +828,24 @@ class SiteSession:
                 )
             try:
                 bank = apply_delta(have[1], np.asarray(removed, dtype=np.int64), added)
-            except DeltaError as error:
-                raise RejectedError(f"bank delta does not fit version {have[0]}: {error}") from None
+            except (DeltaError, ValueError) as error:
+                raise StaleBankError(
+                    f"the delta from version {have[0]} does not fit it ({error})", received
+                ) from None
         else:
             bank = added
+        # After a delta, a wrong row count or checksum means the copy it was applied to is not
+        # the server's version of it (StaleBankError: the caller downloads the whole bank);
+        # after a full download it means the stream itself is wrong.
+        problem = None
         if bank.shape[0] != header.total_rows:
-            raise RejectedError(
-                f"bank version {header.version} has {bank.shape[0]} rows, the header says "
-                f"{header.total_rows}"
-            )
-        if header.bank_checksum and bank_checksum(bank) != header.bank_checksum:
-            raise RejectedError(
-                f"bank version {header.version} fails its checksum"
-                + (" after applying the delta" if delta else "")
-            )
+            problem = (f"bank version {header.version} has {bank.shape[0]} rows, the header says "
+                       f"{header.total_rows}")
+        elif header.bank_checksum and bank_checksum(bank) != header.bank_checksum:
+            problem = (f"bank version {header.version} fails its checksum"
+                       + (" after applying the delta" if delta else ""))
+        if problem is not None:
+            raise StaleBankError(problem, received) if delta else RejectedError(problem)
         result = BankDownload(
             bank=bank,
             version=int(header.version),

@@ -33,6 +33,7 @@ journal under it would deadlock). Waiting for changes (WatchRound, ``wait_for``)
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -66,7 +67,7 @@ from fedserver.errors import (
 )
 from fedserver.ingest import Ingest, Pins
 from fedserver.journal import Journal, RecordKind, write_private
-from fedserver.replay import cut_off_sites, rebuild_aggregator, replay_journal
+from fedserver.replay import rebuild_aggregator, replay_journal
 from fedserver.report import ReportWriter, build_round_report
 from fedserver.rounds import Phase, Round, RoundSnapshot, RoundTerms, UploadProgress
 from fedserver.selection import SelectionResult, SelectionWorker
@@ -647,7 +648,7 @@ class Federation:
             )
             wait = last_sent + min_interval_s - time.monotonic()
             if rows_only and wait > 0:
-                await self._feed.wait_async(-1, timeout=min(wait, 1.0))  # a plain sleep
+                await asyncio.sleep(min(wait, 1.0))
                 continue
             yield current
             last, last_sent = current, time.monotonic()
@@ -731,9 +732,6 @@ class Federation:
             server_selection=self.config.server_selection,
         )
 
-    def cutoffs(self) -> dict[int, set[str]]:
-        """Per round that cut sites off, the sites it included (from the journal)."""
-        return cut_off_sites(self.journal)
 
 
 #: File of the state directory that holds its federation id (one line, 32 lowercase hex).

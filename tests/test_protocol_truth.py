@@ -159,7 +159,7 @@ def test_site_radius_covers_the_chunks_sent_with_3_mib_chunks(
         session = _RecordingSession()
         options = SiteOptions(data=tmp_path, out_dir=tmp_path)
         _one_round(session, client, _round_config(codec, MAX_CHUNK_BYTES_LIMIT),  # type: ignore[arg-type]
-                   None, options, None)
+                   None, options, None, lambda _line: None)
         assert session.uploaded is not None
         summary, chunks = session.uploaded
     else:
@@ -405,6 +405,7 @@ def test_a_bank_of_another_federation_is_replaced_not_kept_or_refused(
     saved = load_file(str(out / "bank.safetensors"))["memory_bank"]
     np.testing.assert_array_equal(saved, second_bank)
     assert metrics["rounds"][0]["bank_delta"] is False  # type: ignore[index]
+    assert first_id in metrics["rounds"][0]["bank_replaced"]  # type: ignore[index]
     stale = [r.getMessage() for r in caplog.records if "is stale" in r.getMessage()]
     assert len(stale) == 1 and first_id in stale[0] and second_id in stale[0]
     assert PatchCore.read_extra(out / "bank.safetensors")["federation_id"] == second_id
