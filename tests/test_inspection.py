@@ -384,3 +384,15 @@ def test_every_new_bank_is_recalibrated_and_the_model_file_records_its_version(
     fresh = site_model.calibrate(train.subset(held), target_fpr=0.2)
     assert fresh.threshold == stored.threshold == rounds[1]["calibration"]["threshold"]  # type: ignore[index]
     assert metrics["test"]["decisions"]["anomalous"] + metrics["test"]["decisions"]["normal"] == 8  # type: ignore[index]
+
+
+def test_latency_benchmark_quick_mode_prints_its_split(capsys: pytest.CaptureFixture[str]) -> None:
+    from benchmarks import inspect_latency
+    from benchmarks.report import RESULTS
+
+    before = RESULTS.read_bytes()
+    assert inspect_latency.main(["--quick", "--no-anomalib"]) == 0
+    out = capsys.readouterr().out
+    assert "| kNN ms |" in out and "ours ivf" in out and "ours exact" in out
+    assert "image scores differ from the exact search's by at most" in out
+    assert RESULTS.read_bytes() == before  # printed only: --record appends
