@@ -39,7 +39,7 @@ from core.calibration import (
 )
 from core.data import AnomalyDataset
 from core.inference import Inferencer, SearchMethod
-from core.ivf import IVFIndex
+from core.ivf import IVFIndex, default_nprobe
 from core.patchcore import ImageSource, ModelFileError, PatchCore, Predictions
 from core.preprocess import ImageTransform
 
@@ -63,8 +63,6 @@ SITE_MODEL_FILE = "site-model.safetensors"
 #: ``search="auto"`` uses the IVF index on the CPU from this many bank rows (below it the exact
 #: search is already a small part of an image's time).
 IVF_MIN_ROWS = 4096
-#: Cells searched per patch by default (core.ivf: image scores within 1e-4 of exact).
-DEFAULT_NPROBE = 8
 
 
 @dataclass(frozen=True)
@@ -72,7 +70,7 @@ class SearchSpec:
     """How the bank is searched: ``method`` "exact" or "ivf", ``nprobe`` cells per patch."""
 
     method: SearchMethod = "exact"
-    nprobe: int = DEFAULT_NPROBE
+    nprobe: int = 8
 
     def __post_init__(self) -> None:
         if self.method not in ("exact", "ivf"):
@@ -81,12 +79,13 @@ class SearchSpec:
             raise ValueError(f"nprobe must be >= 1, got {self.nprobe}")
 
     @staticmethod
-    def choose(method: str, rows: int, device: str, nprobe: int = DEFAULT_NPROBE) -> SearchSpec:
+    def choose(method: str, rows: int, device: str, nprobe: int | None = None) -> SearchSpec:
         """Resolve "auto": IVF on the CPU from IVF_MIN_ROWS rows, exact otherwise (a GPU runs
-        the exact search at a small share of the backbone's time)."""
+        the exact search at a small share of the backbone's time). ``nprobe`` None:
+        core.ivf.default_nprobe for ``rows``."""
         if method == "auto":
             method = "ivf" if rows >= IVF_MIN_ROWS and device == "cpu" else "exact"
-        return SearchSpec(method, nprobe)  # type: ignore[arg-type]
+        return SearchSpec(method, nprobe if nprobe is not None else default_nprobe(rows))  # type: ignore[arg-type]
 
 
 def is_site_model(path: Path) -> bool:
@@ -131,7 +130,7 @@ class SiteModel:
         model: PatchCore,
         *,
         search: str = "auto",
-        nprobe: int = DEFAULT_NPROBE,
+        nprobe: int | None = None,
         provenance: dict[str, object] | None = None,
     ) -> SiteModel:
         """Wrap ``model`` (bank set); builds the IVF index when the search is (or resolves to)
