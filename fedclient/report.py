@@ -9,7 +9,11 @@ means a higher score across images, not only within one.
 table (per category and over all images), the image ROC and PRO curves, overlays of the most
 anomalous test images and of the worst false positives (the highest-scoring good images), and
 where the bank came from (round, version, rows, codec, extractor fingerprint, coverage
-certificate). Its numbers are the ones in metrics.json.
+certificate). Its numbers are the ones in metrics.json. With a calibrated site model it also
+shows the decisions (counts, thresholds and what backs them, "calibration uncertain" when the
+validation images could not support the target), each shown image's decision and normalised
+score in its caption (new images from a plain folder get no "good" label), and with labels the
+false-positive and miss rates at the threshold beside AUROC.
 """
 
 from __future__ import annotations

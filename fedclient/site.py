@@ -44,7 +44,7 @@ from core.federated import PatchCoreClient
 from core.metrics import Curve
 from core.patchcore import PatchCore, Predictions
 from core.serde import split_into_chunks
-from core.sitemodel import SITE_MODEL_FILE, SiteModel, provenance_of
+from core.sitemodel import SITE_MODEL_FILE, SearchSpec, SiteModel, provenance_of
 from fedclient.inspect import DecisionWriter, decide, labelled_rates
 from fedclient.report import Example, examples, write_metrics, write_overlays, write_site_report
 from fedclient.session import (
@@ -451,7 +451,7 @@ class _Scored:
 
 
 def _score(
-    site_model: SiteModel,
+    site_model: SiteModel | PatchCore,
     test: AnomalyDataset,
     out: Path,
     overlays: bool,
@@ -465,8 +465,11 @@ def _score(
     calibrated model each image's decision (decisions.csv / .jsonl, masks/).
 
     labelled: ``test`` is a test split whose folders name the truth (else: new images, which
-    get no "good" label).
+    get no "good" label). A bare PatchCore (the Flower ClientApp's) scores with its exact
+    search and decides nothing.
     """
+    if isinstance(site_model, PatchCore):
+        site_model = SiteModel(site_model, search=SearchSpec("exact"))
     model = site_model.model
     predictions, _ = site_model.inferencer().predict(
         _CountingImages(test, "score", progress)  # type: ignore[arg-type]
