@@ -5,24 +5,25 @@ Why it exists: scoring one 224 px image against a bank of 100,000 rows of D = 1,
 On a 2-core CPU the exact search took 1.05 s per image against about 0.1-0.3 s for the backbone
 (benchmarks/inspect_latency.py). An IVF index splits the bank into ``C`` k-means cells and
 compares each patch only with the rows of the ``nprobe`` cells whose centroids are nearest to
-it (:func:`default_nprobe`: about 800 rows; at 100k rows, C = 512 and nprobe = 5, 1 % of the
-bank). The scan goes cell by cell, each cell's rows against all the patches that probe it in
-one GEMM, so a row is read once per image, not once per patch.
+it (:func:`default_nprobe`: 8, or 4 from 50k rows; at 100k rows, C = 512 and nprobe = 4 read
+0.8 % of the bank). The scan goes cell by cell, each cell's rows against all the patches that
+probe it in one GEMM, so a row is read once per image, not once per patch.
 
 What it costs in accuracy: a row outside the probed cells is never seen, so a patch distance
 can only come out *too large*, never too small (the found row is a real bank row). On random-
 weight WRN-50 features of generated images (benchmarks/inspect_latency.py records it per run)
-image scores (the largest patch distance) differed from the exact ones by less than 1e-4
-(relative), 99 % of patch distances by less than 0.1 %, and a rare single patch by up to tens
-of percent (its cell's nearest rows were all in unprobed cells). Thresholds must come from the
-same search as the decisions; core.sitemodel stores which search (and nprobe) a model was
-calibrated with and ``core.inference`` always uses it.
+image scores (the largest patch distance) differed from the exact ones by less than 1e-5
+(relative), 99.9 % of patch distances by less than 2.5 %, and a rare single patch by up to
+half (its nearest rows were all in unprobed cells; default_nprobe gives the figures).
+Thresholds must come from the same search as the decisions; core.sitemodel stores which
+search (and nprobe) a model was calibrated with and ``core.inference`` always uses it.
 
 Layout: the bank is stored sorted by cell, so cell ``c`` is rows ``offsets[c]:offsets[c+1]``
-and nothing is duplicated; ``centroids`` [C, D] and ``offsets`` [C + 1] are what a saved
-model adds (core.sitemodel keeps them beside the bank, no pickle). Building is seeded k-means
-(Lloyd) on at most ``TRAIN_ROWS_PER_CELL x C`` sampled rows, then one assignment of every row:
-about 2 s for 100,000 x 1,024 on 2 cores.
+and a saved model stores no row twice; ``centroids`` [C, D] and ``offsets`` [C + 1] are what it
+adds (core.sitemodel keeps them beside the bank, no pickle). In memory the index also keeps a
+copy of the rows centred on their mean. Building is seeded k-means (Lloyd) on at most
+``TRAIN_ROWS_PER_CELL x C`` sampled rows, then one assignment of every row: 5-7 s for
+100,000 x 1,024 on the shared 2-core machine.
 """
 
 from __future__ import annotations
@@ -57,22 +58,25 @@ def default_cells(rows: int) -> int:
     return int(min(4096, max(16, 2 ** round(math.log2(target)))))
 
 
-#: Bank rows a patch is compared with by default (see default_nprobe).
-ROWS_PER_QUERY = 800
+#: From this many bank rows the default search probes 4 cells instead of 8 (default_nprobe).
+LARGE_BANK_ROWS = 50_000
 
 
-def default_nprobe(rows: int, cells: int | None = None) -> int:
-    """Cells searched per patch: enough for about ROWS_PER_QUERY rows, 4 .. 16.
+def default_nprobe(rows: int) -> int:
+    """Cells searched per patch by default: 8, and 4 from LARGE_BANK_ROWS rows.
 
-    Keeps the search's cost per image roughly constant as the bank grows: 13 cells of 62 rows
-    at 16k rows, 5 cells of 195 rows at 100k. Measured on random-weight WRN-50 features at
-    100k rows (benchmarks/inspect_latency.py): image scores within 1e-5 of exact at 4 and at
-    8 cells, the largest single patch distance 52 % too high at 4 cells and 5.5 % at 8, the
-    99th percentile within 0.03 % at both.
+    Measured at 1 torch thread on 784 patches of random-weight WRN-50 features of generated
+    images (one 224 px image) against coresets of the same features:
+
+    * 16k rows, 256 cells: 8 cells 30 ms, image scores within 1e-6 of exact, largest patch
+      error 1 %; 4 cells 15 ms but one image score 1 % too high;
+    * 100k rows, 512 cells: 8 cells 71 ms (largest patch error 6 %), 4 cells 54 ms (image
+      scores within 1e-6, 99.9 % of patch distances within 2.4 %, the largest 52 % too high),
+      against about 1,050 ms exact and about 250 ms for the backbone. The scan's cost hardly
+      falls below ~35 ms whatever the cells (an image's patches visit a few hundred of them),
+      so 4 cells is what keeps the search near a fifth of the image's time at 100k rows.
     """
-    c = cells if cells is not None else default_cells(rows)
-    per_cell = max(rows / max(c, 1), 1.0)
-    return int(min(16, max(4, math.ceil(ROWS_PER_QUERY / per_cell))))
+    return 4 if rows >= LARGE_BANK_ROWS else 8
 
 
 def _sq_distances(queries: torch.Tensor, rows: torch.Tensor, rows_sq: torch.Tensor) -> torch.Tensor:

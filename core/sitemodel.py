@@ -85,7 +85,8 @@ class SearchSpec:
         core.ivf.default_nprobe for ``rows``."""
         if method == "auto":
             method = "ivf" if rows >= IVF_MIN_ROWS and device == "cpu" else "exact"
-        return SearchSpec(method, nprobe if nprobe is not None else default_nprobe(rows))  # type: ignore[arg-type]
+        chosen = nprobe if nprobe is not None else default_nprobe(rows)
+        return SearchSpec(method, chosen)  # type: ignore[arg-type]
 
 
 def is_site_model(path: Path) -> bool:
