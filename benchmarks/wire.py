@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import statistics
 import sys
 import tempfile
@@ -59,7 +60,7 @@ CHUNK_SIZES = (64 * KIB, 256 * KIB, 1024 * KIB, 3 * 1024 * KIB)
 ZSTD_LEVELS = (1, 3, 9)
 #: value type -> its preset name (fedserver --codec)
 PRESET_OF = {preset.value_type: name for name, preset in CODEC_PRESETS.items()}
-#: value type -> (wire/raw target, |Δ image AUROC| target) of issue 8.
+#: value type -> (wire/raw target, |Δ image AUROC| target).
 TARGETS = {"fp16": (0.42, 0.001), "int8": (0.22, 0.002), "int4": (0.12, 0.005)}
 FRAMING_TARGET = 1.003
 UPLOAD_TARGET_MBS = 250.0
@@ -170,8 +171,9 @@ def run_federation(
     server_args = setting.server_args()
     if server_bind is not None:
         server_args += ["--bind", f"{server_bind}:0"]
+    # --backbone/--no-pretrained: the weights a site checks before it contacts the server
     site_args = ["--coreset-percentage", str(coreset_percentage), "--no-overlays",
-                 *extra_site_args]
+                 "--backbone", "resnet18", "--no-pretrained", *extra_site_args]
     if tls_dir is not None:
         server_args += ["--tls-cert", str(tls_dir / "server.pem"),
                         "--tls-key", str(tls_dir / "server.key")]
@@ -297,9 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "256, image AUROC 0.998; at 0.1 it is 1.000, saturated)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ingest-only", action="store_true",
-                        help="only the upload-rate breakdown: one in-process fedserver over "
-                        "real gRPC, strategy coreset vs random x fsync on/off, --repeats runs "
-                        "each (seconds)")
+                        help="only the loopback ingest rate: 1 site and 8 sites at once to a "
+                        "fresh fedserver process with default settings, --repeats runs each")
     parser.add_argument("--tls", action="store_true",
                         help="every run over TLS (a throw-away CA and server certificate; "
                         "needs openssl): the wire columns then include TLS records")
@@ -518,14 +519,18 @@ def notes_text(
         test = counted.metrics["test"]
         assert test is None or isinstance(test, dict)
         delta = _auroc_delta(test, base_test, "image_auroc")
+        # Bytes are a property of the codec; the Δ AUROC of one scored run is not: the bank's
+        # picks (and so the scores a codec moves) vary between runs and machines, and one run of
+        # int8 gave +0.00004 where another gave +0.00227. So the Δ verdict names its single run.
         if isinstance(delta, str):
-            verdict = f"wire/raw {'met' if ratio <= target[0] else 'MISSED'}, AUROC {delta}"
+            auroc = f"Δ image AUROC {delta}"
         else:
-            met = ratio <= target[0] and abs(delta) <= target[1]
-            verdict = "met" if met else "MISSED"
+            within = "within" if abs(delta) <= target[1] else "OUTSIDE"
+            auroc = (f"Δ image AUROC {_fmt_delta(delta)} {within} |Δ| <= {target[1]} in this "
+                     "single scored run (it varies between runs: repeat before calling it)")
         verdicts.append(
-            f"{setting.value_type}: wire/raw {ratio:.4f} (target <= {target[0]}), Δ image "
-            f"AUROC {_fmt_delta(delta)} (target |Δ| <= {target[1]}): {verdict}"
+            f"{setting.value_type}: wire/raw {ratio:.4f} (target <= {target[0]}): "
+            f"{'met' if ratio <= target[0] else 'MISSED'}; {auroc}"
         )
         if setting.is_default:
             payload = int(rec["payload_bytes_up"])  # type: ignore[call-overload]
@@ -563,63 +568,116 @@ def _probe_summary(site_id: str, rows: np.ndarray, codec: CodecConfig) -> SiteSu
     )
 
 
-def ingest_breakdown(args: argparse.Namespace) -> int:
-    """Where the upload call's time goes: the same 3,200 x 1024 fp16 upload (1 MiB chunks) to
-    an in-process fedserver over loopback gRPC, with the coreset strategy (the server ranks each
-    chunk's rows as it arrives: the prefix merge) and with random sampling (no ranking), fsync
-    on and off. Rows: seeded ReLU'd Gaussians (the codec ratio differs from real banks; the
-    time does not depend on it much)."""
-    from fedclient.session import ConnectionConfig, SiteSession
-    from fedserver.auth import new_token, write_tokens_file
-    from fedserver.config import ServerConfig
-    from fedserver.daemon import create_server
+_READY_LINE = re.compile(
+    r"round 1 ready: .* selected in ([0-9.]+) s \(backlog (\d+) rows at close, tail ([0-9.]+) s\)"
+)
 
+
+def _ingest_run(sites: int, rows: np.ndarray, work: Path) -> dict[str, float]:
+    """One round on a fresh ``fedserver serve`` process (product defaults: fp16, 1 MiB chunks,
+    fsync'ed journal, prefix-merge ranking in the background): ``sites`` threads of this
+    process, each with fedclient's SiteSession on its own channel, upload ``rows`` (encoded
+    before the clock starts) at once. Returns the seconds from the start barrier to the last
+    acknowledgement, and the server's selection tail from its log."""
+    import threading
+
+    from fedclient import demo
+    from fedclient.session import ConnectionConfig, SiteSession, read_token_file
+
+    names = [f"site-{i}" for i in range(sites)]
+    config = demo.write_server_config(work / "fed", names, global_bank_size=1000,
+                                      extractor=None, codec="fp16")
+    codec = CODEC_PRESETS["fp16"]
+    messages = {}
+    for name in names:
+        summary = _probe_summary(name, rows, codec)
+        messages[name] = (summary, list(split_into_chunks(rows, config=codec, site_id=name,
+                                                          round=1)))
+    server = demo.ServerProcess(config, work / "fedserver.log")
+    barrier = threading.Barrier(sites + 1)
+    acked: dict[str, float] = {}
+    errors: list[str] = []
+
+    def site(name: str) -> None:
+        token = read_token_file(work / "fed" / "site-tokens" / f"{name}.token")
+        try:
+            with SiteSession(ConnectionConfig(server.address, token=token), name) as session:
+                session.join(PROBE_FINGERPRINT)
+                barrier.wait()
+                session.upload(*messages[name])
+                acked[name] = time.perf_counter()
+        except Exception as error:  # reported below
+            errors.append(f"{name}: {error}")
+            barrier.abort()
+
+    threads = [threading.Thread(target=site, args=(n,)) for n in names]
+    try:
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise RuntimeError(f"ingest run failed: {errors}")
+        upload_s = max(acked.values()) - started
+        deadline = time.monotonic() + 300
+        match = None
+        while match is None and time.monotonic() < deadline:
+            match = _READY_LINE.search((work / "fedserver.log").read_text())
+            time.sleep(0.1)
+    finally:
+        server.stop()
+    if match is None:
+        raise RuntimeError(f"no 'round 1 ready' line in {work / 'fedserver.log'}")
+    return {"upload_s": upload_s, "selected_s": float(match.group(1)),
+            "backlog_rows": float(match.group(2)), "tail_s": float(match.group(3))}
+
+
+def ingest_breakdown(args: argparse.Namespace) -> int:
+    """Loopback ingest rate of the daemon: 1 site and 8 sites together upload 3,200 x 1024
+    rows each (fp16 + zstd, 1 MiB chunks) to a fresh ``fedserver serve`` process; MB/s = raw
+    fp32 bytes of every site / seconds from the start to the last acknowledgement. An ack means
+    decoded, verified and fsync'ed (group commit); ranking runs behind it, so the table also
+    shows the rows still unranked when the round closed and the selection tail after the last
+    chunk. Rows: seeded ReLU'd Gaussians (the codec ratio differs from real banks; the time
+    does not depend on it much)."""
     rows = np.maximum(np.random.default_rng(args.seed).standard_normal((3200, 1024)), 0).astype(
         np.float32
     )
-    codec = CODEC_PRESETS["fp16"]
-    summary = _probe_summary("a", rows, codec)
-    chunks = list(split_into_chunks(rows, config=codec, site_id="a", round=1))
     table_rows = []
     load = [Path("/proc/loadavg").read_text().split()[0]]
-    for strategy in ("coreset", "random"):
-        for fsync in (True, False):
-            seconds = []
-            for _ in range(args.repeats):
-                with tempfile.TemporaryDirectory(prefix="fedbench-ingest-") as tmp:
-                    token = new_token()
-                    write_tokens_file(Path(tmp) / "tokens", {"a": token})
-                    config = ServerConfig(
-                        state_dir=Path(tmp) / "state", tokens_file=Path(tmp) / "tokens",
-                        bind="127.0.0.1:0", global_bank_size=256, device="cpu",
-                        strategy=strategy, fsync=fsync,  # type: ignore[arg-type]
-                    )
-                    server, port = create_server(config)
-                    server.start()
-                    try:
-                        with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", token=token),
-                                         "a") as session:
-                            session.join(PROBE_FINGERPRINT)
-                            seconds.append(session.upload(summary, chunks).seconds)
-                    finally:
-                        server.stop(0)
-            median = statistics.median(seconds)
-            table_rows.append([
-                strategy, "on" if fsync else "off", f"{median:.3f}",
-                f"{min(seconds):.3f}-{max(seconds):.3f}", f"{rows.nbytes / median / 1e6:.0f}",
-            ])
-            load.append(Path("/proc/loadavg").read_text().split()[0])
+    for sites in (1, 8):
+        runs = []
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory(prefix="fedbench-ingest-") as tmp:
+                runs.append(_ingest_run(sites, rows, Path(tmp)))
+        rates = [sites * rows.nbytes / r["upload_s"] / 1e6 for r in runs]
+        upload = [r["upload_s"] for r in runs]
+        tails = [r["tail_s"] for r in runs]
+        backlog = [r["backlog_rows"] for r in runs]
+        table_rows.append([
+            str(sites), f"{sites * rows.nbytes / 1e6:.0f}", f"{statistics.median(upload):.3f}",
+            f"{statistics.median(rates):.0f}", f"{min(rates):.0f}-{max(rates):.0f}",
+            f"{statistics.median(backlog):.0f}", f"{statistics.median(tails):.2f}",
+            "met" if statistics.median(rates) >= 250 else "MISSED",
+        ])
+        load.append(Path("/proc/loadavg").read_text().split()[0])
+        print(table_rows[-1], flush=True)
     notes = (
-        f"The same upload (3,200 x 1024 rows = {rows.nbytes / 1e6:.1f} MB raw fp32, fp16 + "
-        f"shuffle + zstd 1, {len(chunks)} chunks of 1 MiB, encoded before the call) to an "
-        "in-process fedserver on loopback gRPC; seconds = the site's upload call (first chunk "
-        "to the server's acknowledgement), median and range of "
-        f"{args.repeats} runs; MB/s = raw fp32 bytes / median seconds. Load average (1 min): "
-        f"{min(load, key=float)}-{max(load, key=float)}."
+        f"Each site uploads 3,200 x 1024 rows ({rows.nbytes / 1e6:.1f} MB raw fp32; fp16 + "
+        "shuffle + zstd 1, 1 MiB chunks, encoded before the clock starts) with fedclient's "
+        "SiteSession (one channel per site, threads of the benchmark process) to a fresh "
+        "`fedserver serve` process with default settings (fsync on, prefix-merge ranking on "
+        "the selection worker); seconds = start barrier to the last site's acknowledgement; "
+        f"median and range over {args.repeats} runs. Backlog: rows not yet ranked when the "
+        "last upload completed; tail: last chunk to bank stored (server log). Target >= 250 "
+        f"MB/s raw. Load average (1 min): {min(load, key=float)}-{max(load, key=float)}."
     )
     append_results(
-        "Upload rate breakdown: server-side ranking and fsync",
-        markdown_table(["strategy", "fsync", "upload s (median)", "range", "MB/s raw"],
+        "Loopback ingest rate: acknowledged = decoded, verified, group-committed",
+        markdown_table(["sites", "MB raw", "upload s (median)", "MB/s raw (median)",
+                        "MB/s range", "backlog rows at close", "tail s", ">= 250 MB/s"],
                        table_rows),
         notes, append=args.record,
     )

@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -36,7 +37,7 @@ from core.data import (
     generate_synthetic_dataset,
 )
 from core.evaluation import EvaluationResult, evaluate
-from core.features import FeatureConfig
+from core.features import FeatureConfig, WeightsUnavailableError
 from core.federated import FederatedPatchCore
 from core.patchcore import PatchCore, PatchCoreConfig
 from core.preprocess import ImageTransform
@@ -271,6 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with logging_redirect_tqdm():  # log lines print above the bars instead of through them
             run(args)
+    except WeightsUnavailableError as exc:
+        print(f"demo: error: {exc.problem}. Run the demo without --pretrained (random weights, "
+              f"no network needed), or give --weights FILE (a local state dict of "
+              f"{exc.backbone})", file=sys.stderr)
+        return 2
     except DatasetError as exc:
         parser.error(str(exc))
     return 0

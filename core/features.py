@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ __all__ = [
     "PatchFeatureExtractor",
     "WeightsUnavailableError",
     "check_image_sizes",
+    "check_weights",
+    "file_sha256",
     "iterate_batches",
     "size_mismatch",
 ]
@@ -56,7 +59,19 @@ class WeightsUnavailableError(RuntimeError):
 
     The message names the three ways out: ``pretrained=False`` (random weights, tests only),
     ``weights=FILE`` (a local state dict) and a warm cache (download once where there is network).
+    ``problem`` is the first part alone (what is missing, where it was looked for and why it
+    cannot be downloaded), so that a command line can name its own flags instead.
     """
+
+    def __init__(self, problem: str, backbone: str) -> None:
+        super().__init__(
+            f"{problem}. Ways out: (1) pretrained=False for random weights (tests only); "
+            "(2) weights=FILE, a local .safetensors/.pth state dict; (3) warm the cache where "
+            f"there is network (python -c \"import timm; timm.create_model('{backbone}', "
+            "pretrained=True)\") and copy it here"
+        )
+        self.problem = problem
+        self.backbone = backbone
 
 
 @dataclass(frozen=True)
@@ -130,17 +145,32 @@ class FeatureConfig:
         saved model records and checks that.
         """
         if self.weights is not None:
-            digest = hashlib.sha256()
-            with open(self.weights, "rb") as handle:
-                for block in iter(lambda: handle.read(1 << 20), b""):
-                    digest.update(block)
-            source = f"file:sha256:{digest.hexdigest()}"
+            source = f"file:sha256:{file_sha256(self.weights)}"
         elif self.pretrained:
             source = f"timm-pretrained:{self.backbone}"
         else:
             source = f"random-init:{self.init_seed}"
         description = {**self.to_dict(), "weights": source}
         return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()
+
+    def weights_provenance(self) -> dict[str, object]:
+        """Where the backbone's weights come from, for reports (JSON-friendly).
+
+        ``kind``: "random" (seeded random init: features that mean nothing for detection;
+        tests only), "pretrained" (timm's pretrained weights of ``model``) or "file" (a local
+        state dict, with its ``sha256``); ``text``: one line for people.
+        """
+        if self.weights is not None:
+            digest = file_sha256(self.weights)
+            return {"kind": "file", "file": str(self.weights), "sha256": digest,
+                    "text": f"weights file {Path(self.weights).name} (sha256 {digest[:16]}...)"}
+        if self.pretrained:
+            return {"kind": "pretrained", "model": self.backbone,
+                    "text": f"pretrained {self.backbone} (timm)"}
+        return {"kind": "random", "init_seed": self.init_seed,
+                "text": f"RANDOM weights (seeded init {self.init_seed}, no pretraining): "
+                "the features are not ImageNet features and these metrics say nothing about "
+                "how well PatchCore detects defects"}
 
     @classmethod
     def from_dict(
@@ -164,15 +194,28 @@ class FeatureConfig:
 
 
 _WARNED_RANDOM: set[str] = set()
+_FILE_DIGESTS: dict[tuple[str, int, int], str] = {}
 
 
-def _ways_out(backbone: str, where: str) -> str:
-    return (
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 (hex) of a weights file's bytes; remembered per (path, size, mtime), since a
+    fingerprint and a report may both ask (about 1 s for WRN-50's 270 MB)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _FILE_DIGESTS[key] = digest.hexdigest()
+    return _FILE_DIGESTS[key]
+
+
+def _unavailable(backbone: str, where: str, why: str) -> WeightsUnavailableError:
+    return WeightsUnavailableError(
         f"pretrained weights of {backbone!r} are not in the local cache ({where}) and cannot be "
-        "downloaded. Ways out: (1) pretrained=False for random weights (tests only; demo: omit "
-        "--pretrained); (2) weights=FILE, a local .safetensors/.pth state dict (demo: --weights "
-        "FILE); (3) warm the cache where there is network (python -c \"import timm; "
-        f"timm.create_model('{backbone}', pretrained=True)\") and copy it here"
+        f"downloaded ({why})",
+        backbone,
     )
 
 
@@ -224,7 +267,7 @@ def _pretrained_overlay(backbone: str, pretrained_cfg: dict[str, Any]) -> dict[s
                 return {"file": cached}
         where, url = f"huggingface cache {cache}, repo {repo}", str(constants.ENDPOINT)
         if constants.HF_HUB_OFFLINE:
-            raise WeightsUnavailableError(_ways_out(backbone, where) + " (HF_HUB_OFFLINE is set)")
+            raise _unavailable(backbone, where, "HF_HUB_OFFLINE is set")
     elif load_from == "url":
         from urllib.parse import urlparse
 
@@ -236,19 +279,24 @@ def _pretrained_overlay(backbone: str, pretrained_cfg: dict[str, Any]) -> dict[s
         where, url = f"torch hub cache {cached_file.parent}", f"{parsed.scheme}://{parsed.netloc}"
     else:
         raise WeightsUnavailableError(
-            f"{backbone!r} has no pretrained weights timm knows how to fetch ({load_from!r}); "
-            "use pretrained=False or weights=FILE"
+            f"{backbone!r} has no pretrained weights timm knows how to fetch ({load_from!r})",
+            backbone,
         )
     reason = _probe(url)
     if reason is not None:
-        raise WeightsUnavailableError(_ways_out(backbone, where) + f" ({url}: {reason})")
+        raise _unavailable(backbone, where, f"{url}: {reason}")
     return {}
 
 
-def _create_backbone(config: FeatureConfig) -> nn.Module:
-    # Stage names only: build the probe on the meta device (no weights allocated).
-    with torch.device("meta"):
-        probe = timm.create_model(config.backbone, pretrained=False, features_only=True)
+def _stage_indices(config: FeatureConfig) -> tuple[Any, tuple[int, ...]]:
+    """(the backbone built on the meta device, out_indices of ``config.layers``): stage names
+    and pretrained config without allocating any weight. ValueError for an unknown backbone or
+    stage."""
+    try:
+        with torch.device("meta"):
+            probe = timm.create_model(config.backbone, pretrained=False, features_only=True)
+    except RuntimeError as error:  # timm: "Unknown model (...)"
+        raise ValueError(f"backbone {config.backbone!r}: {error}") from None
     feature_info: Any = probe.feature_info
     names = list(feature_info.module_name())
     missing = [layer for layer in config.layers if layer not in names]
@@ -259,6 +307,31 @@ def _create_backbone(config: FeatureConfig) -> nn.Module:
     out_indices = tuple(names.index(layer) for layer in config.layers)
     if list(out_indices) != sorted(out_indices):
         raise ValueError(f"layers must be ordered shallowest first, got {config.layers}")
+    return probe, out_indices
+
+
+def check_weights(config: FeatureConfig) -> str:
+    """Check, without building the backbone, that ``config``'s weights can be had; returns
+    where they will come from (for a log line).
+
+    Milliseconds when the weights are a file, random, or in the local cache; when they must be
+    downloaded, one HEAD request to the weights host (at most ``PROBE_TIMEOUT_S``). Raises
+    WeightsUnavailableError (pretrained weights neither cached nor downloadable), ValueError
+    (an unknown backbone or stage). A site calls it before it contacts the server, so that a
+    missing download fails before any work rather than after it.
+    """
+    probe, _ = _stage_indices(config)
+    if config.weights is not None:
+        return f"weights file {config.weights}"
+    if not config.pretrained:
+        return f"random init (seed {config.init_seed})"
+    overlay = _pretrained_overlay(config.backbone, probe.pretrained_cfg)
+    return f"cached file {overlay['file']}" if overlay else "download through timm"
+
+
+def _create_backbone(config: FeatureConfig) -> nn.Module:
+    # Stage names only: the probe is built on the meta device (no weights allocated).
+    probe, out_indices = _stage_indices(config)
     if config.weights is not None:
         logger.info("loading %s weights from local file %s", config.backbone, config.weights)
         return timm.create_model(

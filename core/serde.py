@@ -26,6 +26,7 @@ the sender can resend from ``next_sequence``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterable, Iterator
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
+import xxhash
 from numpy.typing import NDArray
 
 from core.codec import (
@@ -64,6 +66,7 @@ __all__ = [
     "assemble_chunks",
     "bank_chunk_from_proto",
     "bank_chunk_to_proto",
+    "chunk_identity",
     "chunked_roundtrip",
     "codec_config_from_proto",
     "codec_config_to_proto",
@@ -475,6 +478,9 @@ class _Received:
     cols: int
     value_type: str
     checksum: int
+    # XXH64 of the encoded bytes (payload + quantisation parameters): a resend whose declared
+    # fields match but whose bytes differ is decoded and verified like a first send.
+    content_digest: int = dataclasses.field(default=0, compare=False)
 
     def __str__(self) -> str:
         return (f"rows {self.row_offset}..{self.row_offset + self.rows} x {self.cols} "
@@ -521,6 +527,7 @@ class ChunkAssembler:
                 f"{max_decoded_bytes_per_chunk!r}"
             )
         self._max_rows = max_rows
+        self._expected_cols = expected_cols
         self._cols = expected_cols
         self._max_decoded_bytes = max_decoded_bytes_per_chunk
         self._retain = retain
@@ -574,13 +581,19 @@ class ChunkAssembler:
             cols=chunk.features.cols,
             value_type=chunk.features.value_type,
             checksum=chunk.features.checksum,
+            content_digest=_content_digest(chunk),
         )
         if chunk.sequence < len(self._received):
-            if self._received[chunk.sequence] != received:
+            first = self._received[chunk.sequence]
+            if first != received:
                 raise ChunkConflictError(
                     f"chunk {chunk.sequence} was resent with different content: first "
-                    f"({self._received[chunk.sequence]}), now ({received})"
+                    f"({first}), now ({received})"
                 )
+            if first.content_digest != received.content_digest:
+                # Same declared fields, other bytes: verify them as a first send would be
+                # (a payload that does not match its checksum is DATA_LOSS, not "identical").
+                decode_matrix(chunk.features, max_decoded_bytes=self._max_decoded_bytes)
             logger.debug("ignoring identical resend of chunk %s", chunk.sequence)
             return None
         if self._complete:
@@ -624,6 +637,26 @@ class ChunkAssembler:
         self._rows += part.shape[0]
         self._complete = chunk.last
         return part
+
+    def truncate(self, sequence: int) -> None:
+        """Forget every chunk from ``sequence`` on, as if it had never been accepted.
+
+        For a receiver whose own commit of those chunks failed after the assembler took them
+        (the server's journal append): the stream then resumes from ``sequence``. Rows kept
+        with ``retain=True`` are dropped with their chunks.
+        """
+        if not 0 <= sequence <= len(self._received):
+            raise ValueError(
+                f"cannot truncate to chunk {sequence}: {len(self._received)} chunk(s) accepted"
+            )
+        del self._received[sequence:]
+        if self._retain:
+            del self._parts[sequence:]
+        self._rows = sum(r.rows for r in self._received)
+        self._complete = bool(self._received) and self._received[-1].last
+        if not self._received:
+            self._first = None
+            self._cols = self._expected_cols
 
     def result(self) -> NDArray[np.float32]:
         """The assembled matrix [rows_received, D] float32 (a new array on each call).
@@ -669,6 +702,24 @@ def assemble_chunks(
     for chunk in chunks:
         assembler.add(chunk)
     return assembler.result()
+
+
+def chunk_identity(chunk: FeatureChunk | BankChunk) -> tuple[object, ...]:
+    """What makes two sends of a chunk the same chunk: position, shape, value type, declared
+    checksum and the XXH64 of its encoded bytes. A receiver keeps this (a few dozen bytes)
+    instead of the chunk to recognise a resend without decoding it."""
+    features = chunk.features
+    return (chunk.sequence, chunk.row_offset, chunk.last, features.rows, features.cols,
+            features.value_type, features.checksum, _content_digest(chunk))
+
+
+def _content_digest(chunk: FeatureChunk | BankChunk) -> int:
+    """XXH64 over a chunk's encoded bytes (quantisation parameters, then payload)."""
+    digest = xxhash.xxh64()
+    digest.update(chunk.features.quant_scale)
+    digest.update(chunk.features.quant_offset)
+    digest.update(chunk.features.payload)
+    return digest.intdigest()
 
 
 def _stream_key(chunk: FeatureChunk | BankChunk) -> dict[str, object]:

@@ -27,7 +27,7 @@ from typing import Final
 import grpc
 
 from core.data import DatasetError
-from core.features import FeatureConfig
+from core.features import FeatureConfig, WeightsUnavailableError
 from core.preprocess import ImageTransform
 from core.settings import SettingsError, env_overrides
 from fedclient.config import CONFIG_ENV, ENV_PREFIX, SiteSettings, defaults, example_config
@@ -122,6 +122,23 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
                         "else fedclient-out/bank.safetensors)")
 
 
+def _extractor_args(parser: argparse.ArgumentParser, *, weights: bool = False) -> None:
+    local = parser.add_argument_group(
+        "feature extractor (used only when the server pins none; all sites must agree). Its "
+        "weights are checked before the site contacts the server"
+    )
+    local.add_argument("--backbone", help="timm backbone (default wide_resnet50_2)")
+    local.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
+                       help="pretrained weights through timm, from its cache or downloaded "
+                       "(default yes); --no-pretrained: random weights, for tests only")
+    if weights:
+        local.add_argument("--weights", help="local backbone weights file (.safetensors/.pth) "
+                           "for a pretrained extractor on a site without network")
+    local.add_argument("--image-size", type=int,
+                       help="resize side in px, no crop (default: resize 256, crop 224)")
+    local.add_argument("--target-dim", type=int, help="feature dimension D (default 1024)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fedclient",
@@ -144,15 +161,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _connection_args(run)
     _data_args(run, out_help="output folder (default fedclient-out)")
-    local = run.add_argument_group(
-        "feature extractor (used only when the server pins none; all sites must agree)"
-    )
-    local.add_argument("--backbone", help="timm backbone (default wide_resnet50_2)")
-    local.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=None,
-                       help="pretrained weights through timm (default yes)")
-    local.add_argument("--image-size", type=int,
-                       help="resize side in px, no crop (default: resize 256, crop 224)")
-    local.add_argument("--target-dim", type=int, help="feature dimension D (default 1024)")
+    _extractor_args(run)
     run.add_argument("--coreset-percentage", type=float,
                      help="local coreset size, fraction of the site's patches (default 0.1)")
     run.add_argument("--seed", type=int, help="seed of projection and start points (default 0)")
@@ -242,16 +251,19 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print JSON lines")
 
     check = commands.add_parser(
-        "check", help="check settings, data, server reachability and the token",
+        "check", help="check settings, data, weights, server reachability and the token",
         description="Check, without uploading anything: the data folder (every image and mask "
         "is read; each problem is named with its file; errors make the exit status 2, "
-        "warnings do not), then, when --server is given, the token file, that the server "
-        "answers and accepts the token, and which round is open for this site. With --data "
-        "and no --server only the data is checked.",
+        "warnings do not); when --server is given, the token file, that the server "
+        "answers and accepts the token, and which round is open for this site; then the "
+        "feature extractor the site will use (the server's pinned one, else the flags below): "
+        "its weights are loaded, and every image must have one size after its transform. "
+        "Without --server, data and extractor are checked locally.",
     )
     _connection_args(check)
     check.add_argument("--data", type=Path, help="the site's images (checked when given)")
     check.add_argument("--categories", nargs="+", help="only these category folders of --data")
+    _extractor_args(check, weights=True)
 
     init = commands.add_parser(
         "init-config", help="write an example site configuration (TOML)",
@@ -264,8 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--server", default="127.0.0.1:50051",
                       help="fedserver address HOST:PORT to write (default 127.0.0.1:50051)")
     init.add_argument("--site-id", help="site id to write (default: left commented out)")
-    init.add_argument("--token-file", default="site.token",
-                      help="token file path to write, relative to the file (default site.token)")
+    init.add_argument("--token-file",
+                      help="token file path to write, relative to the file (default "
+                      "<site-id>.token, the name fedserver init-config gave it; site.token "
+                      "without --site-id)")
     init.add_argument("--data", default="data",
                       help="data folder to write, relative to the file (default data)")
     return parser
@@ -325,6 +339,12 @@ def _connection(values: dict[str, object]) -> tuple[ConnectionConfig, str, Retry
     server = str(_require(values, "server"))
     site_id = str(_require(values, "site_id"))
     token_file = values.get("token_file")
+    if token_file and not Path(str(token_file)).is_file():
+        raise UsageError(
+            f"token file {token_file} not found: put there the token file the server's "
+            f"operator gave site {site_id} (fedserver init-config writes one per site in "
+            "site-tokens/), or give its path with --token-file"
+        )
     token = read_token_file(Path(str(token_file))) if token_file else None
     tls = None
     if values.get("tls_ca") or values.get("tls_cert"):
@@ -360,12 +380,16 @@ def _features(values: dict[str, object]) -> FeatureConfig:
 
 
 class _ProgressBar:
-    """One-line progress on stderr for fitting and scoring (only when stderr is a terminal,
-    so logs and CI output stay clean)."""
+    """Progress on stderr for a terminal (nothing otherwise, so logs and CI output stay clean):
+    a bar while images are fitted or scored, one line per step in between (:meth:`say`), and
+    the round's status while the site waits for its bank (:meth:`status`). A log record ends
+    an unfinished bar line first (:meth:`break_line`, called by :class:`_EndBarLine`), so a
+    warning never lands inside a bar."""
 
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled
         self._last = 0.0
+        self._open = False
 
     def __call__(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
@@ -375,9 +399,54 @@ class _ProgressBar:
         width = 30
         filled = width * done // max(total, 1)
         sys.stderr.write(f"\r{stage:>5} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}")
+        self._open = done < total
         if done == total:
             sys.stderr.write("\n")
         sys.stderr.flush()
+
+    def say(self, text: str) -> None:
+        """One step line (fitted, uploading, downloaded, ...)."""
+        if self.enabled:
+            self.break_line()
+            sys.stderr.write(text + "\n")
+            sys.stderr.flush()
+
+    def status(self, status: fpb.RoundStatus) -> None:
+        """The round's state while waiting for the bank, rewritten in place."""
+        if not self.enabled:
+            return
+        expected = status.sites_expected or "?"
+        sys.stderr.write(f"\r       round {status.round}: {_STATES.get(status.state, '?')}, "
+                         f"{status.sites_complete}/{expected} site(s) uploaded\033[K")
+        self._open = True
+        if status.state in (fpb.ROUND_STATE_READY, fpb.ROUND_STATE_FAILED):
+            self.break_line()
+        sys.stderr.flush()
+
+    def break_line(self) -> None:
+        if self._open:
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+            self._open = False
+
+
+class _EndBarLine(logging.Filter):
+    """Attached to the stderr log handler: ends the progress bar's line before a record."""
+
+    def __init__(self, bar: _ProgressBar) -> None:
+        super().__init__()
+        self.bar = bar
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.bar.break_line()
+        return True
+
+
+def _progress_bar() -> _ProgressBar:
+    bar = _ProgressBar(sys.stderr.isatty())
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_EndBarLine(bar))
+    return bar
 
 
 def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
@@ -396,9 +465,12 @@ def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
     if as_json:
         print(json.dumps(record), flush=True)
         return
+    expected = status.sites_expected or "?"
+    # sites_joined counts the sites whose upload has begun (the server holds their summary),
+    # not those that asked to join: the server logs that earlier.
     line = (
-        f"round {status.round}: {record['state']}, {status.sites_joined} joined, "
-        f"{status.sites_complete}/{status.sites_expected or '?'} complete, "
+        f"round {status.round}: {record['state']}, {status.sites_joined}/{expected} sites "
+        f"uploading or done, {status.sites_complete}/{expected} complete, "
         f"{status.rows_received} rows"
     )
     if status.state == fpb.ROUND_STATE_READY:
@@ -438,11 +510,16 @@ def _cmd_run(values: dict[str, object]) -> int:
         connection, site_id, retry=retry,
         max_upload_bytes_per_s=float(rate) if rate else None,  # type: ignore[arg-type]
     ) as session:
-        metrics = run_site(session, options, progress=_ProgressBar(sys.stderr.isatty()))
+        bar = _progress_bar()
+        metrics = run_site(session, options, progress=bar, on_status=bar.status,
+                           notify=bar.say)
     test = metrics.get("test") or {}
     rounds = metrics["rounds"]
     up = sum(r["bytes_up"] for r in rounds)  # type: ignore[attr-defined, index]
     down = sum(r["bytes_down"] for r in rounds)  # type: ignore[attr-defined, index]
+    # Bytes are what this run moved: a rerun after a complete upload sends nothing again.
+    held = sum(r["chunks_committed_at_start"] for r in rounds)  # type: ignore[attr-defined, index]
+    resumed = f" (the server already held {held} chunk(s))" if held else ""
     scores = ", ".join(
         f"{k} {test[k]:.3f}"  # type: ignore[index]
         for k in ("image_auroc", "pixel_auroc", "au_pro")
@@ -450,7 +527,7 @@ def _cmd_run(values: dict[str, object]) -> int:
     )
     print(
         f"site {site_id}: bank v{metrics['bank_version']} ({metrics['bank_rows']} rows) after "
-        f"{len(rounds)} round(s), {up} B up, {down} B down"  # type: ignore[arg-type]
+        f"{len(rounds)} round(s); this run sent {up} B{resumed}, received {down} B"  # type: ignore[arg-type]
         + (f"; {scores}" if scores else "")
         + f"; wrote {options.out_dir}"
     )
@@ -504,7 +581,7 @@ def _cmd_score(values: dict[str, object]) -> int:
         weights=str(values["weights"]) if values.get("weights") else None,
         device=values.get("device"),  # type: ignore[arg-type]
         overlays=not values.get("no_overlays", False),
-        progress=_ProgressBar(sys.stderr.isatty()),
+        progress=_progress_bar(),
     )
     test = metrics["test"]
     assert isinstance(test, dict)
@@ -615,12 +692,46 @@ def _check_data(values: dict[str, object]) -> bool:
     return not found.errors
 
 
+def _check_extractor(values: dict[str, object], pinned: FeatureConfig | None,
+                     data_ok: bool) -> bool:
+    """``check``: load the extractor's weights (the server's pinned extractor, else the
+    flags'), and with --data check every image's size after its transform; True if fine."""
+    from core.features import PatchFeatureExtractor
+    from fedclient.site import check_extractor, evaluation_protocol, load_site_data
+
+    features = pinned or _features(values)
+    whose = "pinned by the server" if pinned is not None else "from this site's settings"
+    try:
+        if values.get("data") and data_ok:
+            train, test = load_site_data(Path(str(values["data"])), _categories(values))
+            check_extractor(features, train, test)
+        PatchFeatureExtractor(features)  # loads the weights
+    except WeightsUnavailableError as error:
+        print(f"FAIL extractor {features.backbone} ({whose}): {_weights_advice(error, 'run')}")
+        return False
+    except (ValueError, DatasetError) as error:
+        print(f"FAIL extractor {features.backbone} ({whose}): {error}")
+        return False
+    provenance = features.weights_provenance()
+    print(f"ok   extractor {features.backbone} ({whose}): weights loaded, {provenance['text']}")
+    print(f"ok   evaluation: {evaluation_protocol(features.transform)[1]}")
+    return True
+
+
+def _categories(values: dict[str, object]) -> tuple[str, ...] | None:
+    categories = values.get("categories")
+    return tuple(categories) if categories else None  # type: ignore[arg-type]
+
+
 def _cmd_check(values: dict[str, object]) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from fedclient.session import RoundConfig
+
     data_ok = _check_data(values) if values.get("data") else True
-    if values.get("data") and values.get("server") in (None, ""):
-        return 0 if data_ok else 2  # data only
+    if values.get("server") in (None, ""):
+        extractor_ok = _check_extractor(values, None, data_ok)  # data and extractor only
+        return 0 if data_ok and extractor_ok else 2
     connection, site_id, _ = _connection(values)
     print(f"ok   settings: site {site_id}, server {connection.address}, "
           f"{'TLS' if connection.tls else 'plaintext'}, "
@@ -641,18 +752,33 @@ def _cmd_check(values: dict[str, object]) -> int:
         print(f"ok   token accepted for site {site_id}; round {joined.config.round} open, "
               f"bank size {joined.config.global_bank_size}, upload committed "
               f"{joined.upload.committed_sequence} chunk(s)")
-    return 0 if data_ok else 2
+    weights = str(values["weights"]) if values.get("weights") else None
+    pinned = RoundConfig.from_proto(joined.config).feature_config(weights=weights)
+    extractor_ok = _check_extractor(values, pinned, data_ok)
+    return 0 if data_ok and extractor_ok else 2
 
 
 def _cmd_init_config(args: argparse.Namespace) -> int:
     path: Path = args.path
     if path.exists():
         raise UsageError(f"{path} exists; not overwriting it")
+    if args.token_file is None:
+        args.token_file = f"{args.site_id}.token" if args.site_id else "site.token"
     filled = {key: getattr(args, key) for key in ("server", "site_id", "token_file", "data")
               if getattr(args, key) is not None}
     path.write_text(example_config(filled), encoding="utf-8")
     print(f"wrote {path}")
     return 0
+
+
+def _weights_advice(error: WeightsUnavailableError, command: str) -> str:
+    """One line: what is missing, and the flags that fix it for ``command``."""
+    if command == "score":
+        return (f"{error.problem}; the bank was built with these pretrained weights: pass "
+                "--weights FILE, a local .safetensors/.pth state dict of them")
+    return (f"{error.problem}. Pass --weights FILE (a local .safetensors/.pth state dict of "
+            f"{error.backbone}, for a site without network), or --no-pretrained (random "
+            "weights: for trying the system out only, the metrics then mean nothing)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -671,6 +797,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "inspect": _cmd_inspect, "status": _cmd_status,
                    "check": _cmd_check}[args.command]
         return command(values)
+    except WeightsUnavailableError as error:
+        print(f"fedclient: error: {_weights_advice(error, args.command)}", file=sys.stderr)
+        return 2
     except SessionError as error:
         print(f"fedclient: error: {error}", file=sys.stderr)
         return 1

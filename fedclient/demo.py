@@ -39,6 +39,7 @@ from pathlib import Path
 
 from core.data import AutoVIDataset, DatasetError
 from core.demo import demo_dataset
+from core.features import WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -248,7 +249,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_weights(args: argparse.Namespace) -> None:
+    """Before any process starts: the weights every site will load can be had (one line, not
+    one traceback per site, when they cannot)."""
+    from core.features import FeatureConfig, check_weights
+    from core.preprocess import ImageTransform
+
+    check_weights(FeatureConfig(
+        args.backbone, pretrained=bool(args.pretrained or args.weights), weights=args.weights,
+        transform=ImageTransform(resize=args.image_size, crop=None),
+    ))
+
+
 def run(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    _check_weights(args)
     with tempfile.TemporaryDirectory(prefix="fedpatchcore-system-demo-") as tmp:
         work = args.keep if args.keep is not None else Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -278,14 +292,17 @@ def _run_on(
         "pretrain_embed_dim": 1024, "target_embed_dim": 1024, "patch_size": 3,
         "resize": args.image_size, "crop": 0, "init_seed": 0,
     }
-    site_features = ["--coreset-percentage", str(args.coreset_percentage), "--seed", str(args.seed)]
+    # Each site names the pinned backbone and its weights too: a site checks its weights before
+    # it contacts the server (fedclient.site.prepare_site).
+    site_features = ["--coreset-percentage", str(args.coreset_percentage), "--seed", str(args.seed),
+                     "--backbone", args.backbone,
+                     "--pretrained" if args.pretrained else "--no-pretrained"]
     if args.weights:
         # A server-pinned pretrained extractor has timm's weights in its fingerprint; a weights
         # file has its content hash. So with a file nothing is pinned: every site passes the same
         # extractor flags and file, and the server holds the sites to the first one's fingerprint.
         extractor = None
-        site_features += ["--backbone", args.backbone, "--image-size", str(args.image_size),
-                          "--weights", str(args.weights)]
+        site_features += ["--image-size", str(args.image_size), "--weights", str(args.weights)]
     fed_dir = work / "fed"
     if fed_dir.exists():
         shutil.rmtree(fed_dir)
@@ -309,10 +326,20 @@ def _run_on(
             )
             for site, category in zip(sites, categories, strict=True)
         ]
+        logs = f"their logs: {work}/out-<site>.log" if args.keep else "--keep DIR keeps their logs"
+        print(f"fedserver on {server.address}; {len(processes)} fedclient processes fit, "
+              f"upload, wait for the bank and score ({logs})", flush=True)
         failed = []
-        for site in processes:
-            if site.process.wait() != 0:
-                failed.append(site)
+        pending = list(processes)
+        while pending:  # one line per site as it ends, in the order they end
+            for site in [s for s in pending if s.process.poll() is not None]:
+                pending.remove(site)
+                code = site.process.returncode
+                print(f"  {site.site_id} {'done' if code == 0 else f'FAILED (exit {code})'} "
+                      f"after {time.perf_counter() - t0:.1f} s", flush=True)
+                if code != 0:
+                    failed.append(site)
+            time.sleep(0.1)
         sites_seconds = time.perf_counter() - t0
         if failed:
             for site in failed:
@@ -376,17 +403,21 @@ def _print_report(
         f"fedclient processes; {args.backbone} ({weights}), {args.image_size} px, D=1024, "
         f"global bank {bank_size} rows, {args.rounds} round(s)"
     )
-    print(f"\n  {'site':<7} {'images':<16} {'coreset':>7} {'r_i':>6} {'img AUROC':>9} "
-          f"{'pix AUROC':>9} {'AU-PRO':>7} {'AU-sPRO@0.3':>11}")
+    print(f"\n  {'site':<7} {'category':<10} {'train':>5} {'test':>5} {'coreset':>7} "
+          f"{'r_i':>6} {'img AUROC':>9} {'pix AUROC':>9} {'AU-PRO':>7} {'AU-sPRO@0.3':>11}")
     for (site, m), category in zip(metrics.items(), categories, strict=True):
         test = m.get("test", {})
         assert isinstance(test, dict)
         print(
-            f"  {site:<7} {m['num_train_images']:>3} {category:<12} {m['local_coreset_rows']:>7} "
+            f"  {site:<7} {category:<10} {m['num_train_images']:>5} "
+            f"{test.get('num_images', 0):>5} {m['local_coreset_rows']:>7} "
             f"{m['local_coverage_radius']:>6.3f} {_fmt(test.get('image_auroc'), 9)} "
             f"{_fmt(test.get('pixel_auroc'), 9)} {_fmt(test.get('au_pro'), 7)} "
             f"{_fmt(test.get('au_spro@0.3'), 11)}"
         )
+    print("  train / test: images; coreset: rows the site uploads; r_i: the site's coverage "
+          "radius\n  (every training patch of the site lies within r_i of its coreset, in "
+          "feature units)")
     print("\nBytes on the wire (serialized gRPC messages, all sites; fp16 + zstd):")
     print(f"  {'round':>5} {'rows up':>8} {'bytes up':>10} {'raw fp32':>10} {'ratio':>6} "
           f"{'bytes down':>11} {'bank download':>15}")
@@ -445,7 +476,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         run(args)
-    except DatasetError as error:
+    except WeightsUnavailableError as error:
+        print(f"demo: error: {error.problem}. Run the demo without --pretrained (random "
+              "weights, no network needed), or give --weights FILE (a local state dict of "
+              f"{error.backbone})", file=sys.stderr)
+        return 2
+    except (DatasetError, ValueError) as error:
         parser.error(str(error))
     except RuntimeError as error:
         print(f"demo: error: {error}", file=sys.stderr)

@@ -9,8 +9,9 @@ means a higher score across images, not only within one.
 table (per category and over all images), the image ROC and PRO curves, overlays of the most
 anomalous test images and of the worst false positives (the highest-scoring good images), and
 where the bank came from (round, version, rows, codec, extractor fingerprint, coverage
-certificate). Its numbers are the ones in metrics.json. With a calibrated site model it also
-shows the decisions (counts, thresholds and what backs them, "calibration uncertain" when the
+certificate). It opens with where the backbone's weights came from, in red when they are random.
+Its numbers are the ones in metrics.json. With a calibrated site model it also shows the
+decisions (counts, thresholds and what backs them, "calibration uncertain" when the
 validation images could not support the target), each shown image's decision and normalised
 score in its caption (new images from a plain folder get no "good" label), and with labels the
 false-positive and miss rates at the threshold beside AUROC.
@@ -18,6 +19,7 @@ false-positive and miss rates at the threshold beside AUROC.
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import logging
@@ -306,6 +308,20 @@ def _decisions_section(decisions: Mapping[str, object], calibration: object) -> 
                                 table_id="decisions"), note=note)
 
 
+def _weights_section(weights: object) -> str:
+    """Where the backbone's weights came from, first on the page; a warning when they are
+    random, since every number below then comes from features that mean nothing."""
+    if not isinstance(weights, Mapping):
+        return section("Backbone weights", note="Not recorded (a bank saved by an older "
+                       "version): the metrics' weights are unknown.")
+    text = html.escape(str(weights.get("text", weights.get("kind"))))
+    if weights.get("kind") == "random":
+        return section("Backbone weights", f'<p class="bad" id="weights">{text}. Run with '
+                       "pretrained weights (the default, or --weights FILE on a site without "
+                       "network) for metrics that mean something.</p>")
+    return section("Backbone weights", f'<p id="weights">{text}</p>')
+
+
 def _provenance(metrics: Mapping[str, object]) -> str:
     codec = metrics.get("codec")
     codec_text = (
@@ -325,6 +341,8 @@ def _provenance(metrics: Mapping[str, object]) -> str:
         ("bank rows", metrics.get("bank_rows")),
         ("codec", codec_text),
         ("feature extractor", metrics.get("backbone")),
+        ("weights", weights.get("text") if isinstance(weights := metrics.get("weights"), Mapping)
+         else None),
         ("feature fingerprint", metrics.get("feature_fingerprint")),
         ("r_S (server coverage radius)", metrics.get("server_coverage_radius")),
         ("max r_i (largest site coverage radius)", metrics.get("max_site_coverage_radius")),
@@ -339,7 +357,9 @@ def _provenance(metrics: Mapping[str, object]) -> str:
     out = table(["", "value"], shown, table_id="provenance")
     if isinstance(rounds, list) and rounds:
         out += table(
-            ["round", "rows up", "chunks", "bytes up", "bytes down", "download",
+            # bytes this run moved: a rerun after a complete upload sends nothing again
+            ["round", "rows up", "chunks", "bytes up (this run)", "bytes down (this run)",
+             "download",
              "upload s", "wait s", "download s"],
             [[r.get("round"), r.get("rows_up"), r.get("chunks_total"), r.get("bytes_up"),
               r.get("bytes_down"),
@@ -367,16 +387,20 @@ def write_site_report(
     test = metrics.get("test")
     test = test if isinstance(test, Mapping) else {}
     site = metrics.get("site_id") or "scored images"
-    sections = []
+    sections = [_weights_section(metrics.get("weights"))]
     labelled = test.get("image_auroc") is not None or test.get("pixel_auroc") is not None
     decisions = test.get("decisions")
-    sections.append(section(
-        "Metrics", _metrics_table(test),
-        note=None if labelled else "The images carry no labels (no defective images or no "
-        "ground truth): there is nothing to compute AUROC or PRO from"
-        + ("; the decisions below come from the site's calibration." if decisions else
-           "; scores only (the model has no calibration, so no decisions)."),
-    ))
+    protocol = test.get("protocol")
+    if not labelled:
+        note: str | None = (
+            "The images carry no labels (no defective images or no ground truth): there is "
+            "nothing to compute AUROC or PRO from"
+            + ("; the decisions below come from the site's calibration." if decisions else
+               "; scores only (the model has no calibration, so no decisions).")
+        )
+    else:
+        note = f"Metrics {protocol}." if protocol else None
+    sections.append(section("Metrics", _metrics_table(test), note=note))
     if isinstance(decisions, Mapping):
         sections.append(_decisions_section(decisions, metrics.get("calibration")))
     plots = []

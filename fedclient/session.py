@@ -17,8 +17,10 @@ act on (the CLI prints it without a traceback).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
+import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -61,6 +63,7 @@ __all__ = [
     "ServerUnavailableError",
     "SessionError",
     "SiteSession",
+    "StaleBankError",
     "TLSConfig",
     "UploadResult",
 ]
@@ -82,6 +85,26 @@ _RETRYABLE: Final[frozenset[grpc.StatusCode]] = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
+
+
+#: Trailing metadata with which fedserver refuses an rpc over its concurrency budget (the
+#: caller holds too many rpcs at once): RESOURCE_EXHAUSTED, but worth retrying after a pause,
+#: unlike a limit on what the site sends (too many rows), which is final.
+_CONCURRENCY_REFUSAL: Final[tuple[str, str]] = ("fedpatchcore-retry", "concurrency")
+
+
+def _retryable(error: grpc.RpcError) -> bool:
+    """Whether the same request may succeed later (see _RETRYABLE and _CONCURRENCY_REFUSAL)."""
+    code = error.code() if hasattr(error, "code") else None
+    if code in _RETRYABLE:
+        return True
+    if code != grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return False
+    trailing = error.trailing_metadata() if hasattr(error, "trailing_metadata") else None
+    if any((k, v) == _CONCURRENCY_REFUSAL for k, v in (trailing or ())):
+        return True
+    details = (error.details() if hasattr(error, "details") else "") or ""
+    return details.startswith("Concurrent RPC limit exceeded")  # grpc's own server-wide limit
 
 
 # --- errors ------------------------------------------------------------------------------------
@@ -126,11 +149,40 @@ class RejectedError(SessionError):
     """The server rejected a request's content (INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...)."""
 
 
+class StaleBankError(RejectedError):
+    """The bank this site holds is not the server's bank of that version: a delta against it
+    gives the wrong rows or fails the checksum (it comes from an earlier federation or from a
+    server whose state was reset). :meth:`SiteSession.download_bank` then fetches the full bank.
+
+    bytes_received: what the refused delta download moved (counted with the full one).
+    """
+
+    def __init__(self, message: str, bytes_received: int = 0) -> None:
+        super().__init__(message)
+        self.bytes_received = bytes_received
+
+
+#: How gRPC reports a failed TLS handshake in an UNAVAILABLE's details (the part a user can act
+#: on: "Tls handshake failed (TSI_PROTOCOL_FAILURE): SSL_ERROR_SSL: ...: WRONG_VERSION_NUMBER").
+_TLS_FAILURE: Final[re.Pattern[str]] = re.compile(
+    r"(?i)(tls handshake failed|ssl handshake|handshake failed|certificate verify failed)"
+    r"[^;]*?(?=: OK$|$)"
+)
+
+
 def _error_from_rpc(error: grpc.RpcError, what: str, address: str) -> SessionError:
     """Map a final RpcError to the SessionError a user can act on."""
     code = error.code() if hasattr(error, "code") else None
     details = (error.details() if hasattr(error, "details") else None) or str(error)
     details = " ".join(details.split())  # one line
+    if code == grpc.StatusCode.UNAVAILABLE and _TLS_FAILURE.search(details):
+        return ServerUnavailableError(
+            f"TLS handshake with the server at {address} failed ({what}): the server may not "
+            "use TLS (then leave out --tls-ca/--tls-cert/--tls-key), or its certificate is not "
+            "signed by --tls-ca or names another host (--tls-server-name); gRPC said: "
+            f"{_TLS_FAILURE.search(details).group(0)}",  # type: ignore[union-attr]
+            code,
+        )
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return ServerUnavailableError(
             f"cannot reach the server at {address} ({what}): {details}", code
@@ -250,6 +302,15 @@ class ConnectionConfig:
             # The session is the one place that retries (bounded, resuming from the server's
             # committed position); gRPC's transparent retries would be a second, invisible one.
             ("grpc.enable_retries", 0),
+            # A server that restarts is back in seconds: gRPC's own reconnect backoff (up to
+            # 120 s by default) would keep the channel failing fast long after it is, so the
+            # session's bounded retries would spend themselves on a channel that never tries.
+            ("grpc.initial_reconnect_backoff_ms", 250),
+            ("grpc.min_reconnect_backoff_ms", 250),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+            # Subchannels of this session's own: a broken connection of one session (one site
+            # of many in a test or benchmark process) does not put another's into backoff.
+            ("grpc.use_local_subchannel_pool", 1),
         ]
         if self.tls is None:
             return grpc.insecure_channel(self.address, options=options)
@@ -267,6 +328,9 @@ class RetryPolicy:
         min(max_backoff_s, initial_backoff_s * multiplier**(n-1)) seconds ...
     jitter: ... scaled by a uniform factor in [1 - jitter, 1] (spreads sites that lost the
         server together, so they do not reconnect in lock-step).
+    reconnect_s: a watch of the round (a site waiting for the bank) is bounded by time, not
+        attempts: it keeps reconnecting while the server is away (restarting, draining) for
+        up to this many seconds after the last message it received.
     """
 
     max_attempts: int = 6
@@ -274,6 +338,7 @@ class RetryPolicy:
     max_backoff_s: float = 8.0
     multiplier: float = 2.0
     jitter: float = 0.5
+    reconnect_s: float = 300.0
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -287,6 +352,8 @@ class RetryPolicy:
             raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
         if not 0 <= self.jitter <= 1:
             raise ValueError(f"jitter must be in [0, 1], got {self.jitter}")
+        if self.reconnect_s < 0:
+            raise ValueError(f"reconnect_s must be >= 0, got {self.reconnect_s}")
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         """Seconds to wait before retry number ``retry`` (1-based)."""
@@ -415,6 +482,8 @@ class BankDownload:
     max_site_radius: float
     bytes_received: int
     seconds: float
+    #: Why the bank the site held was discarded (StaleBankError's message), or None.
+    replaced_stale: str | None = None
 
 
 # --- the session -------------------------------------------------------------------------------
@@ -481,7 +550,7 @@ class SiteSession:
                 return function()
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                if code not in _RETRYABLE or attempt == self.retry.max_attempts:
+                if not _retryable(error) or attempt == self.retry.max_attempts:
                     raise _error_from_rpc(error, what, self.connection.address) from None
                 delay = self.retry.backoff(attempt, self._rng)
                 logger.warning(
@@ -590,7 +659,7 @@ class SiteSession:
                 status = response.upload
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                if code not in _RETRYABLE or attempts == self.retry.max_attempts:
+                if not _retryable(error) or attempts == self.retry.max_attempts:
                     raise _error_from_rpc(
                         error, f"upload of round {round_number}", self.connection.address
                     ) from None
@@ -661,6 +730,27 @@ class SiteSession:
         Decoding, order and resend checks are core.serde's ChunkAssembler; the result is checked
         against the header's checksum when the codec makes one (element-wise value types).
         """
+        if have is not None:
+            try:
+                return self._download_bank(version, have, max_rows)
+            except StaleBankError as error:
+                # One line that says why, then the whole bank: a stale copy must not stop a site.
+                logger.warning(
+                    "site %s: the bank it holds (version %d, %d rows) is not the server's: %s; "
+                    "it comes from an earlier federation or a reset server, so it is discarded "
+                    "and the full bank downloaded", self.site_id, have[0], have[1].shape[0],
+                    error,
+                )
+                result = self._download_bank(version, None, max_rows)
+                return dataclasses.replace(
+                    result, replaced_stale=str(error),
+                    bytes_received=result.bytes_received + error.bytes_received,
+                )
+        return self._download_bank(version, None, max_rows)
+
+    def _download_bank(
+        self, version: int, have: tuple[int, NDArray[np.float32]] | None, max_rows: int
+    ) -> BankDownload:
         have_version = have[0] if have is not None else 0
         request = fpb.DownloadBankRequest(
             site_id=self.site_id, version=version, have_version=have_version
@@ -675,7 +765,7 @@ class SiteSession:
                 return self._read_bank(responses, have, max_rows, start)
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                if code not in _RETRYABLE or attempt == self.retry.max_attempts:
+                if not _retryable(error) or attempt == self.retry.max_attempts:
                     raise _error_from_rpc(error, what, self.connection.address) from None
                 delay = self.retry.backoff(attempt, self._rng)
                 logger.warning("%s: %s; retry in %.2f s", what, code.name, delay)
@@ -733,20 +823,24 @@ class SiteSession:
                 )
             try:
                 bank = apply_delta(have[1], np.asarray(removed, dtype=np.int64), added)
-            except DeltaError as error:
-                raise RejectedError(f"bank delta does not fit version {have[0]}: {error}") from None
+            except (DeltaError, ValueError) as error:
+                raise StaleBankError(
+                    f"the delta from version {have[0]} does not fit it ({error})", received
+                ) from None
         else:
             bank = added
+        # After a delta, a wrong row count or checksum means the copy it was applied to is not
+        # the server's version of it (StaleBankError: the caller downloads the whole bank);
+        # after a full download it means the stream itself is wrong.
+        problem = None
         if bank.shape[0] != header.total_rows:
-            raise RejectedError(
-                f"bank version {header.version} has {bank.shape[0]} rows, the header says "
-                f"{header.total_rows}"
-            )
-        if header.bank_checksum and bank_checksum(bank) != header.bank_checksum:
-            raise RejectedError(
-                f"bank version {header.version} fails its checksum"
-                + (" after applying the delta" if delta else "")
-            )
+            problem = (f"bank version {header.version} has {bank.shape[0]} rows, the header says "
+                       f"{header.total_rows}")
+        elif header.bank_checksum and bank_checksum(bank) != header.bank_checksum:
+            problem = (f"bank version {header.version} fails its checksum"
+                       + (" after applying the delta" if delta else ""))
+        if problem is not None:
+            raise StaleBankError(problem, received) if delta else RejectedError(problem)
         result = BankDownload(
             bank=bank,
             version=int(header.version),
@@ -774,37 +868,63 @@ class SiteSession:
     ) -> Iterator[fpb.RoundStatus]:
         """WatchRound: yield the round's status now and on every change until it ends.
 
-        A broken stream is reopened (bounded by the retry policy, counted per break, reset
-        after any message arrives). ``timeout_s`` bounds the whole watch.
+        A broken stream, or one the server ends before the round does (it is draining for a
+        restart), is reopened with backoff while the server is away, for up to
+        ``retry.reconnect_s`` after the last message (then ServerUnavailableError), so a site
+        waiting for the bank rides out a server restart; a server never reached at all gets
+        ``retry.max_attempts`` tries, like any call. ``timeout_s`` bounds the whole watch.
         """
         request = fpb.WatchRoundRequest(
             site_id=self.site_id, round=round_number, min_interval_ms=min_interval_ms
         )
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
         failures = 0
+        last_message: float | None = None  # None until the server answered once
         while True:
             remaining = None if deadline is None else max(0.001, deadline - time.monotonic())
             try:
                 for status in self._stub.WatchRound(
                     request, metadata=self._metadata, timeout=remaining
                 ):
-                    failures = 0
+                    failures, last_message = 0, time.monotonic()
                     yield status
                     if status.state in (fpb.ROUND_STATE_READY, fpb.ROUND_STATE_FAILED):
                         return
-                return  # the server ended the stream (shutting down): the caller decides
+                reason = "the server ended the watch before the round did (draining)"
             except grpc.RpcError as error:
                 code = error.code()  # type: ignore[attr-defined]
-                failures += 1
-                timed_out = deadline is not None and time.monotonic() >= deadline
-                if code not in _RETRYABLE or failures >= self.retry.max_attempts or timed_out:
+                if not _retryable(error):
                     raise _error_from_rpc(
                         error, f"watching round {round_number or 'open'}",
                         self.connection.address,
                     ) from None
-                delay = self.retry.backoff(failures, self._rng)
-                logger.warning("watch: %s; reconnecting in %.2f s", code.name, delay)
-                self._sleep(delay)
+                reason = f"{code.name}: {error.details()}"  # type: ignore[attr-defined]
+                final = error
+            else:
+                final = None
+            failures += 1
+            now = time.monotonic()
+            # Never reached: bounded by attempts like any call. Reached before: the server is
+            # restarting or draining, so keep at it for reconnect_s.
+            gone = (failures >= self.retry.max_attempts if last_message is None
+                    else now - last_message >= self.retry.reconnect_s)
+            if gone or (deadline is not None and now >= deadline):
+                if final is not None:
+                    raise _error_from_rpc(
+                        final, f"watching round {round_number or 'open'}",
+                        self.connection.address,
+                    ) from None
+                raise ServerUnavailableError(
+                    f"the server at {self.connection.address} ended the watch of round "
+                    f"{round_number or 'open'} before the bank was ready, and did not come "
+                    f"back within {self.retry.reconnect_s:.0f} s"
+                )
+            delay = self.retry.backoff(min(failures, self.retry.max_attempts), self._rng)
+            if deadline is not None:
+                delay = min(delay, max(0.0, deadline - now))
+            logger.warning("watch of round %s: %s; reconnecting in %.2f s",
+                           round_number or "open", reason, delay)
+            self._sleep(delay)
 
     def wait_until_ready(
         self,

@@ -36,13 +36,14 @@ from core.calibration import (
     split_validation,
 )
 from core.data import AnomalyDataset, AutoVIDataset, DatasetError, ImageFolderDataset, MVTecDataset
-from core.data.check import detect_layout
+from core.data.check import resolve_site_folder
 from core.data.imageio import image_size
-from core.evaluation import evaluate, evaluate_per_category
-from core.features import FeatureConfig
+from core.evaluation import Resolution, evaluate, evaluate_per_category
+from core.features import FeatureConfig, check_image_sizes, check_weights
 from core.federated import PatchCoreClient
 from core.metrics import Curve
-from core.patchcore import PatchCore, Predictions
+from core.patchcore import ModelFileError, PatchCore, Predictions
+from core.preprocess import ImageTransform
 from core.serde import split_into_chunks
 from core.sitemodel import SITE_MODEL_FILE, SearchSpec, SiteModel, provenance_of
 from fedclient.inspect import DecisionWriter, decide, labelled_rates
@@ -58,8 +59,9 @@ from fedpatchcore.v1 import federation_pb2 as fpb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BANK_FILE", "METRICS_FILE", "REPORT_FILE", "SITE_MODEL_FILE", "SiteOptions",
-           "load_site_data", "run_site", "score"]
+__all__ = ["BANK_FILE", "METRICS_FILE", "REPORT_FILE", "SITE_MODEL_FILE", "Prepared",
+           "SiteOptions", "check_extractor", "evaluation_protocol", "load_site_data",
+           "prepare_site", "run_site", "score"]
 
 BANK_FILE = "bank.safetensors"
 METRICS_FILE = "metrics.json"
@@ -117,23 +119,22 @@ class SiteOptions:
 def load_site_data(
     root: Path, categories: tuple[str, ...] | None = None
 ) -> tuple[AnomalyDataset, AnomalyDataset | None]:
-    """(train, test or None) of a site's folder; DatasetError naming the folder if unusable."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"site data folder {root} does not exist")
-    objects = list(categories) if categories else None
-    layout = detect_layout(root, categories)
-    if layout == "autovi":
-        train: AnomalyDataset = AutoVIDataset(root, objects, split="train")
-        has_test = all((root / c / "test").is_dir() for c in train.categories)
-        return train, AutoVIDataset(root, objects, split="test") if has_test else None
-    if layout == "mvtec":
-        train = MVTecDataset(root, objects, split="train")
-        has_test = all((root / c / "test").is_dir() for c in train.categories)
-        return train, MVTecDataset(root, objects, split="test") if has_test else None
+    """(train, test or None) of a site's folder; DatasetError naming the folder if unusable.
+
+    ``root`` may be an MVTec AD / AutoVI dataset folder, one of its category folders, or a
+    plain folder of good images (core.data.check.resolve_site_folder): nothing under a
+    category's test/ or ground_truth/ is ever read as a training image.
+    """
+    site = resolve_site_folder(root, categories)
+    objects = list(site.categories) if site.categories else None
+    if site.layout in ("autovi", "mvtec"):
+        reader = AutoVIDataset if site.layout == "autovi" else MVTecDataset
+        train: AnomalyDataset = reader(site.root, objects, split="train")
+        has_test = all((site.root / c / "test").is_dir() for c in train.categories)
+        return train, reader(site.root, objects, split="test") if has_test else None
     if categories:
         raise DatasetError(f"{root} is a plain image folder: it has no categories to select")
-    return ImageFolderDataset(root), None
+    return ImageFolderDataset(site.root), None
 
 
 class _CountingImages:
@@ -160,19 +161,104 @@ class _CountingImages:
         return getattr(self._dataset, name)
 
 
-def _held_bank(out_dir: Path) -> tuple[int, np.ndarray] | None:
-    """(version, bank) of the bank this site saved earlier, or None."""
+@dataclass(frozen=True)
+class HeldBank:
+    """The global bank a site saved in its output folder on an earlier run.
+
+    version: its bank version; bank: [K, D] float32; fingerprint: the feature fingerprint it
+    was built with ("" in files that do not record it).
+    """
+
+    version: int
+    bank: np.ndarray
+    fingerprint: str
+
+
+def _held_bank(out_dir: Path) -> HeldBank | None:
+    """The bank this site saved earlier, or None (no file, or one that cannot be used: then one
+    warning says why, and the next download is a full one)."""
     path = out_dir / BANK_FILE
     if not path.is_file():
         return None
-    extra = PatchCore.read_extra(path)
+    try:
+        extra = PatchCore.read_extra(path)
+        from safetensors.numpy import load_file
+
+        bank = load_file(str(path))["memory_bank"]
+    except (ModelFileError, OSError, KeyError, ValueError) as error:
+        logger.warning("%s cannot be read (%s): it is ignored and the full bank downloaded",
+                       path, error)
+        return None
     version = extra.get("bank_version")
     if not isinstance(version, int) or version < 1:
         logger.warning("%s has no bank version: downloading the full bank", path)
         return None
-    from safetensors.numpy import load_file
+    return HeldBank(version, bank, str(extra.get("feature_fingerprint", "")))
 
-    return version, load_file(str(path))["memory_bank"]
+
+def evaluation_protocol(transform: ImageTransform) -> tuple[Resolution, str]:
+    """(resolution for core.evaluation.evaluate, one sentence for the report) of ``transform``.
+
+    Without a crop the maps cover every pixel and are scored at each image's original size
+    (the official AutoVI / MVTec LOCO protocol). A centre crop (the default extractor: resize
+    256, crop 224) discards the border, so the metrics are computed on the pixels the model saw,
+    with the ground truth resized and cropped the same way: the PatchCore paper's protocol.
+    """
+    if transform.crop is None:
+        return "original", (
+            "scored at each image's original size: anomaly maps upsampled to it, ground truth as "
+            "stored (the official AutoVI / MVTec LOCO protocol)"
+        )
+    return "model", (
+        f"scored on the {transform.crop}x{transform.crop} centre crop the model saw (resize "
+        f"{transform.resize}, crop {transform.crop}), ground truth resized and cropped the same "
+        "way (the PatchCore paper's protocol); pixels outside the crop are not scored"
+    )
+
+
+def check_extractor(
+    features: FeatureConfig, train: AnomalyDataset, test: AnomalyDataset | None
+) -> str:
+    """Check that ``features`` can score this site's data to the end: its weights can be had
+    (core.features.check_weights), and every training and test image has one size after its
+    transform (image headers only). Returns where the weights come from. Raises
+    WeightsUnavailableError, DatasetError or ValueError naming what to change."""
+    source = check_weights(features)
+    check_image_sizes([sample.image_path for sample in train], features.transform)
+    if test is not None:
+        check_image_sizes([sample.image_path for sample in test], features.transform)
+    return source
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What :func:`prepare_site` checked and read before the site contacts the server."""
+
+    train: AnomalyDataset
+    test: AnomalyDataset | None
+    weights_source: str
+    held: HeldBank | None
+
+
+def prepare_site(options: SiteOptions) -> Prepared:
+    """Everything of a run that can fail without the server, checked before it joins: the
+    output folder is writable, the data folder is usable (layout, readers), the extractor's
+    weights can be had and every image has one size after its transform, and the bank saved by
+    an earlier run (if any) is read. A failure here costs seconds, not a fit and a round.
+    Raises ValueError / DatasetError / WeightsUnavailableError with one line that says what to
+    change."""
+    out = options.out_dir
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".fedclient-write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise ValueError(f"cannot write to the output folder {out}: {error.strerror}") from None
+    train, test = load_site_data(options.data, options.categories)
+    source = check_extractor(options.features, train, test)
+    logger.info("extractor %s: weights from %s", options.features.backbone, source)
+    return Prepared(train, test, source, _held_bank(out))
 
 
 def run_site(
@@ -181,28 +267,48 @@ def run_site(
     *,
     progress: Progress | None = None,
     on_status: Callable[[fpb.RoundStatus], None] | None = None,
+    notify: Callable[[str], None] | None = None,
 ) -> dict[str, object]:
     """Take part in every round the server opens for this site, then score its test images.
 
-    Returns the metrics dict it also writes to ``out_dir/metrics.json``. Raises the session's
+    ``progress`` follows the images fitted and scored, ``on_status`` the round while the site
+    waits for its bank, and ``notify`` gets one line per step in between (fitted, uploading,
+    waiting, downloaded), for a terminal. Returns the metrics dict it also writes to
+    ``out_dir/metrics.json``. Raises the session's
     SessionError subclasses (unreachable server, refused token, closed round, fingerprint
     mismatch, ...) and DatasetError for unusable data.
     """
     started = time.perf_counter()
     out = options.out_dir
-    out.mkdir(parents=True, exist_ok=True)
-    train, test = load_site_data(options.data, options.categories)
+    say = notify if notify is not None else (lambda text: None)
+    prepared = prepare_site(options)  # before joining: nothing local may fail after the round
+    train, test = prepared.train, prepared.test
 
     joined = session.join()
     config = RoundConfig.from_proto(joined.config)
     features = config.feature_config(weights=options.weights) or options.features
+    if features != options.features:
+        # The server pins another extractor: check its weights and sizes now, before any work.
+        source = check_extractor(features, train, test)
+        logger.info("the server pins extractor %s: weights from %s", features.backbone, source)
     fingerprint = features.fingerprint()
     if config.feature_fingerprint and config.feature_fingerprint != fingerprint:
         raise FingerprintMismatchError(
             f"feature extractor mismatch: this site's extractor ({features.backbone}, "
             f"fingerprint {fingerprint[:12]}...) differs from the federation's "
-            f"({config.feature_fingerprint[:12]}...)"
+            f"({config.feature_fingerprint[:12]}...), which the first site to upload fixed: "
+            "give every site the same --backbone, --image-size, --target-dim and "
+            "--pretrained/--no-pretrained/--weights (or pin the extractor in the server's "
+            "server.toml); another extractor needs a new federation (a fresh state_dir)"
         )
+    held = prepared.held
+    if held is not None and held.fingerprint and held.fingerprint != fingerprint:
+        logger.warning(
+            "%s was built with another extractor (fingerprint %s..., this site's is %s...): it "
+            "is discarded and the full bank downloaded", out / BANK_FILE, held.fingerprint[:12],
+            fingerprint[:12],
+        )
+        held = None
 
     fit_images, validation = _split(train, options)
     client = PatchCoreClient(
@@ -214,20 +320,23 @@ def run_site(
         device=options.device,
         batch_size=options.batch_size,
     )
+    _ = client.model.extractor  # loads the weights now: a bad file fails before the fit
     t0 = time.perf_counter()
     client.train()
     fit_seconds = time.perf_counter() - t0
+    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows, "
+        f"coverage radius r_i {client.coverage_radius:.3f}")
 
-    held = _held_bank(out)
+    have = (held.version, held.bank) if held is not None else None
     site_model: SiteModel | None = None
     rounds: list[dict[str, object]] = []
     download: BankDownload | None = None
     while True:
-        record, download, held = _one_round(
-            session, client, config, held, options, on_status
+        record, download, have = _one_round(
+            session, client, config, have, options, on_status, say
         )
         if validation is not None:  # every new bank gets its own thresholds
-            site_model = _recalibrate(session, client, held, download, validation, options,
+            site_model = _recalibrate(session, client, have, download, validation, options,
                                       config)
             record["calibration"] = _calibration_record(site_model)
         rounds.append(record)
@@ -238,12 +347,13 @@ def run_site(
             break  # the server opened no further round for this site
         config = RoundConfig.from_proto(nxt.config)
 
-    assert held is not None and download is not None
+    assert have is not None and download is not None
     metrics: dict[str, object] = {
         "site_id": session.site_id,
         "server": session.connection.address,
         "feature_fingerprint": fingerprint,
         "backbone": features.backbone,
+        "weights": features.weights_provenance(),
         "num_train_images": len(train),
         # the coreset's images and the ones held out to calibrate on (never uploaded)
         "num_fit_images": len(fit_images),
@@ -252,7 +362,7 @@ def run_site(
         "local_coreset_rows": client.get_coreset().shape[0],
         "local_coverage_radius": client.coverage_radius,
         "bank_version": download.version,
-        "bank_rows": int(held[1].shape[0]),
+        "bank_rows": int(have[1].shape[0]),
         "server_coverage_radius": download.server_radius,
         "max_site_coverage_radius": download.max_site_radius,
         "certificate": download.server_radius + download.max_site_radius,
@@ -260,7 +370,7 @@ def run_site(
         "rounds": rounds,
         "seconds": {"fit": fit_seconds},
     }
-    _save_bank(client, held, download, out, metrics)
+    _save_bank(client, have, download, out, metrics)
     if site_model is None:  # no validation images: score with the bank, undecided
         site_model = SiteModel.from_model(client.model, search="exact")
     else:
@@ -269,6 +379,7 @@ def run_site(
     scored: _Scored | None = None
     if test is not None:
         t0 = time.perf_counter()
+        say(f"scoring {len(test)} test image(s) with bank v{download.version}")
         scored = _score(site_model, test, out, options.overlays, progress,
                         report=options.report, labelled=True)
         metrics["test"] = scored.result
@@ -296,6 +407,7 @@ def _one_round(
     held: tuple[int, np.ndarray] | None,
     options: SiteOptions,
     on_status: Callable[[fpb.RoundStatus], None] | None,
+    say: Callable[[str], None],
 ) -> tuple[dict[str, object], BankDownload, tuple[int, np.ndarray]]:
     """Upload this site's rows of ``config.round``, wait for its bank and download it."""
     r = config.round
@@ -317,8 +429,12 @@ def _one_round(
             max_chunk_bytes=config.max_chunk_bytes,
         )
     )
+    say(f"round {r}: uploading {rows.shape[0]} rows in {len(chunks)} chunk(s)")
     result: UploadResult = session.upload(summary, chunks)
     client.record_upload(rows)
+    say(f"round {r}: upload complete ({result.bytes_sent} B sent"
+        + (f", {result.committed_at_start} chunk(s) already on the server" if
+           result.committed_at_start else "") + "); waiting for the round's bank")
     t0 = time.perf_counter()
     status = session.wait_until_ready(r, timeout_s=options.round_timeout_s, on_status=on_status)
     wait_seconds = time.perf_counter() - t0
@@ -326,6 +442,8 @@ def _one_round(
     download = session.download_bank(
         version=status.bank_version, have=held, max_rows=config.global_bank_size
     )
+    say(f"round {r}: bank v{download.version} downloaded ({download.bank.shape[0]} rows, "
+        f"{'delta' if download.delta else 'full'}, {download.bytes_received} B)")
     held = (download.version, download.bank)
     record: dict[str, object] = {
         "round": r,
@@ -348,6 +466,7 @@ def _one_round(
         "bank_delta": download.delta,
         "bank_rows_in_stream": download.rows_in_stream,
         "bank_rows_removed": download.rows_removed,
+        "bank_replaced": download.replaced_stale,
         "seconds_upload": result.seconds,
         "seconds_wait": wait_seconds,
         "seconds_download": download.seconds,
@@ -377,6 +496,7 @@ def _save_bank(
             "codec": metrics["codec"],
             "feature_fingerprint": metrics["feature_fingerprint"],
             "backbone": metrics["backbone"],
+            "weights": metrics["weights"],
         },
     )
 
@@ -475,12 +595,16 @@ def _score(
         _CountingImages(test, "score", progress)  # type: ignore[arg-type]
     )
     transform = model.config.features.transform
-    evaluation = evaluate(predictions, test, transform, curves=report)
+    resolution, protocol = evaluation_protocol(transform)
+    evaluation = evaluate(predictions, test, transform, resolution=resolution, curves=report)
     result = evaluation.as_dict()
+    result["protocol"] = protocol
     if len(test.categories) > 1:
         result["per_category"] = {
             category: part.as_dict()
-            for category, part in evaluate_per_category(predictions, test, transform).items()
+            for category, part in evaluate_per_category(
+                predictions, test, transform, resolution=resolution
+            ).items()
         }
     names = [_image_name(test, i) for i in range(len(test))]
     result["image_scores"] = dict(zip(names, predictions.image_scores.tolist(), strict=True))
@@ -571,10 +695,11 @@ def score(
     downloaded earlier (scores only); writes metrics.json, overlays and report.html into
     ``out_dir``."""
     extra = PatchCore.read_extra(bank_file)
+    train, test = load_site_data(data, categories)  # before the backbone: seconds, not minutes
+    images = test if test is not None else train
     site_model = SiteModel.load(bank_file, weights=weights, device=device)
     model = site_model.model
-    train, test = load_site_data(data, categories)
-    images = test if test is not None else train
+    check_image_sizes([sample.image_path for sample in images], model.config.features.transform)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     metrics: dict[str, object] = {
@@ -583,6 +708,7 @@ def score(
         "bank_rows": int(model.memory_bank.shape[0]),
         "data": str(data),
         "search": site_model.search.method,
+        "weights": model.config.features.weights_provenance(),
     }
     # What the bank file says about where it came from (banks saved by older versions lack
     # some of it; the report shows what is there).

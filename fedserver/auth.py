@@ -8,9 +8,10 @@ would add latency to every rpc and no security. The digest of a presented token 
 with every stored digest by ``hmac.compare_digest``, all of them every time, so the time taken
 says nothing about which site, or how much of a digest, matched.
 
-The interceptor authenticates (UNAUTHENTICATED when the token is missing or unknown); the
-servicer authorises: it asks ``TokenStore.site_of`` for the caller's site and refuses a request
-that names another site (PERMISSION_DENIED), so a site uploads and queries only as itself.
+The server's interceptor (fedserver.access) authenticates (UNAUTHENTICATED when the token is
+missing or unknown); the servicer authorises: it asks ``TokenStore.site_of`` for the caller's
+site and refuses a request that names another site (PERMISSION_DENIED), so a site uploads and
+queries only as itself.
 """
 
 from __future__ import annotations
@@ -19,11 +20,9 @@ import hashlib
 import hmac
 import logging
 import secrets
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Final
-
-import grpc
 
 from core.messages import MAX_SITE_ID_BYTES
 from fedserver.journal import write_private
@@ -33,7 +32,6 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "EXEMPT_METHOD_PREFIXES",
     "AuthError",
-    "TokenAuthInterceptor",
     "TokenStore",
     "hash_token",
     "new_token",
@@ -142,48 +140,3 @@ class TokenStore:
         if site is None:
             raise AuthError("unknown bearer token")
         return site
-
-
-def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of ``handler``'s kind that aborts with UNAUTHENTICATED before reading."""
-
-    def abort(_request: object, context: grpc.ServicerContext) -> None:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
-
-    kwargs: dict[str, Callable[..., Any] | None] = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort, **kwargs)  # type: ignore[arg-type]
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort, **kwargs)  # type: ignore[arg-type]
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort, **kwargs)  # type: ignore[arg-type]
-    return grpc.unary_unary_rpc_method_handler(abort, **kwargs)  # type: ignore[arg-type]
-
-
-class TokenAuthInterceptor(grpc.ServerInterceptor):
-    """Refuses every rpc without a known bearer token (UNAUTHENTICATED), except health and
-    reflection. Runs before the handler, so an unauthenticated upload is refused before its
-    first chunk is read or decoded."""
-
-    def __init__(self, tokens: TokenStore) -> None:
-        self._tokens = tokens
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
-        handler = continuation(handler_call_details)
-        if handler is None or method.startswith(EXEMPT_METHOD_PREFIXES):
-            return handler
-        try:
-            site = self._tokens.site_of(handler_call_details.invocation_metadata)
-        except AuthError as error:
-            logger.warning("refused %s: %s", method, error)
-            return _abort_handler(handler, str(error))
-        logger.debug("%s called by site %s", method, site)
-        return handler

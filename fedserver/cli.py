@@ -73,7 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-message-bytes", type=int,
                        help="max gRPC message size both ways, bytes (default 8 MiB)")
     group.add_argument("--max-workers", type=int,
-                       help="rpc threads; each open stream holds one (default 32)")
+                       help="threads for the rpcs' CPU work; open streams hold none (default 8)")
+    group.add_argument("--max-rpcs-per-site", type=int,
+                       help="most rpcs one site may hold open (default 16; more are refused "
+                       "with a retryable RESOURCE_EXHAUSTED)")
+    group.add_argument("--max-exempt-streams-per-peer", type=int,
+                       help="most open health Watch / reflection streams per peer address "
+                       "(default 8)")
+    group.add_argument("--max-exempt-streams", type=int,
+                       help="most open health Watch / reflection streams in all (default 64)")
     group = serve.add_argument_group("rounds")
     group.add_argument("--expected-sites", type=_sites,
                        help="comma-separated site ids a round waits for (default: every site "
@@ -109,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-chunk-bytes", type=int,
                        help="largest decoded chunk payload, bytes (default 1 MiB, max 3 MiB)")
     group.add_argument("--max-rows-per-site", type=int,
-                       help="most rows one site may upload per round (default 1,000,000)")
+                       help="most rows one site may upload per round (default 0: its share "
+                       "of the selection buffer)")
     group.add_argument("--feature-fingerprint",
                        help="pin the feature extraction (64 hex; default: the first site's)")
     group.add_argument("--feature-dim", type=int, help="pin D (default: the first site's)")
@@ -163,7 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 _SERVE_KEYS = (
     "bind", "tls_cert", "tls_key", "client_ca", "tokens_file", "max_message_bytes",
-    "max_workers", "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
+    "max_workers", "max_rpcs_per_site", "max_exempt_streams_per_peer", "max_exempt_streams",
+    "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
     "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "byte_shuffle",
     "zstd_level", "max_chunk_bytes",
     "max_rows_per_site", "feature_fingerprint", "feature_dim", "state_dir", "grace_s",

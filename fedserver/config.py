@@ -140,12 +140,23 @@ class ServerConfig:
         "and the\n"
         "fingerprint is computed from them); a table with the keys below. crop = 0 means "
         "no crop."))
-    max_rows_per_site: int = field(default=1_000_000, metadata=_help(
-        "Most rows one site may upload in a round (a site announcing more is refused)."))
+    max_rows_per_site: int = field(default=0, metadata=_help(
+        "Most rows one site may upload in a round (a site announcing more is refused with\n"
+        "RESOURCE_EXHAUSTED); 0 = the site's share of the selection buffer (buffer_rows over the\n"
+        "expected sites), which a set value may lower but not exceed (checked at start)."))
     max_message_bytes: int = field(default=DEFAULT_MAX_MESSAGE_BYTES, metadata=_help(
         "gRPC max send/receive message length, bytes."))
-    max_workers: int = field(default=32, metadata=_help(
-        "Server threads; each open stream (upload, watch, download) holds one."))
+    max_workers: int = field(default=8, metadata=_help(
+        "Threads for the rpcs' CPU work (decoding chunks, encoding bank chunks). Open streams\n"
+        "hold none: the server is asyncio, a waiting rpc is a parked coroutine."))
+    max_rpcs_per_site: int = field(default=16, metadata=_help(
+        "Most rpcs one site may hold open at once; more are refused with RESOURCE_EXHAUSTED\n"
+        "and trailing metadata fedpatchcore-retry: concurrency (fedclient retries them)."))
+    max_exempt_streams_per_peer: int = field(default=8, metadata=_help(
+        "Most open health Watch / reflection streams (no token needed) per peer address;\n"
+        "health Check is never refused, and authenticated rpcs never draw on this budget."))
+    max_exempt_streams: int = field(default=64, metadata=_help(
+        "Most open health Watch / reflection streams in all (see max_exempt_streams_per_peer)."))
     grace_s: float = field(default=10.0, metadata=_help(
         "On SIGTERM, seconds in-flight rpcs get to finish before they are cancelled\n"
         "(committed chunks are already on disk)."))
@@ -252,10 +263,13 @@ class ServerConfig:
                     f"{features.target_embed_dim}"
                 )
             object.__setattr__(self, "feature_dim", features.target_embed_dim)
-        _int_range("max_rows_per_site", self.max_rows_per_site, 1, 2**40)
+        _int_range("max_rows_per_site", self.max_rows_per_site, 0, 2**40)
         _int_range("max_message_bytes", self.max_message_bytes, MAX_CHUNK_BYTES_LIMIT + 65536,
                    1 << 30)
-        _int_range("max_workers", self.max_workers, 4, 4096)
+        _int_range("max_workers", self.max_workers, 1, 256)
+        _int_range("max_rpcs_per_site", self.max_rpcs_per_site, 4, 4096)
+        _int_range("max_exempt_streams_per_peer", self.max_exempt_streams_per_peer, 1, 4096)
+        _int_range("max_exempt_streams", self.max_exempt_streams, 1, 65536)
         if not isinstance(self.grace_s, int | float) or not 0 <= self.grace_s <= 3600:
             raise ConfigError(f"grace_s must be in [0, 3600], got {self.grace_s}")
         if not isinstance(self.fsync, bool):

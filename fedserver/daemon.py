@@ -1,32 +1,44 @@
-"""Build and run the gRPC server: limits, TLS/mTLS, token interceptor, health, reflection, drain.
+"""Build and run the gRPC server: limits, TLS/mTLS, access control, health, reflection, drain.
 
-``create_server(config)`` is a factory (tests bind 127.0.0.1:0 and read the bound port);
-``serve(config)`` binds first and answers health with NOT_SERVING while it replays the state
-directory, turns SERVING when ready, runs until SIGTERM/SIGINT and then drains: health turns
-NOT_SERVING (a health Watch stream sees it at once; new calls are refused), watch
-streams end, in-flight uploads get ``grace_s`` seconds to finish (each committed chunk is
-already durable, so a cut-off upload resumes later), a running selection completes, and the
-journal is closed.
+The server is grpc.aio: every rpc is a coroutine on one event loop (its own thread here, so
+that tests and tools drive the server from ordinary code), and a waiting rpc (a site watching
+its round for minutes, an idle upload stream) holds no thread. CPU work of the handlers runs
+on a bounded thread pool (``max_workers``); ranking and selection run on the federation's
+selection worker (fedserver.selection), never in an rpc.
+
+``bind_server(config)`` builds and binds (a factory: tests bind 127.0.0.1:0 and read the bound
+port); ``create_server`` also replays the state directory; ``serve(config)`` binds first and
+answers health with NOT_SERVING while it replays the state directory, turns SERVING when
+ready, runs until SIGTERM/SIGINT and then drains: health turns NOT_SERVING (a health Watch
+stream sees it at once; new calls are refused), watch streams end (sites reconnect and watch
+the restarted server), in-flight uploads get ``grace_s`` seconds to finish (each committed
+chunk is already durable, so a cut-off upload resumes later), a queued or running selection
+completes, and the journal is closed. One server per state directory: the directory's lock
+(fedserver.journal.StateDirLock) is taken before the journal is opened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent import futures
 from types import FrameType
+from typing import Any, TypeVar
 
 import grpc
+import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from fedpatchcore.v1 import federation_pb2 as fpb
-from fedserver.auth import TokenAuthInterceptor, TokenStore
+from fedserver.access import AccessInterceptor, RpcBudgets
+from fedserver.auth import TokenStore
 from fedserver.config import ServerConfig
 from fedserver.federation import Federation
-from fedserver.journal import Journal
+from fedserver.journal import Journal, StateDirLock
 from fedserver.metrics import ServerMetrics
 from fedserver.servicer import FederationServicer, add_to_server
 
@@ -35,26 +47,51 @@ logger = logging.getLogger(__name__)
 __all__ = ["FedServer", "bind_server", "create_server", "serve"]
 
 SERVICE_NAME = fpb.DESCRIPTOR.services_by_name["FederationService"].full_name
+T = TypeVar("T")
+
+
+class _EventLoopThread:
+    """An asyncio event loop running on a daemon thread of its own."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="fedserver-aio",
+                                        daemon=True)
+        self._thread.start()
+
+    def run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        """Run ``coroutine`` on the loop and wait for its result (from another thread)."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join()
+        self.loop.close()
 
 
 class FedServer:
-    """A bound server: the grpc.Server, health, metrics and (once loaded) the federation.
+    """A bound server: the grpc.aio server on its loop, health, metrics and (once loaded) the
+    federation.
 
     Start-up has three steps so that health can answer while the state directory is replayed:
     :meth:`listen` starts answering rpcs (health NOT_SERVING, federation calls UNAVAILABLE),
-    :meth:`load` replays the journal, :meth:`start` turns health SERVING. ``start`` does
-    whichever of the first two has not been done.
+    :meth:`load` takes the state directory's lock and replays the journal, :meth:`start` turns
+    health SERVING. ``start`` does whichever of the first two has not been done.
     """
 
     def __init__(
         self,
         config: ServerConfig,
-        grpc_server: grpc.Server,
+        loop: _EventLoopThread,
+        grpc_server: grpc.aio.Server,
         servicer: FederationServicer,
-        health_servicer: health.HealthServicer,
+        health_servicer: Any,
         metrics: ServerMetrics,
         tokens: TokenStore,
         port: int,
+        executor: futures.ThreadPoolExecutor,
         clock: Callable[[], float] | None = None,
     ) -> None:
         self.config = config
@@ -64,10 +101,14 @@ class FedServer:
         self.metrics = metrics
         self.port = port
         self.metrics_port: int | None = None
+        self._loop = loop
         self._tokens = tokens
+        self._executor = executor
         self._clock = clock
         self._federation: Federation | None = None
+        self._lock: StateDirLock | None = None
         self._listening = False
+        self._stopped = False
 
     @property
     def federation(self) -> Federation:
@@ -75,34 +116,42 @@ class FedServer:
             raise RuntimeError("the federation is not loaded yet (call load() or start())")
         return self._federation
 
-    def _set_health(self, status: int) -> None:
-        self.health.set("", status)
-        self.health.set(SERVICE_NAME, status)
+    async def _set_health(self, status: int) -> None:
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
 
     def listen(self) -> None:
         """Answer rpcs: health NOT_SERVING, federation calls UNAVAILABLE; start /metrics."""
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self._loop.run(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
         self.metrics.serving.set(0)
         if self.config.metrics_port:
             port = 0 if self.config.metrics_port < 0 else self.config.metrics_port
             self.metrics_port = self.metrics.start_http(self.config.metrics_host, port)
-        self.grpc_server.start()
+        self._loop.run(self.grpc_server.start())
         self._listening = True
         logger.info("fedserver bound to port %d, loading the state directory %s", self.port,
                     self.config.state_dir)
 
     def load(self) -> None:
-        """Open the state directory and replay its journal (may take a while)."""
-        journal = Journal(self.config.state_dir, fsync=self.config.fsync)
+        """Lock the state directory, open it and replay its journal (may take a while).
+
+        Raises StateDirLockedError when another server holds the directory."""
+        lock = StateDirLock(self.config.state_dir)
         try:
-            kwargs = {} if self._clock is None else {"clock": self._clock}
-            federation = Federation(
-                self.config, journal, self._tokens.sites,
-                device=self.config.selection_device(), **kwargs,
-            )
+            journal = Journal(self.config.state_dir, fsync=self.config.fsync)
+            try:
+                kwargs = {} if self._clock is None else {"clock": self._clock}
+                federation = Federation(
+                    self.config, journal, self._tokens.sites,
+                    device=self.config.selection_device(), **kwargs,
+                )
+            except Exception:
+                journal.close()
+                raise
         except Exception:
-            journal.close()
+            lock.release()
             raise
+        self._lock = lock
         self._federation = federation
         self.servicer.attach(federation)
         self.metrics.attach(federation)
@@ -125,26 +174,37 @@ class FedServer:
             self._abandon()
             raise
         self.federation.start()
-        self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        self._loop.run(self._set_health(health_pb2.HealthCheckResponse.SERVING))
         self.metrics.serving.set(1)
         logger.info("fedserver listening on port %d", self.port)
 
     def _abandon(self) -> None:
-        """Release the port and the metrics endpoint after a failed start."""
-        self.grpc_server.stop(None)
+        """Release the port, the metrics endpoint and the loop after a failed start."""
+        self._stopped = True
+        self._loop.run(self.grpc_server.stop(None))
         self.metrics.stop_http()
+        self._executor.shutdown(wait=False)
+        self._loop.close()
 
     def stop(self, grace: float | None = None) -> None:
         """Drain and stop: NOT_SERVING, end watches, let rpcs finish for ``grace`` seconds,
-        then wait for a running selection and close the journal."""
-        self.health.enter_graceful_shutdown()
+        then let a queued or running selection complete, close the journal, release the
+        state directory."""
+        if self._stopped:
+            return
+        self._stopped = True
+        self._loop.run(self.health.enter_graceful_shutdown())
         self.metrics.serving.set(0)
         if self._federation is not None:
             self._federation.begin_shutdown()
-        self.grpc_server.stop(grace).wait()
+        self._loop.run(self.grpc_server.stop(grace))
         if self._federation is not None:
             self._federation.close()
+        if self._lock is not None:
+            self._lock.release()
+        self._executor.shutdown(wait=True)
         self.metrics.stop_http()
+        self._loop.close()
         logger.info("fedserver stopped")
 
 
@@ -166,6 +226,20 @@ def bind_server(
     Raises AuthError for a bad tokens file, RuntimeError if the address cannot be bound.
     """
     tokens = TokenStore.load(config.tokens_file)
+    loop = _EventLoopThread()
+    try:
+        return loop.run(_bind(config, tokens, loop, clock))
+    except BaseException:
+        loop.close()
+        raise
+
+
+async def _bind(
+    config: ServerConfig,
+    tokens: TokenStore,
+    loop: _EventLoopThread,
+    clock: Callable[[], float] | None,
+) -> FedServer:
     metrics = ServerMetrics(tokens)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes),
@@ -173,18 +247,23 @@ def bind_server(
         # One process per port: a second server on the same port must fail, not share it.
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=config.max_workers, thread_name_prefix="rpc"),
-        # Metrics first: it also counts the calls the token check refuses.
-        interceptors=[metrics.interceptor(), TokenAuthInterceptor(tokens)],
-        options=options,
-        maximum_concurrent_rpcs=config.max_workers,
+    budgets = RpcBudgets(
+        per_site=config.max_rpcs_per_site,
+        exempt_per_peer=config.max_exempt_streams_per_peer,
+        exempt_total=config.max_exempt_streams,
     )
+    server = grpc.aio.server(
+        interceptors=[AccessInterceptor(tokens, budgets, metrics)],
+        options=options,
+    )
+    executor = futures.ThreadPoolExecutor(max_workers=config.max_workers,
+                                          thread_name_prefix="rpc")
     servicer = FederationServicer(
-        None, tokens, on_chunk=metrics.chunk, bind_certificates=config.client_ca is not None
+        None, tokens, executor=executor, on_chunk=metrics.chunk,
+        bind_certificates=config.client_ca is not None,
     )
     add_to_server(servicer, server)
-    health_servicer = health.HealthServicer()
+    health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -195,10 +274,13 @@ def bind_server(
         else:
             port = server.add_insecure_port(config.bind)
     except RuntimeError as error:
+        executor.shutdown(wait=False)
         raise RuntimeError(f"cannot bind {config.bind}: {error}") from error
     if port == 0:
+        executor.shutdown(wait=False)
         raise RuntimeError(f"cannot bind {config.bind}")
-    return FedServer(config, server, servicer, health_servicer, metrics, tokens, port, clock)
+    return FedServer(config, loop, server, servicer, health_servicer, metrics, tokens, port,
+                     executor, clock)
 
 
 def create_server(
@@ -210,7 +292,11 @@ def create_server(
     bad settings or state, RuntimeError if the address cannot be bound.
     """
     server = bind_server(config, clock=clock)
-    server.load()
+    try:
+        server.load()
+    except BaseException:
+        server._abandon()
+        raise
     return server, server.port
 
 

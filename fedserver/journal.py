@@ -32,17 +32,35 @@ the file back to where the record began, so the log never keeps a partial record
 acknowledged data at the next start). If even that cut fails, the journal refuses every later
 append (``JournalBrokenError``) until the server is restarted and repairs the tail.
 
-Not thread-safe: the caller (fedserver.federation) serialises appends under its lock.
+Group commit: :meth:`Journal.submit` queues a record and returns at once; one writer thread
+writes every queued record, then makes them durable together with one fsync (PostgreSQL's
+``commit_delay``, RocksDB's write groups), and only then runs each record's ``on_durable``
+callback, in append order, and resolves its future. So **when a record's future is resolved
+(and its callback ran), the record and every record submitted before it are on disk and
+fsync'ed**; the daemon acknowledges a chunk (counts it in the committed position a site is
+told) from that callback, never earlier. A batch is written all or nothing: if any write or
+the fsync fails, the file is cut back to where the batch began and every record of the batch
+fails (OSError); none of their callbacks runs, and later records of the same stream (a site's
+next chunks) fail unwritten until the submitter rolls that stream back (``generation``).
+:meth:`append` is submit-and-wait.
+
+One server per state directory: :class:`StateDirLock` (an exclusive ``flock`` on
+``STATE_DIR/fedserver.lock``, which records the holder's pid) is taken by the daemon before it
+opens the journal; a second server on the same directory gets StateDirLockedError naming the pid.
 """
 
 from __future__ import annotations
 
 import enum
+import fcntl
 import json
 import logging
 import os
+import queue
 import struct
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Final
@@ -61,6 +79,8 @@ __all__ = [
     "JournalCorruptError",
     "Record",
     "RecordKind",
+    "StateDirLock",
+    "StateDirLockedError",
     "write_private",
 ]
 
@@ -80,6 +100,26 @@ class JournalCorruptError(RuntimeError):
 
 class JournalBrokenError(OSError):
     """An earlier append failed and its partial record could not be cut off: no more appends."""
+
+
+class StateDirLockedError(RuntimeError):
+    """Another fedserver process holds the state directory (the message names its pid)."""
+
+
+#: Most bytes the writer gathers into one batch (one fsync) before it writes them.
+_BATCH_BYTES: Final[int] = 64 << 20
+
+
+@dataclass
+class _Pending:
+    """A submitted record waiting for the writer: its encoded bytes, callback and future, and
+    the stream it belongs to with the stream's generation (see :meth:`Journal.submit`)."""
+
+    data: bytes
+    on_durable: Callable[[], None] | None
+    future: Future[None]
+    stream: object = None
+    generation: int = 0
 
 
 class RecordKind(enum.IntEnum):
@@ -148,6 +188,13 @@ class Journal:
             self._sync()
             _fsync_dir(self.state_dir)
         self.bytes_written = 0
+        self.batches = 0  # fsync'ed batches so far (records / batches = the group-commit gain)
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._writer_lock = threading.Lock()
+        self._closed = False
+        # stream -> (generation, error) of its latest failed record (writer thread only)
+        self._failed_streams: dict[object, tuple[int, OSError]] = {}
 
     def records(self) -> Iterator[Record]:
         """Every record on disk, in append order, read one at a time (replay at start, and the
@@ -160,42 +207,157 @@ class Journal:
                     raise JournalCorruptError(f"{self.path}: record at byte {end} is damaged")
                 yield record
 
+    def submit(
+        self,
+        kind: RecordKind,
+        payload: bytes,
+        on_durable: Callable[[], None] | None = None,
+        *,
+        stream: object = None,
+        generation: int = 0,
+    ) -> Future[None]:
+        """Queue one record for the writer; returns its future (module docstring).
+
+        The future resolves once the record is written and fsync'ed (with fsync on), right
+        after ``on_durable`` ran on the writer thread; it fails with OSError if the record's
+        batch could not be made durable (then the file holds none of that batch and
+        ``on_durable`` never runs), JournalBrokenError after an earlier failure that could not
+        be undone. Records become durable in submission order.
+
+        ``stream`` (hashable, e.g. a site's upload in a round) names records that depend on
+        each other: once one of its records fails, every later record of that stream with a
+        ``generation`` not above the failed one's fails too, unwritten, so the log never
+        holds a chunk without the chunk before it. The submitter starts a new generation once
+        it has rolled its stream back to what is durable.
+        """
+        if len(payload) > MAX_RECORD_BYTES:
+            raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
+        body = struct.pack("<IBQ", len(payload), int(kind), xxhash.xxh64_intdigest(payload))
+        header = body + struct.pack("<I", xxhash.xxh32_intdigest(body))
+        future: Future[None] = Future()
+        with self._writer_lock:
+            if self._closed:
+                raise JournalBrokenError(f"journal {self.path} is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(
+                    target=self._write_loop, name="journal-writer", daemon=True
+                )
+                self._writer.start()
+            self._queue.put(_Pending(header + payload, on_durable, future, stream, generation))
+        return future
+
+    def barrier(self) -> None:
+        """Wait until every record submitted so far is written and fsync'ed (or failed), so
+        that :meth:`records` then reads a log with no append in progress."""
+        future: Future[None] = Future()
+        with self._writer_lock:
+            if self._writer is None or self._closed:
+                return
+            self._queue.put(_Pending(b"", None, future))
+        future.exception()  # waits; a failed batch is its records' business, not the barrier's
+
     def append(self, kind: RecordKind, payload: bytes) -> None:
         """Append one record and (with fsync) make it durable before returning.
 
         Raises OSError when it could not (the file is then as before the call; module
         docstring), JournalBrokenError after an append whose damage could not be undone.
         """
-        if len(payload) > MAX_RECORD_BYTES:
-            raise ValueError(f"record of {len(payload)} bytes exceeds {MAX_RECORD_BYTES}")
-        if self._broken is not None:
-            raise JournalBrokenError(
-                f"journal {self.path} refuses appends after an earlier failure ({self._broken}); "
-                "restart the server to repair it"
-            )
-        body = struct.pack("<IBQ", len(payload), int(kind), xxhash.xxh64_intdigest(payload))
-        header = body + struct.pack("<I", xxhash.xxh32_intdigest(body))
-        start = self._file.seek(0, os.SEEK_END)
-        try:
-            self._write_all(header)
-            self._write_all(payload)
-            self._sync()
-        except OSError as error:
-            self._undo(start, error)
-            raise
-        self.bytes_written += len(header) + len(payload)
+        self.submit(kind, payload).result()
 
     def append_json(self, kind: RecordKind, value: dict[str, Any]) -> None:
         """Append a JSON record (round lifecycle events)."""
         self.append(kind, json.dumps(value, sort_keys=True).encode("utf-8"))
 
     def close(self) -> None:
+        """Write what was submitted, stop the writer, close the file."""
+        with self._writer_lock:
+            self._closed = True
+            writer = self._writer
+            if writer is not None:
+                self._queue.put(None)
+        if writer is not None:
+            writer.join()
         if not self._file.closed:
             try:
                 if self._broken is None:
                     self._sync()
             finally:
                 self._file.close()
+
+    def _write_loop(self) -> None:
+        """The writer thread: gather queued records into a batch, write, fsync, then ack."""
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, size = [first], len(first.data)
+            while size < _BATCH_BYTES:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    stop = True
+                    break
+                batch.append(more)
+                size += len(more.data)
+            batch = self._without_failed_streams(batch)
+            if not batch:
+                continue
+            try:
+                self._write_batch(batch)
+            except OSError as error:
+                for pending in batch:
+                    if pending.stream is not None:
+                        failed = self._failed_streams.get(pending.stream)
+                        if failed is None or failed[0] < pending.generation:
+                            self._failed_streams[pending.stream] = (pending.generation, error)
+                for pending in batch:
+                    pending.future.set_exception(error)
+                continue
+            for pending in batch:
+                if pending.on_durable is not None:
+                    try:
+                        pending.on_durable()
+                    except Exception as error:  # a bug in a callback must not stop the writer
+                        logger.exception("journal: a durable-record callback failed")
+                        pending.future.set_exception(error)
+                        continue
+                pending.future.set_result(None)
+
+    def _without_failed_streams(self, batch: list[_Pending]) -> list[_Pending]:
+        """Fail (unwritten) the records of streams whose earlier record failed in the same or
+        a later generation; returns the rest."""
+        kept = []
+        for pending in batch:
+            failed = (self._failed_streams.get(pending.stream)
+                      if pending.stream is not None else None)
+            if failed is not None and pending.generation <= failed[0]:
+                pending.future.set_exception(OSError(
+                    f"not written: an earlier record of its stream failed ({failed[1]})"
+                ))
+            else:
+                kept.append(pending)
+        return kept
+
+    def _write_batch(self, batch: list[_Pending]) -> None:
+        """Write ``batch`` and fsync once; on failure cut the file back and raise OSError."""
+        if self._broken is not None:
+            raise JournalBrokenError(
+                f"journal {self.path} refuses appends after an earlier failure ({self._broken}); "
+                "restart the server to repair it"
+            )
+        start = self._file.seek(0, os.SEEK_END)
+        try:
+            for pending in batch:
+                self._write_all(pending.data)
+            self._sync()
+        except OSError as error:
+            self._undo(start, error)
+            raise
+        self.bytes_written += sum(len(p.data) for p in batch)
+        self.batches += 1
 
     # -- bank versions --------------------------------------------------------------------
 
@@ -325,30 +487,94 @@ def _parse(handle: BinaryIO, size: int) -> Iterator[tuple[Record | None, int]]:
 def _is_tail_damage(handle: BinaryIO, offset: int, size: int) -> bool:
     """True if the bad record at ``offset`` is the last thing in the file (a torn append).
 
-    A torn append leaves fewer bytes than a header, or an intact header (its own checksum
-    holds) whose payload reaches the end of the file or beyond. Anything else (a damaged
-    header, or a damaged payload with more records after it) is corruption of acknowledged data.
+    A crash between write and fsync can leave, after the last durable record: fewer bytes than
+    a header; an intact header (its own checksum holds) whose payload reaches the end of the
+    file or beyond, or is followed by zeros only; or a partly written header followed by zeros
+    only (the file system's unwritten extents and lost page-cache pages read back as zeros,
+    up to the size the file had reached). None of it was acknowledged, since the fsync that
+    would have covered it never returned. Anything else (a damaged header or payload with
+    nonzero bytes after it) is corruption of acknowledged data.
     """
     if offset + _HEADER.size > size:
         return True
     handle.seek(offset)
     header = handle.read(_HEADER.size)
     length, _, _, header_digest = _HEADER.unpack(header)
-    if xxhash.xxh32_intdigest(header[:_HEADER_BODY]) != header_digest:
-        return False
-    return offset + _HEADER.size + length >= size
+    if xxhash.xxh32_intdigest(header[:_HEADER_BODY]) == header_digest:
+        end = offset + _HEADER.size + length
+        return end >= size or _zeros_from(handle, end, size)
+    # A damaged header: torn if its nonzero bytes end within one header's length and zeros
+    # follow to the end of the file (a header cut short, then unwritten extents).
+    last_nonzero = len(header.rstrip(b"\0"))
+    return last_nonzero < _HEADER.size and _zeros_from(handle, offset + _HEADER.size, size)
+
+
+def _zeros_from(handle: BinaryIO, start: int, size: int) -> bool:
+    """True if every byte of the file from ``start`` to ``size`` is zero (read in 1 MiB blocks)."""
+    handle.seek(start)
+    left = size - start
+    while left > 0:
+        block = handle.read(min(left, 1 << 20))
+        if not block:
+            return True
+        if block.count(0) != len(block):
+            return False
+        left -= len(block)
+    return True
+
+
+class StateDirLock:
+    """An exclusive lock on a state directory, held while this object is open.
+
+    ``flock`` on ``STATE_DIR/fedserver.lock`` (released by the kernel when the process dies, so
+    a crashed server leaves no stale lock); the file holds the holder's pid for the message a
+    second server prints.
+    """
+
+    FILE_NAME: Final[str] = "fedserver.lock"
+
+    def __init__(self, state_dir: Path) -> None:
+        state_dir = Path(state_dir)
+        _private_dir(state_dir)
+        self.path = state_dir / self.FILE_NAME
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "unknown"
+            os.close(fd)
+            raise StateDirLockedError(
+                f"state directory {state_dir} is in use by another fedserver (pid {holder}); "
+                "stop it first, or give this server another state_dir"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode("ascii"), 0)
+        self._fd: int | None = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+    def __enter__(self) -> StateDirLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
 
 def write_private(path: Path, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path``, created mode 0600 whatever the umask (no moment at
-    which another user could open it), replacing what was there."""
+    """Write ``text`` (UTF-8) to ``path`` atomically and durably: a temporary file created mode
+    0600 whatever the umask (no moment at which another user could open it), fsync'ed, renamed
+    over ``path``, and the directory fsync'ed; a crash leaves the old file or the new one."""
     path = Path(path)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
-    try:
-        os.fchmod(fd, FILE_MODE)
-        os.write(fd, text.encode("utf-8"))
-    finally:
-        os.close(fd)
+    tmp = path.with_name(path.name + ".tmp")
+    with _open_private(tmp) as handle:
+        handle.write(text.encode("utf-8"))
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
 
 
 def _open_private(path: Path) -> BinaryIO:

@@ -3,8 +3,9 @@
 Served as text on ``http://metrics_host:metrics_port/metrics`` by prometheus-client's HTTP
 server, from a registry of this server alone (several servers in one test process do not mix).
 
-Traffic (counted by a gRPC server interceptor on every rpc, from the serialized size of each
-message, i.e. the bytes ``len(message.SerializeToString())`` that the gRPC framing carries):
+Traffic (counted by the server's interceptor, fedserver.access, on every rpc, from the
+serialized size of each message, i.e. the bytes ``len(message.SerializeToString())`` that the
+gRPC framing carries):
 
 * ``fedserver_received_bytes_total{site, method}`` / ``fedserver_sent_bytes_total{site,
   method}``: request / response message bytes. ``site`` is the token's site, "-" for health
@@ -39,33 +40,22 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any, Final
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from fedserver.auth import EXEMPT_METHOD_PREFIXES, AuthError, TokenStore
+from fedserver.auth import TokenStore
 from fedserver.federation import Federation, NotFoundError, Phase
-from fedserver.servicer import MalformedRequest
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SELECTION_BUCKETS", "MetricsInterceptor", "ServerMetrics"]
+__all__ = ["SELECTION_BUCKETS", "ServerMetrics"]
 
 #: Selection time buckets, seconds: from a small CPU bank (< 1 s) to a 100k-row GPU bank.
 SELECTION_BUCKETS: Final[tuple[float, ...]] = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600)
-_UPLOAD_METHOD: Final[str] = "UploadFeatures"
-
-
-def _message_bytes(message: Any) -> int:
-    """Serialized size of a request or response, bytes; bytes that did not parse reach the
-    handler as a MalformedRequest (fedserver.servicer), which carries their size."""
-    if isinstance(message, MalformedRequest):
-        return message.size
-    return int(message.ByteSize())
 
 
 class ServerMetrics:
@@ -117,17 +107,6 @@ class ServerMetrics:
     def attach(self, federation: Federation) -> None:
         """Report this federation's rounds and bank from now on."""
         self._federation_view.federation = federation
-
-    def interceptor(self) -> MetricsInterceptor:
-        return MetricsInterceptor(self)
-
-    def site_label(self, metadata: Iterable[tuple[str, str | bytes]] | None, method: str) -> str:
-        if method.startswith(EXEMPT_METHOD_PREFIXES):
-            return "-"
-        try:
-            return self._tokens.site_of(metadata or ())
-        except AuthError:
-            return "unauthenticated"
 
     def chunk(self, site: str, outcome: str) -> None:
         """Count one chunk: outcome "accepted", "resent" or a status code name (rejected)."""
@@ -220,97 +199,3 @@ class _FederationCollector(Collector):
                   bank_version),
             selection,
         ]
-
-
-class MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts message bytes per site and rpc, finished rpcs per status code, and open uploads.
-
-    It wraps each handler's behaviour; it must come first among the interceptors so that it
-    also counts the calls the token interceptor refuses.
-    """
-
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self._metrics = metrics
-
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None:
-            return None
-        full = handler_call_details.method
-        method = full.rsplit("/", 1)[-1]
-        site = self._metrics.site_label(handler_call_details.invocation_metadata, full)
-        m = self._metrics
-        received = m.received_bytes.labels(site, method)
-        sent = m.sent_bytes.labels(site, method)
-
-        def requests(iterator: Iterator[Any]) -> Iterator[Any]:
-            for request in iterator:
-                received.inc(_message_bytes(request))
-                yield request
-
-        def finish(context: grpc.ServicerContext, failed: BaseException | None) -> None:
-            code = context.code() if hasattr(context, "code") else None
-            if code is None:
-                code = grpc.StatusCode.OK if failed is None else (
-                    grpc.StatusCode.CANCELLED if isinstance(failed, GeneratorExit)
-                    else grpc.StatusCode.UNKNOWN
-                )
-            m.rpcs.labels(method, code.name).inc()
-
-        def call(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext,
-                 streaming_request: bool) -> Any:
-            if streaming_request:
-                request = requests(request)
-            else:
-                received.inc(_message_bytes(request))
-            uploading = method == _UPLOAD_METHOD
-            if uploading:
-                m.uploads_in_flight.inc()
-            try:
-                response = behavior(request, context)
-            except BaseException as error:
-                finish(context, error)
-                raise
-            finally:
-                if uploading:
-                    m.uploads_in_flight.dec()
-            sent.inc(_message_bytes(response))
-            finish(context, None)
-            return response
-
-        def stream(behavior: Callable[..., Any], request: Any, context: grpc.ServicerContext,
-                   streaming_request: bool) -> Iterator[Any]:
-            if streaming_request:
-                request = requests(request)
-            else:
-                received.inc(_message_bytes(request))
-            try:
-                for response in behavior(request, context):
-                    sent.inc(_message_bytes(response))
-                    yield response
-            except BaseException as error:
-                finish(context, error)
-                raise
-            finish(context, None)
-
-        kwargs = {"request_deserializer": handler.request_deserializer,
-                  "response_serializer": handler.response_serializer}
-        if handler.unary_unary is not None:
-            inner_uu = handler.unary_unary
-            return grpc.unary_unary_rpc_method_handler(
-                lambda r, c: call(inner_uu, r, c, False), **kwargs)
-        if handler.stream_unary is not None:
-            inner_su = handler.stream_unary
-            return grpc.stream_unary_rpc_method_handler(
-                lambda r, c: call(inner_su, r, c, True), **kwargs)
-        if handler.unary_stream is not None:
-            inner_us = handler.unary_stream
-            return grpc.unary_stream_rpc_method_handler(
-                lambda r, c: stream(inner_us, r, c, False), **kwargs)
-        inner_ss = handler.stream_stream
-        return grpc.stream_stream_rpc_method_handler(
-            lambda r, c: stream(inner_ss, r, c, True), **kwargs)

@@ -1,7 +1,8 @@
 """The round report fedserver writes when a round closes: ``<state_dir>/reports/round-N.json``
 and ``round-N.html`` (the same facts, one self-contained page for people).
 
-What it holds (built by :meth:`fedserver.federation.Federation.round_report`):
+What it holds (built by :func:`build_round_report` from the round, under the federation's lock,
+then rendered and written by :class:`ReportWriter` off every lock):
 
 * the round's outcome: state (ready / failed and why), expected, included and cut-off sites,
   quorum; the bank version and rows; the coverage certificate ``max_i r_i + r_S`` with its parts
@@ -13,7 +14,9 @@ What it holds (built by :meth:`fedserver.federation.Federation.round_report`):
   DownloadBankResponse messages), and the times join -> upload complete -> bank ready.
 
 The report is written when the round closes (ready or failed) and rewritten as sites download
-its bank, so the bytes-down column fills in as downloads finish. Times are unix seconds from
+its bank, so the bytes-down column fills in as downloads finish: downloads are aggregated per
+site (count, bytes, seconds, the latest one), and rewrites are debounced (at most one per
+``ReportWriter.debounce_s`` per round, however many sites download). Times are unix seconds from
 this server's clock; a round that was partly collected before a restart says so (its joins
 before the restart are not known: the journal keeps what a replay needs, not timings).
 """
@@ -23,16 +26,26 @@ from __future__ import annotations
 import html
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from core.htmlreport import json_safe, page, section, table, write_atomic
 
+if TYPE_CHECKING:
+    from fedserver.rounds import Round
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["REPORT_DIR", "render_round_report", "write_round_report"]
+__all__ = [
+    "REPORT_DIR",
+    "ReportWriter",
+    "build_round_report",
+    "render_round_report",
+    "write_round_report",
+]
 
 REPORT_DIR = "reports"
 
@@ -105,7 +118,7 @@ def render_round_report(report: Mapping[str, Any]) -> str:
         rows.append([
             site["site_id"], site.get("rows"), site.get("chunks_committed"),
             site.get("chunks_resent"), site.get("messages_up"), site.get("bytes_up"),
-            len(site.get("downloads", [])), site.get("bytes_down"),
+            site.get("downloads"), site.get("bytes_down"),
             _seconds(site.get("upload_complete_at"), site.get("joined_at")),
             _seconds(report.get("ready_at"), site.get("upload_complete_at")),
             site.get("rejected_count"),
@@ -150,3 +163,177 @@ def write_round_report(state_dir: Path, report: Mapping[str, Any]) -> tuple[Path
     html_path = write_atomic(folder / f"{stem}.html", render_round_report(report), private=True)
     logger.debug("round %s report written to %s", report["round"], folder)
     return json_path, html_path
+
+
+def build_round_report(
+    rnd: Round,
+    meta: Mapping[str, Any] | None,
+    *,
+    device: str,
+    strategy: str,
+    server_selection: str,
+    codec: str,
+) -> dict[str, Any]:
+    """What round ``rnd``'s report holds, as a JSON-ready dict (a snapshot: call it under the
+    federation's lock; nothing in it refers back to live state). ``meta``: its bank version's
+    metadata (None when the round has no bank)."""
+    sites = []
+    for site_id in sorted(set(rnd.expected) | set(rnd.stats) | set(rnd.sites)):
+        stats = rnd.stats.get(site_id)
+        progress = rnd.sites.get(site_id)
+        summary = progress.summary if progress is not None else None
+        sites.append({
+            "site_id": site_id,
+            "expected": site_id in rnd.expected,
+            "rows": progress.committed_rows if progress else 0,
+            "rows_announced": summary.coreset_rows if summary else None,
+            "coverage_radius": summary.coverage_radius if summary else None,
+            "chunks_committed": progress.committed_sequence if progress else 0,
+            "upload_complete": bool(progress and progress.complete),
+            "chunks_resent": stats.chunks_resent if stats else 0,
+            "messages_up": stats.messages_up if stats else 0,
+            "bytes_up": stats.bytes_up if stats else 0,
+            "downloads": stats.downloads if stats else 0,
+            "downloads_complete": stats.downloads_complete if stats else 0,
+            "bytes_down": stats.bytes_down if stats else 0,
+            "download_seconds": stats.download_seconds if stats else 0.0,
+            "last_download": dict(stats.last_download) if stats and stats.last_download else None,
+            "joined_at": stats.joined_at if stats else None,
+            "upload_complete_at": stats.upload_complete_at if stats else None,
+            "rejected_count": stats.rejected_count if stats else 0,
+            "rejected": list(stats.rejected) if stats else [],
+        })
+    included = list(rnd.included) if rnd.included is not None else None
+    counted = [s for s in sites if included is None or s["site_id"] in included]
+    radii = {s["site_id"]: s["coverage_radius"] for s in counted
+             if s["coverage_radius"] is not None}
+    return {
+        "round": rnd.number,
+        "state": rnd.phase.value,
+        "message": rnd.message,
+        "expected_sites": list(rnd.expected),
+        "quorum": rnd.quorum,
+        "included_sites": included,
+        "cut_off_sites": sorted(set(rnd.expected) - set(included)) if included else [],
+        "opened_at": rnd.opened_at,
+        "uploads_complete_at": rnd.uploads_complete_at,
+        "ready_at": rnd.ready_unix,
+        "restarted": rnd.restarted,
+        "selection": {
+            "seconds": rnd.selection_seconds,
+            "device": device,
+            "strategy": strategy,
+            "server_selection": server_selection,
+        } if rnd.selection_seconds is not None else None,
+        "bank": {
+            "version": rnd.bank_version,
+            "rows": rnd.bank_rows,
+            "codec": codec,
+        } if meta is not None else None,
+        "certificate": {
+            "server_radius": float(meta["server_radius"]),
+            "codec_error": float(meta.get("bank_codec_error", 0.0)),
+            "max_site_radius": float(meta["max_site_radius"]),
+            "certificate": float(meta["server_radius"]) + float(meta["max_site_radius"]),
+            "site_radii": radii,
+        } if meta is not None else None,
+        "sites": sites,
+        "totals": {
+            key: sum(s[key] for s in sites)
+            for key in ("rows", "chunks_committed", "chunks_resent", "messages_up",
+                        "bytes_up", "bytes_down", "rejected_count", "downloads")
+        },
+        "written_at": time.time(),
+    }
+
+
+class ReportWriter:
+    """Writes round reports on a thread of its own, debounced.
+
+    ``request(n)`` marks round n's report as due; the writer thread waits ``debounce_s``, then
+    asks ``snapshot(n)`` for the report dict (the only step that takes the federation's lock,
+    briefly) and renders and writes it with no lock held. Requests that arrive meanwhile for
+    the same round are folded into one write. ``flush()`` writes everything due now (rounds
+    that close are flushed, so their report exists before READY is announced).
+    """
+
+    def __init__(self, state_dir: Path, snapshot: Callable[[int], dict[str, Any] | None],
+                 *, debounce_s: float = 0.5) -> None:
+        self._state_dir = Path(state_dir)
+        self._snapshot = snapshot
+        self.debounce_s = debounce_s
+        self._due: dict[int, float] = {}  # round -> monotonic time it is due at
+        self._condition = threading.Condition()
+        self._write_lock = threading.Lock()  # one write at a time (writer thread or flush)
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="fedserver-reports", daemon=True)
+        self._thread.start()
+        self.writes = 0
+
+    def request(self, round_number: int) -> None:
+        with self._condition:
+            self._due.setdefault(round_number, time.monotonic() + self.debounce_s)
+            self._condition.notify()
+
+    def flush(self, round_number: int | None = None) -> None:
+        """Write now the due report of ``round_number`` (all due reports for None), or that
+        round's report even if it was not requested."""
+        with self._condition:
+            if round_number is None:
+                rounds = sorted(self._due)
+                self._due.clear()
+            else:
+                self._due.pop(round_number, None)
+                rounds = [round_number]
+        for number in rounds:
+            self._write(number)
+
+    def write_now(self, report: dict[str, Any]) -> None:
+        """Write an already built report now (a round closing: before READY is announced);
+        a request for the same round that is due is folded into it."""
+        with self._condition:
+            self._due.pop(int(report["round"]), None)
+        with self._write_lock:
+            self._write_report(report)
+
+    def stop(self) -> None:
+        """Write what is due, then end the thread."""
+        with self._condition:
+            self._stopping = True
+            self._condition.notify()
+        self._thread.join()
+        self.flush()
+
+    def _run(self) -> None:
+        while True:
+            with self._condition:
+                while not self._stopping:
+                    now = time.monotonic()
+                    ready = [n for n, at in self._due.items() if at <= now]
+                    if ready:
+                        break
+                    wait = min(self._due.values(), default=now + 3600) - now
+                    self._condition.wait(timeout=max(wait, 0.01))
+                if self._stopping:
+                    return
+                for number in ready:
+                    del self._due[number]
+            for number in ready:
+                self._write(number)
+
+    def _write(self, round_number: int) -> None:
+        with self._write_lock:
+            report = self._snapshot(round_number)
+            if report is not None:
+                self._write_report(report)
+
+    def _write_report(self, report: dict[str, Any]) -> None:
+        """Render and write (write lock held); a failure is logged, never raised: the bank and
+        the journal are what the federation needs."""
+        try:
+            json_path, _ = write_round_report(self._state_dir, report)
+        except OSError as error:
+            logger.error("round %s: cannot write its report: %s", report["round"], error)
+            return
+        self.writes += 1
+        logger.info("round %s report: %s (and .html)", report["round"], json_path)

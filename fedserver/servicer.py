@@ -8,13 +8,15 @@ become status codes here and only here (``STATUS_BY_ERROR``), each with the erro
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import dataclasses
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from typing import Any, Final
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Executor, Future
+from typing import Any, Final, TypeVar
 
 import grpc
 from google.protobuf import message as protobuf_message
@@ -25,8 +27,8 @@ from core.codec import (
     ChecksumMismatchError,
     PayloadTooLargeError,
 )
-from core.federated.aggregator import IncompatibleSiteError, RoundStateError
-from core.messages import FeatureChunk
+from core.federated.aggregator import IncompatibleSiteError, RoundStateError, SiteLimitError
+from core.messages import FeatureChunk, SiteSummary
 from core.serde import (
     UploadTooLargeError,
     bank_chunk_to_proto,
@@ -35,7 +37,6 @@ from core.serde import (
 )
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
-from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
 from fedserver.auth import AuthError, TokenStore
 from fedserver.federation import (
     REMOVED_BATCH,
@@ -82,6 +83,7 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[BaseException], grpc.StatusCode], ...]] 
     (PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UploadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UploadLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (SiteLimitError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (OutOfRangeError, grpc.StatusCode.OUT_OF_RANGE),
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
     (DimensionMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -106,6 +108,11 @@ _DEFAULT_WATCH_INTERVAL_MS: Final[int] = 500
 DRAIN_WAIT_S: Final[float] = 5.0
 #: A running upload stream whose position has not moved for this long has nothing in flight.
 STREAM_IDLE_S: Final[float] = 0.3
+#: Chunks one upload stream may have decoded and queued for the journal before the handler
+#: waits for the oldest to become durable (bounds a stream's memory: 16 x <= 3 MiB decoded).
+MAX_CHUNKS_IN_FLIGHT: Final[int] = 16
+
+T = TypeVar("T")
 
 
 def status_for(error: BaseException) -> grpc.StatusCode | None:
@@ -116,15 +123,16 @@ def status_for(error: BaseException) -> grpc.StatusCode | None:
     return None
 
 
-@contextlib.contextmanager
-def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> Iterator[None]:
+@contextlib.asynccontextmanager
+async def _statuses(
+    context: grpc.aio.ServicerContext, method: str, site: str | None
+) -> AsyncIterator[None]:
     """Turn domain errors raised inside the block into an aborted rpc with their message."""
     try:
         yield
-    except grpc.RpcError:
-        # The client cancelled or its connection broke while we read its stream: nothing to
-        # answer; what was committed stays committed (the client resumes from it).
-        logger.info("%s from site %s: the client went away", method, site)
+    except (grpc.RpcError, asyncio.CancelledError):
+        # The client cancelled or its connection broke while we read its stream (or an abort
+        # is already on its way): nothing to answer; what was committed stays committed.
         raise
     except Exception as error:
         code = status_for(error)
@@ -132,7 +140,7 @@ def _statuses(context: grpc.ServicerContext, method: str, site: str | None) -> I
             logger.exception("%s from site %s failed unexpectedly", method, site)
             raise
         logger.warning("%s from site %s: %s: %s", method, site, code.name, error)
-        context.abort(code, str(error))
+        await context.abort(code, str(error))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +223,13 @@ def certificate_names(context: grpc.ServicerContext) -> set[str]:
     }
 
 
-class FederationServicer(fgrpc.FederationServiceServicer):
-    """The gRPC face of a :class:`Federation`; ``tokens`` identify the calling site.
+class FederationServicer:
+    """The gRPC face of a :class:`Federation`, as asyncio handlers; ``tokens`` identify the
+    calling site.
+
+    Handlers wait without holding a thread (a site watching its round for minutes is a parked
+    coroutine); CPU work (decoding and verifying a chunk, encoding a bank chunk, loading a bank
+    version) runs on ``executor``, a bounded thread pool (``max_workers``).
 
     ``federation`` may be None while the daemon replays its state directory (the port is
     already bound so that health can say NOT_SERVING): every call then fails with UNAVAILABLE,
@@ -234,15 +247,16 @@ class FederationServicer(fgrpc.FederationServiceServicer):
         federation: Federation | None,
         tokens: TokenStore,
         *,
+        executor: Executor,
         on_chunk: Callable[[str, str], None] | None = None,
         bind_certificates: bool = False,
     ) -> None:
         self._attached = federation
         self._tokens = tokens
+        self._executor = executor
         self._on_chunk = on_chunk
         self._bind_certificates = bind_certificates
-        self._streams_changed = threading.Condition()
-        self._streams: dict[str, list[grpc.ServicerContext]] = {}
+        self._uploads_open: dict[str, int] = {}
 
     def attach(self, federation: Federation) -> None:
         """Serve ``federation`` from now on (its journal has been replayed)."""
@@ -256,53 +270,49 @@ class FederationServicer(fgrpc.FederationServiceServicer):
             )
         return self._attached
 
-    @contextlib.contextmanager
-    def _uploading(self, site: str, context: grpc.ServicerContext) -> Iterator[None]:
-        """Register an upload stream of ``site`` while its handler runs."""
-        with self._streams_changed:
-            self._streams.setdefault(site, []).append(context)
-        try:
-            yield
-        finally:
-            with self._streams_changed:
-                self._streams[site].remove(context)
-                self._streams_changed.notify_all()
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on the CPU executor, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
-    def _wait_for_streams(self, site: str, round_number: int) -> None:
+    async def _wait_for_streams(self, site: str, round_number: int) -> None:
         """Let the site's running upload streams finish committing what has arrived before
         answering where its upload stands.
 
-        When a connection breaks, the client learns it at once, but gRPC still hands the
-        server's handler the messages that had reached the server before the break, one by one
-        as each is committed (fsync), and only then reports the cancellation. A client that
-        asked at once would be told a position those messages are about to move, and resend
-        chunks the server then commits anyway from the old stream (measured: up to 7 chunks
-        ignored as identical resends per break before this wait). So the answer waits until
-        the site has no upload stream running, or its position has not moved for
-        STREAM_IDLE_S (a live but idle stream: nothing is in flight), at most DRAIN_WAIT_S (a
-        live stream that keeps committing: another client of the site, e.g. ``fedclient
-        status`` while uploading; the answer is then as it is, and a resend below the committed
-        position is still harmless).
+        When a connection breaks, the client learns it at once, but the server may still be
+        committing the chunks that had reached it before the break (decoded and queued for the
+        journal's group commit), and gRPC may still hand the handler messages that had arrived.
+        A client that asked at once would be told a position those messages are about to move,
+        and resend chunks the server then commits anyway from the old stream. So the answer
+        waits until the site has no upload stream running and nothing queued for the journal,
+        or its position has not moved for STREAM_IDLE_S (a live but idle stream: nothing is in
+        flight), at most DRAIN_WAIT_S (a live stream that keeps committing: another client of
+        the site, e.g. ``fedclient status`` while uploading).
         """
         deadline = time.monotonic() + DRAIN_WAIT_S
         last, moved = None, time.monotonic()
-        with self._streams_changed:
-            while self._streams.get(site):
-                now = time.monotonic()
-                try:
-                    position = self._federation.progress(site, round_number).committed_sequence
-                except Exception:  # the status call itself reports a bad round
-                    return
-                if position != last:
-                    last, moved = position, now
-                if now - moved >= STREAM_IDLE_S or now >= deadline:
-                    if now >= deadline:
-                        logger.info("site %s: an upload stream is still committing after "
-                                    "%.1f s; answering its position as it is", site, DRAIN_WAIT_S)
-                    return
-                self._streams_changed.wait(timeout=0.02)
+        while True:
+            now = time.monotonic()
+            try:
+                progress = self._federation.progress(site, round_number)
+            except Exception:  # the status call itself reports a bad round
+                return
+            # Chunks accepted but not yet durable are on their way into the journal (a stream
+            # that just broke may have left some): their commit is moments away.
+            if not self._uploads_open.get(site) and (
+                progress.accepted_sequence <= progress.committed_sequence
+            ):
+                return
+            position = progress.committed_sequence
+            if position != last:
+                last, moved = position, now
+            if now - moved >= STREAM_IDLE_S or now >= deadline:
+                if now >= deadline:
+                    logger.info("site %s: an upload stream is still committing after "
+                                "%.1f s; answering its position as it is", site, DRAIN_WAIT_S)
+                return
+            await asyncio.sleep(0.02)
 
-    def _caller(self, context: grpc.ServicerContext) -> str:
+    def _caller(self, context: grpc.aio.ServicerContext) -> str:
         """The authenticated site: its token's, bound to its client certificate under mTLS."""
         site = self._tokens.site_of(context.invocation_metadata())
         if self._bind_certificates:
@@ -314,7 +324,7 @@ class FederationServicer(fgrpc.FederationServiceServicer):
                 )
         return site
 
-    def _site(self, context: grpc.ServicerContext, claimed: str) -> str:
+    def _site(self, context: grpc.aio.ServicerContext, claimed: str) -> str:
         """The caller's site (from its token); PermissionDeniedError if it claims another."""
         site = self._caller(context)
         if claimed and claimed != site:
@@ -323,10 +333,17 @@ class FederationServicer(fgrpc.FederationServiceServicer):
             raise ValueError("site_id is required")
         return site
 
-    def JoinRound(  # noqa: N802 - generated interface
-        self, request: fpb.JoinRoundRequest, context: grpc.ServicerContext
+    def _site_of(self, context: grpc.aio.ServicerContext) -> str | None:
+        """The token's site for log lines, or None when there is no valid token."""
+        try:
+            return self._tokens.site_of(context.invocation_metadata())
+        except AuthError:
+            return None
+
+    async def JoinRound(  # noqa: N802 - generated interface
+        self, request: fpb.JoinRoundRequest, context: grpc.aio.ServicerContext
     ) -> fpb.JoinRoundResponse:
-        with _statuses(context, "JoinRound", None):
+        async with _statuses(context, "JoinRound", self._site_of(context)):
             check_parsed(request)
             site = self._site(context, request.site_id)
             fingerprint = request.feature_fingerprint
@@ -342,95 +359,161 @@ class FederationServicer(fgrpc.FederationServiceServicer):
                 upload=progress_to_proto(progress),
                 status=snapshot_to_proto(snapshot),
             )
+        raise AssertionError("unreachable: _statuses aborts")  # pragma: no cover
 
-    def UploadFeatures(  # noqa: N802
-        self, request_iterator: Iterable[pb.UploadFeaturesRequest], context: grpc.ServicerContext
+    def _submit(
+        self, site: str, request: pb.UploadFeaturesRequest | MalformedRequest
+    ) -> tuple[SiteSummary | FeatureChunk, Future[bool]]:
+        """Parse, convert and submit one upload message (on the executor: decoding is here)."""
+        check_parsed(request)
+        assert isinstance(request, pb.UploadFeaturesRequest)
+        item = upload_request_from_proto(request)
+        return item, self._federation.submit(site, item, request.SerializeToString())
+
+    def _count_chunk(self, site: str, request: object, error: BaseException | None,
+                     new: bool = True) -> None:
+        if self._on_chunk is None:
+            return
+        if error is None:
+            self._on_chunk(site, "accepted" if new else "resent")
+        elif isinstance(request, pb.UploadFeaturesRequest) and request.HasField("chunk"):
+            code = status_for(error)
+            self._on_chunk(site, code.name if code is not None else "UNKNOWN")
+
+    async def UploadFeatures(  # noqa: N802
+        self,
+        request_iterator: AsyncIterator[pb.UploadFeaturesRequest],
+        context: grpc.aio.ServicerContext,
     ) -> fpb.UploadFeaturesResponse:
         accepted = ignored = 0
         round_number = 0
-        with _statuses(context, "UploadFeatures", None):
+        site = ""
+        async with _statuses(context, "UploadFeatures", None):
             site = self._caller(context)
-        with _statuses(context, "UploadFeatures", site), self._uploading(site, context):
-            for request in request_iterator:
-                try:
-                    check_parsed(request)
-                    item = upload_request_from_proto(request)
-                    new = self._federation.receive(site, item, request.SerializeToString())
-                except Exception as error:
-                    if (
-                        self._on_chunk is not None
-                        and isinstance(request, pb.UploadFeaturesRequest)
-                        and request.HasField("chunk")
-                    ):
-                        code = status_for(error)
-                        self._on_chunk(site, code.name if code is not None else "UNKNOWN")
-                    raise
-                round_number = item.round
-                if isinstance(item, FeatureChunk):
-                    accepted, ignored = accepted + int(new), ignored + int(not new)
-                    if self._on_chunk is not None:
-                        self._on_chunk(site, "accepted" if new else "resent")
-            progress = self._federation.progress(site, round_number)
-            logger.info(
-                "round %d: site %s stream ended: %d chunk(s) committed, %d resent (ignored), "
-                "position %d", progress.round, site, accepted, ignored,
-                progress.committed_sequence,
-            )
-            return fpb.UploadFeaturesResponse(
-                upload=progress_to_proto(progress),
-                chunks_accepted=accepted,
-                chunks_ignored=ignored,
-            )
+        self._uploads_open[site] = self._uploads_open.get(site, 0) + 1
+        # Chunks decoded and queued for the journal whose durability is not yet known; at
+        # most MAX_CHUNKS_IN_FLIGHT per stream (memory), all awaited before the answer.
+        in_flight: collections.deque[tuple[asyncio.Future[bool], bool]] = collections.deque()
 
-    def QueryUploadStatus(  # noqa: N802
-        self, request: fpb.QueryUploadStatusRequest, context: grpc.ServicerContext
+        async def settle(entry: tuple[asyncio.Future[bool], bool]) -> None:
+            nonlocal accepted, ignored
+            future, is_chunk = entry
+            try:
+                new = await future
+            except Exception as error:
+                if is_chunk and self._on_chunk is not None:
+                    code = status_for(error)
+                    self._on_chunk(site, code.name if code is not None else "UNKNOWN")
+                raise
+            if is_chunk:
+                accepted, ignored = accepted + int(new), ignored + int(not new)
+                self._count_chunk(site, None, None, new)
+
+        try:
+            async with _statuses(context, "UploadFeatures", site):
+                async for request in request_iterator:
+                    while in_flight and (in_flight[0][0].done()
+                                         or len(in_flight) >= MAX_CHUNKS_IN_FLIGHT):
+                        await settle(in_flight.popleft())
+                    try:
+                        item, done = await self._run(self._submit, site, request)
+                    except Exception as error:
+                        self._count_chunk(site, request, error)
+                        # An earlier chunk of this stream that failed to become durable is
+                        # the cause to report (it rolled the site back, so this one is out
+                        # of order): settle those first.
+                        while in_flight:
+                            await settle(in_flight.popleft())
+                        raise
+                    round_number = item.round
+                    in_flight.append((asyncio.wrap_future(done), isinstance(item, FeatureChunk)))
+                while in_flight:
+                    await settle(in_flight.popleft())
+                progress = self._federation.progress(site, round_number)
+                logger.info(
+                    "round %d: site %s stream ended: %d chunk(s) committed, %d resent "
+                    "(ignored), position %d", progress.round, site, accepted, ignored,
+                    progress.committed_sequence,
+                )
+                return fpb.UploadFeaturesResponse(
+                    upload=progress_to_proto(progress),
+                    chunks_accepted=accepted,
+                    chunks_ignored=ignored,
+                )
+        finally:
+            self._uploads_open[site] -= 1
+            if not self._uploads_open[site]:
+                del self._uploads_open[site]
+            for future, _ in in_flight:  # the stream ended early: their outcome is logged
+                future.add_done_callback(_retrieve)
+        raise AssertionError("unreachable: _statuses aborts")  # pragma: no cover
+
+    async def QueryUploadStatus(  # noqa: N802
+        self, request: fpb.QueryUploadStatusRequest, context: grpc.aio.ServicerContext
     ) -> fpb.QueryUploadStatusResponse:
-        with _statuses(context, "QueryUploadStatus", None):
+        async with _statuses(context, "QueryUploadStatus", self._site_of(context)):
             check_parsed(request)
             site = self._site(context, request.site_id)
-            self._wait_for_streams(site, request.round)
+            await self._wait_for_streams(site, request.round)
             progress = self._federation.progress(site, request.round)
             return fpb.QueryUploadStatusResponse(upload=progress_to_proto(progress))
+        raise AssertionError("unreachable: _statuses aborts")  # pragma: no cover
 
-    def DownloadBank(  # noqa: N802
-        self, request: fpb.DownloadBankRequest, context: grpc.ServicerContext
-    ) -> Iterator[fpb.DownloadBankResponse]:
-        with _statuses(context, "DownloadBank", None):
+    async def DownloadBank(  # noqa: N802
+        self, request: fpb.DownloadBankRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fpb.DownloadBankResponse]:
+        async with _statuses(context, "DownloadBank", self._site_of(context)):
             check_parsed(request)
             site = self._site(context, request.site_id)
-            download = self._federation.bank_download(
-                site, request.version, request.have_version
+            federation = self._federation
+            download = await self._run(
+                federation.bank_download, site, request.version, request.have_version
             )
             header = download.header
             started, sent, messages, complete = time.perf_counter(), 0, 0, False
             try:
-                for response in _download_responses(download):
-                    if messages and not context.is_active():
-                        logger.info("site %s cancelled its bank download", site)
-                        return
+                for response in _header_responses(download):
+                    sent += response.ByteSize()
+                    messages += 1
+                    yield response
+                chunks = iter(download.chunks)
+                while True:
+                    chunk = await self._run(next, chunks, None)
+                    if chunk is None:
+                        break
+                    response = fpb.DownloadBankResponse(chunk=bank_chunk_to_proto(chunk))
                     sent += response.ByteSize()
                     messages += 1
                     yield response
                 complete = True
             finally:  # the round report counts what was sent, finished or not
-                self._federation.record_download(
+                federation.record_download(
                     site, header, bytes_sent=sent, messages=messages,
                     seconds=time.perf_counter() - started, complete=complete,
                 )
 
-    def WatchRound(  # noqa: N802
-        self, request: fpb.WatchRoundRequest, context: grpc.ServicerContext
-    ) -> Iterator[fpb.RoundStatus]:
-        with _statuses(context, "WatchRound", None):
+    async def WatchRound(  # noqa: N802
+        self, request: fpb.WatchRoundRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[fpb.RoundStatus]:
+        async with _statuses(context, "WatchRound", self._site_of(context)):
             check_parsed(request)
             self._site(context, request.site_id)
             interval = (request.min_interval_ms or _DEFAULT_WATCH_INTERVAL_MS) / 1000.0
-            for snapshot in self._federation.watch(request.round, interval, context.is_active):
+            async for snapshot in self._federation.watch(
+                request.round, interval, lambda: not context.done()
+            ):
                 yield snapshot_to_proto(snapshot)
 
 
-def _download_responses(download: BankDownload) -> Iterator[fpb.DownloadBankResponse]:
-    """A DownloadBank reply's messages: the header, the removed indices, the chunks."""
+def _retrieve(future: asyncio.Future[bool]) -> None:
+    """Mark a future's exception as seen (a stream that aborted no longer awaits it; ingest
+    has logged what went wrong)."""
+    if not future.cancelled():
+        future.exception()
+
+
+def _header_responses(download: BankDownload) -> Iterator[fpb.DownloadBankResponse]:
+    """A DownloadBank reply's first messages: the header, then the removed indices."""
     header = download.header
     yield fpb.DownloadBankResponse(header=fpb.BankHeader(
         version=header.version,
@@ -448,8 +531,6 @@ def _download_responses(download: BankDownload) -> Iterator[fpb.DownloadBankResp
     for lo in range(0, download.removed.size, REMOVED_BATCH):
         batch = download.removed[lo : lo + REMOVED_BATCH]
         yield fpb.DownloadBankResponse(removed=fpb.RemovedRows(indices=batch.tolist()))
-    for chunk in download.chunks:
-        yield fpb.DownloadBankResponse(chunk=bank_chunk_to_proto(chunk))
 
 
 # -- domain -> proto ----------------------------------------------------------------------------

@@ -139,19 +139,34 @@ def test_cli_check_data_lists_errors_then_warnings_and_exits_2(
 ) -> None:
     root = generate_synthetic_dataset(tmp_path / "m", categories=("washer",), num_train=3,
                                       num_test=4, image_size=32, layout="mvtec")
-    assert cli.main(["check", "--data", str(root)]) == 0  # no server: the data only
+    random_weights = ["--backbone", "resnet18", "--no-pretrained"]  # no network in tests
+    # no server: the data and the extractor
+    assert cli.main(["check", "--data", str(root), *random_weights]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("ok   data: ") and "MVTec AD layout, 3 training image(s), 4 test" \
         in out[0]
     assert out[1].strip() == "washer: train good 3; test good 2, scratch 1, spot 1"
     (root / "washer" / "train" / "good" / "notes.txt").write_text("x")
-    assert cli.main(["check", "--data", str(root)]) == 0  # a warning is not an error
+    # a warning is not an error
+    assert cli.main(["check", "--data", str(root), *random_weights]) == 0
     capsys.readouterr()
     (root / "washer" / "train" / "good" / "000.png").write_bytes(b"")
-    assert cli.main(["check", "--data", str(root)]) == 2
+    assert cli.main(["check", "--data", str(root), *random_weights]) == 2
     out = capsys.readouterr().out.splitlines()
     errors = [i for i, line in enumerate(out) if line.startswith("error ")]
     warnings = [i for i, line in enumerate(out) if line.startswith("warning ")]
     assert len(errors) == 1 and len(warnings) == 1 and max(errors) < min(warnings)
     assert str(root / "washer" / "train" / "good" / "000.png") in out[errors[0]]
-    assert out[-1].strip() == "data: 1 error(s), 1 warning(s)"
+    assert out[max(warnings) + 1].strip() == "data: 1 error(s), 1 warning(s)"
+    assert out[-2].startswith("ok   extractor resnet18") and "RANDOM weights" in out[-2]
+
+
+def test_check_reads_a_category_folder_and_refuses_a_folder_under_test(tmp_path: Path) -> None:
+    root = generate_synthetic_dataset(tmp_path / "m", categories=("washer", "screw"),
+                                      num_train=3, num_test=2, image_size=32, layout="mvtec")
+    report = check_site_data(root / "washer")
+    assert report.layout == "mvtec" and not report.errors, report.problems
+    assert list(report.counts) == ["washer"] and report.images("train") == 3
+    _has(check_site_data(root / "washer" / "test"), "error", root / "washer" / "test",
+         "inside test/ of the category folder")
+    _has(check_site_data(tmp_path), "error", tmp_path, "defects and masks included")

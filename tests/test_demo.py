@@ -42,3 +42,22 @@ def test_generate_needs_data(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         main(["--generate"])
     assert "--generate needs --data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("demo_main", [main, system_main], ids=["in-process", "system"])
+def test_pretrained_without_network_is_one_line_not_a_traceback_per_site(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    demo_main: Callable[[list[str]], int],
+) -> None:
+    """`dev.py demo --pretrained` offline printed four tracebacks (one per site process)."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    code = demo_main(["--pretrained", "--image-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.startswith("demo: error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert "without --pretrained" in lines[0] and "--weights FILE" in lines[0]

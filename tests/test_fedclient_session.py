@@ -4,6 +4,7 @@ download, status-code mapping, and the CLI's one-line errors."""
 from __future__ import annotations
 
 import itertools
+import logging
 import random
 from collections.abc import Iterator
 
@@ -27,6 +28,7 @@ from fedclient.session import (
     SiteSession,
 )
 from fedpatchcore.v1 import federation_pb2 as fpb
+from tests import fake_federation
 from tests.fake_federation import FakeFederation, start
 
 D = 32
@@ -203,14 +205,34 @@ def test_download_full_then_delta(federation) -> None:
     assert delta.bytes_received * 10 < fresh.bytes_received  # only the change travelled
 
 
-def test_download_rejects_a_bank_that_fails_its_checksum(federation) -> None:
+def test_a_stale_bank_is_replaced_by_the_full_one_with_one_line(federation, caplog) -> None:
+    """A site's copy of v1 that is not the server's (an earlier federation's, or a reset
+    server's): the delta fails the checksum or the row count, so the site downloads the whole
+    bank and says why in one warning, instead of failing every rerun."""
     servicer, port = federation
     v1 = np.random.default_rng(4).random((50, D), dtype=np.float32)
     servicer.banks = {1: v1, 2: v1[:40]}
-    stale = v1.copy()
-    stale[0, 0] += 1.0  # the site's copy of v1 is not what the server holds
-    with _session(port) as session, pytest.raises(RejectedError, match="checksum"):
-        session.download_bank(version=2, have=(1, stale))
+    same_rows = v1.copy()
+    same_rows[0, 0] += 1.0  # same shape, other values: the checksum catches it
+    more_rows = np.concatenate([v1, v1[:10]])  # an earlier federation's larger bank
+    for stale, reason in ((same_rows, "fails its checksum"), (more_rows, "the header says 40")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="fedclient.session"), _session(port) as s:
+            result = s.download_bank(version=2, have=(1, stale))
+        np.testing.assert_array_equal(result.bank, v1[:40])
+        assert not result.delta and reason in (result.replaced_stale or "")
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 1 and reason in lines[0] and "full bank" in lines[0], lines
+        assert result.bytes_received > 40 * D  # the refused delta's bytes and the full bank's
+    with _session(port) as session:  # a full download that fails its checksum is not retried
+        servicer.banks = {1: v1}
+        original = fake_federation.bank_checksum
+        fake_federation.bank_checksum = lambda bank: 12345
+        try:
+            with pytest.raises(RejectedError, match="checksum"):
+                session.download_bank(version=1)
+        finally:
+            fake_federation.bank_checksum = original
 
 
 def test_watch_until_ready_or_failed(federation) -> None:
@@ -255,6 +277,8 @@ def test_cli_status_prints_the_round(federation, tmp_path, capsys) -> None:
                      "--token-file", str(token), "--follow"]) == 0
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("round 1: collecting") and "bank v1 (4 rows)" in out[1]
+    # sites_joined counts uploads begun (the server logs "joined" earlier, at JoinRound)
+    assert "sites uploading or done" in out[0] and " joined" not in out[0]
 
 
 def test_every_command_has_help(capsys) -> None:
@@ -343,7 +367,18 @@ def test_mutual_tls(pki) -> None:
         TLSConfig(ca_file=pki / "ca.pem", cert_file=pki / "site.pem")
 
 
-def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
+def offline(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """No network and a cold weights cache (huggingface_hub's offline switch, empty caches)."""
+    from huggingface_hub import constants
+
+    cache = tmp_path / "cold-cache"
+    cache.mkdir(exist_ok=True)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("TORCH_HOME", str(cache))
+
+
+def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys, monkeypatch) -> None:
     from concurrent import futures
 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -359,10 +394,13 @@ def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
     server.start()
     token = tmp_path / "t"
     token.write_text("tok-a\n")
+    check = ["check", "--server", f"127.0.0.1:{port}", "--site-id", "site-a", "--token-file",
+             str(token), "--data", str(synthetic_root), "--categories", "washer"]
+    offline(monkeypatch, tmp_path)
     try:
-        code = cli.main(["check", "--server", f"127.0.0.1:{port}", "--site-id", "site-a",
-                         "--token-file", str(token), "--data", str(synthetic_root),
-                         "--categories", "washer"])
+        default_code = cli.main(check)  # the default extractor: pretrained, no network
+        default_out = capsys.readouterr().out.splitlines()
+        code = cli.main([*check, "--backbone", "resnet18", "--no-pretrained"])
     finally:
         server.stop(grace=None)
     out = [line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")]
@@ -373,6 +411,13 @@ def test_cli_check_reports_each_step(tmp_path, synthetic_root, capsys) -> None:
     assert out[3] == ("ok   token accepted for site site-a; round 1 open, bank size 16, upload "
                       "committed 0 chunk(s)")
     assert "12 training image(s), 8 test image(s)" in out[0] and "SERVING" in out[2]
+    assert out[4].startswith("ok   extractor resnet18 (from this site's settings): weights "
+                             "loaded, RANDOM weights")
+    assert out[5].startswith("ok   evaluation: scored on the 224x224 centre crop")
+    # `check` said all was well offline although `run` could not load the weights: now it fails
+    assert default_code == 2
+    assert default_out[-1].startswith("FAIL extractor wide_resnet50_2 (from this site's settings)")
+    assert "--weights FILE" in default_out[-1] and "--no-pretrained" in default_out[-1]
 
 
 def test_cli_run_refuses_early_with_one_line(federation, tmp_path, synthetic_root, capsys) -> None:
@@ -392,3 +437,92 @@ def test_cli_run_refuses_early_with_one_line(federation, tmp_path, synthetic_roo
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "the round does not accept this (join)" in err
     assert not (tmp_path / "out" / "metrics.json").exists()  # refused before any work
+
+
+def test_tls_against_a_plaintext_server_is_one_line_without_grpc_log_lines(
+    federation, pki, tmp_path
+) -> None:
+    """A site with --tls-ca against a plaintext server: one line that says what to check,
+    without gRPC's raw text or its C-core log lines (a fresh process: the C core reads its log
+    level when grpc is first imported)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    _, port = federation
+    token = tmp_path / "t"
+    token.write_text("tok-a")
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_VERBOSITY"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "protos")])
+    done = subprocess.run(
+        [sys.executable, "-m", "fedclient", "status", "--server", f"127.0.0.1:{port}",
+         "--site-id", "site-a", "--token-file", str(token), "--tls-ca", str(pki / "ca.pem"),
+         "--retries", "1", "--timeout", "5"],
+        capture_output=True, text=True, env=env, timeout=120,
+    )
+    assert done.returncode == 1
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert "TLS handshake with the server" in done.stderr and "--tls-ca" in done.stderr
+    assert "ssl_transport_security" not in done.stderr
+
+
+def test_progress_on_a_terminal_keeps_log_lines_out_of_the_bar(monkeypatch) -> None:
+    """The random-weights warning used to be printed into the progress bar's line; steps
+    between the fit and score bars, and the round's status while waiting, are shown."""
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    handler = logging.StreamHandler(terminal)
+    logging.getLogger().addHandler(handler)
+    try:
+        bar = cli._progress_bar()
+        bar("fit", 1, 4)
+        logging.getLogger("core.features").warning("BACKBONE resnet18 HAS RANDOM WEIGHTS")
+        bar("fit", 4, 4)
+        bar.say("round 1: uploading 10 rows in 1 chunk(s)")
+        bar.status(fpb.RoundStatus(round=1, state=fpb.ROUND_STATE_COLLECTING, sites_expected=3,
+                                   sites_complete=1))
+        bar.status(fpb.RoundStatus(round=1, state=fpb.ROUND_STATE_READY, sites_expected=3,
+                                   sites_complete=3))
+        bar.say("round 1: bank v1 downloaded")
+    finally:
+        logging.getLogger().removeHandler(handler)
+    lines = terminal.getvalue().split("\n")
+    assert lines[0] == "\r  fit [#######.......................] 1/4"
+    assert lines[1] == "BACKBONE resnet18 HAS RANDOM WEIGHTS"  # on a line of its own
+    assert lines[2].endswith("4/4") and lines[3] == "round 1: uploading 10 rows in 1 chunk(s)"
+    assert "round 1: ready, 3/3 site(s) uploaded" in lines[4]
+    assert lines[5] == "round 1: bank v1 downloaded"
+
+
+def test_a_concurrency_refusal_is_retried_and_a_limit_refusal_is_final() -> None:
+    """RESOURCE_EXHAUSTED with fedserver's ``fedpatchcore-retry: concurrency`` trailer (the site
+    held too many rpcs at once) may pass on a retry; RESOURCE_EXHAUSTED for too many rows may
+    not."""
+    from fedclient.session import _retryable
+
+    class Refusal(grpc.RpcError):
+        def __init__(self, details: str, trailing: tuple[tuple[str, str], ...]) -> None:
+            self._details, self._trailing = details, trailing
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.RESOURCE_EXHAUSTED
+
+        def details(self) -> str:
+            return self._details
+
+        def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+            return self._trailing
+
+    assert _retryable(Refusal("concurrency limit: site 'a' already holds 16 open rpcs",
+                              (("fedpatchcore-retry", "concurrency"),)))
+    assert _retryable(Refusal("Concurrent RPC limit exceeded!", ()))
+    assert not _retryable(Refusal("site 'a' announces 5000 rows, more than max_rows_per_site=1000",
+                                  ()))

@@ -84,3 +84,45 @@ def test_score_command_reuses_a_saved_bank(tmp_path: Path, synthetic_root: Path,
     assert cli.main(["score", "--bank", str(tmp_path / "none.safetensors"), "--data",
                      str(synthetic_root), "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["mvtec", "autovi"])
+def test_a_category_folder_as_data_never_trains_on_test_or_ground_truth(
+    tmp_path: Path, layout: str
+) -> None:
+    root = generate_synthetic_dataset(tmp_path / "data", categories=("washer", "screw"),
+                                      num_train=3, num_test=4, image_size=32, layout=layout)
+    category = root / "washer"
+    train, test = load_site_data(category)
+    assert train.categories == ("washer",) and len(train) == 3
+    for sample in train:
+        parts = sample.image_path.relative_to(category).parts
+        assert parts[:2] == ("train", "good"), sample.image_path
+    assert test is not None and len(test) == 4 and test.labels.any()
+    # the same as the dataset folder with --categories
+    same, _ = load_site_data(root, ("washer",))
+    assert [s.image_path for s in same] == [s.image_path for s in train]
+    with pytest.raises(DatasetError, match="category folder 'washer'"):
+        load_site_data(category, ("screw",))
+    # anything under test/ or ground_truth/ is refused, naming the category to give instead
+    for inside in (category / "test", category / "test" / "good", category / "ground_truth"):
+        with pytest.raises(DatasetError, match=f"Give --data {category}"):
+            load_site_data(inside)
+    # a plain folder holding a dataset deeper down is refused, not read as good images
+    with pytest.raises(DatasetError, match="defects and masks included"):
+        load_site_data(tmp_path)
+
+
+def test_a_plain_folder_with_test_or_ground_truth_is_refused(tmp_path: Path) -> None:
+    from core.data import ImageFolderDataset
+
+    plain = tmp_path / "plain"
+    for sub in ("cam1", "cam1/test"):
+        (plain / sub).mkdir(parents=True)
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(plain / sub / "a.png")
+    with pytest.raises(DatasetError, match="cam1/test/"):
+        ImageFolderDataset(plain)
+    with pytest.raises(DatasetError, match="cam1/test/"):
+        load_site_data(plain)
+    (plain / "cam1" / "test").rename(plain / "cam1" / "more")
+    assert len(ImageFolderDataset(plain)) == 2

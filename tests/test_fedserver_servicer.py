@@ -1,4 +1,6 @@
-"""FederationServicer without sockets (grpc_testing): every status code and what stays committed."""
+"""FederationServicer through a real grpc.aio server in this process (127.0.0.1:0): every status
+code and what stays committed. (grpc_testing drives only synchronous servicers; the handlers are
+asyncio coroutines now, so the calls go over loopback.)"""
 
 from __future__ import annotations
 
@@ -6,69 +8,57 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import grpc_testing
 import pytest
-from fedserver_testing import make_config, site_rows, upload_messages
+from fedserver_testing import channel, make_config, site_rows, upload_messages
 
 from core.serde import upload_request_to_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
-from fedserver.auth import TokenStore
-from fedserver.federation import Federation, Phase
-from fedserver.journal import Journal
-from fedserver.servicer import FederationServicer
+from fedpatchcore.v1 import federation_pb2_grpc as fgrpc
+from fedserver.daemon import create_server
+from fedserver.federation import Phase
 
-SERVICE = fpb.DESCRIPTOR.services_by_name["FederationService"]
 CHUNK_BYTES = 32 * 4 * 20  # 20 rows of D=32 per chunk
 
 
 class Harness:
     def __init__(self, tmp_path: Path, **overrides: object) -> None:
         self.config, self.tokens = make_config(tmp_path, ["a", "b"], **overrides)
-        self.federation = Federation(self.config, Journal(self.config.state_dir), ("a", "b"))
-        self.federation.start()
-        servicer = FederationServicer(self.federation, TokenStore.load(self.config.tokens_file))
-        self.server = grpc_testing.server_from_dictionary(
-            {SERVICE: servicer}, grpc_testing.strict_real_time()
-        )
+        self.server, port = create_server(self.config)
+        self.server.start()
+        self.federation = self.server.federation
+        self.channel = channel(port)
+        self.stub = fgrpc.FederationServiceStub(self.channel)
 
     def metadata(self, site: str) -> tuple[tuple[str, str], ...]:
         return (("authorization", f"Bearer {self.tokens[site]}"),)
 
     def unary(self, method: str, request: object, site: str = "a") -> tuple[object, object, str]:
-        rpc = self.server.invoke_unary_unary(
-            SERVICE.methods_by_name[method], self.metadata(site), request, 10
-        )
-        response, _, code, details = rpc.termination()
-        return response, code, details
+        try:
+            response = getattr(self.stub, method)(request, metadata=self.metadata(site),
+                                                  timeout=10)
+        except grpc.RpcError as error:
+            return None, error.code(), error.details() or ""  # type: ignore[attr-defined]
+        return response, grpc.StatusCode.OK, ""
 
     def upload(
         self, requests: list[pb.UploadFeaturesRequest], site: str = "a"
     ) -> tuple[fpb.UploadFeaturesResponse, grpc.StatusCode, str]:
-        rpc = self.server.invoke_stream_unary(
-            SERVICE.methods_by_name["UploadFeatures"], self.metadata(site), 10
-        )
-        for request in requests:
-            rpc.send_request(request)
-        rpc.requests_closed()
-        response, _, code, details = rpc.termination()
-        return response, code, details
+        return self.unary("UploadFeatures", iter(requests), site)  # type: ignore[return-value]
 
     def stream(self, method: str, request: object, site: str = "a") -> tuple[list, object, str]:
-        rpc = self.server.invoke_unary_stream(
-            SERVICE.methods_by_name[method], self.metadata(site), request, 10
-        )
-        responses = []
-        while True:
-            try:
-                responses.append(rpc.take_response())
-            except ValueError:  # grpc_testing: no more responses (the rpc terminated)
-                break
-        _, code, details = rpc.termination()
-        return responses, code, details
+        responses: list = []
+        try:
+            for response in getattr(self.stub, method)(request, metadata=self.metadata(site),
+                                                       timeout=10):
+                responses.append(response)
+        except grpc.RpcError as error:
+            return responses, error.code(), error.details() or ""  # type: ignore[attr-defined]
+        return responses, grpc.StatusCode.OK, ""
 
     def close(self) -> None:
-        self.federation.close()
+        self.channel.close()
+        self.server.stop(0)
 
 
 @pytest.fixture
@@ -162,6 +152,7 @@ def test_download_before_ready_then_after(harness: Harness) -> None:
     assert (header.version, header.total_rows, header.base_version) == (1, 50, 0)
     assert sum(r.chunk.features.rows for r in responses[1:]) == 50
     assert responses[-1].chunk.last
-    # Uploads after the round closed are refused.
-    _, code, details = harness.upload(_requests("a", 0)[:1])
+    # New uploads after the round closed are refused (an identical resend is ignored).
+    assert harness.upload(_requests("a", 0)[:1])[1] is grpc.StatusCode.OK
+    _, code, details = harness.upload(_requests("a", 2)[1:2])  # another chunk 0
     assert code is grpc.StatusCode.FAILED_PRECONDITION and "ready" in details

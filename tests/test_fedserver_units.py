@@ -339,7 +339,7 @@ def test_a_state_directory_that_cannot_record_the_deadline_fails_the_round_loudl
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(journal, "append_json", disk_full)
+    monkeypatch.setattr(journal, "_write_batch", disk_full)  # every write of the log fails
     now[0] = 10.0
     snapshot = federation.wait_for(1, {Phase.READY, Phase.FAILED}, timeout=30)
     assert snapshot.phase is Phase.FAILED

@@ -1,6 +1,6 @@
 """The Flower round (extra ``flower``): fedserver.flower_app and fedclient.flower_app.
 
-* For real: README's "Flower" commands, run as written but for the substitutions below, start a
+* For real: the commands of docs/flower.md, run as written but for the substitutions below, start a
   flower-superlink and two flower-supernode processes on 127.0.0.1 (insecure, free ports) and
   ``flwr run`` the app; every site's saved bank and the server's bank must equal, bit for bit,
   the bank ``core.federated`` computes in process on the same data (the bank fedserver's daemon is
@@ -8,12 +8,12 @@
 * In process: the spec's NumPyClient (FlowerPatchCoreClient) through the same server functions;
   the record layout; every validation error of the run and node configs.
 
-Substitutions made to README's commands: the ports (9093, 9094, 9095) become free ports; the
+Substitutions made to the page's commands: the ports (9093, 9094, 9095) become free ports; the
 sites' ``data='/data/site-X'`` becomes the generated data with one category per site (plus
 ``coreset-percentage=0.25 overlays=false``, for a small bank and a fast run); ``flower-app``
 becomes its absolute path; ``pip install`` is skipped (dev.py installed the ``flower`` extra) and
 the server.toml written by ``fedserver init-config`` gets the small random-weight extractor
-pinned, as README says to.
+pinned, as the page says to.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ from fedserver.flower_app import (
 from tests.conftest import SMALL_FEATURES
 
 ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
+PAGE = ROOT / "docs" / "flower.md"
 BANK_SIZE = 300
 CORESET = 0.25
 EXTRACTOR = {
@@ -76,12 +76,10 @@ SITES = ("a", "b")
 
 def _readme_flower_blocks() -> tuple[list[str], str]:
     """(command lines of the Flower section's bash block, its toml block)."""
-    text = README.read_text()
-    section = text[text.index("## Flower\n"):]
-    section = section[: section.index("\n## ", 1)]
+    section = PAGE.read_text()
     bash = re.findall(r"^```bash\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
     toml = re.findall(r"^```toml\n(.*?)^```", section, flags=re.DOTALL | re.MULTILINE)
-    assert len(bash) == 1 and len(toml) == 1, "README's Flower section lost its examples"
+    assert len(bash) == 1 and len(toml) == 1, "docs/flower.md lost its examples"
     return [line for line in bash[0].splitlines() if line.strip()], toml[0]
 
 
@@ -152,7 +150,7 @@ def reference_bank(synthetic_root: Path, site_categories: dict[str, str]) -> np.
 
 
 def _server_config(directory: Path, argv: list[str], env: dict[str, str]) -> Path:
-    """Run README's ``fedserver init-config`` and pin the extractor, as README says to."""
+    """Run the page's ``fedserver init-config`` and pin the extractor, as the page says to."""
     subprocess.run(_tool(argv), cwd=directory, env=env, check=True, capture_output=True)
     config = directory / "fed" / "server.toml"
     text = config.read_text()

@@ -1,8 +1,10 @@
-"""Every ```python block of README.md runs, in order, in one namespace.
+"""Every ```python block of README.md and of the pages in docs/ runs, in order, one namespace per
+page.
 
-The README documents the one substitution made here: its block marked ``# setup`` (data paths
-and backbone weights) is replaced by SETUP below, generated data and a random-weight resnet18,
-because CI has neither the datasets nor network. Every other block runs exactly as written.
+A page documents the one substitution made here: its block marked ``# setup`` (data paths and
+backbone weights), which must be its first, is replaced by SETUP below, generated data and a
+random-weight resnet18, because CI has neither the datasets nor network. Every other block runs
+exactly as written.
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ import pytest
 
 from core.data import generate_synthetic_dataset
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 
 SETUP = """
 from core.features import FeatureConfig
@@ -36,28 +40,40 @@ def python_blocks(text: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", text, flags=re.DOTALL | re.MULTILINE)
 
 
-def test_readme_python_blocks_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    blocks = python_blocks(README.read_text())
-    assert len(blocks) >= 3, "README lost its python examples"
-    setup = [i for i, b in enumerate(blocks) if b.startswith("# setup\n")]
-    assert setup == [0], "the README's first python block must be its one '# setup' block"
-    # The setup block defines exactly what SETUP replaces; it must at least be valid Python.
-    compile(blocks[0], "README setup", "exec")
-    for name in ("MVTEC_ROOT", "AUTOVI_ROOT", "features"):
-        assert re.search(rf"^{name} = ", blocks[0], flags=re.MULTILINE), name
+def _run_page(page: Path, blocks: list[str], mvtec: Path, autovi: Path) -> dict[str, object]:
+    namespace: dict[str, object] = {"__name__": "readme"}
+    if blocks[0].startswith("# setup\n"):
+        # The setup block defines exactly what SETUP replaces; it must at least be valid Python.
+        compile(blocks[0], f"{page.name} setup", "exec")
+        for name in ("MVTEC_ROOT", "AUTOVI_ROOT", "features"):
+            assert re.search(rf"^{name} = ", blocks[0], flags=re.MULTILINE), (page, name)
+        exec(SETUP.format(mvtec=str(mvtec), autovi=str(autovi)), namespace)
+        blocks = blocks[1:]
+    for i, block in enumerate(blocks, start=1):
+        exec(compile(block, f"{page.name} python block {i}", "exec"), namespace)
+    return namespace
+
+
+def test_readme_and_docs_python_blocks_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pages = {page: python_blocks(page.read_text(encoding="utf-8")) for page in PAGES}
+    pages = {page: blocks for page, blocks in pages.items() if blocks}
+    api = ROOT / "docs" / "python-api.md"
+    assert len(pages.get(api, [])) >= 3, "docs/python-api.md lost its python examples"
+    for page, blocks in pages.items():
+        setup = [i for i, b in enumerate(blocks) if b.startswith("# setup\n")]
+        assert setup in ([], [0]), f"{page}: a '# setup' block must be the page's first"
 
     mvtec = generate_synthetic_dataset(
         tmp_path / "mvtec", categories=("washer",), num_train=6, num_test=6, image_size=64
     )
-    (mvtec / "washer").rename(mvtec / "bottle")  # the README's MVTec category
+    (mvtec / "washer").rename(mvtec / "bottle")  # the docs' MVTec category
     autovi = generate_synthetic_dataset(
         tmp_path / "autovi", num_train=6, num_test=4, image_size=64, layout="autovi"
     )
     monkeypatch.chdir(tmp_path)  # the examples save to relative paths
-    namespace: dict[str, object] = {"__name__": "readme"}
-    exec(SETUP.format(mvtec=str(mvtec), autovi=str(autovi)), namespace)
-    for i, block in enumerate(blocks[1:], start=1):
-        exec(compile(block, f"README.md python block {i}", "exec"), namespace)
+    namespaces = {page: _run_page(page, blocks, mvtec, autovi) for page, blocks in pages.items()}
     assert (tmp_path / "bottle.safetensors").is_file()
     assert (tmp_path / "outputs/federated/global_model.safetensors").is_file()
-    assert namespace["maps"].shape[1:] == (64, 64)  # type: ignore[attr-defined]
+    assert namespaces[api]["maps"].shape[1:] == (64, 64)  # type: ignore[attr-defined]

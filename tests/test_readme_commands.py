@@ -1,21 +1,24 @@
-"""Every command of README.md's ```bash blocks is exercised here or by CI.
+"""Every command of the ```bash blocks of README.md and of the pages in docs/ is exercised here
+or by CI.
 
 The python blocks run in tests/test_readme.py. For the shell commands, run in a fresh folder per
 block (one that already holds `fed/`, the configuration the README's first step writes, unless
-the block writes it itself):
+the block writes it itself, and each site's token file as the server's operator hands it over,
+``plant-1.token``):
 
 * ``fedserver init-config`` and ``fedclient init-config`` run for real;
 * ``fedserver serve`` resolves its whole configuration (file + environment + flags) exactly as
   the daemon would, so every flag, file and variable must exist and validate; starting a
   daemon is tested in tests/test_fedserver_process.py and tests/test_observability.py;
 * other ``fedserver`` / ``fedclient`` commands parse with the real parsers and resolve their
-  settings (``fedclient`` file + environment + flags);
+  settings (``fedclient`` file + environment + flags; a command that talks to a server also
+  resolves its connection, so its token file must exist);
 * ``docker build`` / ``docker compose``: every build argument is an ARG of the Dockerfile and
   compose.yaml exists (tests/test_docker.py checks both files; CI runs the image's install
   script, scripts/check_docker_install.sh);
 * the Flower block (``pip install "fedpatchcore[flower]"``, ``flower-superlink``,
   ``flower-supernode``, ``flwr run``) runs for real in tests/test_flower.py, which reads it from
-  this README;
+  docs/flower.md;
 * ``fedbench`` commands (``sudo`` allowed: the links benchmark needs root) parse with the real
   entry point and the sub-command's own parser (the benchmarks' quick runs are tested in
   tests/test_bench_*.py and tests/test_benchmarks_cli.py);
@@ -30,6 +33,7 @@ from __future__ import annotations
 import importlib
 import re
 import shlex
+import shutil
 from pathlib import Path
 
 import pytest
@@ -41,6 +45,7 @@ from fedserver.config import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
 _FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flwr")
 _ASSIGNMENT = re.compile(r"^([A-Z][A-Z0-9_]*)=(.*)$")
 
@@ -65,11 +70,19 @@ def _serve(argv: list[str], env: dict[str, str]) -> None:
     load_config(args.config, overrides, env)  # ConfigError if anything does not resolve
 
 
+def _hand_over_tokens(fed: Path, cwd: Path) -> None:
+    """What the server's operator does: give each site its token file (here: beside it)."""
+    for token in sorted((fed / "site-tokens").glob("*.token")):
+        shutil.copy(token, cwd / token.name)
+
+
 def _fedserver(argv: list[str], env: dict[str, str], cwd: Path) -> None:
     if argv[0] == "serve":
         _serve(argv, env)
     elif argv[0] == "init-config":
         assert server_cli.main(argv) == 0, argv
+        args = server_cli.build_parser().parse_args(argv)
+        _hand_over_tokens(cwd / args.dir, cwd)
     else:
         server_cli.build_parser().parse_args(argv)
 
@@ -79,7 +92,9 @@ def _fedclient(argv: list[str], env: dict[str, str]) -> None:
         assert client_cli.main(argv) == 0, argv
         return
     args = client_cli.build_parser().parse_args(argv)
-    client_cli._settings(args, environ=env)
+    values = client_cli._settings(args, environ=env)
+    if argv[0] in ("run", "status") or (argv[0] == "check" and values.get("server")):
+        client_cli._connection(values)  # the token file must exist, the address parse
 
 
 def _docker(argv: list[str]) -> None:
@@ -137,28 +152,33 @@ def run_command(line: str, cwd: Path) -> None:
             assert "python3 dev.py test" in (ROOT / ".ci/run").read_text()
     else:
         raise AssertionError(
-            f"README command {line!r} is exercised by no test: add a check for it in "
+            f"command {line!r} is exercised by no test: add a check for it in "
             "tests/test_readme_commands.py"
         )
 
 
-def test_every_readme_shell_command_is_exercised(
+def test_every_shell_command_of_readme_and_docs_is_exercised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    blocks = bash_blocks(README.read_text())
-    assert len(blocks) >= 5, "README lost its shell examples"
     commands = 0
-    for number, lines in enumerate(blocks):
-        cwd = tmp_path / f"block-{number}"
-        cwd.mkdir()
-        monkeypatch.chdir(cwd)
-        if not any(re.search(r"fedserver init-config", line) for line in lines):
-            assert server_cli.main(["init-config", "--sites", "plant-1,plant-2,plant-3",
-                                    "--dir", "fed"]) == 0
-        for line in lines:
-            try:
-                run_command(line, cwd)
-            except SystemExit as error:  # argparse refused the command line
-                raise AssertionError(f"README command {line!r} does not parse") from error
-            commands += 1
-    assert commands >= 15
+    for page in PAGES:
+        blocks = bash_blocks(page.read_text(encoding="utf-8"))
+        if page == README:
+            assert len(blocks) >= 2, "README lost its shell examples"
+        for number, lines in enumerate(blocks):
+            cwd = tmp_path / f"{page.stem}-{number}"
+            cwd.mkdir()
+            monkeypatch.chdir(cwd)
+            if not any(re.search(r"fedserver init-config", line) for line in lines):
+                assert server_cli.main(["init-config", "--sites", "plant-1,plant-2,plant-3",
+                                        "--dir", "fed"]) == 0
+                _hand_over_tokens(cwd / "fed", cwd)
+            for line in lines:
+                try:
+                    run_command(line, cwd)
+                except SystemExit as error:  # argparse refused the command line
+                    raise AssertionError(f"{page.name}: command {line!r} does not parse") from error
+                except Exception as error:
+                    raise AssertionError(f"{page.name}: command {line!r}: {error}") from error
+                commands += 1
+    assert commands >= 25

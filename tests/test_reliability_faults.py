@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 
 import grpc
@@ -69,20 +70,26 @@ _reference = functools.partial(reference_bank, max_chunk_bytes=CHUNK_BYTES)
 
 
 class _Counting:
-    """Counts what Federation.receive returned (True: committed, False: identical resend)."""
+    """Counts what Federation.submit's futures resolved to for chunks (True: committed, False:
+    identical resend)."""
 
     def __init__(self, server: object) -> None:
         federation = server.federation  # type: ignore[attr-defined]
         self.new = self.ignored = 0
-        original = federation.receive
+        original = federation.submit
 
-        def receive(*args: object) -> bool:
-            result = original(*args)
-            if isinstance(args[1], FeatureChunk):
+        def count(done: Future[bool]) -> None:
+            if done.exception() is None:
+                result = done.result()
                 self.new, self.ignored = self.new + int(result), self.ignored + int(not result)
-            return result
 
-        federation.receive = receive
+        def submit(*args: object) -> Future[bool]:
+            future = original(*args)
+            if isinstance(args[1], FeatureChunk):
+                future.add_done_callback(count)
+            return future
+
+        federation.submit = submit
 
 
 def _message_bytes(site: str, rows: np.ndarray) -> int:
@@ -298,7 +305,6 @@ def _process_config(tmp_path: Path, sites: tuple[str, ...], k: int) -> tuple[Pat
     return tmp_path / "server.toml", tokens
 
 
-@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(900)  # process starts import torch: slow on a loaded machine
 def test_server_killed_during_selection_selects_again_after_restart(tmp_path: Path) -> None:
     config, tokens = _process_config(tmp_path, ("a", "b", "c"), k=6000)
@@ -326,7 +332,6 @@ def test_server_killed_during_selection_selects_again_after_restart(tmp_path: Pa
     np.testing.assert_array_equal(bank, _reference(data, k=6000))
 
 
-@pytest.mark.reliability(full=True)
 @pytest.mark.timeout(900)  # process starts import torch: slow on a loaded machine
 def test_server_killed_during_a_bank_download(tmp_path: Path) -> None:
     k, dim = 6000, 256  # a 6 MiB bank: more than gRPC's flow-control window and the buffers

@@ -21,10 +21,12 @@ Examples are derandomized (seeded by the test), so a run is reproducible.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import dataclasses
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -202,7 +204,7 @@ def _run_serde(examples: int) -> int:
 
 
 class FakeContext:
-    """The parts of grpc.ServicerContext the servicer uses; abort raises AbortedError."""
+    """The parts of grpc.aio.ServicerContext the servicer uses; abort raises AbortedError."""
 
     def __init__(self, token: str) -> None:
         self._metadata = (("authorization", f"Bearer {token}"),)
@@ -213,11 +215,25 @@ class FakeContext:
     def auth_context(self) -> dict[str, list[bytes]]:
         return {}
 
-    def is_active(self) -> bool:
-        return True
+    def done(self) -> bool:
+        return False
 
-    def abort(self, code: grpc.StatusCode, details: str) -> None:
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
         raise AbortedError(code, details)
+
+
+async def _requests(items: list[object]) -> AsyncIterator[object]:
+    for item in items:
+        yield item
+
+
+async def _settle(result: object) -> None:
+    """Await a handler's result: a coroutine (unary response) or an async generator."""
+    if isinstance(result, AsyncIterator):
+        async for _ in result:
+            pass
+    else:
+        await result  # type: ignore[misc]
 
 
 class AbortedError(Exception):
@@ -231,7 +247,9 @@ def servicer(tmp_path: Path) -> Iterator[tuple[FederationServicer, dict[str, str
     config, tokens = make_config(tmp_path, ("a", "b"), fsync=False, max_rows_per_site=500)
     federation = Federation(config, Journal(config.state_dir, fsync=False), ("a", "b"))
     federation.start()
-    yield FederationServicer(federation, TokenStore.load(config.tokens_file)), tokens, federation
+    with ThreadPoolExecutor(max_workers=2) as executor:
+        yield (FederationServicer(federation, TokenStore.load(config.tokens_file),
+                                  executor=executor), tokens, federation)
     federation.close()
 
 
@@ -249,9 +267,7 @@ def _run_servicer(
 
     def outcome(call: Callable[[], object]) -> None:
         try:
-            result = call()
-            if isinstance(result, Iterator):
-                list(result)
+            asyncio.run(_settle(call()))
             codes["OK"] = codes.get("OK", 0) + 1
         except AbortedError as aborted:
             assert aborted.code in ALLOWED_CODES, str(aborted)
@@ -276,7 +292,7 @@ def _run_servicer(
         count[0] += 1
         context = FakeContext(tokens[site])
         if method == "UploadFeatures":
-            outcome(lambda: servicer.UploadFeatures(iter([parse_upload(b) for b in stream]),
+            outcome(lambda: servicer.UploadFeatures(_requests([parse_upload(b) for b in stream]),
                                                    context))  # type: ignore[arg-type]
         elif method == "DownloadBank":
             request = _tolerant(fpb.DownloadBankRequest)(unary_bytes)

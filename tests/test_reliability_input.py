@@ -326,8 +326,12 @@ def test_closed_round_and_revoked_token(tmp_path: Path) -> None:
     try:
         client.upload([summary, *chunks])
         assert server.federation.wait_for(1, {Phase.READY}, timeout=60).phase is Phase.READY
+        # A retry of what the round committed is idempotent, also after the round closed...
+        assert client.upload([chunks[-1]]).chunks_ignored == 1
+        # ... but anything new for a closed round is refused.
+        other = upload_messages("a", site_rows(1, 60), max_chunk_bytes=CHUNK_BYTES)[1]
         with pytest.raises(grpc.RpcError) as error:
-            client.upload([chunks[0]])
+            client.upload([other[0]])
         assert error.value.code() is grpc.StatusCode.FAILED_PRECONDITION
         assert "round 1 is ready: uploads are closed" in (error.value.details() or "")
         assert client.download().bank.shape == (50, D)

@@ -300,7 +300,8 @@ def test_round_report_counts_what_each_site_sent_and_received(tmp_path: Path) ->
     assert sites["b"]["rejected_count"] == 1
     assert sites["b"]["rejected"][0].startswith("OutOfRangeError: chunk 2 is beyond")
     assert sites["a"]["bytes_down"] == received and sites["b"]["bytes_down"] == 0
-    download = sites["a"]["downloads"][0]
+    assert (sites["a"]["downloads"], sites["a"]["downloads_complete"]) == (1, 1)
+    download = sites["a"]["last_download"]
     assert download["complete"] and download["messages"] == len(responses)
     assert download["version"] == 1 and download["rows_in_stream"] == report["bank"]["rows"]
     for site in sites.values():

@@ -63,7 +63,10 @@ def _env() -> dict[str, str]:
 
 
 def _site_args(*extra: str) -> list[str]:
-    return ["--coreset-percentage", str(CORESET), "--retries", "12", "--timeout", "120", *extra]
+    # The server pins EXTRACTOR; the site names its backbone and weights too, because it checks
+    # their weights before it contacts the server (the default would be pretrained WRN-50).
+    return ["--coreset-percentage", str(CORESET), "--retries", "12", "--timeout", "120",
+            "--backbone", "resnet18", "--no-pretrained", *extra]
 
 
 def _session(address: str, fed: Path, site: str, **kwargs) -> SiteSession:

@@ -14,8 +14,12 @@ decodes every image and mask, and returns all problems, each with the file and w
   ground-truth folders with no image, files that are not images, empty folders, no test split
   (no metrics then).
 
-``detect_layout`` is the one place that decides which reader a site folder needs
-(fedclient.site.load_site_data uses it too).
+``resolve_site_folder`` is the one place that decides which reader a site folder needs
+(fedclient.site.load_site_data uses it too). It accepts the folder at any level of the MVTec /
+AutoVI layout: the dataset folder (one sub-folder per category), or one category folder
+(``<category>/train/good``). It never lets anything under ``test/`` or ``ground_truth/`` be
+read as training images: a folder inside a category's test or ground-truth folder, and a plain
+folder that contains such folders, are refused.
 """
 
 from __future__ import annotations
@@ -34,13 +38,22 @@ from PIL import Image
 from core.data.autovi import autovi_channel_dir
 from core.data.defects import DEFECTS_CONFIG_FILENAME, DefectType, load_defects_config
 from core.data.errors import DatasetError
+from core.data.folder import HELD_OUT_FOLDERS, held_out_folders
 from core.data.imageio import IMAGE_SUFFIXES, is_image_file, read_channel
 from core.data.mvtec import mvtec_mask_path
 from core.data.sample import GOOD, SPLITS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DataCheck", "Layout", "Problem", "check_site_data", "detect_layout"]
+__all__ = [
+    "DataCheck",
+    "Layout",
+    "Problem",
+    "SiteFolder",
+    "check_site_data",
+    "detect_layout",
+    "resolve_site_folder",
+]
 
 Layout = Literal["autovi", "mvtec", "folder"]
 
@@ -111,6 +124,93 @@ def detect_layout(root: Path, categories: tuple[str, ...] | None = None) -> Layo
     if any((p / "train" / GOOD).is_dir() for p in dirs):
         return "mvtec"
     return "folder"
+
+
+def _is_category(folder: Path) -> bool:
+    """Whether ``folder`` is one category of an MVTec AD / AutoVI dataset: it has train/good,
+    or a defects config beside a train/ or test/ folder."""
+    if (folder / "train" / GOOD).is_dir():
+        return True
+    return (folder / DEFECTS_CONFIG_FILENAME).is_file() and any(
+        (folder / split).is_dir() for split in SPLITS
+    )
+
+
+@dataclass(frozen=True)
+class SiteFolder:
+    """How to read a site's data folder (:func:`resolve_site_folder`).
+
+    root: the dataset folder the reader opens (the parent of a category folder given as data).
+    layout: which reader. categories: the categories to read (None: every one under root).
+    """
+
+    root: Path
+    layout: Layout
+    categories: tuple[str, ...] | None
+
+
+def resolve_site_folder(
+    path: str | Path, categories: tuple[str, ...] | None = None
+) -> SiteFolder:
+    """Which reader, root and categories ``path`` (a site's ``--data``) needs.
+
+    * a category folder (``brick/`` with ``train/good``): that one category, read from its
+      parent with the MVTec AD reader (AutoVI when it has a defects config);
+    * a dataset folder (categories as sub-folders): as detected by :func:`detect_layout`;
+    * a folder inside a category's ``test/`` or ``ground_truth/``, or a plain folder that
+      contains such a folder: DatasetError naming the folder to give instead (training on
+      defective images or masks would teach the model that defects are normal);
+    * any other folder: a plain folder of normal images.
+
+    ``categories`` (``--categories``) must name that category for a category folder. Raises
+    DatasetError for a missing folder.
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        raise DatasetError(
+            f"site data folder {path} " + ("is not a folder" if path.exists() else "does not exist")
+        )
+    if _is_category(path):
+        name = path.resolve().name
+        if categories and tuple(categories) != (name,):
+            raise DatasetError(
+                f"{path} is the category folder {name!r}, but --categories names "
+                f"{list(categories)}: give the dataset folder {path.resolve().parent} to choose "
+                "categories, or leave --categories out"
+            )
+        layout: Layout = "autovi" if (path / DEFECTS_CONFIG_FILENAME).is_file() else "mvtec"
+        return SiteFolder(path.resolve().parent, layout, (name,))
+    resolved = path.resolve()
+    for depth, ancestor in enumerate(resolved.parents):
+        if depth >= 4:
+            break
+        if _is_category(ancestor):
+            inside = resolved.relative_to(ancestor).parts[0]
+            if inside in HELD_OUT_FOLDERS:
+                raise DatasetError(
+                    f"{path} is inside {inside}/ of the category folder {ancestor}: it holds "
+                    "test images or masks, never training images. Give --data "
+                    f"{ancestor} (its train/good images train the model, its test images are "
+                    "scored)"
+                )
+            break
+    layout = detect_layout(path, categories)
+    if layout != "folder":
+        return SiteFolder(path, layout, categories)
+    held_out = held_out_folders(path)
+    if held_out:
+        nested = next((f.parent for f in held_out if _is_category(f.parent)), None)
+        hint = (
+            f"; it looks like an MVTec / AutoVI category at {nested}: give --data {nested} "
+            f"(or its dataset folder {nested.parent})"
+            if nested is not None else ""
+        )
+        raise DatasetError(
+            f"{path} is not an MVTec / AutoVI folder but holds "
+            f"{held_out[0].relative_to(path)}/: as a plain image folder every image in it would "
+            f"train the model, defects and masks included{hint}"
+        )
+    return SiteFolder(path, "folder", None)
 
 
 class _Images:
@@ -347,12 +447,19 @@ def check_site_data(root: str | Path, categories: tuple[str, ...] | None = None)
     ``categories`` restricts an AutoVI / MVTec folder to those category folders (each must
     exist). Never raises for bad data: everything wrong is a Problem.
     """
-    root = Path(root).expanduser()
-    report = DataCheck(root)
-    if not root.is_dir():
-        report.error(root, "does not exist" if not root.exists() else "is not a folder")
+    given = Path(root).expanduser()
+    report = DataCheck(given)
+    if not given.is_dir():
+        report.error(given, "does not exist" if not given.exists() else "is not a folder")
         return report
-    layout = detect_layout(root, categories)
+    try:
+        site = resolve_site_folder(given, categories)
+    except DatasetError as error:
+        report.error(given, str(error))
+        return report
+    root, layout = site.root, site.layout
+    if layout != "folder":
+        categories = site.categories
     report.layout = layout
     images = _Images(report)
     if layout == "folder":

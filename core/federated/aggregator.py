@@ -47,6 +47,7 @@ __all__ = [
     "RoundOutcome",
     "RoundStateError",
     "ServerSelection",
+    "SiteLimitError",
     "Strategy",
     "UploadSizeMismatchError",
     "warn_if_bank_short",
@@ -75,6 +76,11 @@ class RoundStateError(AggregationError):
 
 class IncompatibleSiteError(AggregationError):
     """A site's features cannot be merged: other extractor (fingerprint) or dimension."""
+
+
+class SiteLimitError(AggregationError):
+    """An upload larger than the server can hold for it: a limit of the server, not a malformed
+    message (gRPC RESOURCE_EXHAUSTED). The message names the limit."""
 
 
 class UploadSizeMismatchError(AggregationError):
@@ -207,10 +213,22 @@ class GlobalBankAggregator:
         self._feature_dim: int | None = None
         self._site_radius: dict[str, float] = {}
         self._uploads: dict[str, _SiteUpload] = {}
+        self._rows_before_round = 0  # rows accepted in earlier rounds (held by the selector)
         # Where each accepted chunk's rows sit in the selector's buffer: (canonical key, start,
         # rows); None once a reduce has mixed rows so that no canonical order exists any more.
         self._segments: list[tuple[tuple[int, str, int], int, int]] | None = []
         self.last_outcome: RoundOutcome | None = None
+
+    @property
+    def buffer_capacity(self) -> int | None:
+        """Most rows the selection can hold over all sites and rounds (the prefix merge keeps
+        every uploaded row); None when uploads beyond the buffer are reduced or sampled."""
+        return self._prefix.capacity if self._prefix is not None else None
+
+    @property
+    def rows_held(self) -> int:
+        """Rows accepted in earlier rounds (they stay in the prefix merge's buffer)."""
+        return self._rows_before_round
 
     # -- round lifecycle -------------------------------------------------------------------
 
@@ -222,6 +240,7 @@ class GlobalBankAggregator:
             raise RoundStateError(f"expected round {self.round + 1}, got {round_number}")
         self.round = round_number
         self._open = True
+        self._rows_before_round += sum(u.assembler.rows_received for u in self._uploads.values())
         self._uploads = {}
         if self._prefix is not None and self.last_outcome is not None:
             self._prefix.start_round(self.last_outcome.bank)
@@ -260,11 +279,9 @@ class GlobalBankAggregator:
             )
         if self._prefix is not None:
             pending = sum(u.summary.coreset_rows for u in self._uploads.values())
-            held = self._prefix.num_seen - sum(
-                u.assembler.rows_received for u in self._uploads.values()
-            )
+            held = self._rows_before_round
             if held + pending + summary.coreset_rows > self._prefix.capacity:
-                raise AggregationError(
+                raise SiteLimitError(
                     f"site {summary.site_id!r} announces {summary.coreset_rows} rows; with "
                     f"{held + pending} rows held or announced that exceeds the server's buffer "
                     f"of {self._prefix.capacity} rows (buffer_rows). Sites should send about "
@@ -281,6 +298,26 @@ class GlobalBankAggregator:
 
     def receive_chunk(self, chunk: FeatureChunk) -> bool:
         """Consume one chunk; True if new, False for an identical resend (ignored).
+
+        :meth:`accept_chunk` then :meth:`add_rows`. Raises what accept_chunk raises; on error
+        nothing changes.
+        """
+        rows = self.accept_chunk(chunk)
+        if rows is None:
+            return False
+        self.add_rows(chunk.site_id, rows, chunk.row_offset)
+        return True
+
+    def accept_chunk(self, chunk: FeatureChunk) -> np.ndarray | None:
+        """Validate and decode one chunk of the open round: its decoded rows [n, D] float32 if
+        new, None for an identical resend. The rows are not selected from until they are
+        handed to :meth:`add_rows`.
+
+        The two halves exist for the daemon, which acknowledges a chunk once it is decoded,
+        verified and journaled and ranks its rows later in a background worker: accept_chunk
+        runs in the rpc (touching only the round's upload streams), add_rows in the worker
+        (touching only the selector). :meth:`rollback` undoes accepted chunks whose journal
+        append failed.
 
         Raises RoundStateError (wrong round, no summary yet), UploadSizeMismatchError (the
         last chunk ends the upload short of the rows the summary declared) or the
@@ -311,26 +348,48 @@ class GlobalBankAggregator:
             )
         rows = assembler.accept(chunk)
         if rows is None:
-            return False
-        if rows.shape[0]:
-            if self._prefix is not None:
-                try:
-                    self._prefix.add(chunk.site_id, rows)
-                except CapacityError as exc:  # announced sizes were checked: should not happen
-                    raise AggregationError(str(exc)) from exc
-            elif self._selector is not None:
-                self._add_to_selector(rows, (self.round, chunk.site_id, chunk.row_offset))
-            else:
-                assert self._reservoir is not None
-                summary = upload.summary
-                weight = summary.num_images / summary.coreset_rows if self.weighted else 1.0
-                self._reservoir.add(rows, weight)
+            return None
         if chunk.last:
             logger.info(
                 "round %d: site %s upload complete (%d rows)",
                 self.round, chunk.site_id, upload.assembler.rows_received,
             )
-        return True
+        return rows
+
+    def pending_summary(self, site_id: str) -> SiteSummary | None:
+        """The summary ``site_id`` registered for the open round, or None."""
+        upload = self._uploads.get(site_id)
+        return None if upload is None else upload.summary
+
+    def forget_summary(self, site_id: str) -> None:
+        """Drop ``site_id``'s upload of the open round (summary and accepted chunks), as if it
+        had never sent them (its rows must not have reached :meth:`add_rows`)."""
+        self._uploads.pop(site_id, None)
+
+    def rollback(self, site_id: str, sequence: int) -> None:
+        """Forget ``site_id``'s accepted chunks from ``sequence`` on (their rows must not have
+        reached :meth:`add_rows`): the site's upload resumes from ``sequence``."""
+        upload = self._uploads.get(site_id)
+        if upload is not None:
+            upload.assembler.truncate(sequence)
+
+    def add_rows(self, site_id: str, rows: np.ndarray, row_offset: int) -> None:
+        """Hand accepted rows [n, D] (from :meth:`accept_chunk`, in each site's order) to the
+        selector; ``row_offset`` is their place in the site's upload of this round."""
+        if not rows.shape[0]:
+            return
+        if self._prefix is not None:
+            try:
+                self._prefix.add(site_id, rows)
+            except CapacityError as exc:  # announced sizes were checked: should not happen
+                raise AggregationError(str(exc)) from exc
+        elif self._selector is not None:
+            self._add_to_selector(rows, (self.round, site_id, row_offset))
+        else:
+            assert self._reservoir is not None
+            summary = self._uploads[site_id].summary
+            weight = summary.num_images / summary.coreset_rows if self.weighted else 1.0
+            self._reservoir.add(rows, weight)
 
     def next_sequence(self, site_id: str) -> int:
         """Where a site's interrupted upload resumes (0 when nothing was accepted)."""

@@ -22,9 +22,10 @@ __all__ = ["UPLOAD_FACTOR", "FederatedPatchCore"]
 
 #: Default upload: the sites together send this many times the global bank (each in proportion
 #: to its patches). 1x (send exactly the bank) leaves the server no choice: every site keeps its
-#: size share whatever its diversity. Measured on the realistic parity benchmark (README, "How
-#: much each site sends"): with the prefix-merge server selection, 1.5x, 2x and 2.5x uploads
-#: gave the same bank on IID sites, so more than about 2x only costs bytes.
+#: size share whatever its diversity. Measured on the realistic parity benchmark
+#: (docs/python-api.md, "How much each site sends"): with the prefix-merge server selection,
+#: 1.5x, 2x and 2.5x uploads gave the same bank on IID sites, so more than about 2x only costs
+#: bytes.
 UPLOAD_FACTOR = 2.0
 
 
@@ -38,7 +39,7 @@ class FederatedPatchCore:
         coreset_percentage: each client's local coreset (its upload), as a fraction of its
             patches. None (default): ``UPLOAD_FACTOR`` x the global bank's share of all
             patches, so the sites together send UPLOAD_FACTOR x global_bank_size rows and the
-            server has a choice (README, "How much each site should send"); resolved in
+            server has a choice (docs/python-api.md, "How much each site sends"); resolved in
             :meth:`setup_clients` from the sites' image counts and the patch grid.
         aggregation_strategy: "coreset" or "random" (see FederatedServer).
         weighted: see FederatedServer.

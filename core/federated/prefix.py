@@ -15,7 +15,7 @@ periphery of what is left, so common normal patterns end up covered more coarsel
 single selection over all patches would cover them (larger mean patch distance and realised
 radius on every partition of benchmarks/realistic_parity.py; issue 11 measured up to 0.03 image
 AUROC lost on its data). The prefix merge meets that benchmark's parity bar on every category,
-metric and partition (README, "Federated parity on realistic data").
+metric and partition (docs/performance.md, "Federated parity on realistic data").
 
 Certificate: the server holds every uploaded row, so it reports r_S exactly: the largest
 distance from any uploaded row to the bank (Euclidean, original space). Every site patch lies

@@ -1,0 +1,209 @@
+"""Bank versions on disk and the streams sites download them by (full, or a delta).
+
+Each round that changes the bank stores a new version in stable order (core.bankdelta), so a
+site holding an older version downloads only the change: the indices of removed rows, then the
+added rows in chunks. The stored r_S includes the codec's error for the bank as the sites decode
+it (module doc of :meth:`BankStore.store`).
+
+Thread safety: :meth:`store` runs on the selection worker, everything else on rpc threads; the
+version table is replaced, never mutated in place, so readers take no lock (``_latest`` and
+``_versions`` are read as one immutable pair).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from core.bankdelta import bank_delta, decoded_checksum, stable_order
+from core.codec import CodecConfig
+from core.messages import BankChunk
+from core.serde import chunked_roundtrip, split_bank_into_chunks
+from fedserver.errors import BankNotReadyError, NotFoundError
+from fedserver.journal import BankVersion, Journal, JournalCorruptError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BankDownload", "BankHeaderView", "BankStore"]
+
+
+@dataclass(frozen=True)
+class BankHeaderView:
+    """BankHeader in federation.proto."""
+
+    version: int
+    round: int
+    base_version: int
+    total_rows: int
+    feature_dim: int
+    rows_in_stream: int
+    rows_removed: int
+    bank_checksum: int
+    server_coverage_radius: float
+    max_site_coverage_radius: float
+    value_type: str
+
+
+@dataclass(frozen=True)
+class BankDownload:
+    """A DownloadBank reply: the header, removed indices [r] int64, then the chunks (lazy)."""
+
+    header: BankHeaderView
+    removed: np.ndarray
+    chunks: Iterator[BankChunk]
+
+
+@dataclass(frozen=True)
+class _Table:
+    """The versions' metadata and the latest version (replaced whole on every store)."""
+
+    versions: dict[int, dict[str, Any]]
+    latest: BankVersion | None
+
+
+class BankStore:
+    """The bank versions of one state directory.
+
+    Args:
+        journal: where versions are saved and loaded (``banks/vNNNNNN.{npy,json}``).
+        codec: the codec banks are sent with; max_chunk_bytes: their chunking.
+        codec_name: the preset's name, recorded in each version's metadata.
+    """
+
+    def __init__(
+        self, journal: Journal, codec: CodecConfig, codec_name: str, max_chunk_bytes: int
+    ) -> None:
+        self._journal = journal
+        self._codec = codec
+        self._codec_name = codec_name
+        self._chunk_bytes = max_chunk_bytes
+        self._table = _Table({}, None)
+
+    @property
+    def latest(self) -> BankVersion | None:
+        return self._table.latest
+
+    def meta(self, version: int) -> dict[str, Any] | None:
+        return self._table.versions.get(version)
+
+    def server_radius(self, version: int) -> float:
+        return float(self._table.versions[version]["server_radius"])
+
+    def store(
+        self, round_number: int, bank: np.ndarray, server_radius: float, max_site_radius: float
+    ) -> tuple[int, int]:
+        """Store ``bank`` as a new version in stable order, unless it equals the latest.
+
+        Returns (version, rows). r_S must hold for the bank as the sites decode it (as
+        core.federated.FederatedServer reports it): the codec's largest row error is added,
+        measured with the chunking the downloads use (int8/int4 quantise per chunk): for the
+        full bank, for the delta from the previous version (its added rows travel in chunks of
+        their own), and, since a site that followed every version by deltas holds rows that
+        came in each of those streams, never less than the previous version's error.
+        """
+        table = self._table
+        previous = table.latest
+        ordered = stable_order(None if previous is None else previous.bank, bank)
+        if previous is not None and previous.bank.shape == ordered.shape:
+            delta = bank_delta(previous.bank, ordered)
+            if delta.removed.size == 0 and delta.added.shape[0] == 0:
+                logger.info("round %d left the bank unchanged (version %d)", round_number,
+                            previous.version)
+                return previous.version, previous.bank.shape[0]
+        version = 1 if previous is None else previous.version + 1
+        _, codec_error = chunked_roundtrip(ordered, config=self._codec,
+                                           max_chunk_bytes=self._chunk_bytes)
+        if previous is not None:
+            added = bank_delta(previous.bank, ordered).added
+            if added.shape[0]:
+                _, delta_error = chunked_roundtrip(added, config=self._codec,
+                                                   max_chunk_bytes=self._chunk_bytes)
+                codec_error = max(codec_error, delta_error)
+            codec_error = max(codec_error, float(previous.meta.get("bank_codec_error", 0.0)))
+        meta = {
+            "round": round_number,
+            "server_radius": server_radius + codec_error,
+            "bank_codec_error": codec_error,
+            "max_site_radius": max_site_radius,
+            "codec": self._codec_name,
+            "checksum": decoded_checksum(ordered, self._codec),
+        }
+        self._journal.save_bank(version, ordered, meta)
+        full = {**meta, "version": version, "rows": ordered.shape[0]}
+        self._table = _Table({**table.versions, version: full},
+                             BankVersion(version, ordered, full))
+        return version, ordered.shape[0]
+
+    def verify_replayed(self, round_number: int, version: int, bank: np.ndarray) -> int:
+        """At start: check that the replayed selection of ``round_number`` reproduces the
+        stored ``version``, and adopt it. Returns its rows; JournalCorruptError otherwise."""
+        stored = self._journal.load_bank(version)
+        ordered = stable_order(stored.bank, bank)
+        if not np.array_equal(ordered, stored.bank):
+            raise JournalCorruptError(
+                f"replaying round {round_number} does not reproduce bank version {version}: the "
+                "journal and the stored bank disagree"
+            )
+        table = self._table
+        latest = table.latest
+        if latest is None or version > latest.version:
+            latest = stored
+        self._table = _Table({**table.versions, version: stored.meta}, latest)
+        return stored.bank.shape[0]
+
+    def download(self, version: int = 0, have_version: int = 0, *, waiting_for: str = ""
+                 ) -> BankDownload:
+        """DownloadBank: the header, removed indices and chunks of a full bank or a delta.
+
+        version: 0 = the latest. have_version: the version the site holds (0: none); a delta
+        from it is sent when it exists and is not newer than the target. ``waiting_for`` says
+        what the round is doing, for the error before any bank exists.
+        """
+        table = self._table
+        if table.latest is None:
+            raise BankNotReadyError(
+                f"no bank is ready yet ({waiting_for}); watch the round with WatchRound"
+            )
+        if version and version not in table.versions:
+            raise NotFoundError(
+                f"bank version {version} does not exist; the latest is {table.latest.version}"
+            )
+        target = table.latest if version in (0, table.latest.version) else (
+            self._journal.load_bank(version)
+        )
+        meta = table.versions[target.version]
+        base: BankVersion | None = None
+        # An up-to-date site (have == target) gets an empty delta, not the whole bank again.
+        if have_version and have_version <= target.version and have_version in table.versions:
+            base = self._journal.load_bank(have_version)
+        if base is not None:
+            delta = bank_delta(base.bank, target.bank)
+            removed, rows = delta.removed, delta.added
+        else:
+            removed, rows = np.empty(0, dtype=np.int64), target.bank
+        header = BankHeaderView(
+            version=target.version,
+            round=int(meta["round"]),
+            base_version=0 if base is None else base.version,
+            total_rows=target.bank.shape[0],
+            feature_dim=target.bank.shape[1],
+            rows_in_stream=rows.shape[0],
+            rows_removed=removed.size,
+            bank_checksum=int(meta["checksum"]),
+            server_coverage_radius=float(meta["server_radius"]),
+            max_site_coverage_radius=float(meta["max_site_radius"]),
+            value_type=self._codec.value_type,
+        )
+        chunks = split_bank_into_chunks(
+            rows,
+            config=self._codec,
+            round=header.round,
+            server_coverage_radius=header.server_coverage_radius,
+            max_site_coverage_radius=header.max_site_coverage_radius,
+            max_chunk_bytes=self._chunk_bytes,
+        )
+        return BankDownload(header=header, removed=removed, chunks=chunks)
