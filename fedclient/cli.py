@@ -548,7 +548,12 @@ def _print_decisions(metrics: Mapping[str, object]) -> None:
         )
         print(f"decisions: {decisions['anomalous']} anomalous, {decisions['normal']} normal; "
               f"{decisions['summary']}" + (f"; at the threshold: {rates}" if rates else ""))
-    elif metrics.get("calibration") is None:
+    elif isinstance(metrics.get("calibration"), Mapping):  # calibrated, no test images
+        from core.calibration import Calibration
+
+        calibration = Calibration.from_dict(dict(metrics["calibration"]))  # type: ignore[call-overload]
+        print(f"calibrated: {calibration.summary()}")
+    else:
         print("decisions: none (the model has no calibration: scores only)")
 
 
