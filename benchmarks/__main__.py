@@ -37,6 +37,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "reliability": ("reliability", "the full reliability and security campaign "
                     "(pytest -m reliability: faults, bad input, fuzzing, 32-site load, TLS)"),
     "report-speed": ("report_speed", "what writing report.html costs fedclient score"),
+    "inspect-latency": ("inspect_latency", "per-image latency and throughput of fedclient's "
+                        "inspection against anomalib's TorchInferencer, 16k and 100k banks"),
     "system-round": ("system_round", "a whole demo federation on loopback: wall time and TCP "
                      "bytes per round"),
     "codec-tradeoff": ("codec_tradeoff", "codec size / error / speed / metric change on "

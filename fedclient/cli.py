@@ -1,4 +1,5 @@
-"""``fedclient``: the site command line (``fedclient run | score | status | check | init-config``).
+"""``fedclient``: the site command line (``fedclient run | score | calibrate | inspect | status |
+check | init-config``).
 
 Settings come from flags, ``FEDCLIENT_<SETTING>`` environment variables and a TOML file
 (``--config site.toml``) whose keys are the long flag names with ``_``; precedence flag >
@@ -54,7 +55,8 @@ _STATES: Final[dict[int, str]] = {
 
 _SETTINGS: Final[frozenset[str]] = frozenset(f.name for f in dataclasses.fields(SiteSettings))
 _PATH_KEYS: Final[frozenset[str]] = frozenset(
-    {"token_file", "data", "out", "tls_ca", "tls_cert", "tls_key", "weights", "bank"}
+    {"token_file", "data", "out", "tls_ca", "tls_cert", "tls_key", "weights", "bank", "model",
+     "watch"}
 )
 
 
@@ -101,6 +103,23 @@ def _data_args(parser: argparse.ArgumentParser, *, out_help: str) -> None:
                         "pretrained extractor on a site without network")
     parser.add_argument("--no-overlays", action="store_true",
                         help="do not write anomaly-map overlay PNGs")
+
+
+def _calibration_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("calibration (docs/inspection.md)")
+    group.add_argument("--target-fpr", type=float,
+                       help="false-positive rate the image threshold aims at (default 0.01)")
+    group.add_argument("--pixel-target-fpr", type=float,
+                       help="share of good pixels a defect mask may flag (default 0.01)")
+    group.add_argument("--knn", choices=("auto", "exact", "ivf"),
+                       help="bank search: exact, ivf (k-means cells) or auto (ivf on a CPU "
+                       "from 4,096 bank rows; default)")
+
+
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path,
+                        help="site model file (default: fedclient-out/site-model.safetensors, "
+                        "else fedclient-out/bank.safetensors)")
 
 
 def _extractor_args(parser: argparse.ArgumentParser, *, weights: bool = False) -> None:
@@ -153,20 +172,72 @@ def build_parser() -> argparse.ArgumentParser:
                      help="longest wait for a round's bank after uploading, s (default 3600)")
     run.add_argument("--max-upload-rate", type=float,
                      help="throttle uploads to this many bytes/s (default: unlimited)")
+    run.add_argument("--validation-share", type=float,
+                     help="share of the training images held back from the coreset to "
+                     "calibrate the decisions on (default 0.15; 0: no decisions)")
+    _calibration_args(run)
 
     score = commands.add_parser(
-        "score", help="score images with a bank downloaded earlier (no server needed)",
-        description="Score --data's test images (all images of a plain folder) with the bank "
-        "file a previous `fedclient run` wrote; writes metrics.json, report.html and overlays/ "
-        "into --out.",
+        "score", help="decide on images with a site model written earlier (no server needed)",
+        description="Score --data's test images (all images of a plain folder) with the site "
+        "model a previous `fedclient run` (or `fedclient calibrate`) wrote: each image's raw "
+        "score, normalised score (0.5 = the threshold), decision and defect mask go to "
+        "decisions.csv, decisions.jsonl and masks/; metrics.json, report.html and overlays/ "
+        "too. A plain bank file (--bank) gives scores without decisions.",
     )
     score.add_argument("--config", type=Path, help="TOML file of settings (default: "
                        "$FEDCLIENT_CONFIG); FEDCLIENT_<SETTING> variables override it, flags "
                        "override both")
+    _model_arg(score)
     score.add_argument("--bank", type=Path,
-                       help="bank file (default: <--out of run>/bank.safetensors)")
+                       help="a plain bank file instead of --model (scores only, no decisions)")
     _data_args(score, out_help="output folder (default fedclient-score)")
     score.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+
+    calibrate = commands.add_parser(
+        "calibrate", help="calibrate a bank on validation images: writes a site model",
+        description="Score --data's validation images with --bank (or re-calibrate --model) "
+        "and write <--out>/site-model.safetensors with the thresholds. A folder with a "
+        "labelled test split (MVTec / AutoVI layout) gives F1-optimal thresholds from its "
+        "test images; a plain folder is taken as good images (threshold at --target-fpr). Use "
+        "images the bank was not fitted on. `fedclient run` does this by itself.",
+    )
+    calibrate.add_argument("--config", type=Path, help="TOML file of settings")
+    _model_arg(calibrate)
+    calibrate.add_argument("--bank", type=Path, help="bank file to calibrate (instead of "
+                           "--model)")
+    _data_args(calibrate, out_help="output folder (default fedclient-out)")
+    _calibration_args(calibrate)
+    calibrate.add_argument("--batch-size", type=int, help="images per backbone pass "
+                           "(default 8)")
+    calibrate.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
+
+    inspect = commands.add_parser(
+        "inspect", help="decide on each new image as it arrives (long-running)",
+        description="Keep the site model warm and score every new image written into --watch "
+        "DIR (file events through watchdog), or every image path read from stdin "
+        "(--watch -). Each decision is appended to decisions.csv / decisions.jsonl in --out "
+        "with its mask in masks/, and printed with its latency. A file that cannot be read "
+        "(half written, corrupt) is retried --read-retries times, then skipped with one line; "
+        "the watcher goes on. When the site model file is replaced (a new round), it is "
+        "reloaded. Ctrl-C prints the summary.",
+    )
+    inspect.add_argument("--config", type=Path, help="TOML file of settings")
+    _model_arg(inspect)
+    inspect.add_argument("--watch", help="folder to watch, or - to read paths from stdin")
+    inspect.add_argument("--out", type=Path, help="output folder (default fedclient-inspect)")
+    inspect.add_argument("--device", choices=("cpu", "cuda"), help="where features are computed")
+    inspect.add_argument("--weights", help="local backbone weights file (.safetensors/.pth)")
+    inspect.add_argument("--batch-size", type=int,
+                         help="files scored together when several are waiting (default 8)")
+    inspect.add_argument("--include-existing", action="store_true",
+                         help="also score the images already in the folder at start")
+    inspect.add_argument("--max-images", type=int, help="stop after this many images")
+    inspect.add_argument("--settle", type=float,
+                         help="seconds a file must be quiet before it is read (default 0.2)")
+    inspect.add_argument("--read-retries", type=int,
+                         help="retries of a file that cannot be read yet (default 3)")
+    inspect.add_argument("-v", "--verbose", action="count", default=0, help="log to stderr")
 
     status = commands.add_parser(
         "status", help="print the round's status (sites joined, rows, state)",
@@ -243,7 +314,7 @@ def _settings(
             raise UsageError(f"config {config}: unknown key(s) {unknown}")
         base = Path(config).resolve().parent
         for key, value in data.items():
-            if key in _PATH_KEYS and isinstance(value, str):
+            if key in _PATH_KEYS and isinstance(value, str) and value != "-":
                 value = Path(value) if Path(value).is_absolute() else base / value
             values[key] = value
     try:
@@ -251,7 +322,9 @@ def _settings(
     except SettingsError as error:
         raise UsageError(str(error)) from None
     for key, value in vars(args).items():
-        if value is not None and not (key in ("verbose", "no_overlays") and not value):
+        if value is not None and not (
+            key in ("verbose", "no_overlays", "include_existing") and not value
+        ):
             values[key] = value
     return values
 
@@ -427,6 +500,10 @@ def _cmd_run(values: dict[str, object]) -> int:
         max_rounds=values.get("max_rounds"),  # type: ignore[arg-type]
         round_timeout_s=float(values.get("round_timeout", 3600.0)),  # type: ignore[arg-type]
         overlays=not values.get("no_overlays", False),
+        validation_share=float(values.get("validation_share", 0.15)),  # type: ignore[arg-type]
+        target_fpr=float(values.get("target_fpr", 0.01)),  # type: ignore[arg-type]
+        pixel_target_fpr=float(values.get("pixel_target_fpr", 0.01)),  # type: ignore[arg-type]
+        knn=str(values.get("knn", "auto")),
     )
     rate = values.get("max_upload_rate")
     with SiteSession(
@@ -454,18 +531,52 @@ def _cmd_run(values: dict[str, object]) -> int:
         + (f"; {scores}" if scores else "")
         + f"; wrote {options.out_dir}"
     )
+    _print_decisions(metrics)
     return 0
 
 
-def _cmd_score(values: dict[str, object]) -> int:
-    from fedclient.site import BANK_FILE, score
+def _print_decisions(metrics: Mapping[str, object]) -> None:
+    """The decision counts, the threshold and any calibration warning (run / score)."""
+    test = metrics.get("test")
+    decisions = test.get("decisions") if isinstance(test, Mapping) else None
+    if isinstance(decisions, Mapping):
+        rates = ", ".join(
+            f"{name} {test[key]:.3f}"  # type: ignore[index]
+            for key, name in (("false_positive_rate", "false-positive rate"),
+                              ("miss_rate", "miss rate"))
+            if isinstance(test, Mapping) and test.get(key) is not None
+        )
+        print(f"decisions: {decisions['anomalous']} anomalous, {decisions['normal']} normal; "
+              f"{decisions['summary']}" + (f"; at the threshold: {rates}" if rates else ""))
+    elif isinstance(metrics.get("calibration"), Mapping):  # calibrated, no test images
+        from core.calibration import Calibration
 
-    bank = values.get("bank")
-    if bank is None:
-        bank = Path("fedclient-out") / BANK_FILE
-    bank = Path(str(bank))
-    if not bank.is_file():
-        raise UsageError(f"bank file {bank} not found (give --bank, or run `fedclient run`)")
+        calibration = Calibration.from_dict(dict(metrics["calibration"]))  # type: ignore[call-overload]
+        print(f"calibrated: {calibration.summary()}")
+    else:
+        print("decisions: none (the model has no calibration: scores only)")
+
+
+def _model_file(values: dict[str, object]) -> Path:
+    """--model, else --bank, else fedclient-out/site-model.safetensors, else its bank."""
+    from fedclient.site import BANK_FILE, SITE_MODEL_FILE
+
+    given = values.get("model") or values.get("bank")
+    if given is not None:
+        path = Path(str(given))
+    else:
+        path = Path("fedclient-out") / SITE_MODEL_FILE
+        if not path.is_file():
+            path = Path("fedclient-out") / BANK_FILE
+    if not path.is_file():
+        raise UsageError(f"model file {path} not found (give --model, or run `fedclient run`)")
+    return path
+
+
+def _cmd_score(values: dict[str, object]) -> int:
+    from fedclient.site import score
+
+    bank = _model_file(values)
     out = Path(str(values.get("out", "fedclient-score")))
     metrics = score(
         bank,
@@ -479,8 +590,75 @@ def _cmd_score(values: dict[str, object]) -> int:
     )
     test = metrics["test"]
     assert isinstance(test, dict)
+    auroc = test["image_auroc"]
     print(f"scored {len(test['image_scores'])} image(s) with bank v{metrics['bank_version']}; "
-          f"image AUROC {test['image_auroc']}; wrote {out}")
+          + (f"image AUROC {auroc:.3f}; " if auroc is not None else "no labels: no AUROC; ")
+          + f"wrote {out}")
+    _print_decisions(metrics)
+    return 0
+
+
+def _cmd_calibrate(values: dict[str, object]) -> int:
+    from fedclient.inspect import calibrate_file
+
+    source = _model_file(values)
+    out = Path(str(values.get("out", "fedclient-out")))
+    site_model, path = calibrate_file(
+        source,
+        Path(str(_require(values, "data"))),
+        out,
+        categories=tuple(values["categories"]) if values.get("categories") else None,  # type: ignore[arg-type]
+        weights=str(values["weights"]) if values.get("weights") else None,
+        device=values.get("device"),  # type: ignore[arg-type]
+        target_fpr=float(values.get("target_fpr", 0.01)),  # type: ignore[arg-type]
+        pixel_target_fpr=float(values.get("pixel_target_fpr", 0.01)),  # type: ignore[arg-type]
+        knn=str(values.get("knn", "auto")),
+        batch_size=int(values.get("batch_size", 8)),  # type: ignore[call-overload]
+    )
+    calibration = site_model.calibration
+    assert calibration is not None
+    print(f"calibrated bank v{site_model.bank_version} ({site_model.model.memory_bank.shape[0]} "
+          f"rows, {site_model.search.method} search) on {calibration.num_validation} image(s): "
+          f"{calibration.summary()}; pixel threshold {calibration.pixel_threshold:.4f}; "
+          f"wrote {path}")
+    return 0
+
+
+def _cmd_inspect(values: dict[str, object]) -> int:
+    from core.sitemodel import SiteModel
+    from fedclient.inspect import FolderWatcher, inspect_paths, stdin_lines
+
+    path = _model_file(values)
+    watch = str(_require(values, "watch"))
+    weights = str(values["weights"]) if values.get("weights") else None
+    device = values.get("device")
+
+    def load(model_path: Path) -> SiteModel:
+        return SiteModel.load(model_path, weights=weights, device=device)  # type: ignore[arg-type]
+
+    site_model = load(path)
+    if site_model.calibration is None:
+        raise UsageError(f"{path} has no calibration: inspect needs a site model (`fedclient "
+                         "run` writes site-model.safetensors; `fedclient calibrate` makes one)")
+    out = Path(str(values.get("out", "fedclient-inspect")))
+    max_images = values.get("max_images")
+    limit = int(max_images) if max_images is not None else None  # type: ignore[call-overload]
+    if watch == "-":
+        summary = inspect_paths(site_model, stdin_lines(), out, max_images=limit)
+        print(summary.line(), flush=True)
+        return 0
+    watcher = FolderWatcher(
+        site_model, Path(watch), out, model_path=path, load_model=load,
+        batch_size=int(values.get("batch_size", 8)),  # type: ignore[call-overload]
+        settle_s=float(values.get("settle", 0.2)),  # type: ignore[arg-type]
+        retries=int(values.get("read_retries", 3)),  # type: ignore[call-overload]
+        include_existing=bool(values.get("include_existing", False)),
+    )
+    try:
+        watcher.run(max_images=limit)
+    except KeyboardInterrupt:
+        watcher.stop()
+    print(watcher.summary.line(), flush=True)
     return 0
 
 
@@ -620,7 +798,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "init-config":
             return _cmd_init_config(args)
         values = _settings(args)
-        command = {"run": _cmd_run, "score": _cmd_score, "status": _cmd_status,
+        command = {"run": _cmd_run, "score": _cmd_score, "calibrate": _cmd_calibrate,
+                   "inspect": _cmd_inspect, "status": _cmd_status,
                    "check": _cmd_check}[args.command]
         return command(values)
     except WeightsUnavailableError as error:

@@ -1,4 +1,5 @@
-"""Every setting of a site (``fedclient run | score | status | check``), documented once.
+"""Every setting of a site (``fedclient run | score | calibrate | inspect | status | check``),
+documented once.
 
 :class:`SiteSettings` lists the keys a site configuration file (``--config site.toml``) may
 hold: the long flag names with ``_``. Each field's ``help`` says what it does and its default is
@@ -92,6 +93,30 @@ class SiteSettings:
         "Longest wait for a round's bank after uploading, seconds."))
     max_upload_rate: float | None = field(default=None, metadata=_help(
         "Throttle uploads to this many bytes/s (unset: unlimited)."))
+    # --- decisions (docs/inspection.md) ---
+    model: Path | None = field(default=None, metadata=_help(
+        "Site model file `score` and `inspect` decide with (unset: fedclient-out/\n"
+        "site-model.safetensors when it exists, else `bank`); `calibrate` calibrates it."))
+    validation_share: float = field(default=0.15, metadata=_help(
+        "Share of the training images `run` holds back from the coreset (seeded by `seed`)\n"
+        "to calibrate the decision thresholds on; 0: no calibration, no decisions."))
+    target_fpr: float = field(default=0.01, metadata=_help(
+        "False-positive rate the image threshold aims at (good images flagged anomalous)."))
+    pixel_target_fpr: float = field(default=0.01, metadata=_help(
+        "Share of good pixels the defect masks may flag (the pixel threshold's target)."))
+    knn: Literal["auto", "exact", "ivf"] = field(default="auto", metadata=_help(
+        "Bank search of the site model: \"exact\", \"ivf\" (k-means cells, for large banks\n"
+        "on a CPU) or \"auto\" (ivf on a CPU from 4,096 bank rows)."))
+    watch: str | None = field(default=None, metadata=_help(
+        "Folder `inspect` watches for new images, or \"-\" to read image paths from stdin."))
+    include_existing: bool = field(default=False, metadata=_help(
+        "`inspect` also scores the images already in the watched folder at start."))
+    max_images: int | None = field(default=None, metadata=_help(
+        "`inspect` stops after this many images (unset: runs until interrupted)."))
+    settle: float = field(default=0.2, metadata=_help(
+        "Seconds a new file must be quiet before `inspect` reads it (a close is enough)."))
+    read_retries: int = field(default=3, metadata=_help(
+        "Times `inspect` retries a file it cannot read (half written?) before skipping it."))
 
 
 #: TOML literals for the settings without a default (written commented out).
@@ -114,10 +139,13 @@ _EXAMPLES: Final[dict[str, str]] = {
     "target_dim": "1024",
     "max_rounds": "1",
     "max_upload_rate": "5000000.0",
+    "model": '"fedclient-out/site-model.safetensors"',
+    "watch": '"/data/incoming"',
+    "max_images": "1000",
 }
 
 _HEADER: Final[str] = """\
-fedclient site configuration: fedclient run --config THIS_FILE (also status, check, score)
+fedclient site configuration: fedclient run --config THIS_FILE (also score, inspect, status...)
 Every setting below, with what it does and its default; keys are the long flag names with '_'.
 Relative paths are relative to this file. Precedence: command-line flag > environment
 variable (FEDCLIENT_SITE_ID=plant-1; FEDCLIENT_CONFIG names this file) > this file > default."""

@@ -10,7 +10,11 @@ table (per category and over all images), the image ROC and PRO curves, overlays
 anomalous test images and of the worst false positives (the highest-scoring good images), and
 where the bank came from (round, version, rows, codec, extractor fingerprint, coverage
 certificate). It opens with where the backbone's weights came from, in red when they are random.
-Its numbers are the ones in metrics.json.
+Its numbers are the ones in metrics.json. With a calibrated site model it also shows the
+decisions (counts, thresholds and what backs them, "calibration uncertain" when the
+validation images could not support the target), each shown image's decision and normalised
+score in its caption (new images from a plain folder get no "good" label), and with labels the
+false-positive and miss rates at the threshold beside AUROC.
 """
 
 from __future__ import annotations
@@ -151,14 +155,27 @@ def write_metrics(path: Path, metrics: Mapping[str, object]) -> Path:
 class Example:
     """One image shown in the report.
 
-    name: category/defect/stem; score: its image score; defect: "good" or the defect folder;
-    image: uint8 [h, w, 3] overlay at the model's geometry, the ground truth outlined in white.
+    name: category/defect/stem; score: its image score; defect: "good" or the defect folder
+    (None for new, unlabelled images); image: uint8 [h, w, 3] overlay at the model's geometry,
+    the ground truth outlined in white; decision: "anomalous" / "normal" with a calibrated
+    model (None without), normalised: its normalised score (0.5 = the threshold).
     """
 
     name: str
     score: float
-    defect: str
+    defect: str | None
     image: np.ndarray
+    decision: str | None = None
+    normalised: float | None = None
+
+    def caption(self) -> str:
+        parts = [self.name]
+        if self.defect is not None:
+            parts.append(self.defect)
+        if self.decision is not None:
+            parts.append(f"{self.decision} ({fmt(self.normalised, 3)})")
+        parts.append(f"score {fmt(self.score)}")
+        return " | ".join(parts)
 
 
 def examples(
@@ -169,6 +186,9 @@ def examples(
     transform: ImageTransform,
     *,
     count: int = REPORT_EXAMPLES,
+    anomalous: np.ndarray | None = None,
+    labelled: bool = True,
+    normalise: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> dict[str, list[Example]]:
     """The report's overlays: {"most_anomalous": the ``count`` highest-scoring images,
     "false_positives": the ``count`` highest-scoring good images} (the second only when the set
@@ -176,6 +196,9 @@ def examples(
 
     ``image_scores`` [N], ``anomaly_maps`` [N, h, w] (the model's output for ``dataset``). Only
     the picked images are loaded; ties are broken by position, so the pick is reproducible.
+    ``anomalous`` [N] and ``normalise`` (a calibrated model's decisions and normalisation) put
+    the decision in each caption; ``labelled=False`` (new images) leaves the folder's "good"
+    out of it, and there are no false positives to show.
     """
     n = len(dataset)
     if image_scores.shape != (n,) or anomaly_maps.shape[0] != n or len(names) != n:
@@ -187,7 +210,7 @@ def examples(
     order = np.argsort(-image_scores, kind="stable")
     labels = dataset.labels
     groups = {"most_anomalous": order[:count].tolist()}
-    if labels.any() and not labels.all():
+    if labelled and labels.any() and not labels.all():
         groups["false_positives"] = [int(i) for i in order if labels[i] == 0][:count]
 
     def render(i: int) -> Example:
@@ -196,7 +219,11 @@ def examples(
             mask = transform.mask(dataset.load_mask(i))
             edge = mask & ~ndimage.binary_erosion(mask)
             blended[edge] = 255
-        return Example(names[i], float(image_scores[i]), dataset[i].defect, blended)
+        decision = None if anomalous is None else ("anomalous" if anomalous[i] else "normal")
+        normalised = (None if normalise is None
+                      else float(normalise(image_scores[i : i + 1])[0]))
+        return Example(names[i], float(image_scores[i]),
+                       dataset[i].defect if labelled else None, blended, decision, normalised)
 
     return {group: [render(i) for i in picked] for group, picked in groups.items()}
 
@@ -231,14 +258,18 @@ def _plot(curve: Curve, *, title: str, ylabel: str, limit: float | None) -> byte
 
 _METRIC_COLUMNS = (("image_auroc", "image AUROC"), ("pixel_auroc", "pixel AUROC"),
                    ("au_pro", f"AU-PRO@{AU_PRO_FPR_LIMIT:g}"))
+#: Shown only when the scores were decided with a calibrated model and the images have labels.
+_RATE_COLUMNS = (("false_positive_rate", "FPR at threshold"), ("miss_rate", "miss rate at "
+                 "threshold"))
 
 
 def _metrics_table(test: Mapping[str, object]) -> str:
     """Rows: each category (when there are several), then all images."""
     spro = sorted((k for k in test if k.startswith("au_spro@")),
                   key=lambda k: float(k.split("@")[1]))
+    rates = [(k, h) for k, h in _RATE_COLUMNS if k in test]
     headers = ["category", "images", "anomalous", *(h for _, h in _METRIC_COLUMNS),
-               *(f"AU-sPRO@{k.split('@')[1]}" for k in spro)]
+               *(h for _, h in rates), *(f"AU-sPRO@{k.split('@')[1]}" for k in spro)]
     rows = []
     per_category = test.get("per_category")
     named = dict(per_category) if isinstance(per_category, Mapping) else {}
@@ -247,8 +278,34 @@ def _metrics_table(test: Mapping[str, object]) -> str:
         assert isinstance(values, Mapping)
         rows.append([name, values.get("num_images"), values.get("num_anomalous"),
                      *(values.get(k) for k, _ in _METRIC_COLUMNS),
-                     *(values.get(k) for k in spro)])
+                     *(values.get(k) for k, _ in rates), *(values.get(k) for k in spro)])
     return table(headers, rows, table_id="metrics")
+
+
+def _decisions_section(decisions: Mapping[str, object], calibration: object) -> str:
+    """Counts per decision and what the threshold rests on (core.calibration)."""
+    rows: list[tuple[str, object]] = [
+        ("anomalous", decisions.get("anomalous")),
+        ("normal", decisions.get("normal")),
+        ("image threshold (raw score)", decisions.get("threshold")),
+        ("pixel threshold (mask)", decisions.get("pixel_threshold")),
+    ]
+    note = None
+    if isinstance(calibration, Mapping) and isinstance(calibration.get("image"), Mapping):
+        image = calibration["image"]
+        rows += [
+            ("threshold method", image.get("method")),
+            ("target false-positive rate", image.get("target_fpr")),
+            ("good validation images", image.get("num_good")),
+            ("expected false-positive rate", image.get("expected_fpr")),
+            ("95 % upper bound on it", image.get("fpr_upper")),
+        ]
+        note = str(image.get("note") or "") or None
+    title = "Decisions"
+    if decisions.get("uncertain"):
+        title += " (calibration uncertain)"
+    return section(title, table(["", "value"], [(k, v) for k, v in rows if v is not None],
+                                table_id="decisions"), note=note)
 
 
 def _weights_section(weights: object) -> str:
@@ -332,13 +389,20 @@ def write_site_report(
     site = metrics.get("site_id") or "scored images"
     sections = [_weights_section(metrics.get("weights"))]
     labelled = test.get("image_auroc") is not None or test.get("pixel_auroc") is not None
+    decisions = test.get("decisions")
     protocol = test.get("protocol")
     if not labelled:
-        note: str | None = ("The images carry no labels (no defective images or no ground "
-                            "truth): there is nothing to compute AUROC or PRO from; scores only.")
+        note: str | None = (
+            "The images carry no labels (no defective images or no ground truth): there is "
+            "nothing to compute AUROC or PRO from"
+            + ("; the decisions below come from the site's calibration." if decisions else
+               "; scores only (the model has no calibration, so no decisions).")
+        )
     else:
         note = f"Metrics {protocol}." if protocol else None
     sections.append(section("Metrics", _metrics_table(test), note=note))
+    if isinstance(decisions, Mapping):
+        sections.append(_decisions_section(decisions, metrics.get("calibration")))
     plots = []
     if "roc" in curves:
         plots.append(image_tag(_plot(curves["roc"], title="image ROC", ylabel="true-positive "
@@ -356,8 +420,7 @@ def write_site_report(
     }
     for group, items in shown.items():
         title, note = titles[group]
-        figures = [image_tag(e.image, e.name, caption=f"{e.name} | {e.defect} | score "
-                             f"{fmt(e.score)}") for e in items]
+        figures = [image_tag(e.image, e.name, caption=e.caption()) for e in items]
         sections.append(section(title, *figures, note=note + "; one colour range for all "
                                 "images (blue low, red high)"))
     sections.append(section("Bank provenance", _provenance(metrics)))

@@ -7,6 +7,11 @@ keeps the site's state in its output folder, so a restarted site carries on:
 
 * ``bank.safetensors``: the newest global bank it received (a PatchCore model file, with the
   bank version, round and radii in its metadata); a later download asks only for the change;
+* ``site-model.safetensors``: that bank calibrated on the site's validation images (a held-out
+  share of its good training images, never uploaded), rewritten after every round's bank
+  (core.sitemodel; what ``fedclient score`` and ``fedclient inspect`` decide with);
+* ``decisions.csv`` / ``decisions.jsonl`` / ``masks/``: each test image's decision
+  (fedclient.inspect);
 * ``metrics.json``: what the run did (per round: rows, chunks, bytes, seconds) and the scores;
 * ``overlays/``: one anomaly-map overlay PNG per test image;
 * ``report.html``: the same results as one self-contained page for people (fedclient.report).
@@ -24,14 +29,23 @@ from pathlib import Path
 
 import numpy as np
 
+from core.calibration import (
+    DEFAULT_PIXEL_TARGET_FPR,
+    DEFAULT_TARGET_FPR,
+    DEFAULT_VALIDATION_SHARE,
+    split_validation,
+)
 from core.data import AnomalyDataset, AutoVIDataset, DatasetError, ImageFolderDataset, MVTecDataset
 from core.data.check import resolve_site_folder
+from core.data.imageio import image_size
 from core.evaluation import Resolution, evaluate, evaluate_per_category
 from core.features import FeatureConfig, check_image_sizes, check_weights
 from core.federated import PatchCoreClient
 from core.metrics import Curve
 from core.patchcore import ModelFileError, PatchCore, Predictions
 from core.preprocess import ImageTransform
+from core.sitemodel import SITE_MODEL_FILE, SearchSpec, SiteModel, provenance_of
+from fedclient.inspect import DecisionWriter, decide, labelled_rates
 from fedclient.report import Example, examples, write_metrics, write_overlays, write_site_report
 from fedclient.session import (
     BankDownload,
@@ -44,9 +58,9 @@ from fedpatchcore.v1 import federation_pb2 as fpb
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BANK_FILE", "METRICS_FILE", "REPORT_FILE", "Prepared", "SiteOptions",
-           "check_extractor", "evaluation_protocol", "load_site_data", "prepare_site", "run_site",
-           "score"]
+__all__ = ["BANK_FILE", "METRICS_FILE", "REPORT_FILE", "SITE_MODEL_FILE", "Prepared",
+           "SiteOptions", "check_extractor", "evaluation_protocol", "load_site_data",
+           "prepare_site", "run_site", "score"]
 
 BANK_FILE = "bank.safetensors"
 METRICS_FILE = "metrics.json"
@@ -73,6 +87,11 @@ class SiteOptions:
     round_timeout_s: longest wait for a round's bank after uploading, seconds.
     overlays: write anomaly-map overlays of the test images.
     report: write report.html (metrics, curves, a few overlays, the bank's provenance).
+    validation_share: share of the training images held back from the coreset (seeded by
+        ``seed``) to calibrate the decisions on; 0 fits on all of them and writes no site model.
+    target_fpr / pixel_target_fpr: false-positive rates the image and pixel thresholds aim at
+        (core.calibration).
+    knn: the site model's search, "auto", "exact" or "ivf" (core.sitemodel.SearchSpec).
     """
 
     data: Path
@@ -90,6 +109,10 @@ class SiteOptions:
     round_timeout_s: float = 3600.0
     overlays: bool = True
     report: bool = True
+    validation_share: float = DEFAULT_VALIDATION_SHARE
+    target_fpr: float = DEFAULT_TARGET_FPR
+    pixel_target_fpr: float = DEFAULT_PIXEL_TARGET_FPR
+    knn: str = "auto"
 
 
 def load_site_data(
@@ -301,9 +324,10 @@ def run_site(
         )
         held = None
 
+    fit_images, validation = _split(train, options)
     client = PatchCoreClient(
         session.site_id,
-        _CountingImages(train, "fit", progress),  # type: ignore[arg-type]
+        _CountingImages(fit_images, "fit", progress),  # type: ignore[arg-type]
         features,
         options.coreset_percentage,
         seed=options.seed,
@@ -318,6 +342,7 @@ def run_site(
         f"coverage radius r_i {client.coverage_radius:.3f}")
 
     have = (held.version, held.bank) if held is not None else None
+    site_model: SiteModel | None = None
     rounds: list[dict[str, object]] = []
     download: BankDownload | None = None
     while True:
@@ -326,6 +351,10 @@ def run_site(
         )
         if replaced is not None and not record.get("bank_replaced"):
             record["bank_replaced"], replaced = replaced, None
+        if validation is not None:  # every new bank gets its own thresholds
+            site_model = _recalibrate(session, client, have, download, validation, options,
+                                      config)
+            record["calibration"] = _calibration_record(site_model)
         rounds.append(record)
         if options.max_rounds is not None and len(rounds) >= options.max_rounds:
             break
@@ -342,6 +371,9 @@ def run_site(
         "backbone": features.backbone,
         "weights": features.weights_provenance(),
         "num_train_images": len(train),
+        # the coreset's images and the ones held out to calibrate on (never uploaded)
+        "num_fit_images": len(fit_images),
+        "num_validation_images": len(validation) if validation is not None else 0,
         "num_training_patches": client.model.num_training_patches,
         "local_coreset_rows": client.get_coreset().shape[0],
         "local_coverage_radius": client.coverage_radius,
@@ -355,12 +387,17 @@ def run_site(
         "seconds": {"fit": fit_seconds},
     }
     _save_bank(client, have, download, out, metrics)
+    if site_model is None:  # no validation images: score with the bank, undecided
+        site_model = SiteModel.from_model(client.model, search="exact")
+    else:
+        metrics["calibration"] = site_model.calibration.to_dict()  # type: ignore[union-attr]
+        metrics["site_model"] = str(out / SITE_MODEL_FILE)
     scored: _Scored | None = None
     if test is not None:
         t0 = time.perf_counter()
         say(f"scoring {len(test)} test image(s) with bank v{download.version}")
-        scored = _score(client.model, test, out, options.overlays, progress,
-                        report=options.report)
+        scored = _score(site_model, test, out, options.overlays, progress,
+                        report=options.report, labelled=True)
         metrics["test"] = scored.result
         metrics["seconds"]["score"] = time.perf_counter() - t0  # type: ignore[index]
     metrics["seconds"]["total"] = time.perf_counter() - started  # type: ignore[index]
@@ -477,6 +514,65 @@ def _save_bank(
     )
 
 
+def _split(
+    train: AnomalyDataset, options: SiteOptions
+) -> tuple[AnomalyDataset, AnomalyDataset | None]:
+    """(images the coreset is fitted on, held-out validation images or None)."""
+    if options.validation_share <= 0:
+        return train, None
+    if len(train) < 2:
+        logger.warning("%d training image(s): none can be held out for calibration; the site "
+                       "scores without decisions", len(train))
+        return train, None
+    fit, held = split_validation(len(train), options.validation_share, options.seed)
+    logger.info("holding out %d of %d training images for calibration", held.size, len(train))
+    return train.subset(fit), train.subset(held)
+
+
+def _recalibrate(
+    session: SiteSession,
+    client: PatchCoreClient,
+    held: tuple[int, np.ndarray],
+    download: BankDownload,
+    validation: AnomalyDataset,
+    options: SiteOptions,
+    config: RoundConfig,
+) -> SiteModel:
+    """Calibrate this round's bank on the validation images and (re)write the site model."""
+    t0 = time.perf_counter()
+    client.update_global_bank(held[1])
+    certificate = download.server_radius + download.max_site_radius
+    site_model = SiteModel.from_model(
+        client.model,
+        search=options.knn,
+        provenance=provenance_of(
+            client.model, bank_version=held[0], round=download.round,
+            site_id=session.site_id, server=session.connection.address,
+            certificate=certificate, server_coverage_radius=download.server_radius,
+            max_site_coverage_radius=download.max_site_radius, codec=_codec_dict(config),
+        ),
+    )
+    calibration = site_model.calibrate(
+        validation, target_fpr=options.target_fpr, pixel_target_fpr=options.pixel_target_fpr,
+        validation_share=options.validation_share, seed=options.seed,
+        batch_size=options.batch_size,
+    )
+    site_model.save(options.out_dir / SITE_MODEL_FILE)
+    logger.info("bank v%d calibrated in %.2f s: %s", held[0], time.perf_counter() - t0,
+                calibration.summary())
+    return site_model
+
+
+def _calibration_record(site_model: SiteModel) -> dict[str, object]:
+    """What metrics.json keeps of one round's calibration."""
+    calibration = site_model.calibration
+    assert calibration is not None
+    return {"bank_version": site_model.bank_version, "threshold": calibration.threshold,
+            "pixel_threshold": calibration.pixel_threshold, "method": calibration.image.method,
+            "uncertain": calibration.uncertain, "num_validation": calibration.num_validation,
+            "search": site_model.search.method}
+
+
 @dataclass(frozen=True)
 class _Scored:
     """What scoring found: the metrics (for metrics.json), and for the report the curves and
@@ -488,17 +584,29 @@ class _Scored:
 
 
 def _score(
-    model: PatchCore,
+    site_model: SiteModel | PatchCore,
     test: AnomalyDataset,
     out: Path,
     overlays: bool,
     progress: Progress | None,
     *,
     report: bool = True,
+    labelled: bool = True,
 ) -> _Scored:
     """Scores, metrics where labels allow (per category too when there are several), overlays
-    of ``test`` with ``model``'s bank, and what the report shows."""
-    predictions: Predictions = model.predict(_CountingImages(test, "score", progress))  # type: ignore[arg-type]
+    of ``test`` with ``site_model``'s bank and search, what the report shows, and with a
+    calibrated model each image's decision (decisions.csv / .jsonl, masks/).
+
+    labelled: ``test`` is a test split whose folders name the truth (else: new images, which
+    get no "good" label). A bare PatchCore (the Flower ClientApp's) scores with its exact
+    search and decides nothing.
+    """
+    if isinstance(site_model, PatchCore):
+        site_model = SiteModel(site_model, search=SearchSpec("exact"))
+    model = site_model.model
+    predictions, _ = site_model.inferencer().predict(
+        _CountingImages(test, "score", progress)  # type: ignore[arg-type]
+    )
     transform = model.config.features.transform
     resolution, protocol = evaluation_protocol(transform)
     evaluation = evaluate(predictions, test, transform, resolution=resolution, curves=report)
@@ -513,19 +621,73 @@ def _score(
         }
     names = [_image_name(test, i) for i in range(len(test))]
     result["image_scores"] = dict(zip(names, predictions.image_scores.tolist(), strict=True))
+    anomalous: np.ndarray | None = None
+    if site_model.calibration is not None:
+        anomalous = _write_decisions(site_model, test, names, predictions, out, labelled,
+                                     result)
     if overlays:
         write_overlays(
             out / OVERLAY_DIR, names, predictions.anomaly_maps, transform,
             load_image=test.load_image,
         )
     shown = (examples(test, names, predictions.image_scores, predictions.anomaly_maps,
-                      transform) if report else {})
+                      transform, anomalous=anomalous, labelled=labelled,
+                      normalise=site_model.calibration.image_normalisation
+                      if site_model.calibration else None)
+             if report else {})
     return _Scored(result, evaluation.curves, shown)
 
 
+def _write_decisions(
+    site_model: SiteModel,
+    test: AnomalyDataset,
+    names: list[str],
+    predictions: Predictions,
+    out: Path,
+    labelled: bool,
+    result: dict[str, object],
+) -> np.ndarray:
+    """Decide every image, write decisions.csv / .jsonl and masks/, count the decisions into
+    ``result`` (with labels: false-positive and miss rates, overall and per category)."""
+    from core.inference import Scored, StageTimes
+
+    calibration = site_model.calibration
+    assert calibration is not None
+    scored = Scored(predictions.image_scores, predictions.anomaly_maps, predictions.patch_grid,
+                    StageTimes())
+    decided = decide(
+        site_model, names, scored,
+        originals=[image_size(sample.image_path) for sample in test],
+        labels=[sample.defect for sample in test] if labelled else None,
+    )
+    with DecisionWriter(out) as writer:
+        for decision, mask in decided:
+            writer.write(decision, mask)
+    anomalous = np.array([d.anomalous for d, _ in decided], dtype=bool)
+    result["decisions"] = {
+        "anomalous": int(anomalous.sum()), "normal": int((~anomalous).sum()),
+        "threshold": calibration.threshold, "pixel_threshold": calibration.pixel_threshold,
+        "summary": calibration.summary(), "uncertain": calibration.uncertain,
+    }
+    if labelled:
+        labels = test.labels
+        result.update(labelled_rates(anomalous, labels))
+        per_category = result.get("per_category")
+        if isinstance(per_category, dict):
+            categories = np.array([sample.category for sample in test])
+            for category, part in per_category.items():
+                mine = categories == category
+                part.update(labelled_rates(anomalous[mine], labels[mine]))
+    return anomalous
+
+
 def _image_name(dataset: AnomalyDataset, index: int) -> str:
-    """category/defect/stem: unique within a dataset, readable as a file name."""
+    """category/defect/stem: unique within a dataset, readable as a file name. A plain folder's
+    images (new, unlabelled) are named by their path in it, without a "good" they never had."""
     sample = dataset[index]
+    root = getattr(dataset, "root", None)
+    if isinstance(dataset, ImageFolderDataset) and isinstance(root, Path):
+        return sample.image_path.relative_to(root).with_suffix("").as_posix()
     return f"{sample.category}/{sample.defect}/{sample.image_path.stem}"
 
 
@@ -542,13 +704,14 @@ def score(
     progress: Progress | None = None,
 ) -> dict[str, object]:
     """``fedclient score``: score ``data``'s test images (or, for a plain folder, all of its
-    images) with a bank downloaded earlier; writes metrics.json, overlays and report.html into
+    images) with a site model file (decisions: decisions.csv / .jsonl, masks/) or a plain bank
+    downloaded earlier (scores only); writes metrics.json, overlays and report.html into
     ``out_dir``."""
     extra = PatchCore.read_extra(bank_file)
     train, test = load_site_data(data, categories)  # before the backbone: seconds, not minutes
     images = test if test is not None else train
-    model = PatchCore.load(bank_file, pretrained=weights is not None or _pretrained(bank_file),
-                           weights=weights, device=device)
+    site_model = SiteModel.load(bank_file, weights=weights, device=device)
+    model = site_model.model
     check_image_sizes([sample.image_path for sample in images], model.config.features.transform)
     out_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -557,6 +720,7 @@ def score(
         "bank_version": extra.get("bank_version"),
         "bank_rows": int(model.memory_bank.shape[0]),
         "data": str(data),
+        "search": site_model.search.method,
         "weights": model.config.features.weights_provenance(),
     }
     # What the bank file says about where it came from (banks saved by older versions lack
@@ -568,7 +732,14 @@ def score(
     radii = (extra.get("server_coverage_radius"), extra.get("max_site_coverage_radius"))
     if all(isinstance(r, int | float) for r in radii):
         metrics["certificate"] = float(radii[0]) + float(radii[1])  # type: ignore[arg-type]
-    scored = _score(model, images, out_dir, overlays, progress, report=report)
+    if site_model.calibration is not None:
+        metrics["calibration"] = site_model.calibration.to_dict()
+    else:
+        logger.warning("%s has no calibration: scores only, no decisions (score with the "
+                       "site model file `fedclient run` writes, or `fedclient calibrate`)",
+                       bank_file)
+    scored = _score(site_model, images, out_dir, overlays, progress, report=report,
+                    labelled=test is not None)
     metrics["test"] = scored.result
     metrics["seconds"] = {"score": time.perf_counter() - t0}
     write_metrics(out_dir / METRICS_FILE, metrics)
@@ -576,10 +747,3 @@ def score(
         write_site_report(out_dir / REPORT_FILE, metrics, curves=scored.curves,
                           shown=scored.shown)
     return metrics
-
-
-def _pretrained(bank_file: Path) -> bool:
-    """Whether the bank was built with pretrained weights (the site saved its fingerprint
-    source); random-init banks reload with the same seeded random backbone."""
-    return bool(PatchCore.read_extra(bank_file).get("pretrained", False))
-
