@@ -300,6 +300,8 @@ class PrefixMergeSelector:
         self._reference: _Reference | None = None
         self._last: tuple[np.ndarray, torch.Tensor] | None = None  # last bank, its row numbers
         self._mask: torch.Tensor | None = None  # see _later_mask
+        #: What the last select() returned (its certificate fields: radius_exact, ...).
+        self.last_selection: PrefixSelection | None = None
         self.num_seen = 0
 
     # -- set-up --------------------------------------------------------------------------
@@ -565,7 +567,7 @@ class PrefixMergeSelector:
             "prefix merge: %d of %d rows kept (%s), r_S = %.4f",
             keep.numel(), n, rows_kept, result_radius,
         )
-        return PrefixSelection(
+        self.last_selection = PrefixSelection(
             features=features,
             radius_bound=result_radius,
             num_seen=self.num_seen,
@@ -574,3 +576,4 @@ class PrefixMergeSelector:
             chain_radius=chain,
             exact_checks=checks,
         )
+        return self.last_selection
