@@ -63,14 +63,16 @@ copy of the projections. No [N, N] matrix exists anywhere.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from core.coreset import _one_thread, projection_matrix
+from core.coreset import projection_matrix
 from core.federated.cells import CellIndex, FlatIndex, num_cells_for, smallest
 from core.federated.coverage import chain_bounds, exact_distances, refine_radius
 
@@ -95,7 +97,9 @@ PROJECTION_DIM = 32
 _CANDIDATES = 4
 #: Streams (and starting banks) up to this many rows are searched exhaustively, larger ones
 #: through cells: one GEMM per block is cheap on a GPU, the cells' small loops are not.
-EXHAUSTIVE_ROWS = {"cpu": 4096, "cuda": 1 << 18}
+EXHAUSTIVE_ROWS = {"cpu": 4096, "cuda": 1 << 20}
+#: Query rows per slice of a block's search among its own earlier rows.
+_TRIANGLE_ROWS = 512
 #: Most rows given the full exact check when r_S is certified (past it r_S is a bound).
 MAX_EXACT_ROWS = 16384
 
@@ -179,6 +183,27 @@ class PrefixSelection:
     radius_exact: bool = True
     chain_radius: float = 0.0
     exact_checks: int = 0
+
+
+@contextlib.contextmanager
+def _one_thread(device: torch.device) -> Iterator[None]:
+    """One torch thread for CPU work, restored afterwards.
+
+    The selection is hundreds of small GEMMs, top-ks and gathers per block; on this team's
+    shared 2-core machines two torch threads spin at every barrier: add() ran 5 x slower with
+    two (35,000 -> 7,000 rows/s at k = 10,000, load ~3). All of it is torch (no NumPy BLAS),
+    so unlike core.coreset._one_thread this leaves the BLAS pools alone (0.6 ms per call saved).
+    The setting is process-wide: concurrent torch work elsewhere also runs on one thread.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -325,12 +350,33 @@ class PrefixMergeSelector:
                                            device=device)
         self._stream_of = torch.empty(cap, dtype=torch.int64, device=device)
 
-    def _later_mask(self, b: int) -> torch.Tensor:
-        """[b, b] bool, True where column >= row (not an earlier row); cached per size."""
-        if self._mask is None or self._mask.shape[0] < b:
-            size = max(b, self.block_rows)
-            self._mask = torch.ones(size, size, dtype=torch.bool, device=self.device).triu()
-        return self._mask[:b, :b]
+    def _earlier_in_block(self, projected: torch.Tensor, r: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each row of a block [b, d], the ``r`` strictly earlier rows of the block nearest
+        in the projection: (partial d2 [b, r], positions [b, r]), inf where fewer exist.
+
+        Brute force over the lower triangle only, in slices of _TRIANGLE_ROWS query rows
+        (slice j against rows before its end): about 60 % of the full [b, b] matrix.
+        """
+        b = projected.shape[0]
+        squared = (projected * projected).sum(1)
+        mask = self._later_mask()
+        values, positions = [], []
+        for lo in range(0, b, _TRIANGLE_ROWS):
+            hi = min(lo + _TRIANGLE_ROWS, b)
+            d2 = torch.addmm(squared[:hi], projected[lo:hi], projected[:hi].T, alpha=-2.0)
+            d2[:, lo:hi].masked_fill_(mask[: hi - lo, : hi - lo], math.inf)
+            v, i = smallest(d2, r)
+            values.append(v)
+            positions.append(i)
+        return torch.cat(values), torch.cat(positions)
+
+    def _later_mask(self) -> torch.Tensor:
+        """[_TRIANGLE_ROWS] x 2, True where column >= row (not an earlier row); cached."""
+        if self._mask is None:
+            self._mask = torch.ones(_TRIANGLE_ROWS, _TRIANGLE_ROWS, dtype=torch.bool,
+                                    device=self.device).triu()
+        return self._mask
 
     def _project(self, centred: torch.Tensor) -> torch.Tensor:
         """[n, D] rows already shifted into a frame -> [n, d]."""
@@ -420,8 +466,6 @@ class PrefixMergeSelector:
         self.num_seen = stop
         if stream.ids.size - stream.committed < self.block_rows:
             return
-        # One BLAS / torch thread on a CPU: hundreds of small GEMMs and top-ks, on shared
-        # 2-core machines (core.coreset._one_thread: two spinning threads ran 5x slower here).
         with _one_thread(self.device):
             while stream.ids.size - stream.committed >= self.block_rows:
                 self._process(stream, stream.committed, stream.committed + self.block_rows,
@@ -451,11 +495,7 @@ class PrefixMergeSelector:
         originals = self._rows[ids]  # [b, D]
         projected = self._project(originals - stream.origin)  # [b, d]
         b, r = ids.numel(), _CANDIDATES
-        # Earlier rows of the block: brute force in the projection, strictly earlier only.
-        projected_sq = (projected * projected).sum(1)
-        d2 = torch.addmm(projected_sq, projected, projected.T, alpha=-2.0)
-        d2.masked_fill_(self._later_mask(b), math.inf)
-        values, positions = smallest(d2, r)
+        values, positions = self._earlier_in_block(projected, r)
         candidates = torch.where(torch.isfinite(values), ids[positions.clamp_max(b - 1)], -1)
         if lo > 0:  # earlier blocks: their index, or all of them
             index = stream.index if stream.index is not None else FlatIndex(
