@@ -18,30 +18,32 @@ AUROC lost on its data). The prefix merge meets that benchmark's parity bar on e
 metric and partition (README, "Federated parity on realistic data").
 
 How it scales (issue 16): the work happens in :meth:`PrefixMergeSelector.add`, as chunks
-arrive, and costs O(n^1.5 d) per site, not O(n^2 D):
+arrive, and costs O(n^1.5 d + n D) per site of n rows, not O(n^2 D):
 
 * **Separations from a projected search.** Each site's stream is processed in fixed blocks of
-  ``block_rows`` rows (2,048) at fixed stream positions. A block is projected to d = 32 dimensions
-  (a seeded Gaussian JL matrix, the same on every device) in the stream's own frame (its first
-  row is the origin: no float32 cancellation far from the origin); its rows' candidate parents
-  are the ``_CANDIDATES`` nearest in the projection among the earlier rows of the block (brute
-  force) and of earlier blocks (brute force below ``exhaustive_rows`` rows, beyond it an
-  inverted file of about 2 sqrt(n) cells, core.federated.cells, rebuilt when the stream has
-  doubled), and, in later rounds, the round's starting bank (its own index). Each candidate's
-  distance is then computed exactly in the original space; the separation is the smallest, so
-  it is the exact distance to a real earlier row: at least the true separation, equal when the
-  nearest earlier row was among the candidates (always when D <= d, where the projection is
-  the identity). The candidates are kept as the row's *edges* (row, exact distance).
+  ``block_rows`` rows (2,048) at fixed stream positions. A block is projected to d = 32
+  dimensions (a seeded Gaussian JL matrix, the same on every device) in the stream's frame
+  (its first row is the origin: no float32 cancellation far from the origin); its rows'
+  candidate parents are the ``_CANDIDATES`` nearest in the projection among the earlier rows
+  of the block (brute force) and of earlier blocks (brute force below ``exhaustive_rows``
+  rows, beyond it an inverted file of about 2 sqrt(n) cells, core.federated.cells, rebuilt
+  when the stream has doubled), and, in later rounds, the round's starting bank (its own
+  index). Each candidate's distance is then computed exactly in the original space; the
+  separation is the smallest, so it is the exact distance to a real earlier row: at least the
+  true separation, equal when the nearest earlier row was among the candidates (always when
+  D <= d, where the projection is the identity). The candidates are kept as the row's *edges*
+  (row, exact distance).
 * **Certificate.** :meth:`PrefixMergeSelector.select` keeps the k most separated rows, then
   bounds every row's distance to the bank by edge paths to kept rows (triangle inequality,
   O(N); core.federated.coverage.chain_bounds) and refines exactly only the rows whose bound
   exceeds the largest exact distance found so far (coverage.refine_radius). The r_S it reports
   (``radius_bound``) is the exact max over every uploaded row of its distance to the bank when
   ``radius_exact`` (refinement finished within ``max_exact_rows`` full checks: always on the
-  benchmarks), else the largest bound left, still valid. Every site patch lies within r_i of
-  the site's upload, so max_i r_i + r_S still bounds every training patch.
+  benchmarks), else the largest bound left, still valid; either up to float32 rounding of the
+  distances (relative ~1e-6, as the brute-force r_S before it). Every site patch lies within
+  r_i of the site's upload, so max_i r_i + r_S still bounds every training patch.
 * **Device.** Everything above is torch on ``device`` (CUDA for "auto" when available). A
-  GPU searches each stream exhaustively up to 262,144 rows (one GEMM per block), a CPU up to
+  GPU searches each stream exhaustively up to 1,048,576 rows (one GEMM per block), a CPU up to
   4,096 rows, then through cells; so CPU and GPU banks may differ a little (as their float
   rounding already would).
 * **Determinism.** A stream's results depend only on its own rows, the block positions and the
@@ -51,9 +53,10 @@ arrive, and costs O(n^1.5 d) per site, not O(n^2 D):
   smaller site id, then upload order.
 
 The quality cost of the approximate search (a row whose nearest earlier row was not among its
-candidates gets a larger separation than the exact ranking gives it) is measured in
-benchmarks/server_selection.py (``--case scale``): kept rows and exact r_S against the exact
-ranking (:func:`prefix_separations`, kept here as the reference).
+candidates gets a larger separation than the exact ranking gives it) is measured by
+benchmarks/selection_scale.py: kept rows and exact r_S against the exact ranking
+(:func:`prefix_separations`, kept here as the reference), on the scale workload and on
+resnet18 features.
 
 Memory: all uploaded rows are buffered on the device (the selection needs every row, and r_S
 is measured on them), bounded by ``capacity`` rows (more raises :class:`CapacityError`), plus
