@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from core.coreset import greedy_coreset
+from core.federated import cells
 from core.federated.cells import CellIndex, FlatIndex, smallest
 from core.federated.coverage import chain_bounds
 from core.federated.prefix import PrefixMergeSelector, prefix_separations, resolve_device
@@ -235,6 +236,25 @@ def test_the_torch_path_runs_on_the_configured_device() -> None:
     assert PrefixMergeSelector(5, capacity=10).device.type == expected
 
 
+def test_the_gpu_configuration_runs_on_cpu_tensors() -> None:
+    """What a GPU runs (every stream, start bank and bank searched exhaustively), on the CPU:
+    the same certificate, and the ranking it gives is at least as close to the exact one."""
+    streams = _scenario("sites", 5)
+    total = sum(len(s) for s in streams.values())
+    exhaustive = PrefixMergeSelector(600, capacity=4 * total, device="cpu", block_rows=128,
+                                     exhaustive_rows=10**6)
+    _feed(exhaustive, streams, 100)
+    first = exhaustive.select()
+    exhaustive.start_round(first.features)
+    later = {"a": _clustered(21, 400, 4, 0.4, offset=1.5)}
+    _feed(exhaustive, later, 100)
+    chosen = exhaustive.select()
+    union = np.concatenate([*streams.values(), *later.values()])
+    exact = _exact_radius(union, chosen.features)
+    assert chosen.radius_bound == pytest.approx(exact, rel=1e-4)
+    assert chosen.radius_bound >= exact * (1 - 1e-5)
+
+
 def test_gpu_selection_is_certified(cuda_device: torch.device) -> None:
     streams = _scenario("sites", 4)
     selector = PrefixMergeSelector(500, capacity=2000, device=cuda_device, **SMALL)
@@ -244,7 +264,9 @@ def test_gpu_selection_is_certified(cuda_device: torch.device) -> None:
     assert chosen.radius_bound == pytest.approx(exact, rel=1e-4)
 
 
-def test_smallest_matches_topk_and_cell_search_matches_brute_force() -> None:
+def test_smallest_matches_topk_and_cell_search_matches_brute_force(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     generator = torch.Generator().manual_seed(0)
     values = torch.randn(300, 1000, generator=generator)
     for r in (1, 4, 9):
@@ -254,6 +276,15 @@ def test_smallest_matches_topk_and_cell_search_matches_brute_force() -> None:
         torch.testing.assert_close(values.gather(1, got_i), want_v)
     short_v, _ = smallest(values[:, :3], 5)
     assert torch.isinf(short_v[:, 3:]).all()
+    members = torch.randn(700, 8, generator=generator)
+    queries = torch.randn(50, 8, generator=generator)
+    squared = (members * members).sum(1)
+    monkeypatch.setattr(cells, "_MEMBER_BLOCK", 96)  # several member blocks, one short
+    got_v, got_i = cells.exhaustive_topk(queries, members, squared, 6)
+    want_v, _ = torch.addmm(squared, queries, members.T, alpha=-2.0).topk(6, largest=False)
+    torch.testing.assert_close(got_v, want_v)
+    torch.testing.assert_close(torch.addmm(squared, queries, members.T, alpha=-2.0).gather(
+        1, got_i), want_v)
     points = torch.randn(2000, 8, generator=generator)
     ids = torch.arange(2000) * 10
     queries = torch.randn(100, 8, generator=generator)
