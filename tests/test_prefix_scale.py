@@ -86,8 +86,8 @@ def test_reported_radius_bounds_every_uploaded_row(name: str, seed: int) -> None
     chosen = selector.select()
     exact = _exact_radius(np.concatenate(list(streams.values())), chosen.features)
     assert chosen.radius_exact
-    # Valid (up to float32 rounding), and in fact the exact maximum.
-    assert chosen.radius_bound >= exact * (1 - 1e-5)
+    # Valid (up to float32 rounding of one norm, ~1e-7), and in fact the exact maximum.
+    assert chosen.radius_bound >= exact * (1 - 1e-6)
     assert chosen.radius_bound == pytest.approx(exact, rel=1e-4, abs=1e-6)
     assert chosen.chain_radius >= chosen.radius_bound * (1 - 1e-6)
     assert sum(chosen.rows_kept.values()) == chosen.features.shape[0] == total // 3
@@ -103,7 +103,7 @@ def test_without_refinement_the_radius_is_still_a_bound_and_the_chain_bound_is_n
     chosen = selector.select()
     exact = _exact_radius(np.concatenate(list(streams.values())), chosen.features)
     assert not chosen.radius_exact and chosen.exact_checks == 0
-    assert exact * (1 - 1e-5) <= chosen.radius_bound <= chosen.chain_radius * (1 + 1e-6)
+    assert exact * (1 - 1e-6) <= chosen.radius_bound <= chosen.chain_radius * (1 + 1e-6)
     assert chosen.chain_radius <= 2.5 * exact
 
 
@@ -124,7 +124,7 @@ def test_a_later_round_certifies_through_dropped_bank_rows() -> None:
     assert kept_now - kept_before, "some round-2 row should be kept"
     union = np.concatenate([*first_streams.values(), *novel.values()])
     exact = _exact_radius(union, second.features)
-    assert second.radius_bound >= exact * (1 - 1e-5)
+    assert second.radius_bound >= exact * (1 - 1e-6)
     assert second.radius_bound == pytest.approx(exact, rel=1e-4)
 
 
@@ -138,7 +138,7 @@ def test_a_starting_bank_from_elsewhere_still_gives_a_valid_radius() -> None:
     chosen = selector.select()
     exact = _exact_radius(np.concatenate(list(streams.values())), chosen.features)
     assert chosen.radius_bound == pytest.approx(exact, rel=1e-4)
-    assert chosen.radius_bound >= exact * (1 - 1e-5)
+    assert chosen.radius_bound >= exact * (1 - 1e-6)
 
 
 def test_the_bank_depends_neither_on_interleaving_nor_on_chunk_boundaries() -> None:
@@ -252,7 +252,7 @@ def test_the_gpu_configuration_runs_on_cpu_tensors() -> None:
     union = np.concatenate([*streams.values(), *later.values()])
     exact = _exact_radius(union, chosen.features)
     assert chosen.radius_bound == pytest.approx(exact, rel=1e-4)
-    assert chosen.radius_bound >= exact * (1 - 1e-5)
+    assert chosen.radius_bound >= exact * (1 - 1e-6)
 
 
 def test_gpu_selection_is_certified(cuda_device: torch.device) -> None:

@@ -97,7 +97,7 @@ BLOCK_ROWS = 2048
 PROJECTION_DIM = 32
 #: Candidate parents per row from each source (the stream; the round's starting bank), each
 #: checked exactly; the nearest ``_CANDIDATES`` overall are kept as the row's edges.
-_CANDIDATES = 4
+_CANDIDATES = 8
 #: Streams (and starting banks) up to this many rows are searched exhaustively, larger ones
 #: through cells: one GEMM per block is cheap on a GPU, the cells' small loops are not.
 EXHAUSTIVE_ROWS = {"cpu": 4096, "cuda": 1 << 20}
