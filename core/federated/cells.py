@@ -217,16 +217,32 @@ class CellIndex:
         """
         if points.shape[0] == 0:
             return
-        cell = torch.cat([self._cell, self._assign(points)])
-        members = torch.cat([self._members, points])
-        all_ids = torch.cat([self._ids, ids])
-        order = torch.argsort(cell, stable=True)
-        self._cell = cell[order]
-        self._members = members[order]
-        self._members_sq = (self._members * self._members).sum(1)
-        self._ids = all_ids[order]
-        counts = torch.bincount(self._cell, minlength=self.num_cells)
-        self._starts = [0, *torch.cumsum(counts, 0).tolist()]
+        device = points.device
+        new_cell = self._assign(points)
+        order = torch.argsort(new_cell, stable=True)
+        new_cell = new_cell[order]
+        # Merge two cell-sorted lists without sorting all n again: each old member moves down
+        # by the new members of earlier cells; the new ones go after their cell's old members.
+        added = torch.bincount(new_cell, minlength=self.num_cells)
+        before = torch.cumsum(added, 0) - added  # new members in earlier cells
+        old_ends = torch.tensor(self._starts[1:], device=device)
+        n, m = len(self), points.shape[0]
+        old_to = torch.arange(n, device=device) + before[self._cell]
+        new_to = old_ends[new_cell] + torch.arange(m, device=device)
+        cell = torch.empty(n + m, dtype=torch.int64, device=device)
+        members = points.new_empty((n + m, points.shape[1]))
+        all_ids = torch.empty(n + m, dtype=self._ids.dtype, device=device)
+        squared = points.new_empty(n + m)
+        new_points = points[order]
+        for target, source in ((cell, (self._cell, new_cell)),
+                               (members, (self._members, new_points)),
+                               (all_ids, (self._ids, ids[order])),
+                               (squared, (self._members_sq, (new_points * new_points).sum(1)))):
+            target[old_to] = source[0]
+            target[new_to] = source[1]
+        self._cell, self._members, self._ids, self._members_sq = cell, members, all_ids, squared
+        self._starts = [a + b for a, b in zip(
+            self._starts, [0, *torch.cumsum(added, 0).tolist()], strict=True)]
 
     def search(self, queries: torch.Tensor, r: int, *, probes: int | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
