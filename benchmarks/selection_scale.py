@@ -20,6 +20,8 @@ size k it reports
   before issue 16) and the share of kept rows the two banks have in common;
 * bank rows per site, and the log-log slope of each time over the bank sizes.
 
+``--workload noise`` replaces the clusters by N(0, 1) rows (the certificate's worst case).
+
 Case ``real``: the same comparison on real-ish features: the generated dataset
 (core.data.synthetic, one category per site) through a random-init resnet18 (layer2 + layer3,
 D = 1024), each site uploading its local farthest-first coreset in pick order (as sites do), and
@@ -102,11 +104,19 @@ def _timed(function: Callable[..., None], into: list[float]) -> Callable[..., No
     return wrapper
 
 
-def run_scale(k: int, *, sites: int, dim: int, device: str, quality: bool) -> dict[str, Any]:
+def noise_features(site: int, rows: int, dim: int) -> np.ndarray:
+    """[rows, dim] float32 N(0, 1) rows, seeded per site: no structure at all, every distance
+    alike (the certificate's worst case: chain bounds and projected guesses settle few rows)."""
+    return np.random.default_rng(2000 + site).standard_normal((rows, dim), dtype=np.float32)
+
+
+def run_scale(k: int, *, sites: int, dim: int, device: str, quality: bool,
+              workload: str = "clustered") -> dict[str, Any]:
     """One round of the scale workload through the in-process aggregator (module doc)."""
     rows = (2 * k) // sites
+    make = site_features if workload == "clustered" else noise_features
     uploads: list[list[SiteSummary | FeatureChunk]] = [
-        site_messages(f"site-{i}", site_features(i, rows, dim)) for i in range(sites)
+        site_messages(f"site-{i}", make(i, rows, dim)) for i in range(sites)
     ]
     aggregator = GlobalBankAggregator(k, seed=0, device=device)
     selector = aggregator._prefix
@@ -272,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--banks", type=int, nargs="+", default=[10_000, 30_000, 100_000],
                         help="bank sizes k of the scale case")
     parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--workload", choices=("clustered", "noise"), default="clustered",
+                        help="scale case rows: site_features' clusters (the issue's), or pure "
+                        "N(0, 1) noise (the certificate's worst case)")
     parser.add_argument("--quality-upto", type=int, default=30_000,
                         help="brute-force exact r_S and exact ranking up to this k (quadratic)")
     parser.add_argument("--images", type=int, default=80, help="real case: images per site")
@@ -298,11 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         results = []
         for k in banks:
             results.append(run_scale(k, sites=args.sites, dim=dim, device=device,
-                                     quality=k <= args.quality_upto))
+                                     quality=k <= args.quality_upto, workload=args.workload))
             logger.warning("scale k=%d: %s", k, results[-1])
         append_results(
             f"Server selection at scale{' (quick)' if args.quick else ''}: {args.sites} sites x "
-            f"2k/{args.sites} rows x {dim} -> k (prefix merge, in process)",
+            f"2k/{args.sites} {args.workload} rows x {dim} -> k (prefix merge, in process)",
             scale_table(results, device),
             "Add: seconds inside PrefixMergeSelector.add over the upload (chunks of 1 MiB fp16 "
             "fed round-robin); finish: finish_round after the last chunk. Tail at 250 MB/s: "
