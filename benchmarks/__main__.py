@@ -50,6 +50,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "realistic-parity": ("realistic_parity", "federated vs centralised PatchCore on the "
                          "realistic generated setting"),
     "server-selection": ("server_selection", "server selection latency after the last chunk"),
+    "selection-scale": ("selection_scale", "server selection at k = 10k .. 100k: ingest work, "
+                        "tail, memory, certified r_S, quality against the exact ranking"),
 }
 
 

@@ -5,7 +5,9 @@
 #      3 runs, recorded in benchmarks/RESULTS.md;
 #   3. server-side selection on the GPU, recorded in benchmarks/RESULTS.md:
 #      5 sites x 16,384 x 1024 -> 10,000 through a real fedserver over gRPC (3 runs), and
-#      1,000,000 x 1024 -> 100,000 in process (1 run).
+#      1,000,000 x 1024 -> 100,000 in process (1 run);
+#   4. issue 16's scale workload on the GPU (4 sites x 2k/4 rows -> k = 10,000 and 100,000,
+#      in process; targets: tail <= 1 s at 10,000 from 5 x 16,384 (step 3), <= 2 s at 100,000).
 # Usage (repository root): bash benchmarks/gpu_check.sh        PYTHON=/path/python to choose.
 # Each step has its own time limit so one slow step cannot eat the others' time; a step that
 # times out is reported as such (exit 124) and the script goes on, then exits non-zero.
@@ -41,4 +43,7 @@ step 100 "daemon selection 5 x 16,384 x 1024 -> 10,000 on cuda" \
     "$PYTHON" -m benchmarks.server_selection --case daemon --device cuda --repeats 3 --record
 step 120 "server-side selection 1,000,000 x 1024 -> 100,000 on cuda" \
     "$PYTHON" -m benchmarks.server_selection --case large --device cuda --record
+step 120 "selection at scale, k = 10,000 and 100,000 on cuda" \
+    "$PYTHON" -m benchmarks.selection_scale --case scale --device cuda --banks 10000 100000 \
+    --quality-upto 0 --record
 exit $status

@@ -11,7 +11,7 @@ and thread per site, chunks encoded before timing) and selects k = 10,000. Repor
 * select-only: the same aggregator work in process on the same decoded rows, split into
   "buffer" (decode-free add of all rows; with the default prefix merge this includes each row's
   separation within its site's stream, i.e. the ranking work that overlaps the upload) and
-  "finish" (finish_round: the ranking, then the exact r_S over every uploaded row).
+  "finish" (finish_round: the ranking, then the certified r_S over every uploaded row).
 
 Case "large" (for a GPU): server-side selection 1,000,000 x 1024 -> 100,000 in process (the
 aggregator fed 2 MiB chunks as the daemon would, buffer large enough for all rows), timing
@@ -255,8 +255,9 @@ def main(argv: list[str] | None = None) -> int:
             "Target on a GPU: tail < 1 s. Server selection: the prefix merge (the default): as "
             "each chunk arrives the server decodes, validates, journals and buffers its rows "
             "and computes their separations within the site's stream (the in-process buffer "
-            "column), so the ranking overlaps the upload; the tail is the exact r_S (every "
-            "uploaded row's distance to the bank: rows x k x D multiply-adds) plus storing the "
+            "column), so the ranking overlaps the upload; the tail is the sites' last partial "
+            "blocks, the ranking and the certified r_S (chain bounds refined exactly where "
+            "they exceed the radius found; benchmarks/selection_scale.py) plus storing the "
             "version."
         )
         append_results(
@@ -276,8 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             f"Server-side selection{' (quick)' if args.quick else ''}: {large_rows:,} rows -> "
             f"{large_k:,}", table,
             "In process (no gRPC): the aggregator fed 512-row chunks, buffer holding every row; "
-            "finish_round = the prefix merge's ranking + exact r_S (separations are computed in "
-            "the feed, as chunks arrive).",
+            "finish_round = the prefix merge's ranking + certified r_S (separations are computed "
+            "in the feed, as chunks arrive).",
             append=args.record,
         )
     return 0

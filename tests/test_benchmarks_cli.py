@@ -15,7 +15,7 @@ from benchmarks.report import RESULTS
 SCRIPTS = [
     "coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "server_selection",
     "system_round", "realistic_parity",
-    "report_speed",
+    "report_speed", "selection_scale",
 ]
 
 #: script -> (quick-mode arguments, a header cell its printed table must contain)
@@ -27,6 +27,7 @@ QUICK = {
                                   "seconds: median (min-max)"),
     "fit_memory": (["--quick"], "peak RSS of fit (MiB)"),
     "codec_tradeoff": (["--quick"], "max rel Δ map value"),
+    "selection_scale": (["--quick"], "exact r_S of the exact ranking"),
 }
 # federated_parity's --quick takes minutes (281 s here): too slow for CI; its owner (issue 11)
 # decides its quick mode, so only its --help is checked here.

@@ -199,7 +199,8 @@ class GlobalBankAggregator:
         buffer_rows: coreset selector buffer (memory bound, rows); default
             max(2k, SERVER_BUFFER_ROWS): a server holds more than a site (512 MiB of D=1024
             rows), so typical federations select from the exact union, without reduces.
-        device: where the coreset selector's reduce loops run ("cuda" when available).
+        device: where the coreset selection runs: the prefix merge's buffer and search
+            (None or "auto": CUDA when available), the farthest-first reduce loops ("cuda").
         server_selection: coreset strategy only: "prefix" (default) or "farthest_first"
             (see ServerSelection). "prefix" buffers every uploaded row (at most
             ``buffer_rows``; more raises AggregationError) and reports r_S exactly.
@@ -240,7 +241,7 @@ class GlobalBankAggregator:
             else max(2 * global_bank_size, SERVER_BUFFER_ROWS)
         )
         if strategy == "coreset" and server_selection == "prefix":
-            self._prefix = PrefixMergeSelector(global_bank_size, capacity=capacity)
+            self._prefix = PrefixMergeSelector(global_bank_size, capacity=capacity, device=device)
         elif strategy == "coreset":
             self._selector = IncrementalCoreset(
                 global_bank_size,
