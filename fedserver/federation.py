@@ -230,9 +230,10 @@ class Federation:
             return 2**62, "no limit"
         return configured, f"max_rows_per_site={configured}"
 
-    def rows_durable(self, rnd: Round, site_id: str, rows: np.ndarray, row_offset: int) -> None:
+    def rows_durable(self, rnd: Round, site_id: str, rows: np.ndarray, row_offset: int,
+                     last: bool) -> None:
         """Ingest's durable-chunk event: queue the rows for ranking (lock held)."""
-        self._worker.feed(self._aggregator, rnd.number, site_id, rows, row_offset)
+        self._worker.feed(self._aggregator, rnd.number, site_id, rows, row_offset, last=last)
 
     def site_complete(self, rnd: Round, arrived: float) -> None:
         """Ingest's event for a site's last chunk (lock held): close the round if it was the

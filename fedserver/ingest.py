@@ -82,7 +82,8 @@ class IngestHost(Protocol):
 
     def site_row_limit(self, rnd: Round, site_id: str) -> tuple[int, str]: ...
 
-    def rows_durable(self, rnd: Round, site_id: str, rows: np.ndarray, row_offset: int) -> None: ...
+    def rows_durable(self, rnd: Round, site_id: str, rows: np.ndarray, row_offset: int,
+                     last: bool) -> None: ...
 
     def site_complete(self, rnd: Round, arrived: float) -> None: ...
 
@@ -254,7 +255,7 @@ class Ingest:
                     progress.committed_rows += rows.shape[0]
                     progress.complete = chunk.last
                     rnd.committed_chunks.setdefault(site_id, []).append(identity)
-                    host.rows_durable(rnd, site_id, rows, chunk.row_offset)
+                    host.rows_durable(rnd, site_id, rows, chunk.row_offset, chunk.last)
                     if chunk.last:
                         rnd.site_stats(site_id).upload_complete_at = time.time()
                         logger.info(

@@ -54,6 +54,7 @@ class _Rows:
     site_id: str
     rows: np.ndarray
     row_offset: int
+    last: bool
 
 
 @dataclass(frozen=True)
@@ -88,11 +89,12 @@ class SelectionWorker:
             self._thread.start()
 
     def feed(self, aggregator: GlobalBankAggregator, round_number: int, site_id: str,
-             rows: np.ndarray, row_offset: int) -> None:
-        """Queue durable rows of ``site_id`` (in its upload order) for ranking."""
+             rows: np.ndarray, row_offset: int, *, last: bool = False) -> None:
+        """Queue durable rows of ``site_id`` (in its upload order) for ranking; ``last``: they
+        end the site's upload of the round (its ranking is finished right after them)."""
         with self._backlog_lock:
             self._backlog += rows.shape[0]
-        self._queue.put(_Rows(aggregator, round_number, site_id, rows, row_offset))
+        self._queue.put(_Rows(aggregator, round_number, site_id, rows, row_offset, last))
 
     def close_round(
         self,
@@ -132,6 +134,8 @@ class SelectionWorker:
         try:
             if task.round not in self._errors:
                 task.aggregator.add_rows(task.site_id, task.rows, task.row_offset)
+                if task.last:
+                    task.aggregator.site_finished(task.site_id)
         except Exception as error:  # the round cannot select correctly any more
             logger.exception("round %d: ranking rows of site %s failed", task.round,
                              task.site_id)

@@ -420,6 +420,14 @@ class GlobalBankAggregator:
         if upload is not None:
             upload.assembler.truncate(sequence)
 
+    def site_finished(self, site_id: str) -> None:
+        """``site_id``'s upload of this round is complete and all its rows were added: let the
+        selector do now what it would otherwise leave for :meth:`finish_round` (the prefix
+        merge ranks the site's last partial block), so less is left after the last chunk.
+        Optional; the bank is the same either way."""
+        if self._prefix is not None:
+            self._prefix.finish_site(site_id)
+
     def add_rows(self, site_id: str, rows: np.ndarray, row_offset: int) -> None:
         """Hand accepted rows [n, D] (from :meth:`accept_chunk`, in each site's order) to the
         selector; ``row_offset`` is their place in the site's upload of this round."""
