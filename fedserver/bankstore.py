@@ -22,7 +22,7 @@ import numpy as np
 from core.bankdelta import ELEMENTWISE_VALUE_TYPES, bank_delta, decoded_checksum, stable_order
 from core.codec import CodecConfig
 from core.messages import BankChunk
-from core.serde import chunked_roundtrip, split_bank_into_chunks
+from core.serde import codec_error, split_bank_into_chunks
 from fedserver.errors import BankNotReadyError, NotFoundError
 from fedserver.journal import BankVersion, Journal, JournalCorruptError
 
@@ -151,7 +151,7 @@ class BankStore:
         E(v) = F(v) exactly. All measured with this store's chunking, which :meth:`download`
         then uses for every stream to v.
         """
-        _, error = chunked_roundtrip(ordered, config=self._codec,
+        error = codec_error(ordered, config=self._codec,
                                      max_chunk_bytes=self._chunk_bytes)
         if previous is None or self._codec.value_type in ELEMENTWISE_VALUE_TYPES:
             return error
@@ -161,7 +161,7 @@ class BankStore:
             survivors.add(base.bank.shape[0] - bank_delta(base.bank, ordered).removed.size)
         for start in sorted(survivors):
             if start < ordered.shape[0]:
-                _, added_error = chunked_roundtrip(ordered[start:], config=self._codec,
+                added_error = codec_error(ordered[start:], config=self._codec,
                                                    max_chunk_bytes=self._chunk_bytes)
                 error = max(error, added_error)
         return max(error, float(previous.meta.get("bank_codec_error", 0.0)))

@@ -39,7 +39,7 @@ from flwr.serverapp import Grid, ServerApp
 from core.federated.aggregator import GlobalBankAggregator, RoundOutcome
 from core.federated.communication import parse_upload
 from core.messages import SiteSummary
-from core.serde import bank_chunk_to_proto, chunked_roundtrip, split_bank_into_chunks
+from core.serde import bank_chunk_to_proto, codec_error, split_bank_into_chunks
 from fedserver.config import ConfigError, ServerConfig, load_config
 from fedserver.federation import RoundTerms
 from fedserver.servicer import terms_to_proto
@@ -246,10 +246,8 @@ def bank_messages(server: ServerConfig, outcome: RoundOutcome) -> tuple[list[byt
     as the sites decode it (the selector's r_S plus the bank's codec error, as
     core.federated.FederatedServer reports it)."""
     codec = server.codec_config
-    _, codec_error = chunked_roundtrip(
-        outcome.bank, config=codec, max_chunk_bytes=server.max_chunk_bytes
-    )
-    server_radius = outcome.server_radius + codec_error
+    bank_error = codec_error(outcome.bank, config=codec, max_chunk_bytes=server.max_chunk_bytes)
+    server_radius = outcome.server_radius + bank_error
     chunks = split_bank_into_chunks(
         outcome.bank,
         config=codec,

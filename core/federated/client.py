@@ -18,7 +18,7 @@ from core.features import FeatureConfig
 from core.knn import NearestNeighbourIndex
 from core.messages import FeatureChunk, SiteSummary
 from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
-from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip, split_into_chunks
+from core.serde import DEFAULT_MAX_CHUNK_BYTES, codec_error, split_into_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class PatchCoreClient:
             raise RuntimeError(f"client {self.client_id!r} has not trained yet: call train()")
         key = (codec, max_chunk_bytes)
         if key not in self._codec_error:
-            _, self._codec_error[key] = chunked_roundtrip(
+            self._codec_error[key] = codec_error(
                 self._coreset, config=codec, max_chunk_bytes=max_chunk_bytes
             )
         return self.coverage_radius + self._codec_error[key]

@@ -28,7 +28,7 @@ from core.federated.strategies import (
     federated_random_aggregation,
 )
 from core.messages import FeatureChunk, SiteSummary
-from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip
+from core.serde import DEFAULT_MAX_CHUNK_BYTES, chunked_roundtrip, codec_error
 
 logger = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ class FederatedServer:
         changed = self._sent_bank is None or not _same_rows(outcome.bank, self._sent_bank)
         per_site_down = 0
         if changed:
-            _, self._bank_codec_error = chunked_roundtrip(outcome.bank, config=self.codec)
+            self._bank_codec_error = codec_error(outcome.bank, config=self.codec)
             server_radius = outcome.server_radius + self._bank_codec_error
             bank_messages = CommunicationProtocol.broadcast_to_clients(
                 clients,
