@@ -17,10 +17,14 @@ B is an upper bound, typically 1-2 x the exact distance (an edge path detours th
 rows). :func:`refine_radius` turns it into the exact r_S = max_u dist(u, bank) while touching
 few rows, as core.coreset's exact radius does: rows are visited by decreasing B; each visited
 row's bound is tightened by its exact distance to the ``_GUESSES`` bank rows nearest to it in
-the projection (a cell index over the bank), and the rows whose tightened bound still exceeds
-the exact radius found so far get the full [rows, k] x D check, largest bound first, in small
-groups, so that the radius they raise settles the rest. Once the largest remaining bound is <=
-the radius found, every row is settled and that radius is the exact maximum.
+the projection (a cell index over the bank); rows still above the exact radius found so far
+get a deeper look (``_DEEP_GUESSES`` rows over ``_DEEP_PROBES`` x the cells), and those still
+above it the full [rows, k] x D check, largest bound first, in small groups, so that the radius
+they raise settles the rest. Once the largest remaining bound is <= the radius found, every
+row is settled and that radius is the exact maximum. The full checks have a budget (rows); past
+it the largest bound left is reported instead, still valid but no longer exact. Every value
+involved is a float32 distance measured as a direct difference, or a sum of them: the result
+holds up to that rounding (relative ~1e-7).
 
 All of it is torch on the selector's device.
 """

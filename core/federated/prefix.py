@@ -262,9 +262,9 @@ class _Stream:
 
 @dataclass
 class _Reference:
-    """The round's starting bank: rows [m, D], their projections in its frame (origin: its
-    first row), their search index, and each row's number in the selector's buffer (-1 when
-    the bank is not this selector's last selection)."""
+    """The round's starting bank: rows [m, D], its frame's origin (its first row), a search
+    index over the rows' projections in that frame, and each row's number in the selector's
+    buffer (-1 when the bank is not this selector's last selection)."""
 
     rows: torch.Tensor
     origin: torch.Tensor
@@ -278,7 +278,8 @@ class PrefixMergeSelector:
     Args:
         k: bank size.
         capacity: most rows buffered over all sites and rounds (memory: capacity x D x 4 B on
-            ``device``, touched only as rows arrive, plus about capacity x 200 B).
+            ``device``, touched only as rows arrive, plus about 400 B per row: projection,
+            edges, search index).
         device: where the buffer lives and all the work runs; None or "auto": CUDA when
             available, else the CPU.
         seed: seeds the projection of the candidate search.
