@@ -23,6 +23,7 @@ Nothing here holds a thread: the server is grpc.aio, and a waiting rpc is a park
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -120,7 +121,7 @@ def _code_of(context: grpc.aio.ServicerContext, failed: BaseException | None) ->
     code = context.code()
     if isinstance(code, grpc.StatusCode):
         return code.name
-    if isinstance(failed, GeneratorExit) or type(failed).__name__ == "CancelledError":
+    if isinstance(failed, GeneratorExit | asyncio.CancelledError):
         return "CANCELLED"
     return "UNKNOWN"
 

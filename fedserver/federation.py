@@ -259,11 +259,6 @@ class Federation:
             rnd = self._round(round_number)
             return rnd.completed_at, rnd.ready_at
 
-    @property
-    def selection_backlog_rows(self) -> int:
-        """Rows durable but not yet ranked by the selection worker."""
-        return self._worker.backlog_rows
-
     def terms(self, round_number: int = 0, site_id: str = "") -> RoundTerms:
         with self.lock:
             rnd = self._round(round_number)

@@ -253,8 +253,8 @@ class ReportWriter:
     ``request(n)`` marks round n's report as due; the writer thread waits ``debounce_s``, then
     asks ``snapshot(n)`` for the report dict (the only step that takes the federation's lock,
     briefly) and renders and writes it with no lock held. Requests that arrive meanwhile for
-    the same round are folded into one write. ``flush()`` writes everything due now (rounds
-    that close are flushed, so their report exists before READY is announced).
+    the same round are folded into one write. ``write_now`` writes a closing round's report at
+    once, so it exists before READY is announced; ``stop`` writes what is still due.
     """
 
     def __init__(self, state_dir: Path, snapshot: Callable[[int], dict[str, Any] | None],
@@ -268,23 +268,17 @@ class ReportWriter:
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="fedserver-reports", daemon=True)
         self._thread.start()
-        self.writes = 0
 
     def request(self, round_number: int) -> None:
         with self._condition:
             self._due.setdefault(round_number, time.monotonic() + self.debounce_s)
             self._condition.notify()
 
-    def flush(self, round_number: int | None = None) -> None:
-        """Write now the due report of ``round_number`` (all due reports for None), or that
-        round's report even if it was not requested."""
+    def _flush(self) -> None:
+        """Write every due report now."""
         with self._condition:
-            if round_number is None:
-                rounds = sorted(self._due)
-                self._due.clear()
-            else:
-                self._due.pop(round_number, None)
-                rounds = [round_number]
+            rounds = sorted(self._due)
+            self._due.clear()
         for number in rounds:
             self._write(number)
 
@@ -302,7 +296,7 @@ class ReportWriter:
             self._stopping = True
             self._condition.notify()
         self._thread.join()
-        self.flush()
+        self._flush()
 
     def _run(self) -> None:
         while True:
@@ -335,5 +329,4 @@ class ReportWriter:
         except OSError as error:
             logger.error("round %s: cannot write its report: %s", report["round"], error)
             return
-        self.writes += 1
         logger.info("round %s report: %s (and .html)", report["round"], json_path)

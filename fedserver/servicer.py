@@ -370,13 +370,13 @@ class FederationServicer:
         item = upload_request_from_proto(request)
         return item, self._federation.submit(site, item, request.SerializeToString())
 
-    def _count_chunk(self, site: str, request: object, error: BaseException | None,
-                     new: bool = True) -> None:
+    def _count_chunk(self, site: str, error: BaseException | None, new: bool = True) -> None:
+        """Tell the metrics of one chunk: accepted, resent, or the status it was refused with."""
         if self._on_chunk is None:
             return
         if error is None:
             self._on_chunk(site, "accepted" if new else "resent")
-        elif isinstance(request, pb.UploadFeaturesRequest) and request.HasField("chunk"):
+        else:
             code = status_for(error)
             self._on_chunk(site, code.name if code is not None else "UNKNOWN")
 
@@ -401,13 +401,12 @@ class FederationServicer:
             try:
                 new = await future
             except Exception as error:
-                if is_chunk and self._on_chunk is not None:
-                    code = status_for(error)
-                    self._on_chunk(site, code.name if code is not None else "UNKNOWN")
+                if is_chunk:
+                    self._count_chunk(site, error)
                 raise
             if is_chunk:
                 accepted, ignored = accepted + int(new), ignored + int(not new)
-                self._count_chunk(site, None, None, new)
+                self._count_chunk(site, None, new)
 
         try:
             async with _statuses(context, "UploadFeatures", site):
@@ -418,7 +417,10 @@ class FederationServicer:
                     try:
                         item, done = await self._run(self._submit, site, request)
                     except Exception as error:
-                        self._count_chunk(site, request, error)
+                        if isinstance(request, pb.UploadFeaturesRequest) and request.HasField(
+                            "chunk"
+                        ):
+                            self._count_chunk(site, error)
                         # An earlier chunk of this stream that failed to become durable is
                         # the cause to report (it rolled the site back, so this one is out
                         # of order): settle those first.
