@@ -245,7 +245,8 @@ def test_reservoir_is_seeded_and_order_free_in_distribution() -> None:
 
 
 def _summary(
-    site: str, rows: int, fingerprint: str = "ab" * 32, round_number: int = 1
+    site: str, rows: int, fingerprint: str = "ab" * 32, round_number: int = 1,
+    radius: float = 0.5,
 ) -> SiteSummary:
     return SiteSummary(
         site_id=site,
@@ -253,7 +254,7 @@ def _summary(
         num_images=4,
         num_patches=1000,
         coreset_rows=rows,
-        coverage_radius=0.5,
+        coverage_radius=radius,
         feature_dim=16,
         backbone="resnet18",
         layers=("layer2", "layer3"),
@@ -294,8 +295,21 @@ def test_aggregator_is_idempotent_and_loses_nothing_on_bad_input() -> None:
     with pytest.raises(RoundStateError, match="expected round 2"):
         aggregator.begin_round(3)
     aggregator.begin_round(2)
-    with pytest.raises(RoundStateError, match="did not take part in round 1"):
-        aggregator.receive_summary(_summary("new", 3, round_number=2))
+    # A site unknown so far joins late (issue 21): its first summary's r_i enters the
+    # certificate when the round closes.
+    assert not aggregator.has_radius("new")
+    late = CommunicationProtocol.send_to_server(
+        "new", rows[:3] + 5.0, round_number=2,
+        summary=_summary("new", 3, round_number=2, radius=9.5),
+        max_chunk_bytes=2048,
+    )
+    for item in parse_upload(late):
+        if isinstance(item, SiteSummary):
+            aggregator.receive_summary(item)
+        else:
+            aggregator.receive_chunk(item)  # type: ignore[arg-type]
+    assert aggregator.finish_round().max_site_radius == 9.5
+    assert aggregator.has_radius("new")
 
 
 def test_server_validates_its_arguments(small_features: FeatureConfig) -> None:
