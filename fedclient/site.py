@@ -428,7 +428,7 @@ def _one_round(
     """Upload this site's rows of ``config.round``, wait for its bank and download it."""
     r = config.round
     num_novel: int | None = None
-    if r == 1:
+    if r == 1 or config.full_coreset:  # a site joining late sends its coreset, as in round 1
         rows = client.get_coreset()
     else:
         if held is None or held[0] != config.base_bank_version:

@@ -219,6 +219,8 @@ def build_round_report(
         "uploads_complete_at": rnd.uploads_complete_at,
         "ready_at": rnd.ready_unix,
         "restarted": rnd.restarted,
+        # sites withdrawn while this round's bank was the latest (docs/operator.md)
+        "withdrawals": [dict(w) for w in rnd.withdrawals],
         "selection": {
             "seconds": rnd.selection_seconds,
             "device": device,

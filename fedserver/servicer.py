@@ -38,6 +38,7 @@ from core.serde import (
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
 from fedserver.auth import AuthError, TokenStore
+from fedserver.errors import AlreadyExistsError, BusyError
 from fedserver.federation import (
     REMOVED_BATCH,
     BankDownload,
@@ -78,6 +79,7 @@ class ServerStartingError(Exception):
 #: validation error is a ValueError subclass that names the offending field: INVALID_ARGUMENT.
 STATUS_BY_ERROR: Final[tuple[tuple[type[BaseException], grpc.StatusCode], ...]] = (
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ChecksumMismatchError, grpc.StatusCode.DATA_LOSS),
     (PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -92,6 +94,7 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[BaseException], grpc.StatusCode], ...]] 
     (RoundClosedError, grpc.StatusCode.FAILED_PRECONDITION),
     (BankNotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageError, grpc.StatusCode.UNAVAILABLE),
+    (BusyError, grpc.StatusCode.UNAVAILABLE),
     (ServerStartingError, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -605,4 +608,5 @@ def terms_to_proto(terms: RoundTerms) -> fpb.RoundConfig:
         novelty_threshold=terms.novelty_threshold,
         base_bank_version=terms.base_bank_version,
         federation_id=terms.federation_id,
+        full_coreset=terms.full_coreset,
     )
