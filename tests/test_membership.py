@@ -28,7 +28,6 @@ from core.federated.aggregator import GlobalBankAggregator
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import upload_request_from_proto
 from fedpatchcore.v1 import features_pb2 as pb
-from fedpatchcore.v1 import federation_pb2 as fpb
 from fedpatchcore.v1 import operator_pb2 as opb
 from fedpatchcore.v1 import operator_pb2_grpc as ogrpc
 from fedserver.auth import OPERATOR, TokenStore, new_token, write_tokens_file
@@ -78,7 +77,7 @@ class _Operator:
         self.stub = ogrpc.OperatorServiceStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),)
 
-    def __getattr__(self, name: str):  # noqa: ANN204
+    def __getattr__(self, name: str):
         method = getattr(self.stub, name)
         return lambda request: method(request, metadata=self.metadata, timeout=60)
 
