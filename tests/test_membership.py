@@ -16,6 +16,7 @@ not the point; tests/test_membership_process.py drives real processes).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -26,13 +27,14 @@ import pytest
 from core.bankdelta import stable_order
 from core.federated.aggregator import GlobalBankAggregator
 from core.messages import FeatureChunk, SiteSummary
-from core.serde import upload_request_from_proto
+from core.serde import upload_request_from_proto, upload_request_to_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import operator_pb2 as opb
 from fedpatchcore.v1 import operator_pb2_grpc as ogrpc
 from fedserver.auth import OPERATOR, TokenStore, new_token, write_tokens_file
 from fedserver.bankstore import row_digest
 from fedserver.daemon import FedServer, create_server
+from fedserver.errors import RoundClosedError
 from fedserver.federation import Phase
 from fedserver.journal import Journal, RecordKind
 from tests.fedserver_testing import Downloaded, TestClient, channel, make_config, upload_messages
@@ -302,3 +304,39 @@ def test_operator_commands_need_the_operator_token(served) -> None:
         TestClient(port, "c", tokens["c"]).join()
     assert gone.value.code() is grpc.StatusCode.UNAUTHENTICATED
     assert sorted(TokenStore.load(tokens_file).sites) == ["a", "b"]
+
+
+def test_rounds_open_on_a_schedule_and_a_restart_resumes_it(tmp_path: Path) -> None:
+    from fedserver.federation import Federation
+
+    now = [1000.0]
+    config, _ = make_config(tmp_path, ["a"], global_bank_size=K, round_interval_s=60.0)
+    federation = Federation(config, Journal(config.state_dir), ("a",), clock=lambda: now[0])
+    federation.start()
+    try:
+        summary, chunks = upload_messages("a", _rows(1, 30, 0.0))
+        for item in (summary, *chunks):
+            federation.receive("a", item, upload_request_to_proto(item).SerializeToString())
+        federation.wait_for(1, {Phase.READY}, timeout=60)
+        now[0] += 59.0
+        time.sleep(0.5)  # the deadline watcher looks every 0.2 s: it must not open round 2
+        assert federation.snapshot().round == 1
+    except Exception:
+        federation.close()
+        raise
+    federation.close()
+    # Restarted before the interval is up: the schedule comes back from the journal.
+    federation = Federation(config, Journal(config.state_dir), ("a",), clock=lambda: now[0])
+    federation.start()
+    try:
+        assert federation.snapshot().round == 1
+        now[0] += 2.0
+        waited = time.monotonic()
+        while federation.snapshot().round == 1:
+            assert time.monotonic() - waited < 30, "round 2 did not open by the schedule"
+            time.sleep(0.05)
+        assert federation.expected_sites(2) == ("a",)
+        with pytest.raises(RoundClosedError, match="collecting"):
+            federation.open_round()  # round 2 is not ready yet
+    finally:
+        federation.close()
