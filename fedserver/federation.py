@@ -165,6 +165,10 @@ class Federation:
         self._deadline_thread: threading.Thread | None = None
         self._check_state_settings()
         replay_journal(self)
+        if 1 in self._rounds:  # sites added since are not round 1's (they hold tokens now)
+            self._expected_round1 = tuple(
+                s for s in self._expected_round1 if s in self._rounds[1].expected
+            )
         if not self._rounds:
             with self.lock:
                 opened = self._open_round(1)

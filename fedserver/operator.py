@@ -187,10 +187,12 @@ class OperatorServicer:
         )
 
     def _deltas(self, federation: Federation, done: Withdrawal) -> list[opb.SiteDelta]:
-        """What each remaining site (holding a token) downloads to take the new bank, from the
-        version the sites hold (the bank before the withdrawal)."""
+        """What each remaining site (holding a token, with a completed upload: it holds a
+        bank) downloads to take the new bank, from the version the sites hold (the bank
+        before the withdrawal)."""
         if done.version_after == done.version_before or not done.version_before:
             return []
+        took_part = {s for s, (_, rounds) in federation.membership()["sites"].items() if rounds}
         delta = federation.preview_download(done.version_after, done.version_before)
         full = federation.preview_download(done.version_after, 0)
         delta_bytes, full_bytes = stream_bytes(delta), stream_bytes(full)
@@ -199,7 +201,7 @@ class OperatorServicer:
                           delta_bytes=delta_bytes, full_bytes=full_bytes,
                           rows_removed=delta.header.rows_removed,
                           rows_added=delta.header.rows_in_stream)
-            for site in sorted(self._tokens.sites)
+            for site in sorted(set(self._tokens.sites) & took_part)
         ]
 
     async def OpenRound(  # noqa: N802
