@@ -340,3 +340,40 @@ def test_rounds_open_on_a_schedule_and_a_restart_resumes_it(tmp_path: Path) -> N
             federation.open_round()  # round 2 is not ready yet
     finally:
         federation.close()
+
+
+def test_a_withdrawal_interrupted_after_the_journal_rewrite_finishes_at_start(
+    tmp_path: Path,
+) -> None:
+    import shutil
+
+    from fedserver.federation import Federation
+
+    config, _ = make_config(tmp_path, ["a", "b"], global_bank_size=K)
+    uploads = {s: upload_messages(s, _rows(i, 60, 2.0 * i), max_chunk_bytes=512)
+               for i, s in enumerate("ab")}
+    federation = Federation(config, Journal(config.state_dir), ("a", "b"))
+    federation.start()
+    try:
+        for site, (summary, chunks) in uploads.items():
+            for item in (summary, *chunks):
+                federation.receive(site, item, upload_request_to_proto(item).SerializeToString())
+        federation.wait_for(1, {Phase.READY}, timeout=60)
+        banks = config.state_dir / "banks"
+        shutil.copytree(banks, tmp_path / "banks-before")
+        done = federation.withdraw_site("b")
+        assert (done.version_before, done.version_after, done.redacted) == (1, 2, (1,))
+    finally:
+        federation.close()
+    # As if the server had stopped right after the journal's rewrite: old bank files, no v2.
+    shutil.rmtree(banks)
+    shutil.copytree(tmp_path / "banks-before", banks)
+    federation = Federation(config, Journal(config.state_dir), ("a",))
+    try:
+        assert federation.snapshot(1).bank_version == 2
+        b_rows = {row_digest(r) for r in _rows(1, 60, 2.0)}
+        for path in banks.glob("*.npy"):
+            assert not any(row_digest(r) in b_rows for r in np.load(path)), path
+        assert _same_rows(np.load(banks / "v000002.npy"), _reference([{"a": uploads["a"]}]))
+    finally:
+        federation.close()
