@@ -96,6 +96,11 @@ def test_join_open_and_withdraw_through_the_operator_cli(
         assert (int(withdrawn["bank_version_before"]),
                 int(withdrawn["bank_version_after"])) == (2, 3)
         assert int(withdrawn["rows_removed_from_journal"]) > 0
+        print(f"\nwithdrawal of b: {withdrawn['rows_removed_from_journal']} rows removed from "
+              f"the journal ({withdrawn['journal_bytes_before']} -> "
+              f"{withdrawn['journal_bytes_after']} B), {withdrawn['rows_removed_from_bank']} "
+              f"from the bank; versions deleted {withdrawn['versions_deleted']}, redacted "
+              f"{withdrawn['versions_redacted']}")
         deltas = {d["site_id"]: d for d in withdrawn["deltas"]}
         assert sorted(deltas) == ["a", "d"]
         for site in "ad":
