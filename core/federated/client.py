@@ -157,10 +157,10 @@ class PatchCoreClient:
 
     def train(self) -> np.ndarray:
         """Extract features and build the local coreset ([k_i, D] float32)."""
-        self.model.fit(
-            self.dataset,
-            bank_size=None if self.upload_budget is None else self.upload_budget.rows,
-        )
+        if self.upload_budget is None:
+            self.model.fit(self.dataset)
+        else:
+            self.model.fit(self.dataset, bank_size=self.upload_budget.rows)
         self._coreset = self.model.memory_bank.copy()
         self._codec_error.clear()
         logger.info(
