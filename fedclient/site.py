@@ -354,11 +354,16 @@ def run_site(
     t0 = time.perf_counter()
     client.train()
     fit_seconds = time.perf_counter() - t0
-    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows "
-        + (f"(of {client.model.num_training_patches} patches; {budget.factor:g} x k = "
-           f"{config.global_bank_size} / {config.expected_sites or 'unknown'} site(s))"
-           if budget is not None else f"({options.coreset_percentage:g} of the patches)")
-        + f", coverage radius r_i {client.coverage_radius:.3f}")
+    if budget is None:
+        rule = f"{options.coreset_percentage:g} of them"
+    elif budget.num_sites:
+        rule = (f"min(patches, {budget.factor:g} x k = {config.global_bank_size} / "
+                f"{budget.num_sites} site(s))")
+    else:
+        rule = f"min(patches, k = {config.global_bank_size}): the round has no fixed sites"
+    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows of "
+        f"{client.model.num_training_patches} patches ({rule}), coverage radius r_i "
+        f"{client.coverage_radius:.3f}")
 
     have = (held.version, held.bank) if held is not None else None
     site_model: SiteModel | None = None
