@@ -49,6 +49,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
                          "generated data"),
     "realistic-parity": ("realistic_parity", "federated vs centralised PatchCore on the "
                          "realistic generated setting"),
+    "upload-size": ("upload_size", "rows each site uploads in round 1 against the bank's "
+                    "coverage and AUROC (upload multiplier f x k / S)"),
     "server-selection": ("server_selection", "server selection latency after the last chunk"),
     "selection-scale": ("selection_scale", "server selection at k = 10k .. 100k: ingest work, "
                         "tail, memory, certified r_S, quality against the exact ranking"),

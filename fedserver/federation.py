@@ -820,9 +820,10 @@ class Federation:
                 return None
         return self.round_report(round_number)
 
-    def _report_settings(self) -> dict[str, str]:
+    def _report_settings(self) -> dict[str, Any]:
         return {"device": self.device, "strategy": self.config.strategy,
-                "server_selection": self.config.server_selection, "codec": self.config.codec}
+                "server_selection": self.config.server_selection, "codec": self.config.codec,
+                "global_bank_size": self.config.global_bank_size}
 
     async def watch(
         self, round_number: int, min_interval_s: float, is_active: Callable[[], bool]

@@ -360,7 +360,7 @@ class FederationServicer:
             return fpb.JoinRoundResponse(
                 config=terms_to_proto(terms),
                 upload=progress_to_proto(progress),
-                status=snapshot_to_proto(snapshot),
+                status=snapshot_to_proto(snapshot, self._federation.config.global_bank_size),
             )
         raise AssertionError("unreachable: _statuses aborts")  # pragma: no cover
 
@@ -507,7 +507,7 @@ class FederationServicer:
             async for snapshot in self._federation.watch(
                 request.round, interval, lambda: not context.done()
             ):
-                yield snapshot_to_proto(snapshot)
+                yield snapshot_to_proto(snapshot, self._federation.config.global_bank_size)
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
@@ -561,7 +561,9 @@ def progress_to_proto(progress: UploadProgress) -> fpb.UploadStatus:
     )
 
 
-def snapshot_to_proto(snapshot: RoundSnapshot) -> fpb.RoundStatus:
+def snapshot_to_proto(snapshot: RoundSnapshot, global_bank_size: int) -> fpb.RoundStatus:
+    """RoundStatus of ``snapshot``; ``global_bank_size``: the k the server asks for (a READY
+    round's bank_rows below it is a short bank)."""
     return fpb.RoundStatus(
         round=snapshot.round,
         state=_PHASES[snapshot.phase],  # type: ignore[arg-type]
@@ -574,6 +576,7 @@ def snapshot_to_proto(snapshot: RoundSnapshot) -> fpb.RoundStatus:
         bank_version=snapshot.bank_version,
         bank_rows=snapshot.bank_rows,
         message=snapshot.message,
+        global_bank_size=global_bank_size,
     )
 
 

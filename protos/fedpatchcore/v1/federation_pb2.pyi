@@ -203,7 +203,7 @@ class WatchRoundRequest(_message.Message):
     def __init__(self, site_id: _Optional[str] = ..., round: _Optional[int] = ..., min_interval_ms: _Optional[int] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "sites_expected", "quorum", "sites_joined", "sites_complete", "rows_received", "deadline", "bank_version", "bank_rows", "message")
+    __slots__ = ("round", "state", "sites_expected", "quorum", "sites_joined", "sites_complete", "rows_received", "deadline", "bank_version", "bank_rows", "message", "global_bank_size")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SITES_EXPECTED_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class RoundStatus(_message.Message):
     BANK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BANK_ROWS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BANK_SIZE_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: RoundState
     sites_expected: int
@@ -226,4 +227,5 @@ class RoundStatus(_message.Message):
     bank_version: int
     bank_rows: int
     message: str
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., sites_expected: _Optional[int] = ..., quorum: _Optional[int] = ..., sites_joined: _Optional[int] = ..., sites_complete: _Optional[int] = ..., rows_received: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bank_version: _Optional[int] = ..., bank_rows: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    global_bank_size: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., sites_expected: _Optional[int] = ..., quorum: _Optional[int] = ..., sites_joined: _Optional[int] = ..., sites_complete: _Optional[int] = ..., rows_received: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bank_version: _Optional[int] = ..., bank_rows: _Optional[int] = ..., message: _Optional[str] = ..., global_bank_size: _Optional[int] = ...) -> None: ...
