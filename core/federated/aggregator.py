@@ -472,8 +472,10 @@ class GlobalBankAggregator:
         if self.round == 1 and not self._uploads:
             raise RoundStateError("round 1 ended without any site upload")
         for site_id, upload in self._uploads.items():
-            if self.round == 1:
-                self._site_radius[site_id] = upload.summary.coverage_radius
+            # A later round's summary covers the site's new images too (core.federated.newdata):
+            # its r_i can only grow the site's term of the certificate, never shrink it.
+            radius = upload.summary.coverage_radius
+            self._site_radius[site_id] = max(radius, self._site_radius.get(site_id, radius))
         if self._prefix is not None:
             chosen = self._prefix.select()
             bank, server_radius = chosen.features, chosen.radius_bound
