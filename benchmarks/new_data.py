@@ -35,7 +35,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.report import append_results, markdown_table
-from core.data import generate_synthetic_dataset
+from core.data import SYNTHETIC_VARIANTS, generate_synthetic_dataset
 from fedclient import demo
 from fedclient.session import ConnectionConfig, RetryPolicy, SiteSession
 
@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant-images", type=int, default=4,
                         help="variant images added to the washer site's 20 (default 4; 15 %% "
                         "of them are held out for calibration like any training image)")
+    parser.add_argument("--variant", choices=SYNTHETIC_VARIANTS, default="anodised",
+                        help="the variant's finish (default anodised: strong; bronze: mild)")
     parser.add_argument("--variant-test", type=int, default=12,
                         help="variant test images scored before and after (half good)")
     parser.add_argument("--image-size", type=int, default=128)
@@ -102,13 +104,14 @@ def _full_upload(folder: Path, category: str, work: Path, args: argparse.Namespa
 def _one_seed(seed: int, args: argparse.Namespace, tmp: Path) -> dict[str, object]:
     demo_args = demo.build_parser().parse_args(
         ["--image-size", str(args.image_size), "--rounds", "2", "--seed", str(seed),
-         "--variant-images", str(args.variant_images), "--reports", str(tmp / "reports")]
+         "--variant-images", str(args.variant_images), "--variant", args.variant,
+         "--reports", str(tmp / "reports")]
     )
     root = generate_synthetic_dataset(tmp / "data", image_size=args.image_size, seed=seed,
                                       layout="autovi")
     variant_test = generate_synthetic_dataset(
         tmp / "variant-test", categories=("washer",), num_train=1, num_test=args.variant_test,
-        image_size=args.image_size, seed=seed, layout="autovi", variant="anodised",
+        image_size=args.image_size, seed=seed, layout="autovi", variant=args.variant,
     )
     work = tmp / "work"
     site = "site-4"  # the demo's washer site (categories sorted: mesh, screw, stripes, washer)
@@ -186,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     met_down = min(down_ratios) >= TARGET
     notes = (
         f"{len(runs)} seed(s); load (1 min) at start {load}. The variant site (washer) gets "
-        f"{args.variant_images} images of the anodised variant added to its 20 in round 2; the "
-        "other sites' folders are unchanged. Full re-upload: for the variant site, round 1 of a "
-        "fresh one-site federation on its folder after the variant arrived (its whole coreset of "
+        f"{args.variant_images} images of the {args.variant} variant added to its 20 in round 2; "
+        "the other sites' folders are unchanged. Full re-upload: for the variant site, round 1 of "
+        "a fresh one-site federation on its folder after the variant arrived (its whole coreset of "
         "all its images); for the others, their round-1 upload (same images). Full re-download: "
         "the round-2 bank downloaded whole by a site session. Bytes are the serialized gRPC "
         "messages as fedclient counts them (fp16 + zstd level 1, 1 MiB chunks).\n\n"
@@ -201,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     append_results(
         f"New data in round 2: one site brings {args.variant_images} images of a new variant "
-        "(real processes)", markdown_table(header, rows), notes, append=args.record,
+        f"({args.variant}; real processes)", markdown_table(header, rows), notes,
+        append=args.record,
     )
     return 0
 

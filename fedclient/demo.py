@@ -46,6 +46,7 @@ from pathlib import Path
 
 from core.data import (
     SYNTHETIC_CATEGORIES,
+    SYNTHETIC_VARIANTS,
     AutoVIDataset,
     DatasetError,
     generate_synthetic_dataset,
@@ -256,6 +257,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--variant-images", type=int, default=4,
                         help="images of a new product variant added to one site's folder "
                         "before round 2 (default 4; 0: round 2 brings no new data)")
+    parser.add_argument("--variant", choices=SYNTHETIC_VARIANTS, default="anodised",
+                        help="the variant's finish (default anodised: a strong change; bronze: "
+                        "a mild one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the server state, site outputs and logs in this folder")
@@ -352,7 +356,7 @@ def _run_on(
                 count = _add_variant(folders[variant[0]], variant[1], work / "variant", args)
                 added = (variant[0], variant[1], count)
                 print(f"round 2: {variant[0]}'s folder got {count} images of a new variant "
-                      f"({variant[1]}, anodised finish, defect-free); every site runs "
+                      f"({variant[1]}, {args.variant} finish, defect-free); every site runs "
                       "fedclient again with its --out folder", flush=True)
             processes = [
                 start_site(
@@ -435,14 +439,14 @@ def _copy_category(root: Path, category: str, target: Path) -> Path:
 
 
 def _add_variant(folder: Path, category: str, scratch: Path, args: argparse.Namespace) -> int:
-    """Generate ``args.variant_images`` defect-free images of the "anodised" variant of
+    """Generate ``args.variant_images`` defect-free images of ``args.variant`` of
     ``category`` and add them to ``folder/category/train/good`` as variant-NNN.png; returns
     how many."""
     if scratch.exists():
         shutil.rmtree(scratch)
     generate_synthetic_dataset(scratch, categories=(category,), num_train=args.variant_images,
                                num_test=0, image_size=args.image_size, seed=args.seed,
-                               layout="autovi", variant="anodised")
+                               layout="autovi", variant=args.variant)
     good = folder / category / "train" / "good"
     images = sorted((scratch / category / "train" / "good").glob("*.png"))
     for image in images:

@@ -31,12 +31,14 @@ Every image is drawn from its own generator seeded by (seed, category, split, in
 ``num_test`` does not change the train images, and the same seed gives byte-identical files.
 
 A *variant* is a new version of the same product, as a plant gets it months later: the same
-geometry, nuisance and defects, in a new finish. ``variant="anodised"`` recolours the part's
-material (the whole image for textures, the part only for objects, whose background stays) to a
-blue anodised tint of the same luminance: a brass washer becomes a light-blue one on the same
-dark background. Its images are drawn from their own generators (the variant's name is part of
-the seed), so they are new images, not recoloured copies of the originals; they are all
-defect-free in train/ and carry the usual defects in test/.
+geometry, nuisance and defects, in a new finish. Both variants recolour the part's material (the
+whole image for textures, the part only for objects, whose background stays) to a tint of the
+same luminance: ``"anodised"`` to a blue one (a strong change: a brass washer becomes a
+light-blue one on the same dark background), ``"bronze"`` to a warmer, redder one (a mild
+change, like another alloy or supplier: the brass washer turns copper-coloured). A variant's
+images are drawn from their own generators (its name is part of the seed), so they are new
+images, not recoloured copies of the originals; they are all defect-free in train/ and carry
+the usual defects in test/.
 """
 
 from __future__ import annotations
@@ -63,11 +65,17 @@ DEFAULT_SYNTHETIC_CATEGORIES: tuple[str, ...] = ("mesh", "screw", "stripes", "wa
 SYNTHETIC_DEFECTS: tuple[str, ...] = ("scratch", "spot", "missing", "combined")
 LAYOUTS: tuple[str, ...] = ("autovi", "mvtec")
 #: Product variants ``render_synthetic_image`` can draw (see the module doc).
-SYNTHETIC_VARIANTS: tuple[str, ...] = ("anodised",)
-# The anodised finish: per-channel gain of the luminance, normalised to keep the luminance.
-_ANODISED_TINT = np.asarray((0.6, 0.85, 1.45), np.float32) / np.float32(
-    0.299 * 0.6 + 0.587 * 0.85 + 0.114 * 1.45
-)
+SYNTHETIC_VARIANTS: tuple[str, ...] = ("anodised", "bronze")
+
+
+def _tint(gains: tuple[float, float, float]) -> np.ndarray:
+    """Per-channel gains of the luminance, normalised so that the luminance is kept."""
+    array = np.asarray(gains, np.float32)
+    return array / np.float32(array @ np.asarray((0.299, 0.587, 0.114), np.float32))
+
+
+_TINTS: dict[str, np.ndarray] = {"anodised": _tint((0.6, 0.85, 1.45)),
+                                 "bronze": _tint((1.3, 0.9, 0.6))}
 
 # Pixel values and saturation of the AutoVI-layout defects_config.json. Not 255 on purpose: the
 # readers must honour pixel_value. "combined" images hold one scratch and one spot channel.
@@ -429,14 +437,11 @@ _CHANNEL_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
-def _anodise(scene: _Scene) -> None:
-    """The "anodised" variant: the part's material at the same luminance, tinted blue."""
+def _refinish(scene: _Scene, variant: str) -> None:
+    """A variant's finish: the part's material at the same luminance, in the variant's tint."""
     luminance = scene.image @ np.asarray((0.299, 0.587, 0.114), np.float32)
-    tinted = np.clip(luminance[..., None] * _ANODISED_TINT, 0.0, 255.0)
+    tinted = np.clip(luminance[..., None] * _TINTS[variant], 0.0, 255.0)
     scene.image = np.where(scene.support[..., None], tinted, scene.image).astype(np.float32)
-
-
-_VARIANTS: dict[str, Callable[[_Scene], None]] = {"anodised": _anodise}
 
 
 def render_synthetic_image(
@@ -462,12 +467,12 @@ def render_synthetic_image(
         raise ValueError(
             f"unknown defect {defect!r}, expected 'good' or one of {SYNTHETIC_DEFECTS}"
         )
-    if variant is not None and variant not in _VARIANTS:
+    if variant is not None and variant not in _TINTS:
         raise ValueError(f"unknown variant {variant!r}, expected one of {SYNTHETIC_VARIANTS}")
     nuisance_rng, noise_rng, defect_rng = rng.spawn(3)
     scene = _RENDERERS[category](image_size, nuisance_rng)
     if variant is not None:
-        _VARIANTS[variant](scene)
+        _refinish(scene, variant)
     channels = [paint(scene, defect_rng) for paint in _PAINTERS.get(defect, ())]
     brightness = nuisance_rng.uniform(0.94, 1.06)
     noise = noise_rng.normal(0.0, 3.0, size=scene.image.shape).astype(np.float32)
