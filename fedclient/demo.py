@@ -474,8 +474,9 @@ def _print_round_two(
               f"{r2['bytes_up']:>9} {r1['bytes_up']:>9} {r1['bytes_up'] / r2['bytes_up']:>7.1f} "
               f"{r2['bytes_down']:>10} {r1['bytes_down']:>9} "
               f"{r1['bytes_down'] / max(1, r2['bytes_down']):>7.1f}")
-    print("  new img: images the site read for the first time (the rest of its folder is known "
-          "by content\n  hash and not read again); bytes down: the bank's change since round 1")
+    print("  new img: new images the site covered (new ones held out for calibration not "
+          "counted; the rest\n  of its folder is known by content hash and not read again); "
+          "bytes down: the bank's change since round 1")
 
 
 def _collect_reports(
