@@ -360,9 +360,9 @@ def run_site(
                 _CountingImages(new_images, "new images", progress)  # type: ignore[arg-type]
             )
         say(f"resumed from {out / 'site-state.safetensors'} (round {state.round}): "
-            f"{len(train) - (len(new_images) if new_images else 0)} known image(s), "
-            f"{len(new_images) if new_images else 0} new; local coreset "
-            f"{client.get_coreset().shape[0]} rows, r_i {client.coverage_radius:.3f}")
+            f"{len(new_images) if new_images else 0} new image(s) to cover, the others known; "
+            f"local coreset {client.get_coreset().shape[0]} rows, r_i "
+            f"{client.coverage_radius:.3f}")
     fit_seconds = time.perf_counter() - t0
 
     have = (held.version, held.bank) if held is not None else None
