@@ -27,7 +27,7 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from core.data import AnomalyDataset
-from core.federated.client import ClientState
+from core.federated import ClientState
 
 logger = logging.getLogger(__name__)
 

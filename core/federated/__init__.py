@@ -7,6 +7,7 @@ exact wire messages and counts their bytes.
 
 from core.federated.aggregator import GlobalBankAggregator as GlobalBankAggregator
 from core.federated.aggregator import RoundOutcome as RoundOutcome
+from core.federated.client import ClientState as ClientState
 from core.federated.client import PatchCoreClient as PatchCoreClient
 from core.federated.communication import CommunicationProtocol as CommunicationProtocol
 from core.federated.federated_patchcore import FederatedPatchCore as FederatedPatchCore
@@ -24,6 +25,7 @@ from core.federated.strategies import (
 from core.federated.strategies import federated_weighted_union as federated_weighted_union
 
 __all__ = [
+    "ClientState",
     "CommunicationProtocol",
     "FederatedPatchCore",
     "FederatedServer",
