@@ -39,6 +39,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
     "report-speed": ("report_speed", "what writing report.html costs fedclient score"),
     "inspect-latency": ("inspect_latency", "per-image latency and throughput of fedclient's "
                         "inspection against anomalib's TorchInferencer, 16k and 100k banks"),
+    "new-data": ("new_data", "round 2 after one site gets a new product variant: bytes up and "
+                 "down per site against a full re-upload and re-download, real processes"),
     "system-round": ("system_round", "a whole demo federation on loopback: wall time and TCP "
                      "bytes per round"),
     "codec-tradeoff": ("codec_tradeoff", "codec size / error / speed / metric change on "

@@ -157,8 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
         "disconnect from the server's committed position), wait for the global bank, download "
         "it (only the change when --out holds an older version), score the test images and "
         "write metrics.json, report.html, overlays/ and bank.safetensors into --out. Follows "
-        "every round the "
-        "server opens for this site.",
+        "every round the server opens for this site. Run again in a later round with the same "
+        "--out (it keeps site-state.safetensors): only images new in --data are read, and only "
+        "the rows that cover them are uploaded.",
     )
     _connection_args(run)
     _data_args(run, out_help="output folder (default fedclient-out)")

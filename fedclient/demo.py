@@ -8,9 +8,16 @@
    process per site. Each site fits its local coreset, joins, streams its chunks, waits for the
    global bank, downloads it (round 2: only the change), scores its own test images and writes
    metrics.json, overlays and the bank into its output folder.
-4. Prints per-site metrics, bytes on the wire per round and direction (the serialized gRPC
-   messages each site sent and received), and timings; then stops the server with SIGTERM.
-5. Copies the HTML reports into ``--reports`` (default ``demo-reports/``): each site's
+4. Round 2 is what a federation sees months later: one site's folder (the washer plant's) gets
+   ``--variant-images`` images of a new product variant (the generator's "anodised" finish,
+   defect-free), and every site runs ``fedclient run`` again with its ``--out`` folder. The
+   variant site reads only its new images and uploads the rows that cover them; the others read
+   none and upload nothing; every site downloads only the bank's change (fedclient.sitestate,
+   core.federated.newdata). Each round is one ``fedclient run`` per site (``--max-rounds 1``).
+5. Prints per-site metrics, bytes on the wire per round and direction (the serialized gRPC
+   messages each site sent and received), round 2's rows and bytes per site against a full
+   upload and download, and timings; then stops the server with SIGTERM.
+6. Copies the HTML reports into ``--reports`` (default ``demo-reports/``): each site's
    ``report.html`` as ``site-N.html`` and the server's ``round-N.html`` / ``.json``; the demo
    prints where they are.
 
@@ -37,7 +44,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from core.data import AutoVIDataset, DatasetError
+from core.data import (
+    SYNTHETIC_CATEGORIES,
+    SYNTHETIC_VARIANTS,
+    AutoVIDataset,
+    DatasetError,
+    generate_synthetic_dataset,
+)
 from core.demo import demo_dataset
 from core.features import WeightsUnavailableError
 
@@ -239,7 +252,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="each site's local coreset, fraction of its patches")
     parser.add_argument("--bank-ratio", type=float, default=0.1,
                         help="global bank size as a fraction of all training patches")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="rounds; each is one fedclient run per site (default 2)")
+    parser.add_argument("--variant-images", type=int, default=4,
+                        help="images of a new product variant added to one site's folder "
+                        "before round 2 (default 4; 0: round 2 brings no new data)")
+    parser.add_argument("--variant", choices=SYNTHETIC_VARIANTS, default="anodised",
+                        help="the variant's finish (default anodised: a strong change; bronze: "
+                        "a mild one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", type=Path, default=None,
                         help="keep the server state, site outputs and logs in this folder")
@@ -278,9 +298,13 @@ def _run_on(
     args: argparse.Namespace,
     *,
     on_server: Callable[[ServerProcess], None] | None = None,
+    between_rounds: Callable[[int, ServerProcess], None] | None = None,
 ) -> dict[str, dict[str, object]]:
     """Run the federation on ``root``'s objects (one site each) in ``work``; ``on_server`` is
-    called once the server's port is known (benchmarks attach their byte counters there)."""
+    called once the server's port is known (benchmarks attach their byte counters there),
+    ``between_rounds(n, server)`` before round n >= 2 starts (once round n-1's site processes
+    ended; before the variant is added) and with n = rounds + 1 after the last round, while the
+    server still runs (benchmarks keep a round's site model, download a bank)."""
     started = time.perf_counter()
     train = AutoVIDataset(root, split="train")
     categories = list(train.categories)
@@ -310,55 +334,149 @@ def _run_on(
         fed_dir, sites, global_bank_size=bank_size, extractor=extractor, rounds=args.rounds,
         seed=args.seed,
     )
+    # Each site's folder: the dataset itself, except the variant site's, a copy in ``work`` that
+    # round 2 adds the variant's images to (the dataset is never written to).
+    variant = _variant_site(sites, categories) if args.variant_images > 0 else None
+    folders = {site: root for site in sites}
+    if variant is not None and args.rounds >= 2:
+        folders[variant[0]] = _copy_category(root, variant[1], work / f"data-{variant[0]}")
     server = ServerProcess(config, work / "fedserver.log")
     server_ready = time.perf_counter() - started
     if on_server is not None:
         on_server(server)
+    env = _client_env(len(sites))
+    runs: list[dict[str, dict[str, object]]] = []
+    added: tuple[str, str, int] | None = None
+    t0 = time.perf_counter()
     try:
-        env = _client_env(len(sites))
-        t0 = time.perf_counter()
-        processes = [
-            start_site(
-                server.address, site, fed_dir / "site-tokens" / f"{site}.token", root,
-                work / f"out-{site}", categories=[category],
-                extra_args=site_features,
-                env=env,
-            )
-            for site, category in zip(sites, categories, strict=True)
-        ]
-        logs = f"their logs: {work}/out-<site>.log" if args.keep else "--keep DIR keeps their logs"
-        print(f"fedserver on {server.address}; {len(processes)} fedclient processes fit, "
-              f"upload, wait for the bank and score ({logs})", flush=True)
-        failed = []
-        pending = list(processes)
-        while pending:  # one line per site as it ends, in the order they end
-            for site in [s for s in pending if s.process.poll() is not None]:
-                pending.remove(site)
-                code = site.process.returncode
-                print(f"  {site.site_id} {'done' if code == 0 else f'FAILED (exit {code})'} "
-                      f"after {time.perf_counter() - t0:.1f} s", flush=True)
-                if code != 0:
-                    failed.append(site)
-            time.sleep(0.1)
+        for number in range(1, args.rounds + 1):
+            if number >= 2 and between_rounds is not None:
+                between_rounds(number, server)
+            if number == 2 and variant is not None:
+                count = _add_variant(folders[variant[0]], variant[1], work / "variant", args)
+                added = (variant[0], variant[1], count)
+                print(f"round 2: {variant[0]}'s folder got {count} images of a new variant "
+                      f"({variant[1]}, {args.variant} finish, defect-free); every site runs "
+                      "fedclient again with its --out folder", flush=True)
+            processes = [
+                start_site(
+                    server.address, site, fed_dir / "site-tokens" / f"{site}.token",
+                    folders[site], work / f"out-{site}", categories=[category],
+                    extra_args=[*site_features, "--max-rounds", "1"], env=env,
+                )
+                for site, category in zip(sites, categories, strict=True)
+            ]
+            if number == 1:
+                logs = (f"their logs: {work}/out-<site>.log" if args.keep
+                        else "--keep DIR keeps their logs")
+                print(f"fedserver on {server.address}; round 1: {len(processes)} fedclient "
+                      f"processes fit, upload, wait for the bank and score ({logs})", flush=True)
+            _wait_for_sites(processes, t0, work)
+            runs.append({
+                site.site_id: json.loads(
+                    (site.out_dir / "metrics.json").read_text(encoding="utf-8"))
+                for site in processes
+            })
         sites_seconds = time.perf_counter() - t0
-        if failed:
-            for site in failed:
-                tail = site.log_path.read_text(encoding="utf-8").splitlines()[-5:]
-                print(f"site {site.site_id} failed (exit {site.process.returncode}):\n  "
-                      + "\n  ".join(tail), file=sys.stderr)
-            raise RuntimeError(f"{len(failed)} site(s) failed; logs in {work}")
+        if between_rounds is not None:
+            between_rounds(args.rounds + 1, server)
     finally:
         server.stop()
-    metrics = {
-        site.site_id: json.loads((site.out_dir / "metrics.json").read_text(encoding="utf-8"))
-        for site in processes
-    }
+    # The last run's metrics, with every round's record (each run wrote only its own round)
+    # and the first run's fit time (later runs resume and fit nothing).
+    metrics = {site: {**runs[-1][site],
+                      "rounds": [r for run in runs for r in run[site]["rounds"]],  # type: ignore[union-attr]
+                      "seconds": {**runs[-1][site]["seconds"],  # type: ignore[dict-item]
+                                  "fit": runs[0][site]["seconds"]["fit"]}}  # type: ignore[index]
+               for site in sites}
     reports = _collect_reports(processes, fed_dir / "state" / "reports", args.reports)
     _print_report(args, server.address, categories, metrics, bank_size, server_ready,
                   sites_seconds, time.perf_counter() - started, work if args.keep else None)
+    if len(runs) >= 2:
+        _print_round_two(runs[0], runs[1], added)
     print(f"\nReports (self-contained HTML; open in a browser): {args.reports}/")
     print("  " + "  ".join(path.name for path in reports))
     return metrics
+
+
+def _wait_for_sites(processes: Sequence[SiteProcess], t0: float, work: Path) -> None:
+    """Wait for every site process, one line per site as it ends (in the order they end);
+    RuntimeError with the failed sites' log tails if any failed."""
+    failed = []
+    pending = list(processes)
+    while pending:
+        for site in [s for s in pending if s.process.poll() is not None]:
+            pending.remove(site)
+            code = site.process.returncode
+            print(f"  {site.site_id} {'done' if code == 0 else f'FAILED (exit {code})'} "
+                  f"after {time.perf_counter() - t0:.1f} s", flush=True)
+            if code != 0:
+                failed.append(site)
+        time.sleep(0.1)
+    if failed:
+        for site in failed:
+            tail = site.log_path.read_text(encoding="utf-8").splitlines()[-5:]
+            print(f"site {site.site_id} failed (exit {site.process.returncode}):\n  "
+                  + "\n  ".join(tail), file=sys.stderr)
+        raise RuntimeError(f"{len(failed)} site(s) failed; logs in {work}")
+
+
+def _variant_site(sites: Sequence[str], categories: Sequence[str]) -> tuple[str, str] | None:
+    """(site, category) that gets the new variant: the washer plant's if there is one, else the
+    first site whose category the generator can draw a variant of (None: no such site)."""
+    drawable = [(s, c) for s, c in zip(sites, categories, strict=True)
+                if c in SYNTHETIC_CATEGORIES]
+    washer = [pair for pair in drawable if pair[1] == "washer"]
+    return (washer or drawable or [None])[0]
+
+
+def _copy_category(root: Path, category: str, target: Path) -> Path:
+    """A copy of ``root/category`` as ``target/category`` (the site's own folder); ``target``."""
+    if target.exists():
+        shutil.rmtree(target)
+    shutil.copytree(root / category, target / category)
+    return target
+
+
+def _add_variant(folder: Path, category: str, scratch: Path, args: argparse.Namespace) -> int:
+    """Generate ``args.variant_images`` defect-free images of ``args.variant`` of
+    ``category`` and add them to ``folder/category/train/good`` as variant-NNN.png; returns
+    how many."""
+    if scratch.exists():
+        shutil.rmtree(scratch)
+    generate_synthetic_dataset(scratch, categories=(category,), num_train=args.variant_images,
+                               num_test=0, image_size=args.image_size, seed=args.seed,
+                               layout="autovi", variant=args.variant)
+    good = folder / category / "train" / "good"
+    images = sorted((scratch / category / "train" / "good").glob("*.png"))
+    for image in images:
+        shutil.copy2(image, good / f"variant-{image.name}")
+    return len(images)
+
+
+def _print_round_two(
+    first: dict[str, dict[str, object]],
+    second: dict[str, dict[str, object]],
+    added: tuple[str, str, int] | None,
+) -> None:
+    """Round 2 per site: rows and bytes against round 1's full upload and full download (a
+    full re-upload would be at least round 1's: the site holds at least the same images)."""
+    what = (f"{added[0]} got {added[2]} images of a new variant" if added is not None
+            else "no site got new images")
+    print(f"\nRound 2 ({what}): rows and bytes each site sent and received, against round 1's "
+          "full upload of its coreset and full download of the bank")
+    print(f"  {'site':<7} {'new img':>7} {'rows up':>7} {'bytes up':>9} {'full up':>9} "
+          f"{'x fewer':>7} {'bytes down':>10} {'full down':>9} {'x fewer':>7}")
+    for site, metrics in second.items():
+        r2 = metrics["rounds"][0]  # type: ignore[index]
+        r1 = first[site]["rounds"][0]  # type: ignore[index]
+        print(f"  {site:<7} {metrics.get('num_new_images') or 0:>7} {r2['rows_up']:>7} "
+              f"{r2['bytes_up']:>9} {r1['bytes_up']:>9} {r1['bytes_up'] / r2['bytes_up']:>7.1f} "
+              f"{r2['bytes_down']:>10} {r1['bytes_down']:>9} "
+              f"{r1['bytes_down'] / max(1, r2['bytes_down']):>7.1f}")
+    print("  new img: new images the site covered (new ones held out for calibration not "
+          "counted; the rest\n  of its folder is known by content hash and not read again); "
+          "bytes down: the bank's change since round 1")
 
 
 def _collect_reports(

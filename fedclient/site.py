@@ -12,6 +12,9 @@ keeps the site's state in its output folder, so a restarted site carries on:
   (core.sitemodel; what ``fedclient score`` and ``fedclient inspect`` decide with);
 * ``decisions.csv`` / ``decisions.jsonl`` / ``masks/``: each test image's decision
   (fedclient.inspect);
+* ``site-state.safetensors``: what a later run needs to take part in a later round without
+  reading the images it fitted before (fedclient.sitestate): a site whose folder got new images
+  uploads only the rows that cover those (core.federated.newdata);
 * ``metrics.json``: what the run did (per round: rows, chunks, bytes, seconds) and the scores;
 * ``overlays/``: one anomaly-map overlay PNG per test image;
 * ``report.html``: the same results as one self-contained page for people (fedclient.report).
@@ -45,6 +48,7 @@ from core.federated import UPLOAD_FACTOR, PatchCoreClient, UploadBudget, short_b
 from core.metrics import Curve
 from core.patchcore import ModelFileError, PatchCore, Predictions
 from core.preprocess import ImageTransform
+from core.serde import chunked_roundtrip
 from core.sitemodel import SITE_MODEL_FILE, SearchSpec, SiteModel, provenance_of
 from fedclient.inspect import DecisionWriter, decide, labelled_rates
 from fedclient.report import Example, examples, write_metrics, write_overlays, write_site_report
@@ -55,6 +59,7 @@ from fedclient.session import (
     SiteSession,
     UploadResult,
 )
+from fedclient.sitestate import SiteState, image_digests, load_state, save_state
 from fedpatchcore.v1 import federation_pb2 as fpb
 
 logger = logging.getLogger(__name__)
@@ -335,7 +340,21 @@ def run_site(
         )
         held = None
 
-    fit_images, validation = _split(train, options)
+    digests = image_digests(train)
+    state = _usable_state(load_state(out), session.site_id, config, fingerprint)
+    if state is not None and config.full_coreset:
+        # The server holds no r_i for this site (it joins late, or was withdrawn and added
+        # again): what it saved belongs to an earlier membership, so it fits all its images.
+        logger.warning("%s is from an earlier membership of this site: the site refits",
+                       out / "site-state.safetensors")
+        state = None
+    if state is not None:
+        fit_images, validation, new_images, fitted = _resume_split(train, digests, state,
+                                                                   options)
+    else:
+        fit_images, validation = _split(train, options)
+        new_images, fitted = None, set(_digests_of(digests, fit_images, train))
+    held_out = set(_digests_of(digests, validation, train)) if validation is not None else set()
     budget = None if options.coreset_percentage is not None else UploadBudget(
         config.global_bank_size, config.expected_sites, config.max_rows_per_site,
         options.upload_factor,
@@ -352,18 +371,29 @@ def run_site(
     )
     _ = client.model.extractor  # loads the weights now: a bad file fails before the fit
     t0 = time.perf_counter()
-    client.train()
-    fit_seconds = time.perf_counter() - t0
-    if budget is None:
-        rule = f"{options.coreset_percentage:g} of them"
-    elif budget.num_sites:
-        rule = (f"min(patches, {budget.factor:g} x k = {config.global_bank_size} / "
-                f"{budget.num_sites} site(s))")
+    if state is None:
+        client.train()
+        if budget is None:
+            rule = f"{options.coreset_percentage:g} of them"
+        elif budget.num_sites:
+            rule = (f"min(patches, {budget.factor:g} x k = {config.global_bank_size} / "
+                    f"{budget.num_sites} site(s))")
+        else:
+            rule = f"min(patches, k = {config.global_bank_size}): the round has no fixed sites"
+        say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} "
+            f"rows of {client.model.num_training_patches} patches ({rule}), coverage radius "
+            f"r_i {client.coverage_radius:.3f}")
     else:
-        rule = f"min(patches, k = {config.global_bank_size}): the round has no fixed sites"
-    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows of "
-        f"{client.model.num_training_patches} patches ({rule}), coverage radius r_i "
-        f"{client.coverage_radius:.3f}")
+        client.resume(state.client)
+        if new_images is not None:
+            client.add_images(
+                _CountingImages(new_images, "new images", progress)  # type: ignore[arg-type]
+            )
+        say(f"resumed from {out / 'site-state.safetensors'} (round {state.round}): "
+            f"{len(new_images) if new_images else 0} new image(s) to cover, the others known; "
+            f"local coreset {client.get_coreset().shape[0]} rows, r_i "
+            f"{client.coverage_radius:.3f}")
+    fit_seconds = time.perf_counter() - t0
 
     have = (held.version, held.bank) if held is not None else None
     site_model: SiteModel | None = None
@@ -371,8 +401,11 @@ def run_site(
     download: BankDownload | None = None
     while True:
         record, download, have = _one_round(
-            session, client, config, have, options, on_status, say
+            session, client, config, have, options, on_status, say, resumed=state is not None
         )
+        save_state(out, SiteState(client.state(), session.site_id, download.federation_id,
+                                  fingerprint, config.round, frozenset(fitted),
+                                  frozenset(held_out)))
         if replaced is not None and not record.get("bank_replaced"):
             record["bank_replaced"], replaced = replaced, None
         if validation is not None:  # every new bank gets its own thresholds
@@ -399,6 +432,9 @@ def run_site(
         "num_fit_images": len(fit_images),
         "num_validation_images": len(validation) if validation is not None else 0,
         "num_training_patches": client.model.num_training_patches,
+        # images this run read for the first time after round 1 (None: it fitted them all)
+        "num_new_images": (len(new_images) if new_images is not None else 0)
+        if state is not None else None,
         "local_coreset_rows": client.get_coreset().shape[0],
         "local_coverage_radius": client.coverage_radius,
         "bank_version": download.version,
@@ -456,12 +492,29 @@ def _one_round(
     options: SiteOptions,
     on_status: Callable[[fpb.RoundStatus], None] | None,
     say: Callable[[str], None],
+    *,
+    resumed: bool = False,
 ) -> tuple[dict[str, object], BankDownload, tuple[int, np.ndarray]]:
-    """Upload this site's rows of ``config.round``, wait for its bank and download it."""
+    """Upload this site's rows of ``config.round``, wait for its bank and download it.
+
+    Later rounds: a site with new images uploads the rows that cover them to its r_i (and
+    reports the radius measured on them); a site that resumed from its saved state without new
+    images has nothing new to cover and uploads no rows; a site that fitted all its images in
+    this run (no state) uploads its patches the bank covers worse than the round's threshold.
+    """
     r = config.round
     num_novel: int | None = None
+    decoded: np.ndarray | None = None
     if r == 1 or config.full_coreset:  # a site joining late sends its coreset, as in round 1
         rows = client.get_coreset()
+    elif client.has_new_images:
+        added = client.new_data_upload(config.codec, max_chunk_bytes=config.max_chunk_bytes)
+        rows, decoded, num_novel = added.features, added.decoded, added.num_uncovered
+        say(f"round {r}: {added.num_patches} patches of new images, {added.num_uncovered} "
+            f"farther than r_i from this site's uploads; radius now {added.radius:.3f}")
+    elif resumed:
+        rows = np.empty((0, client.feature_config.target_embed_dim), dtype=np.float32)
+        num_novel = 0
     else:
         if held is None or held[0] != config.base_bank_version:
             base = session.download_bank(
@@ -475,7 +528,10 @@ def _one_round(
                                            max_chunk_bytes=config.max_chunk_bytes)
     say(f"round {r}: uploading {rows.shape[0]} rows in {len(chunks)} chunk(s)")
     result: UploadResult = session.upload(summary, chunks)
-    client.record_upload(rows)
+    if decoded is None:  # the rows as the server decoded them (the cover of later new images)
+        decoded = chunked_roundtrip(rows, config=config.codec,
+                                    max_chunk_bytes=config.max_chunk_bytes)[0]
+    client.record_upload(decoded)
     say(f"round {r}: upload complete ({result.bytes_sent} B sent"
         + (f", {result.committed_at_start} chunk(s) already on the server" if
            result.committed_at_start else "") + "); waiting for the round's bank")
@@ -497,6 +553,7 @@ def _one_round(
         "round": r,
         "rows_up": int(rows.shape[0]),
         "num_novel": num_novel,
+        "coverage_radius_reported": summary.coverage_radius,
         "chunks_total": result.chunks_total,
         "chunks_committed_at_start": result.committed_at_start,
         "chunks_sent": result.chunks_sent,
@@ -573,6 +630,65 @@ def _split(
     fit, held = split_validation(len(train), options.validation_share, options.seed)
     logger.info("holding out %d of %d training images for calibration", held.size, len(train))
     return train.subset(fit), train.subset(held)
+
+
+def _usable_state(
+    state: SiteState | None, site_id: str, config: RoundConfig, fingerprint: str
+) -> SiteState | None:
+    """``state`` if this run can carry on from it (same site, federation and extractor, and a
+    round after its last one), else None; a state that does not fit says why once."""
+    if state is None:
+        return None
+    problem = None
+    if state.site_id != site_id:
+        problem = f"it is site {state.site_id!r}'s, this is {site_id!r}"
+    elif state.federation_id != config.federation_id:
+        problem = (f"it belongs to federation {state.federation_id or '(none)'}, the server runs "
+                   f"{config.federation_id or '(none)'}")
+    elif state.fingerprint != fingerprint:
+        problem = "it was built with another feature extractor"
+    elif config.round <= state.round:
+        problem = (f"it is from round {state.round} and the server's round is {config.round} "
+                   "(the server's state was reset?)")
+    if problem is not None:
+        logger.warning("the saved site state is not used (%s): every image is fitted again",
+                       problem)
+        return None
+    return state
+
+
+def _resume_split(
+    train: AnomalyDataset, digests: list[str], state: SiteState, options: SiteOptions
+) -> tuple[AnomalyDataset, AnomalyDataset | None, AnomalyDataset | None, set[str]]:
+    """(images fitted or covered before and now, validation images, new images to cover or
+    None, digests of all fitted images) of a run that resumes from ``state``.
+
+    Known images keep their role (fitted, or held out for calibration); new ones are split by
+    the same seeded rule as round 1's, so a new variant gets validation images too. Images that
+    left the folder are simply absent: their uploaded rows stay in the federation.
+    """
+    old = [i for i, d in enumerate(digests) if d in state.fitted]
+    held = [i for i, d in enumerate(digests) if d in state.validation and d not in state.fitted]
+    known = set(old) | set(held)
+    new = [i for i in range(len(train)) if i not in known]
+    new_fit, new_held = list(new), []
+    if new and options.validation_share > 0 and len(new) >= 2:
+        fit_at, held_at = split_validation(len(new), options.validation_share, options.seed)
+        new_fit, new_held = [new[j] for j in fit_at], [new[j] for j in held_at]
+    fitted = set(state.fitted) | {digests[i] for i in new_fit}
+    everything = train.subset(old + new_fit) if old or new_fit else train
+    validation = train.subset(held + new_held) if held or new_held else None
+    logger.info("resuming: %d image(s) fitted before, %d held out before, %d new (%d to cover, "
+                "%d held out)", len(old), len(held), len(new), len(new_fit), len(new_held))
+    return everything, validation, train.subset(new_fit) if new_fit else None, fitted
+
+
+def _digests_of(
+    digests: list[str], part: AnomalyDataset, whole: AnomalyDataset
+) -> list[str]:
+    """The digests of ``part``'s images, a subset of ``whole`` (by image path)."""
+    where = {sample.image_path: d for sample, d in zip(whole, digests, strict=True)}
+    return [where[sample.image_path] for sample in part]
 
 
 def _recalibrate(

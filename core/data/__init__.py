@@ -27,6 +27,7 @@ from core.data.sample import ImageSample as ImageSample
 from core.data.synthetic import DEFAULT_SYNTHETIC_CATEGORIES as DEFAULT_SYNTHETIC_CATEGORIES
 from core.data.synthetic import SYNTHETIC_CATEGORIES as SYNTHETIC_CATEGORIES
 from core.data.synthetic import SYNTHETIC_DEFECTS as SYNTHETIC_DEFECTS
+from core.data.synthetic import SYNTHETIC_VARIANTS as SYNTHETIC_VARIANTS
 from core.data.synthetic import SyntheticConfig as SyntheticConfig
 from core.data.synthetic import generate_synthetic_dataset as generate_synthetic_dataset
 from core.data.synthetic import render_synthetic_image as render_synthetic_image
@@ -42,6 +43,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "SYNTHETIC_CATEGORIES",
     "SYNTHETIC_DEFECTS",
+    "SYNTHETIC_VARIANTS",
     "AnomalyDataset",
     "AutoVIDataset",
     "CategoryPartitioner",

@@ -29,6 +29,16 @@ of the CNN stride, parts keep their own texture phase, and defects have a minimu
 
 Every image is drawn from its own generator seeded by (seed, category, split, index), so changing
 ``num_test`` does not change the train images, and the same seed gives byte-identical files.
+
+A *variant* is a new version of the same product, as a plant gets it months later: the same
+geometry, nuisance and defects, in a new finish. Both variants recolour the part's material (the
+whole image for textures, the part only for objects, whose background stays) to a tint of the
+same luminance: ``"anodised"`` to a blue one (a strong change: a brass washer becomes a
+light-blue one on the same dark background), ``"bronze"`` to a warmer, redder one (a mild
+change, like another alloy or supplier: the brass washer turns copper-coloured). A variant's
+images are drawn from their own generators (its name is part of the seed), so they are new
+images, not recoloured copies of the originals; they are all defect-free in train/ and carry
+the usual defects in test/.
 """
 
 from __future__ import annotations
@@ -54,6 +64,18 @@ DEFAULT_SYNTHETIC_CATEGORIES: tuple[str, ...] = ("mesh", "screw", "stripes", "wa
 #: Defect types of test images, in the order test images cycle through them.
 SYNTHETIC_DEFECTS: tuple[str, ...] = ("scratch", "spot", "missing", "combined")
 LAYOUTS: tuple[str, ...] = ("autovi", "mvtec")
+#: Product variants ``render_synthetic_image`` can draw (see the module doc).
+SYNTHETIC_VARIANTS: tuple[str, ...] = ("anodised", "bronze")
+
+
+def _tint(gains: tuple[float, float, float]) -> np.ndarray:
+    """Per-channel gains of the luminance, normalised so that the luminance is kept."""
+    array = np.asarray(gains, np.float32)
+    return array / np.float32(array @ np.asarray((0.299, 0.587, 0.114), np.float32))
+
+
+_TINTS: dict[str, np.ndarray] = {"anodised": _tint((0.6, 0.85, 1.45)),
+                                 "bronze": _tint((1.3, 0.9, 0.6))}
 
 # Pixel values and saturation of the AutoVI-layout defects_config.json. Not 255 on purpose: the
 # readers must honour pixel_value. "combined" images hold one scratch and one spot channel.
@@ -75,6 +97,8 @@ class SyntheticConfig:
     seed: non-negative int; same seed -> byte-identical files.
     layout: "mvtec" (one mask per defect image) or "autovi" (one PNG per defect channel and a
         defects_config.json per category).
+    variant: None (the categories as they are) or one of SYNTHETIC_VARIANTS: every image is of
+        that product variant (new images: see the module doc).
     """
 
     categories: tuple[str, ...] = DEFAULT_SYNTHETIC_CATEGORIES
@@ -83,6 +107,7 @@ class SyntheticConfig:
     image_size: int = 128
     seed: int = 0
     layout: str = "mvtec"
+    variant: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.categories, str):
@@ -114,6 +139,10 @@ class SyntheticConfig:
             raise ValueError(f"image_size must be an int in 32..1024, got {self.image_size!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {LAYOUTS}, got {self.layout!r}")
+        if self.variant is not None and self.variant not in SYNTHETIC_VARIANTS:
+            raise ValueError(
+                f"variant must be None or one of {SYNTHETIC_VARIANTS}, got {self.variant!r}"
+            )
 
     def test_plan(self) -> list[str]:
         """Defect name of each test image, in index order ("good" first)."""
@@ -408,12 +437,25 @@ _CHANNEL_TYPES: dict[str, tuple[str, ...]] = {
 }
 
 
+def _refinish(scene: _Scene, variant: str) -> None:
+    """A variant's finish: the part's material at the same luminance, in the variant's tint."""
+    luminance = scene.image @ np.asarray((0.299, 0.587, 0.114), np.float32)
+    tinted = np.clip(luminance[..., None] * _TINTS[variant], 0.0, 255.0)
+    scene.image = np.where(scene.support[..., None], tinted, scene.image).astype(np.float32)
+
+
 def render_synthetic_image(
-    category: str, image_size: int, rng: np.random.Generator, defect: str = GOOD
+    category: str,
+    image_size: int,
+    rng: np.random.Generator,
+    defect: str = GOOD,
+    variant: str | None = None,
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Render one image of ``category``; the generator behind ``generate_synthetic_dataset``.
 
     category: one of SYNTHETIC_CATEGORIES. defect: "good" or one of SYNTHETIC_DEFECTS.
+    variant: None or one of SYNTHETIC_VARIANTS: the part in that finish (before any defect is
+        painted, so defects keep their colours).
     rng: consumed here; three child generators (nuisance, noise, defect) are spawned from it,
         so the same state with and without a defect renders the same scene and noise.
     Returns (image uint8 [S, S, 3], channels): one bool [S, S] mask per defect channel, empty
@@ -425,8 +467,12 @@ def render_synthetic_image(
         raise ValueError(
             f"unknown defect {defect!r}, expected 'good' or one of {SYNTHETIC_DEFECTS}"
         )
+    if variant is not None and variant not in _TINTS:
+        raise ValueError(f"unknown variant {variant!r}, expected one of {SYNTHETIC_VARIANTS}")
     nuisance_rng, noise_rng, defect_rng = rng.spawn(3)
     scene = _RENDERERS[category](image_size, nuisance_rng)
+    if variant is not None:
+        _refinish(scene, variant)
     channels = [paint(scene, defect_rng) for paint in _PAINTERS.get(defect, ())]
     brightness = nuisance_rng.uniform(0.94, 1.06)
     noise = noise_rng.normal(0.0, 3.0, size=scene.image.shape).astype(np.float32)
@@ -434,14 +480,19 @@ def render_synthetic_image(
     return image, channels
 
 
-def synthetic_image_rng(seed: int, category: str, split: str, index: int) -> np.random.Generator:
-    """The generator that renders image ``index`` of ``split`` ("train" or "test") of ``category``.
+def synthetic_image_rng(
+    seed: int, category: str, split: str, index: int, variant: str | None = None
+) -> np.random.Generator:
+    """The generator that renders image ``index`` of ``split`` ("train" or "test") of ``category``
+    (of product ``variant``, whose images are drawn apart from the original's).
 
     ``index`` counts train images, or test images in ``SyntheticConfig.test_plan()`` order (good
     ones first, then defects), not the file number within a defect folder.
     """
     # crc32, not hash(): str hashes are salted per process and would break determinism.
     key = [seed, zlib.crc32(category.encode("utf-8")), _SPLIT_CODE[split], index]
+    if variant is not None:
+        key.append(zlib.crc32(variant.encode("utf-8")))
     return np.random.default_rng(key)
 
 
@@ -473,6 +524,7 @@ def generate_synthetic_dataset(
     image_size: int = 128,
     seed: int = 0,
     layout: str = "mvtec",
+    variant: str | None = None,
 ) -> Path:
     """Write a synthetic dataset under ``root`` (created; must not exist or be empty).
 
@@ -486,6 +538,7 @@ def generate_synthetic_dataset(
     (one channel each, defect pixels = the type's pixel value) and
     <root>/<category>/defects_config.json. Returns ``root`` as a Path.
     Raises FileExistsError if ``root`` holds anything (it never overwrites files).
+    ``variant``: the images are of that product variant (SYNTHETIC_VARIANTS; module doc).
     """
     config = SyntheticConfig(
         categories=tuple(categories),
@@ -494,6 +547,7 @@ def generate_synthetic_dataset(
         image_size=image_size,
         seed=seed,
         layout=layout,
+        variant=variant,
     )
     root = Path(root)
     if root.exists() and (not root.is_dir() or any(root.iterdir())):
@@ -506,13 +560,15 @@ def generate_synthetic_dataset(
         cat_dir = root / category
         for i in range(config.num_train):
             image, _ = render_synthetic_image(
-                category, size, synthetic_image_rng(config.seed, category, "train", i)
+                category, size, synthetic_image_rng(config.seed, category, "train", i, variant),
+                variant=variant,
             )
             _save_png(image, cat_dir / "train" / GOOD / f"{i:03d}.png")
         counters: dict[str, int] = {}
         for j, defect in enumerate(config.test_plan()):
             image, channels = render_synthetic_image(
-                category, size, synthetic_image_rng(config.seed, category, "test", j), defect
+                category, size, synthetic_image_rng(config.seed, category, "test", j, variant),
+                defect, variant=variant,
             )
             k = counters.get(defect, 0)
             counters[defect] = k + 1

@@ -7,6 +7,7 @@ exact wire messages and counts their bytes.
 
 from core.federated.aggregator import GlobalBankAggregator as GlobalBankAggregator
 from core.federated.aggregator import RoundOutcome as RoundOutcome
+from core.federated.client import ClientState as ClientState
 from core.federated.client import PatchCoreClient as PatchCoreClient
 from core.federated.communication import CommunicationProtocol as CommunicationProtocol
 from core.federated.federated_patchcore import FederatedPatchCore as FederatedPatchCore
@@ -28,6 +29,7 @@ from core.federated.upload import short_bank_note as short_bank_note
 
 __all__ = [
     "UPLOAD_FACTOR",
+    "ClientState",
     "CommunicationProtocol",
     "FederatedPatchCore",
     "FederatedServer",

@@ -474,8 +474,11 @@ class GlobalBankAggregator:
             raise RoundStateError("round 1 ended without any site upload")
         for site_id, upload in self._uploads.items():
             # A site's first upload (round 1, or the round it joined in) is its full local
-            # coreset: its r_i enters the certificate. Later uploads are novel rows only.
-            self._site_radius.setdefault(site_id, upload.summary.coverage_radius)
+            # coreset: its r_i enters the certificate. A later round's summary covers the
+            # site's new images too (core.federated.newdata): its r_i can only grow the site's
+            # term of the certificate, never shrink it.
+            radius = upload.summary.coverage_radius
+            self._site_radius[site_id] = max(radius, self._site_radius.get(site_id, radius))
         if self._prefix is not None:
             chosen = self._prefix.select()
             bank, server_radius = chosen.features, chosen.radius_bound

@@ -1,8 +1,10 @@
 """A federated site: local features and coreset, uploads, and scoring with the global bank.
 
 Images never leave the client. What leaves it is (a) in round 1 its local coreset and (b) in
-later rounds only its *novel* patches: training patches farther from the current global bank
-than the server's coverage radius, i.e. the patches the bank covers worst.
+later rounds only its *novel* patches: for a site that got new images since its last upload,
+the rows that cover those images' patches to its r_i (core.federated.newdata: the images it
+uploaded for before are not read again); otherwise the training patches farther from the current
+global bank than the server's coverage radius, i.e. the patches the bank covers worst.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 from core.codec import CodecConfig
 from core.coreset import IncrementalCoreset
 from core.features import FeatureConfig
+from core.federated.newdata import NewDataUpload, cover_new_patches
 from core.federated.upload import UploadBudget
 from core.knn import NearestNeighbourIndex
 from core.messages import FeatureChunk, SiteSummary
@@ -23,7 +26,7 @@ from core.serde import DEFAULT_MAX_CHUNK_BYTES, codec_error, split_into_chunks
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NovelUpload", "PatchCoreClient"]
+__all__ = ["ClientState", "NewDataUpload", "NovelUpload", "PatchCoreClient"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,28 @@ class NovelUpload:
     threshold: float
     num_novel: int
     max_distance: float
+
+
+@dataclass(frozen=True)
+class ClientState:
+    """What a site needs from its earlier rounds to take part in a later one without reading its
+    earlier images again (fedclient keeps it in the site's output folder).
+
+    Attributes:
+        coreset: [k, D] float32, the round-1 local coreset as fitted (before any codec).
+        coverage_radius: r_i of that coreset over the round-1 images (float32 rows).
+        reported_radius: the largest r_i this site has reported so far (0.0: only round 1's),
+            >= its decoded round-1 radius once later images were covered.
+        uploaded: [u, D] float32, every row the site uploaded, as the server decoded them.
+        num_images / num_patches: training images and patches it has fitted or covered so far.
+    """
+
+    coreset: np.ndarray
+    coverage_radius: float
+    reported_radius: float
+    uploaded: np.ndarray
+    num_images: int
+    num_patches: int
 
 
 class PatchCoreClient:
@@ -111,6 +136,11 @@ class PatchCoreClient:
         self._codec_error: dict[tuple[CodecConfig, int], float] = {}
         self._fingerprint: str | None = None
         self.global_bank: np.ndarray | None = None
+        # Images added since the last upload (covered in the next later round), and the r_i
+        # reported for images covered after round 1 (0.0 while there were none).
+        self._new_images: list[ImageSource] = []
+        self._later_radius = 0.0
+        self._num_images = len(dataset)
 
     @property
     def site_id(self) -> str:
@@ -119,8 +149,13 @@ class PatchCoreClient:
 
     @property
     def data_size(self) -> int:
-        """Local dataset size (number of training images)."""
-        return len(self.dataset)
+        """Local dataset size (number of training images, the added ones included)."""
+        return self._num_images + sum(len(images) for images in self._new_images)
+
+    @property
+    def has_new_images(self) -> bool:
+        """True when images were added (:meth:`add_images`) since the last upload."""
+        return bool(self._new_images)
 
     @property
     def feature_config(self) -> FeatureConfig:
@@ -207,9 +242,80 @@ class PatchCoreClient:
         return summary, chunks
 
     def record_upload(self, rows: np.ndarray) -> None:
-        """Remember rows this site sent, as the server decoded them (their realised coverage
-        is reported per round)."""
+        """Remember rows this site sent, as the server decoded them (core.serde.
+        chunked_roundtrip): their realised coverage is reported per round, and they are the
+        cover that new images are measured against (:meth:`new_data_upload`)."""
         self._uploaded.append(np.asarray(rows, dtype=np.float32))
+
+    def add_images(self, images: ImageSource) -> None:
+        """New training images (defect-free) arrived at this site: the next later round uploads
+        the rows that cover their patches (:meth:`new_data_upload`); the images fitted or
+        covered before are not read again."""
+        if self._coreset is None:
+            raise RuntimeError(f"client {self.client_id!r} has not trained yet: call train()")
+        if len(images) == 0:
+            raise ValueError(f"client {self.client_id!r}: no images to add")
+        self._new_images.append(images)
+
+    def new_data_upload(self, codec: CodecConfig, *, max_chunk_bytes: int) -> NewDataUpload:
+        """The rows of a later round that cover the added images' patches to r_i
+        (core.federated.newdata.cover_new_patches against every row uploaded so far, as
+        decoded). Afterwards the summary reports the radius measured on them when it exceeds
+        the round-1 r_i, and the added images count as covered once :meth:`record_upload` is
+        called with the upload's decoded rows. One pass of the backbone over the added images
+        only."""
+        if self._coreset is None:
+            raise RuntimeError(f"client {self.client_id!r} has not trained yet: call train()")
+        if not self._new_images:
+            raise RuntimeError(f"client {self.client_id!r}: no images were added")
+        if not self._uploaded:
+            raise RuntimeError(f"client {self.client_id!r} has uploaded nothing yet: new "
+                               "images are covered from round 2 on")
+        batches = (
+            features.reshape(-1, features.shape[-1]).numpy()
+            for images in self._new_images
+            for _, features, _ in self.model.iter_features(
+                images, desc=f"site {self.client_id}: new images"
+            )
+        )
+        upload = cover_new_patches(
+            batches, np.concatenate(self._uploaded), self.coverage_radius, codec=codec,
+            max_chunk_bytes=max_chunk_bytes, knn_backend=self.model.config.knn_backend,
+        )
+        self._later_radius = max(self._later_radius, upload.radius)
+        self._num_images += sum(len(images) for images in self._new_images)
+        self.model.num_training_patches += upload.num_patches
+        self._new_images = []
+        return upload
+
+    def state(self) -> ClientState:
+        """What a later run of this site needs to take part without refitting (ClientState)."""
+        if self._coreset is None:
+            raise RuntimeError(f"client {self.client_id!r} has not trained yet: call train()")
+        if self._new_images:
+            raise RuntimeError(f"client {self.client_id!r}: added images are not covered yet")
+        dim = self._coreset.shape[1]
+        uploaded = (np.concatenate(self._uploaded) if self._uploaded
+                    else np.empty((0, dim), dtype=np.float32))
+        return ClientState(self._coreset.copy(), self.coverage_radius, self._later_radius,
+                           uploaded, self._num_images, self.model.num_training_patches)
+
+    def resume(self, state: ClientState) -> None:
+        """Carry on from an earlier run's :meth:`state` instead of :meth:`train`: the coreset,
+        r_i and uploads are restored; this client's ``dataset`` stands for the images fitted
+        then (they are not read). The local coreset is the bank until a global one arrives."""
+        if state.coreset.ndim != 2 or state.coreset.shape[0] == 0:
+            raise ValueError(f"state coreset must be a non-empty [k, D] matrix, got shape "
+                             f"{state.coreset.shape}")
+        self.model.set_memory_bank(state.coreset)
+        self.model.coverage_radius = state.coverage_radius
+        self.model.num_training_patches = state.num_patches
+        self.model.num_training_images = state.num_images
+        self._coreset = self.model.memory_bank.copy()
+        self._codec_error.clear()
+        self._uploaded = [np.asarray(state.uploaded, dtype=np.float32)]
+        self._later_radius = state.reported_radius
+        self._num_images = state.num_images
 
     def uploaded_radius(self, bank: np.ndarray) -> float:
         """Largest distance from any row this site ever uploaded to ``bank`` (Euclidean)."""
@@ -290,7 +396,10 @@ class PatchCoreClient:
             num_images=self.data_size,
             num_patches=max(self.model.num_training_patches, rows),
             coreset_rows=rows,
-            coverage_radius=self.decoded_coverage_radius(codec, max_chunk_bytes=max_chunk_bytes),
+            coverage_radius=max(
+                self.decoded_coverage_radius(codec, max_chunk_bytes=max_chunk_bytes),
+                self._later_radius,
+            ),
             feature_dim=config.target_embed_dim,
             backbone=config.backbone,
             layers=config.layers,

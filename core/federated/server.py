@@ -51,7 +51,8 @@ class RoundReport:
         certificate: max_i r_i + r_S: holds for the decoded rows under any codec.
         realised_radius: the largest distance from any row any site ever uploaded to the bank
             the sites received (measured by the sites, after decoding).
-        num_novel: round > 1: training patches farther than the threshold, per site.
+        num_novel: round > 1: training patches farther than the threshold, per site (a site
+            with added images: their patches farther than its r_i from its uploads).
         training_radius: round > 1: the largest distance from any training patch of any site to
             the bank the round started from (the sites measure it while looking for novel
             patches): the realised coverage the certificate bounds.
@@ -240,6 +241,9 @@ class FederatedServer:
         for client in clients:
             if first_round:
                 rows = client.train()
+            elif client.has_new_images:  # only the added images' uncovered patches
+                added = client.new_data_upload(self.codec, max_chunk_bytes=DEFAULT_MAX_CHUNK_BYTES)
+                rows, num_novel[client.site_id] = added.features, added.num_uncovered
             else:
                 threshold = self.reports[-1].server_radius  # r_S of the bank the sites hold
                 if not np.isfinite(threshold):  # random strategy: no radius; use the realised
