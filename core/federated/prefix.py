@@ -71,13 +71,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from core.coreset import projection_matrix
+from core.federated.allocation import SiteAllocation, allocate, check_allocation_settings
 from core.federated.cells import CellIndex, FlatIndex, num_cells_for, smallest
 from core.federated.coverage import chain_bounds, exact_distances, refine_radius
 
@@ -180,6 +181,8 @@ class PrefixSelection:
         chain_radius: the O(N) chain bound before refinement (max over rows of the shortest
             edge path to a bank row); >= radius_bound. 0.0 when every row is kept.
         exact_checks: rows given the full [1, k] x D check while certifying.
+        allocation: per site (ids sorted): rows uploaded and kept, proportional share, floor,
+            cap (core.federated.allocation).
     """
 
     features: np.ndarray
@@ -189,6 +192,7 @@ class PrefixSelection:
     radius_exact: bool = True
     chain_radius: float = 0.0
     exact_checks: int = 0
+    allocation: tuple[SiteAllocation, ...] = ()
 
 
 @contextlib.contextmanager
@@ -290,6 +294,10 @@ class PrefixMergeSelector:
             at least 32.
         block_rows: rows per block of a site's stream (the bank depends on it, like on
             ``seed``; tests use small blocks to cover many of them).
+        floor_fraction: each site first keeps this fraction of its proportional share
+            k x n_i / N (core.federated.allocation; 0: the plain k largest separations).
+            :meth:`select` then needs the sites' patch counts.
+        max_site_share: most rows one site may keep, as a fraction of k (None: no cap).
     """
 
     def __init__(
@@ -302,9 +310,14 @@ class PrefixMergeSelector:
         exhaustive_rows: int | None = None,
         max_exact_rows: int | None = None,
         block_rows: int = BLOCK_ROWS,
+        floor_fraction: float = 0.0,
+        max_site_share: float | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        check_allocation_settings(floor_fraction, max_site_share)
+        self.floor_fraction = floor_fraction
+        self.max_site_share = max_site_share
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.k = k
@@ -555,13 +568,20 @@ class PrefixMergeSelector:
 
     # -- selection -----------------------------------------------------------------------
 
-    def select(self, k: int | None = None) -> PrefixSelection:
-        """The ``k`` rows (default the constructor's) of largest separation, with r_S
-        certified (exact unless the refinement's budget ran out; see PrefixSelection)."""
-        with _one_thread(self.device):
-            return self._select(k)
+    def select(self, k: int | None = None, *, num_patches: Mapping[str, int] | None = None
+               ) -> PrefixSelection:
+        """``k`` rows (default the constructor's): each site's floor, then the largest
+        separations, within any cap (core.federated.allocation), with r_S certified on the
+        kept rows (exact unless the refinement's budget ran out; see PrefixSelection).
 
-    def _select(self, k: int | None) -> PrefixSelection:
+        ``num_patches``: n_i of every site that uploaded (SiteSummary.num_patches); required
+        when ``floor_fraction`` > 0, reported (and used by the flooding flag) otherwise.
+        """
+        with _one_thread(self.device):
+            return self._select(k, num_patches)
+
+    def _select(self, k: int | None, num_patches: Mapping[str, int] | None = None
+                ) -> PrefixSelection:
         k = self.k if k is None else k
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -583,12 +603,13 @@ class PrefixMergeSelector:
                        device=self.device) for s in streams
         ])
         n = canonical.numel()
-        order = torch.sort(self._separations[canonical], descending=True, stable=True).indices
-        keep = torch.sort(order[: min(k, n)]).values  # canonical positions of kept rows
+        keep, allocation = allocate(
+            self._separations[canonical], site_of, sites, k, num_patches=num_patches,
+            floor_fraction=self.floor_fraction, max_site_share=self.max_site_share,
+        )  # canonical positions of kept rows, ascending
         kept_rows = canonical[keep]
         bank = self._rows[kept_rows]
-        counts = torch.bincount(site_of[keep], minlength=len(sites)).tolist()
-        rows_kept = dict(zip(sites, counts, strict=True))
+        rows_kept = {a.site_id: a.kept for a in allocation}
         features = bank.cpu().numpy() if bank.device.type != "cpu" else bank.numpy()
         if keep.numel() == n:
             result_radius, exact, chain, checks = 0.0, True, 0.0, 0
@@ -630,5 +651,6 @@ class PrefixMergeSelector:
             radius_exact=exact,
             chain_radius=chain,
             exact_checks=checks,
+            allocation=allocation,
         )
         return self.last_selection

@@ -185,7 +185,11 @@ class FederatedServer:
             )
         weights = list(client_sizes) if (self.weighted and client_sizes is not None) else None
         if self.aggregation_strategy == "coreset" and self.server_selection == "prefix":
-            bank = federated_prefix_aggregation(client_coresets, self.global_bank_size, weights)
+            bank = federated_prefix_aggregation(
+                client_coresets, self.global_bank_size,
+                list(client_sizes) if client_sizes is not None else None,
+                floor_fraction=self.aggregator.floor_fraction,
+            )
         elif self.aggregation_strategy == "coreset":
             bank = federated_coreset_aggregation(
                 client_coresets, self.global_bank_size, weights, seed=self.seed
