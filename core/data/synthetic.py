@@ -1,11 +1,13 @@
 """Deterministic synthetic industrial-inspection dataset (numpy + PIL only).
 
-Five categories, each with its own normal appearance, so federated sites holding different
+Six categories, each with its own normal appearance, so federated sites holding different
 categories really hold different data:
 
     stripes  texture: diagonal navy / sand stripes
     mesh     texture: tilted grey wire grid
     fabric   texture: fine green weave with smooth low-frequency shading
+    felt     texture: plain beige felt, only faint low-frequency shading (compact features:
+             the smooth category beside busy ones, benchmarks/site_allocation.py)
     washer   object:  brass ring on a dark background
     screw    object:  threaded steel bar with a head on a light background
 
@@ -49,7 +51,7 @@ from core.metrics import SaturationSpec
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_CATEGORIES: tuple[str, ...] = ("fabric", "mesh", "screw", "stripes", "washer")
+SYNTHETIC_CATEGORIES: tuple[str, ...] = ("fabric", "felt", "mesh", "screw", "stripes", "washer")
 DEFAULT_SYNTHETIC_CATEGORIES: tuple[str, ...] = ("mesh", "screw", "stripes", "washer")
 #: Defect types of test images, in the order test images cycle through them.
 SYNTHETIC_DEFECTS: tuple[str, ...] = ("scratch", "spot", "missing", "combined")
@@ -238,6 +240,17 @@ def _fabric(size: int, rng: np.random.Generator) -> _Scene:
     return _Scene(image, np.ones((size, size), bool), look, _texture_anchor(size))
 
 
+def _felt(size: int, rng: np.random.Generator) -> _Scene:
+    """Nearly uniform texture: its patches' features are far tighter than a weave's or a
+    grid's (the compact site of issue 17); defects are dark, saturated or a hole."""
+    image = np.empty((size, size, 3), np.float32)
+    image[:] = np.asarray((196, 178, 150), np.float32)
+    shade = 1.0 + 0.03 * _smooth_field(size, 3, rng)
+    image *= shade[..., None]
+    look = _Look(scratch=(45, 35, 30), spot=(30, 80, 170), hole=(10, 10, 10))
+    return _Scene(image, np.ones((size, size), bool), look, _texture_anchor(size))
+
+
 def _washer(size: int, rng: np.random.Generator) -> _Scene:
     yy, xx = _grid(size)
     cy, cx = size / 2 + rng.uniform(-0.025, 0.025, size=2) * size
@@ -301,6 +314,7 @@ def _screw(size: int, rng: np.random.Generator) -> _Scene:
 
 _RENDERERS: dict[str, Callable[[int, np.random.Generator], _Scene]] = {
     "fabric": _fabric,
+    "felt": _felt,
     "mesh": _mesh,
     "screw": _screw,
     "stripes": _stripes,
