@@ -130,6 +130,8 @@ def replay_journal(federation: Federation) -> None:
             outcome = aggregator.finish_round()
             rows = federation._bank.verify_replayed(number, version, outcome.bank)
             rnd.phase, rnd.bank_version, rnd.bank_rows = Phase.READY, version, rows
+            rnd.allocation = [a.as_dict() for a in outcome.allocation]
+            rnd.flooding = dict(outcome.flooding)
             rnd.reported = False  # closed before this process started: its report exists
             logger.info("replayed round %d: bank version %d verified", number, version)
         elif record.kind is RecordKind.ROUND_FAILED:

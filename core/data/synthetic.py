@@ -241,13 +241,14 @@ def _fabric(size: int, rng: np.random.Generator) -> _Scene:
 
 
 def _felt(size: int, rng: np.random.Generator) -> _Scene:
-    """Nearly uniform texture: its patches' features are far tighter than a weave's or a
-    grid's (the compact site of issue 17); defects are dark, saturated or a hole."""
-    image = np.empty((size, size, 3), np.float32)
-    image[:] = np.asarray((196, 178, 150), np.float32)
+    """Plain felt: a fine random grain of low contrast on one beige, no pattern. Its patches'
+    features are much tighter than a weave's or a grid's (the compact site of issue 17), yet
+    the grain is random, so a bank needs more than a handful of its rows to cover it. Defects
+    are of moderate contrast: a slightly too coarse bank makes good felt score like a defect."""
+    grain = _smooth_field(size, max(4, size // 3), rng)
     shade = 1.0 + 0.03 * _smooth_field(size, 3, rng)
-    image *= shade[..., None]
-    look = _Look(scratch=(45, 35, 30), spot=(30, 80, 170), hole=(10, 10, 10))
+    image = _mix((178, 160, 132), (212, 194, 166), 0.5 + 0.5 * grain) * shade[..., None]
+    look = _Look(scratch=(228, 212, 186), spot=(160, 138, 110), hole=(150, 128, 100))
     return _Scene(image, np.ones((size, size), bool), look, _texture_anchor(size))
 
 
