@@ -49,6 +49,9 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
                          "generated data"),
     "realistic-parity": ("realistic_parity", "federated vs centralised PatchCore on the "
                          "realistic generated setting"),
+    "site-allocation": ("site_allocation", "bank rows kept per site and AUROC per category "
+                        "for floors of the allocation rule, a compact category beside busy "
+                        "ones"),
     "server-selection": ("server_selection", "server selection latency after the last chunk"),
     "selection-scale": ("selection_scale", "server selection at k = 10k .. 100k: ingest work, "
                         "tail, memory, certified r_S, quality against the exact ranking"),

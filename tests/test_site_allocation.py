@@ -214,3 +214,23 @@ def test_grpc_flags_a_flooding_site_and_caps_it_with_max_site_share(
     assert capped["allocation"]["max_site_share"] == 0.4
     assert sum(s["bank_rows_kept"] for s in sites.values()) == 50
     assert "max_site_share capped site noise at 20 rows" in caplog.text
+
+
+def test_flower_aggregation_applies_the_cap_and_reports_the_allocation(tmp_path: Path) -> None:
+    """Flower's ServerApp aggregates with the same aggregator and the server's settings."""
+    pytest.importorskip("flwr")
+    from core.serde import upload_request_to_proto
+    from fedserver.flower_app import aggregate_uploads
+
+    config, _ = make_config(tmp_path, ["a", "b", "noise"], feature_dim=D, max_site_share=0.4)
+    rows = {"a": _clustered(1, 150, 5, scale=1.0), "b": _clustered(2, 150, 5, scale=1.0),
+            "noise": np.random.default_rng(9).normal(0, 1.0, (150, D)).astype(np.float32)}
+    uploads = {}
+    for site, upload in rows.items():
+        summary, chunks = upload_messages(site, upload)
+        items = [dataclasses.replace(summary, num_patches=600), *chunks]
+        uploads[site] = [upload_request_to_proto(i).SerializeToString() for i in items]
+    outcome = aggregate_uploads(config, uploads)
+    kept = {a.site_id: a.kept for a in outcome.allocation}
+    assert kept["noise"] == 20 and sum(kept.values()) == 50
+    assert [a.site_id for a in outcome.allocation if a.capped] == ["noise"]

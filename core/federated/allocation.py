@@ -43,8 +43,10 @@ patches can at most double its share (0.5 -> 1.0) even when it takes every row; 
 rows-per-patch ratio is then unbounded. Honest sites of unequal diversity reach ratios of
 about 2-3 under the k-center rule (issue 17: diverse sites at about 1/2 of the bank with a
 third of the patches each: ratio 2); a site of random rows takes everything the floors leave,
-ratio >= (1 - f) / f = 9 at f = 0.1 beside sites with as many patches. The margin keeps small
-sites that hold a few percent of the bank from being flagged. The flag is a warning for a
+and its ratio is then (1 - f (1 - p)) / (p f) >= 1 / f = 10 at f = 0.1 (p its patch share),
+flagged while its share exceeds its patch share by the margin, i.e. for p < about 0.89 (a site
+claiming nearly all the patches is owed nearly all the bank). The margin keeps small sites
+that hold a few percent of the bank from being flagged. The flag is a warning for a
 person, not a decision: a genuinely much more diverse site can be flagged too.
 """
 
