@@ -234,3 +234,23 @@ def test_flower_aggregation_applies_the_cap_and_reports_the_allocation(tmp_path:
     kept = {a.site_id: a.kept for a in outcome.allocation}
     assert kept["noise"] == 20 and sum(kept.values()) == 50
     assert [a.site_id for a in outcome.allocation if a.capped] == ["noise"]
+
+
+def test_a_state_directory_remembers_the_allocation_settings(tmp_path: Path) -> None:
+    from fedserver.config import ConfigError
+    from fedserver.errors import StateMismatchError
+
+    config, _ = make_config(tmp_path, ["a"], feature_dim=D)
+    fed, _ = create_server(config)
+    fed.stop(0)
+    settings = json.loads((config.state_dir / "settings.json").read_text())
+    assert settings["floor_fraction"] == DEFAULT_FLOOR_FRACTION
+    assert settings["max_site_share"] is None
+    other, _ = make_config(tmp_path, ["a"], feature_dim=D, max_site_share=0.4)
+    with pytest.raises(StateMismatchError, match=r"max_site_share: None -> 0\.4"):
+        create_server(other)
+    with pytest.raises(ConfigError, match="prefix selection only"):
+        make_config(tmp_path / "ff", ["a"], server_selection="farthest_first",
+                    floor_fraction=0.1)
+    with pytest.raises(ConfigError, match=r"max_site_share must be in \(0, 1\]"):
+        make_config(tmp_path / "zero", ["a"], max_site_share=0.0)
