@@ -29,11 +29,13 @@ canonical order the caller passes (sites by id, rounds in order, upload order): 
 depends only on the uploads, not on how chunks interleaved. The certificate does not depend on
 the rule: r_S is measured on the kept rows afterwards (core.federated.coverage).
 
-Why f = :data:`DEFAULT_FLOOR_FRACTION` (0.1): measured across the IID, category and Dirichlet
-(0.3) partitions of benchmarks/site_allocation.py and benchmarks/realistic_parity.py (see
-benchmarks/RESULTS.md, "Site allocation"): a floor of 5-10 % of the proportional share gives a
-compact site the rows it needs, while 25 % and more (or a purely proportional split) takes
-rows from the diverse sites and costs them pixel AUROC (issue 17's offline measurements).
+Why f = :data:`DEFAULT_FLOOR_FRACTION` (0.1) (docs/performance.md, "Site allocation";
+benchmarks/site_allocation.py, RESULTS.md): on held-back real textures a floor of 5-10 % fixed a
+starved compact site and 25 % or more cost a diverse site pixel AUROC below its bar (issue 17);
+on the generated settings (IID / category / Dirichlet 0.3, three category mixes) no floor up to
+0.5 cost a busy category more than 0.0005, 0.05 never binds, 0.1 binds a little, 0.2 and 0.5
+help the compact category much more. 0.1 is the largest value that did no harm on either kind
+of data.
 
 Flooding (:func:`flooding`): a site is flagged when it keeps more than :data:`FLOOD_RATIO`
 times as many bank rows per training patch as the other sites together, *and* its bank share
