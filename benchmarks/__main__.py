@@ -49,6 +49,8 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
                          "generated data"),
     "realistic-parity": ("realistic_parity", "federated vs centralised PatchCore on the "
                          "realistic generated setting"),
+    "upload-size": ("upload_size", "rows each site uploads in round 1 against the bank's "
+                    "coverage and AUROC (upload multiplier f x k / S)"),
     "site-allocation": ("site_allocation", "bank rows kept per site and AUROC per category "
                         "for floors of the allocation rule, a compact category beside busy "
                         "ones"),

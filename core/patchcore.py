@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
@@ -307,8 +307,15 @@ class PatchCore:
 
     # -- fitting ---------------------------------------------------------------------------
 
-    def fit(self, images: ImageSource) -> PatchCore:
-        """Build the memory bank from normal training images; returns self."""
+    def fit(
+        self, images: ImageSource, *, bank_size: Callable[[int], int] | None = None
+    ) -> PatchCore:
+        """Build the memory bank from normal training images; returns self.
+
+        ``bank_size``: the bank's rows as a function of the training patch count (known at
+        the first batch: images x grid cells), instead of ``config.bank_size``; a federated
+        site sizes its upload from the round's k this way (core.federated.upload).
+        """
         if len(images) == 0:
             raise ValueError("cannot fit PatchCore on an empty dataset")
         selector: IncrementalCoreset | None = None
@@ -321,7 +328,10 @@ class PatchCore:
         for _, features, grid in self.iter_features(images, order, desc="fit"):
             if selector is None:
                 total = len(images) * grid[0] * grid[1]
-                k = self.config.bank_size(total)
+                k = self.config.bank_size(total) if bank_size is None else bank_size(total)
+                if not 1 <= k <= total:
+                    raise ValueError(f"bank size {k} is outside [1, {total}] for {total} "
+                                     "training patches")
                 if self.config.coreset_size is not None and k < self.config.coreset_size:
                     logger.warning(
                         "coreset_size %d exceeds the %d training patches: the bank keeps all %d",

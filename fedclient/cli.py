@@ -28,6 +28,7 @@ import grpc
 
 from core.data import DatasetError
 from core.features import FeatureConfig, WeightsUnavailableError
+from core.federated.upload import short_bank_note
 from core.preprocess import ImageTransform
 from core.settings import SettingsError, env_overrides
 from fedclient.config import CONFIG_ENV, ENV_PREFIX, SiteSettings, defaults, example_config
@@ -163,7 +164,11 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(run, out_help="output folder (default fedclient-out)")
     _extractor_args(run)
     run.add_argument("--coreset-percentage", type=float,
-                     help="local coreset size, fraction of the site's patches (default 0.1)")
+                     help="upload a fixed fraction of the site's patches (default: sized from "
+                          "the server's k, see --upload-factor)")
+    run.add_argument("--upload-factor", type=float,
+                     help="upload min(the site's patches, F x k / S) rows, k the server's bank, "
+                          "S its expected sites (default 2)")
     run.add_argument("--seed", type=int, help="seed of projection and start points (default 0)")
     run.add_argument("--batch-size", type=int, help="images per backbone pass (default 8)")
     run.add_argument("--max-rounds", type=int,
@@ -449,6 +454,14 @@ def _progress_bar() -> _ProgressBar:
     return bar
 
 
+def _short_note(status: fpb.RoundStatus) -> str | None:
+    """The short-bank line of a READY round (core.federated.upload.short_bank_note); None
+    otherwise, and from a server that does not send k (RoundStatus.global_bank_size 0)."""
+    if status.state != fpb.ROUND_STATE_READY or not status.global_bank_size:
+        return None
+    return short_bank_note(status.global_bank_size, status.bank_rows, status.rows_received)
+
+
 def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
     record = {
         "round": status.round,
@@ -460,6 +473,9 @@ def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
         "rows_received": status.rows_received,
         "bank_version": status.bank_version,
         "bank_rows": status.bank_rows,
+        "global_bank_size": status.global_bank_size,
+        # a READY bank with fewer rows than k asked for: the line that says so, else None
+        "bank_short": _short_note(status),
         "message": status.message,
     }
     if as_json:
@@ -475,6 +491,8 @@ def _print_status(status: fpb.RoundStatus, as_json: bool) -> None:
     )
     if status.state == fpb.ROUND_STATE_READY:
         line += f", bank v{status.bank_version} ({status.bank_rows} rows)"
+        if record["bank_short"]:
+            line += f"; {record['bank_short']}"
     if status.message:
         line += f" ({status.message})"
     print(line, flush=True)
@@ -493,7 +511,9 @@ def _cmd_run(values: dict[str, object]) -> int:
         features=_features(values),
         categories=tuple(values["categories"]) if values.get("categories") else None,  # type: ignore[arg-type]
         weights=str(values["weights"]) if values.get("weights") else None,
-        coreset_percentage=float(values.get("coreset_percentage", 0.1)),  # type: ignore[arg-type]
+        coreset_percentage=(None if values.get("coreset_percentage") is None
+                            else float(values["coreset_percentage"])),  # type: ignore[arg-type]
+        upload_factor=float(values.get("upload_factor", 2.0)),  # type: ignore[arg-type]
         seed=int(values.get("seed", 0)),  # type: ignore[call-overload]
         device=values.get("device"),  # type: ignore[arg-type]
         batch_size=int(values.get("batch_size", 8)),  # type: ignore[call-overload]
@@ -531,6 +551,9 @@ def _cmd_run(values: dict[str, object]) -> int:
         + (f"; {scores}" if scores else "")
         + f"; wrote {options.out_dir}"
     )
+    short = metrics.get("bank_short")
+    if isinstance(short, Mapping):
+        print(f"site {site_id}: {short['note']}")
     _print_decisions(metrics)
     return 0
 

@@ -81,8 +81,12 @@ class SiteSettings:
         "crop 224)."))
     target_dim: int | None = field(default=None, metadata=_help(
         "Feature dimension D when the server pins no extractor (unset: 1024)."))
-    coreset_percentage: float = field(default=0.1, metadata=_help(
-        "Local coreset size, fraction of the site's patches."))
+    coreset_percentage: float | None = field(default=None, metadata=_help(
+        "Local coreset (the round-1 upload) as a fixed fraction of the site's patches\n"
+        "(unset: sized from the server's k, see upload_factor)."))
+    upload_factor: float = field(default=2.0, metadata=_help(
+        "Unless coreset_percentage is set, the site uploads min(its patches,\n"
+        "upload_factor x k / S) rows (k: the server's global bank, S: its expected sites)."))
     seed: int = field(default=0, metadata=_help(
         "Seed of the projection and start points."))
     batch_size: int = field(default=8, metadata=_help(
@@ -138,6 +142,7 @@ _EXAMPLES: Final[dict[str, str]] = {
     "image_size": "256",
     "target_dim": "1024",
     "max_rounds": "1",
+    "coreset_percentage": "0.1",
     "max_upload_rate": "5000000.0",
     "model": '"fedclient-out/site-model.safetensors"',
     "watch": '"/data/incoming"',

@@ -28,6 +28,7 @@ project speaks the Message-API records of ``app`` above, so use ``app`` with it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from flwr.clientapp import ClientApp
 
 from core.codec import CodecConfig
 from core.features import FeatureConfig
-from core.federated import PatchCoreClient
+from core.federated import UPLOAD_FACTOR, PatchCoreClient, UploadBudget
 from core.federated.communication import receive_bank
 from core.patchcore import ImageSource
 from core.serde import upload_request_to_proto
@@ -71,7 +72,9 @@ class SiteSettings:
     site_id ("site-id"): the site's name on the wire. data ("data"): the site's folder, as for
     ``fedclient run --data``. out_dir ("out-dir"): where bank.safetensors, metrics and overlays
     go. categories ("categories"): comma-separated object folders, "" = all.
-    coreset_percentage ("coreset-percentage"), seed ("seed"), batch_size ("batch-size"),
+    coreset_percentage ("coreset-percentage", unset: the upload is sized from the round's k as
+    in ``fedclient run``), upload_factor ("upload-factor"), seed ("seed"), batch_size
+    ("batch-size"),
     device ("device", "" = CUDA when available), weights ("weights", local backbone weights for a
     pretrained extractor, "" = none), overlays ("overlays"): as ``fedclient run``.
     """
@@ -80,7 +83,8 @@ class SiteSettings:
     data: Path
     out_dir: Path
     categories: tuple[str, ...] | None = None
-    coreset_percentage: float = 0.1
+    coreset_percentage: float | None = None
+    upload_factor: float = UPLOAD_FACTOR
     seed: int = 0
     batch_size: int = 8
     device: str | None = None
@@ -90,8 +94,8 @@ class SiteSettings:
     @classmethod
     def from_node_config(cls, config: Mapping[str, Any]) -> SiteSettings:
         """Validate a node config; ValueError naming the key otherwise."""
-        known = {"site-id", "data", "out-dir", "categories", "coreset-percentage", "seed",
-                 "batch-size", "device", "weights", "overlays"}
+        known = {"site-id", "data", "out-dir", "categories", "coreset-percentage",
+                 "upload-factor", "seed", "batch-size", "device", "weights", "overlays"}
         unknown = set(config) - known
         if unknown:
             raise ValueError(
@@ -100,13 +104,19 @@ class SiteSettings:
         for key in ("site-id", "data", "out-dir"):
             if not isinstance(config.get(key), str) or not config[key]:
                 raise ValueError(f"node config {key!r} must be a non-empty string")
-        percentage = config.get("coreset-percentage", 0.1)
-        if isinstance(percentage, bool) or not isinstance(percentage, int | float) or not (
-            0 < percentage <= 1
+        percentage = config.get("coreset-percentage")
+        if percentage is not None and (
+            isinstance(percentage, bool) or not isinstance(percentage, int | float)
+            or not 0 < percentage <= 1
         ):
             raise ValueError(
                 f"node config 'coreset-percentage' must be in (0, 1], got {percentage!r}"
             )
+        factor = config.get("upload-factor", UPLOAD_FACTOR)
+        if isinstance(factor, bool) or not isinstance(factor, int | float) or not (
+            math.isfinite(factor) and factor > 0
+        ):
+            raise ValueError(f"node config 'upload-factor' must be a number > 0, got {factor!r}")
         ints = {}
         for key, default, low in (("seed", 0, 0), ("batch-size", 8, 1)):
             value = config.get(key, default)
@@ -122,7 +132,8 @@ class SiteSettings:
             data=Path(config["data"]),
             out_dir=Path(config["out-dir"]),
             categories=tuple(c for c in categories.split(",") if c) or None,
-            coreset_percentage=float(percentage),
+            coreset_percentage=None if percentage is None else float(percentage),
+            upload_factor=float(factor),
             seed=ints["seed"],
             batch_size=ints["batch-size"],
             device=str(config.get("device", "")) or None,
@@ -160,10 +171,14 @@ def site_upload(
     return [upload_request_to_proto(item).SerializeToString() for item in (summary, *chunks)]
 
 
-def _client(site: SiteSettings, train: ImageSource, features: FeatureConfig) -> PatchCoreClient:
+def _client(site: SiteSettings, train: ImageSource, features: FeatureConfig,
+            rules: RoundConfig) -> PatchCoreClient:
+    budget = None if site.coreset_percentage is not None else UploadBudget(
+        rules.global_bank_size, rules.expected_sites, rules.max_rows_per_site, site.upload_factor
+    )
     return PatchCoreClient(
-        site.site_id, train, features, site.coreset_percentage, seed=site.seed,
-        device=site.device, batch_size=site.batch_size,
+        site.site_id, train, features, site.coreset_percentage, upload_budget=budget,
+        seed=site.seed, device=site.device, batch_size=site.batch_size,
     )
 
 
@@ -177,7 +192,7 @@ def train(msg: Message, context: Context) -> Message:
     rules = _rules(msg.content)
     features = _features(rules, site.weights)
     train_set, _ = load_site_data(site.data, site.categories)
-    client = _client(site, train_set, features)
+    client = _client(site, train_set, features, rules)
     t0 = time.perf_counter()
     client.train()
     fit_seconds = time.perf_counter() - t0
@@ -207,7 +222,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     rules = _rules(msg.content)  # resent with the bank: no state survives between messages
     train_set, test_set = load_site_data(site.data, site.categories)
     delivery = receive_bank(messages, max_rows=rules.global_bank_size)
-    client = _client(site, train_set, _features(rules, site.weights))
+    client = _client(site, train_set, _features(rules, site.weights), rules)
     client.update_global_bank(delivery.bank)
     client.model.coverage_radius = delivery.server_radius + delivery.max_site_radius
     site.out_dir.mkdir(parents=True, exist_ok=True)

@@ -339,6 +339,9 @@ def _provenance(metrics: Mapping[str, object]) -> str:
         ("round", last_round),
         ("bank version", metrics.get("bank_version")),
         ("bank rows", metrics.get("bank_rows")),
+        ("bank rows asked (the server's k)", metrics.get("global_bank_size")),
+        ("bank short", short.get("note") if isinstance(short := metrics.get("bank_short"),
+                                                       Mapping) else None),
         ("codec", codec_text),
         ("feature extractor", metrics.get("backbone")),
         ("weights", weights.get("text") if isinstance(weights := metrics.get("weights"), Mapping)
@@ -388,6 +391,12 @@ def write_site_report(
     test = test if isinstance(test, Mapping) else {}
     site = metrics.get("site_id") or "scored images"
     sections = [_weights_section(metrics.get("weights"))]
+    short = metrics.get("bank_short")
+    if isinstance(short, Mapping):
+        sections.insert(0, section("Bank short", f'<p class="bad" id="bank-short">'
+                                   f'{html.escape(str(short["note"]))}: the uploads could not '
+                                   "fill the bank the server asked for, so it covers the "
+                                   "sites' patches with fewer rows than planned.</p>"))
     labelled = test.get("image_auroc") is not None or test.get("pixel_auroc") is not None
     decisions = test.get("decisions")
     protocol = test.get("protocol")

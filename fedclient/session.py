@@ -384,6 +384,9 @@ class RoundConfig:
     novelty_threshold: float
     base_bank_version: int
     federation_id: str = ""
+    #: the server holds no r_i of this site (round 1, or a site that joins late): upload the
+    #: full local coreset, as in round 1
+    full_coreset: bool = False
 
     @classmethod
     def from_proto(cls, message: fpb.RoundConfig) -> RoundConfig:
@@ -406,6 +409,7 @@ class RoundConfig:
             novelty_threshold=message.novelty_threshold,
             base_bank_version=message.base_bank_version,
             federation_id=message.federation_id,
+            full_coreset=message.full_coreset,
         )
 
     def feature_config(self, *, weights: str | None = None) -> FeatureConfig | None:

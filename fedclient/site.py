@@ -22,6 +22,7 @@ Where to resume an upload is never stored here: the session asks the server.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -40,7 +41,7 @@ from core.data.check import resolve_site_folder
 from core.data.imageio import image_size
 from core.evaluation import Resolution, evaluate, evaluate_per_category
 from core.features import FeatureConfig, check_image_sizes, check_weights
-from core.federated import PatchCoreClient
+from core.federated import UPLOAD_FACTOR, PatchCoreClient, UploadBudget, short_bank_note
 from core.metrics import Curve
 from core.patchcore import ModelFileError, PatchCore, Predictions
 from core.preprocess import ImageTransform
@@ -81,7 +82,11 @@ class SiteOptions:
     out_dir: where the bank, metrics.json and overlays go (the site's state between runs).
     features: the extractor to use when the server pins none (it must match the federation's).
     weights: local backbone weights file for a server-pinned pretrained extractor.
-    coreset_percentage: local coreset as a fraction of the site's training patches.
+    coreset_percentage: local coreset (the round-1 upload) as a fixed fraction of the site's
+        training patches; None (default): sized from the round's terms by
+        core.federated.upload.UploadBudget, min(n_i, k, upload_factor x k / S, the server's
+        per-site limit) rows.
+    upload_factor: f of that rule (> 0).
     seed / device / batch_size: as core.federated.PatchCoreClient.
     max_rounds: stop after this many rounds even if the server opens more (None: follow it).
     round_timeout_s: longest wait for a round's bank after uploading, seconds.
@@ -101,7 +106,8 @@ class SiteOptions:
     )
     categories: tuple[str, ...] | None = None
     weights: str | None = None
-    coreset_percentage: float = 0.1
+    coreset_percentage: float | None = None
+    upload_factor: float = UPLOAD_FACTOR
     seed: int = 0
     device: str | None = None
     batch_size: int = 8
@@ -250,6 +256,11 @@ def prepare_site(options: SiteOptions) -> Prepared:
     Raises ValueError / DatasetError / WeightsUnavailableError with one line that says what to
     change."""
     out = options.out_dir
+    if options.coreset_percentage is not None and not 0.0 < options.coreset_percentage <= 1.0:
+        raise ValueError(f"coreset percentage must be in (0, 1], got "
+                         f"{options.coreset_percentage}")
+    if not (math.isfinite(options.upload_factor) and options.upload_factor > 0):
+        raise ValueError(f"upload factor must be a number > 0, got {options.upload_factor}")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".fedclient-write-check"
@@ -325,11 +336,16 @@ def run_site(
         held = None
 
     fit_images, validation = _split(train, options)
+    budget = None if options.coreset_percentage is not None else UploadBudget(
+        config.global_bank_size, config.expected_sites, config.max_rows_per_site,
+        options.upload_factor,
+    )
     client = PatchCoreClient(
         session.site_id,
         _CountingImages(fit_images, "fit", progress),  # type: ignore[arg-type]
         features,
         options.coreset_percentage,
+        upload_budget=budget,
         seed=options.seed,
         device=options.device,
         batch_size=options.batch_size,
@@ -338,8 +354,16 @@ def run_site(
     t0 = time.perf_counter()
     client.train()
     fit_seconds = time.perf_counter() - t0
-    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows, "
-        f"coverage radius r_i {client.coverage_radius:.3f}")
+    if budget is None:
+        rule = f"{options.coreset_percentage:g} of them"
+    elif budget.num_sites:
+        rule = (f"min(patches, {budget.factor:g} x k = {config.global_bank_size} / "
+                f"{budget.num_sites} site(s))")
+    else:
+        rule = f"min(patches, k = {config.global_bank_size}): the round has no fixed sites"
+    say(f"fitted {len(train)} image(s): local coreset {client.get_coreset().shape[0]} rows of "
+        f"{client.model.num_training_patches} patches ({rule}), coverage radius r_i "
+        f"{client.coverage_radius:.3f}")
 
     have = (held.version, held.bank) if held is not None else None
     site_model: SiteModel | None = None
@@ -379,6 +403,14 @@ def run_site(
         "local_coverage_radius": client.coverage_radius,
         "bank_version": download.version,
         "bank_rows": int(have[1].shape[0]),
+        "global_bank_size": config.global_bank_size,
+        # the last round's short-bank record (None: the bank has k rows)
+        "bank_short": rounds[-1]["bank_short"],
+        "upload_rule": ({"coreset_percentage": options.coreset_percentage}
+                        if budget is None else {"upload_factor": budget.factor,
+                                                "expected_sites": budget.num_sites,
+                                                "max_rows_per_site": budget.max_rows,
+                                                "rows_per_site": budget.share}),
         "server_coverage_radius": download.server_radius,
         "max_site_coverage_radius": download.max_site_radius,
         "certificate": download.server_radius + download.max_site_radius,
@@ -428,7 +460,7 @@ def _one_round(
     """Upload this site's rows of ``config.round``, wait for its bank and download it."""
     r = config.round
     num_novel: int | None = None
-    if r == 1:
+    if r == 1 or config.full_coreset:  # a site joining late sends its coreset, as in round 1
         rows = client.get_coreset()
     else:
         if held is None or held[0] != config.base_bank_version:
@@ -456,6 +488,10 @@ def _one_round(
     )
     say(f"round {r}: bank v{download.version} downloaded ({download.bank.shape[0]} rows, "
         f"{'delta' if download.delta else 'full'}, {download.bytes_received} B)")
+    short = _bank_short(config.global_bank_size, download.bank.shape[0], status.rows_received)
+    if short is not None:
+        logger.warning("round %d: %s", r, short["note"])
+        say(f"round {r}: {short['note']}")
     held = (download.version, download.bank)
     record: dict[str, object] = {
         "round": r,
@@ -479,11 +515,21 @@ def _one_round(
         "bank_rows_in_stream": download.rows_in_stream,
         "bank_rows_removed": download.rows_removed,
         "bank_replaced": download.replaced_stale,
+        "bank_short": short,
         "seconds_upload": result.seconds,
         "seconds_wait": wait_seconds,
         "seconds_download": download.seconds,
     }
     return record, download, held
+
+
+def _bank_short(asked: int, rows: int, uploaded: int) -> dict[str, object] | None:
+    """metrics.json's record of a bank with fewer rows than the k asked for (None when it has
+    k): asked, got, the round's uploaded rows (all sites) and the line that says so."""
+    note = short_bank_note(asked, rows, uploaded)
+    if note is None:
+        return None
+    return {"rows_asked": asked, "bank_rows": rows, "rows_uploaded": uploaded, "note": note}
 
 
 def _save_bank(

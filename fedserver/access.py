@@ -4,7 +4,8 @@ Every rpc passes :class:`AccessInterceptor` before its handler runs:
 
 1. **Authentication.** Every rpc except the health and reflection services carries
    ``authorization: Bearer <token>`` (fedserver.auth); a missing or unknown token is refused
-   with UNAUTHENTICATED before the handler reads a byte of the request.
+   with UNAUTHENTICATED before the handler reads a byte of the request. The operator service
+   takes the operator's token only, the other services site tokens only (PERMISSION_DENIED).
 2. **Budgets of open rpcs** (:class:`RpcBudgets`), so that no caller can take what others need.
    An authenticated site may hold at most ``max_rpcs_per_site`` rpcs open at once (an upload, a
    watch, a download and a few status calls and retries need far fewer). The token-exempt
@@ -33,7 +34,7 @@ from typing import Any, Final
 import grpc
 import grpc.aio
 
-from fedserver.auth import EXEMPT_METHOD_PREFIXES, AuthError, TokenStore
+from fedserver.auth import EXEMPT_METHOD_PREFIXES, OPERATOR, AuthError, TokenStore
 from fedserver.metrics import ServerMetrics
 from fedserver.servicer import MalformedRequest
 
@@ -45,6 +46,8 @@ __all__ = ["RETRY_METADATA", "AccessInterceptor", "RpcBudgets"]
 RETRY_METADATA: Final[tuple[str, str]] = ("fedpatchcore-retry", "concurrency")
 _UPLOAD_METHOD: Final[str] = "UploadFeatures"
 _HEALTH_CHECK: Final[str] = "/grpc.health.v1.Health/Check"
+#: Methods of fedpatchcore.v1.OperatorService (fedserver.operator).
+OPERATOR_METHOD_PREFIX: Final[str] = "/fedpatchcore.v1.OperatorService/"
 
 
 @dataclass
@@ -154,6 +157,11 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
                 logger.warning("refused %s: %s", full, error)
                 metrics.rpcs.labels(method, "UNAUTHENTICATED").inc()
                 return _refusing(handler, grpc.StatusCode.UNAUTHENTICATED, str(error))
+            denied = _operator_mismatch(full, site)
+            if denied is not None:
+                logger.warning("refused %s: %s", full, denied)
+                metrics.rpcs.labels(method, "PERMISSION_DENIED").inc()
+                return _refusing(handler, grpc.StatusCode.PERMISSION_DENIED, denied)
         streaming = handler.request_streaming or handler.response_streaming
         budgets = self._budgets
 
@@ -249,6 +257,19 @@ class AccessInterceptor(grpc.aio.ServerInterceptor):
         else:
             wrapped = written_response
         return _handler_like(handler, wrapped, kwargs)
+
+
+def _operator_mismatch(method: str, caller: str) -> str | None:
+    """Why ``caller`` (a site id, or OPERATOR) may not call ``method``; None when it may. The
+    operator service takes the operator's token only, every other service site tokens only."""
+    operator_rpc = method.startswith(OPERATOR_METHOD_PREFIX)
+    if operator_rpc and caller != OPERATOR:
+        return (f"{method} is an operator command: it needs the operator token "
+                f"({OPERATOR} in the tokens file), not the token of site {caller!r}")
+    if not operator_rpc and caller == OPERATOR:
+        return (f"{method} is a site rpc: the operator token cannot call it (use a site's "
+                "token)")
+    return None
 
 
 def _handler_like(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],

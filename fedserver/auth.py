@@ -8,6 +8,12 @@ would add latency to every rpc and no security. The digest of a presented token 
 with every stored digest by ``hmac.compare_digest``, all of them every time, so the time taken
 says nothing about which site, or how much of a digest, matched.
 
+The operator's token (fedserver.operator) sits in the same file under the reserved id
+``@operator`` (site ids may not start with "@"): the interceptor lets it call the operator
+service only, and site tokens every service but that one (PERMISSION_DENIED otherwise). The
+operator adds and revokes sites while the server runs: the file is rewritten atomically
+(``write_private``) and the in-memory store swapped (:meth:`TokenStore.swap`), no restart.
+
 The server's interceptor (fedserver.access) authenticates (UNAUTHENTICATED when the token is
 missing or unknown); the servicer authorises: it asks ``TokenStore.site_of`` for the caller's
 site and refuses a request that names another site (PERMISSION_DENIED), so a site uploads and
@@ -31,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "EXEMPT_METHOD_PREFIXES",
+    "OPERATOR",
     "AuthError",
     "TokenStore",
     "hash_token",
@@ -45,6 +52,9 @@ EXEMPT_METHOD_PREFIXES: Final[tuple[str, ...]] = (
     "/grpc.reflection.v1.ServerReflection/",
 )
 _BEARER: Final[str] = "bearer "
+#: The tokens file's id of the operator's token (fedserver.operator).
+OPERATOR: Final[str] = "@operator"
+_HEADER_LINE: Final[str] = "# fedserver tokens: site_id sha256(token) (see fedserver/auth.py)"
 
 
 class AuthError(ValueError):
@@ -62,10 +72,25 @@ def hash_token(token: str) -> str:
 
 
 def write_tokens_file(path: Path, site_tokens: dict[str, str]) -> None:
-    """Write ``site_id sha256`` lines for {site_id: plaintext token}; the file is mode 0600."""
-    lines = ["# fedserver tokens: site_id sha256(token) (see fedserver/auth.py)"]
-    lines += [f"{site} {hash_token(token)}" for site, token in sorted(site_tokens.items())]
+    """Write ``site_id sha256`` lines for {site_id: plaintext token} (``OPERATOR`` included);
+    the file is mode 0600."""
+    write_digests(path, [(site, hash_token(token)) for site, token in site_tokens.items()])
+
+
+def write_digests(path: Path, entries: Iterable[tuple[str, str]]) -> None:
+    """Write (site_id, sha256 hex) pairs as a tokens file, atomically and durably (mode 0600)."""
+    lines = [_HEADER_LINE] + [f"{site} {digest}" for site, digest in sorted(entries)]
     write_private(path, "\n".join(lines) + "\n")
+
+
+def check_site_id(site: str) -> None:
+    """AuthError unless ``site`` can be a site id (1..256 bytes, no whitespace, not "@...")."""
+    if not site or len(site.encode("utf-8")) > MAX_SITE_ID_BYTES:
+        raise AuthError(f"site id {site!r} must be 1..{MAX_SITE_ID_BYTES} bytes")
+    if any(c.isspace() for c in site) or "#" in site:
+        raise AuthError(f"site id {site!r} may not contain whitespace or '#'")
+    if site.startswith("@"):
+        raise AuthError(f"site id {site!r} may not start with '@' (reserved: {OPERATOR})")
 
 
 class TokenStore:
@@ -93,6 +118,19 @@ class TokenStore:
             raise AuthError("the tokens file names no site")
         self._entries: tuple[tuple[str, bytes], ...] = tuple(zip(sites, digests, strict=True))
 
+    def swap(self, other: TokenStore) -> None:
+        """Take ``other``'s entries (an operator added or revoked a site). One attribute
+        assignment: an rpc being authenticated sees the old entries or the new ones."""
+        self._entries = other._entries
+
+    def digests(self) -> list[tuple[str, str]]:
+        """(site id, sha256 hex) of every entry, the operator's included (to rewrite the file)."""
+        return [(site, digest.hex()) for site, digest in self._entries]
+
+    @property
+    def has_operator(self) -> bool:
+        return any(site == OPERATOR for site, _ in self._entries)
+
     @classmethod
     def load(cls, path: Path) -> TokenStore:
         """Read a tokens file: ``site_id <sha256 hex>`` per line, ``#`` comments, blank lines."""
@@ -114,8 +152,8 @@ class TokenStore:
 
     @property
     def sites(self) -> tuple[str, ...]:
-        """The site ids, in file order."""
-        return tuple(site for site, _ in self._entries)
+        """The site ids, in file order (the operator is not a site)."""
+        return tuple(site for site, _ in self._entries if site != OPERATOR)
 
     def site_for_token(self, token: str) -> str | None:
         """The site whose token this is, or None. Constant time in the token's content."""

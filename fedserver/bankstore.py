@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import xxhash
 
 from core.bankdelta import ELEMENTWISE_VALUE_TYPES, bank_delta, decoded_checksum, stable_order
 from core.codec import CodecConfig
@@ -28,7 +29,16 @@ from fedserver.journal import BankVersion, Journal, JournalCorruptError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BankDownload", "BankHeaderView", "BankStore"]
+__all__ = ["REDACTED", "BankDownload", "BankHeaderView", "BankStore", "row_digest"]
+
+#: Metadata key of a version a withdrawal redacted: the positions its purged rows had.
+REDACTED = "redacted_positions"
+
+
+def row_digest(row: np.ndarray) -> bytes:
+    """XXH3-128 of a row's float32 bytes: how a withdrawn site's rows are found in the banks
+    (bank rows are the decoded uploaded rows, bit for bit)."""
+    return xxhash.xxh3_128_digest(np.ascontiguousarray(row, dtype=np.float32).tobytes())
 
 
 @dataclass(frozen=True)
@@ -112,7 +122,8 @@ class BankStore:
         table = self._table
         previous = table.latest
         ordered = stable_order(None if previous is None else previous.bank, bank)
-        if previous is not None and previous.bank.shape == ordered.shape:
+        if (previous is not None and previous.bank.shape == ordered.shape
+                and REDACTED not in previous.meta):
             delta = bank_delta(previous.bank, ordered)
             if delta.removed.size == 0 and delta.added.shape[0] == 0:
                 logger.info("round %d left the bank unchanged (version %d)", round_number,
@@ -166,6 +177,73 @@ class BankStore:
                 error = max(error, added_error)
         return max(error, float(previous.meta.get("bank_codec_error", 0.0)))
 
+    # -- withdrawal (fedserver.membership) --------------------------------------------------
+
+    def rows_of(self, digests: set[bytes]) -> dict[int, list[int]]:
+        """Per stored version, the positions of its rows whose :func:`row_digest` is in
+        ``digests`` (a withdrawn site's decoded uploads); versions without any are left out."""
+        found: dict[int, list[int]] = {}
+        for version in sorted(self._table.versions):
+            if REDACTED in self._table.versions[version]:
+                continue
+            bank = self._journal.load_bank(version).bank
+            positions = [i for i in range(bank.shape[0]) if row_digest(bank[i]) in digests]
+            if positions:
+                found[version] = positions
+        return found
+
+    def purge(self, deleted: list[int], redacted: dict[int, list[int]]) -> None:
+        """Remove a withdrawn site's rows from the stored versions (idempotent: a replay of the
+        withdrawal's journal record finishes a purge a crash interrupted).
+
+        ``deleted`` versions lose both files (a site holding one downloads the full bank next
+        time). Each ``redacted`` version (the latest, which the sites hold) is rewritten without
+        the rows at the given positions; its metadata keeps the positions (not the rows), so a
+        delta from it to a newer version still tells a site which rows of its copy to drop."""
+        versions = dict(self._table.versions)
+        latest = self._table.latest
+        for version in deleted:
+            for suffix in (".npy", ".json"):
+                path = self._journal.bank_dir / f"v{version:06d}{suffix}"
+                path.unlink(missing_ok=True)
+            versions.pop(version, None)
+            if latest is not None and latest.version == version:
+                latest = None
+            logger.info("purged bank version %d (held a withdrawn site's rows)", version)
+        for version, positions in redacted.items():
+            try:
+                stored = self._journal.load_bank(version)
+            except FileNotFoundError:  # a later withdrawal deleted it (replay)
+                continue
+            if REDACTED not in stored.meta:
+                keep = np.ones(stored.bank.shape[0], dtype=bool)
+                keep[np.asarray(positions, dtype=np.int64)] = False
+                meta = {k: v for k, v in stored.meta.items() if k not in ("version", "rows")}
+                meta[REDACTED] = sorted(int(p) for p in positions)
+                meta["rows_before_redaction"] = int(stored.bank.shape[0])
+                self._journal.save_bank(version, stored.bank[keep], meta)
+                stored = self._journal.load_bank(version)
+                logger.info("bank version %d: %d row(s) of a withdrawn site removed", version,
+                            len(positions))
+            versions[version] = stored.meta
+            if latest is None or latest.version <= version:
+                latest = stored
+        self._table = _Table(versions, latest)
+
+    def adopt(self, version: int) -> int:
+        """At start, for a round closed before a withdrawal (its selection, replayed without
+        the withdrawn site, no longer reproduces the version): adopt the stored version
+        unverified if it still exists (kept, or redacted as a delta base). Returns its rows,
+        0 if it was deleted."""
+        try:
+            stored = self._journal.load_bank(version)
+        except FileNotFoundError:
+            return 0
+        table = self._table
+        latest = table.latest if table.latest and table.latest.version > version else stored
+        self._table = _Table({**table.versions, version: stored.meta}, latest)
+        return int(stored.bank.shape[0])
+
     def verify_replayed(self, round_number: int, version: int, bank: np.ndarray) -> int:
         """At start: check that the replayed selection of ``round_number`` reproduces the
         stored ``version``, and adopt it. Returns its rows; JournalCorruptError otherwise."""
@@ -200,6 +278,11 @@ class BankStore:
             raise NotFoundError(
                 f"bank version {version} does not exist; the latest is {table.latest.version}"
             )
+        if version and REDACTED in table.versions[version]:
+            raise NotFoundError(
+                f"bank version {version} held a withdrawn site's rows and was purged; ask for "
+                f"the latest ({table.latest.version})"
+            )
         target = table.latest if version in (0, table.latest.version) else (
             self._journal.load_bank(version)
         )
@@ -211,6 +294,10 @@ class BankStore:
         if base is not None:
             delta = bank_delta(base.bank, target.bank)
             removed, rows = delta.removed, delta.added
+            cut = base.meta.get(REDACTED)
+            if cut:  # indices into the site's copy, which still has the purged rows
+                kept = np.setdiff1d(np.arange(int(base.meta["rows_before_redaction"])), cut)
+                removed = np.union1d(np.asarray(cut, dtype=np.int64), kept[removed])
         else:
             removed, rows = np.empty(0, dtype=np.int64), target.bank
         header = BankHeaderView(

@@ -8,6 +8,8 @@
         `fedserver serve --help` lists every setting
     fedserver health --address 127.0.0.1:50051
         exit 0 when the server's gRPC health service says SERVING (Docker HEALTHCHECK)
+    fedserver site add|revoke|withdraw|list, fedserver round open
+        the operator's commands to a running server (fedserver.operator_cli, docs/operator.md)
 
 Exit status: 0 after a clean drain (SIGTERM/SIGINT), 2 for a configuration error (one line on
 stderr naming the setting), 1 for any other start failure.
@@ -23,11 +25,12 @@ import tomllib
 from pathlib import Path
 
 from core.codec import CODEC_PRESETS
-from fedserver.auth import AuthError, new_token, write_tokens_file
+from fedserver.auth import OPERATOR, AuthError, new_token, write_tokens_file
 from fedserver.config import CONFIG_ENV, ConfigError, example_config, load_config
 from fedserver.health import check_health
 from fedserver.journal import write_private
 from fedserver.logs import configure_logging
+from fedserver.operator_cli import OPERATOR_TOKEN_FILE, add_operator_commands, run_operator
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +94,12 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default: all expected sites)")
     group.add_argument("--round-timeout-s", type=float,
                        help="seconds from a round's opening to its deadline (0 = none)")
-    group.add_argument("--rounds", type=int, help="number of rounds (default 1)")
+    group.add_argument("--rounds", type=int,
+                       help="rounds opened automatically (default 1); later ones open by "
+                       "`fedserver round open` or --round-interval-s")
+    group.add_argument("--round-interval-s", type=float,
+                       help="open the next round this long after the previous one is ready "
+                       "(0 = off, the default)")
     group = serve.add_argument_group("selection")
     group.add_argument("--global-bank-size", type=int, help="k, rows of the global bank")
     group.add_argument("--strategy", choices=("coreset", "random"),
@@ -173,13 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
     check.add_argument("--wait", type=float, default=0.0,
                        help="keep asking for up to this many seconds until SERVING (default 0)")
+    add_operator_commands(commands)
     return parser
 
 
 _SERVE_KEYS = (
     "bind", "tls_cert", "tls_key", "client_ca", "tokens_file", "max_message_bytes",
     "max_workers", "max_rpcs_per_site", "max_exempt_streams_per_peer", "max_exempt_streams",
-    "expected_sites", "quorum", "round_timeout_s", "rounds", "global_bank_size",
+    "expected_sites", "quorum", "round_timeout_s", "rounds", "round_interval_s",
+    "global_bank_size",
     "strategy", "server_selection", "floor_fraction", "max_site_share", "seed", "device",
     "buffer_rows", "codec", "byte_shuffle",
     "zstd_level", "max_chunk_bytes",
@@ -199,15 +209,18 @@ def _init_config(args: argparse.Namespace) -> int:
         return 2
     site_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     site_tokens = {site: new_token() for site in args.sites}
-    write_tokens_file(tokens, site_tokens)
+    operator_token = new_token()
+    write_tokens_file(tokens, {**site_tokens, OPERATOR: operator_token})
     for site, token in site_tokens.items():
         path = site_dir / f"{site}.token"
         write_private(path, token + "\n")
+    write_private(directory / OPERATOR_TOKEN_FILE, operator_token + "\n")
     config.write_text(example_config({
         "bind": args.bind, "state_dir": "state", "tokens_file": "tokens",
         "expected_sites": list(args.sites), "global_bank_size": args.global_bank_size,
     }), encoding="utf-8")
-    print(f"wrote {config}, {tokens} and {len(site_tokens)} token(s) in {site_dir}/")
+    print(f"wrote {config}, {tokens}, {len(site_tokens)} token(s) in {site_dir}/ and the "
+          f"operator's token {directory / OPERATOR_TOKEN_FILE} (fedserver site/round commands)")
     print(f"start the server with: fedserver serve --config {config}")
     return 0
 
@@ -276,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         return _init_config(args)
     if args.command == "health":
         return _health(args)
+    if args.command in ("site", "round", "operator-token"):
+        return run_operator(args)
     return _serve(args)
 
 

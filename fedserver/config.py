@@ -96,8 +96,12 @@ class ServerConfig:
         "Seconds from a round's opening to its deadline; 0 = no deadline (wait for every "
         "expected site)."))
     rounds: int = field(default=1, metadata=_help(
-        "Number of rounds (1: local coresets only; later rounds upload only novel "
-        "patches)."))
+        "Rounds opened automatically, one after the other (1: local coresets only; later "
+        "rounds\nupload only novel patches). Beyond them a round opens by operator command "
+        "(`fedserver round open`)\nor by round_interval_s."))
+    round_interval_s: float = field(default=0.0, metadata=_help(
+        "Open the next round this many seconds after the previous one is ready, without end; "
+        "0 = only\n`rounds` and operator commands open rounds."))
     global_bank_size: int = field(default=10000, metadata=_help(
         "k, rows of the global memory bank."))
     strategy: Literal["coreset", "random"] = field(default="coreset", metadata=_help(
@@ -225,6 +229,12 @@ class ServerConfig:
                 f"round_timeout_s must be finite and >= 0, got {self.round_timeout_s}"
             )
         _int_range("rounds", self.rounds, 1, 1000)
+        if not isinstance(self.round_interval_s, int | float) or not (
+            math.isfinite(self.round_interval_s) and self.round_interval_s >= 0
+        ):
+            raise ConfigError(
+                f"round_interval_s must be finite and >= 0, got {self.round_interval_s}"
+            )
         _int_range("global_bank_size", self.global_bank_size, 1, 10**8)
         if self.strategy not in ("coreset", "random"):
             raise ConfigError(f"strategy must be 'coreset' or 'random', got {self.strategy!r}")

@@ -43,6 +43,7 @@ from fedserver.config import ServerConfig
 from fedserver.federation import Federation
 from fedserver.journal import Journal, StateDirLock
 from fedserver.metrics import ServerMetrics
+from fedserver.operator import OPERATOR_SERVICE, OperatorServicer, add_operator_to_server
 from fedserver.servicer import FederationServicer, add_to_server
 
 logger = logging.getLogger(__name__)
@@ -114,6 +115,7 @@ class FedServer:
         self._lock: StateDirLock | None = None
         self._listening = False
         self._stopped = False
+        self.operator: OperatorServicer | None = None  # set by bind_server
 
     @property
     def federation(self) -> Federation:
@@ -159,6 +161,8 @@ class FedServer:
         self._lock = lock
         self._federation = federation
         self.servicer.attach(federation)
+        if self.operator is not None:
+            self.operator.attach(federation)
         self.metrics.attach(federation)
         logger.info(
             "fedserver on %s (port %d, %s), state %s, %d expected site(s), k=%d, %s selection "
@@ -295,9 +299,11 @@ async def _bind(
         bind_certificates=config.client_ca is not None,
     )
     add_to_server(servicer, server)
+    operator = OperatorServicer(tokens, config.tokens_file, executor=executor)
+    add_operator_to_server(operator, server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    add_reflection(server, (SERVICE_NAME, health.SERVICE_NAME))
+    add_reflection(server, (SERVICE_NAME, OPERATOR_SERVICE.full_name, health.SERVICE_NAME))
     try:
         if config.tls:
             port = server.add_secure_port(config.bind, _credentials(config))
@@ -309,8 +315,10 @@ async def _bind(
     if port == 0:
         executor.shutdown(wait=False)
         raise RuntimeError(f"cannot bind {config.bind}")
-    return FedServer(config, loop, server, servicer, health_servicer, metrics, tokens, port,
-                     executor, clock)
+    fed_server = FedServer(config, loop, server, servicer, health_servicer, metrics, tokens,
+                           port, executor, clock)
+    fed_server.operator = operator
+    return fed_server
 
 
 def create_server(

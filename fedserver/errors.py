@@ -6,7 +6,9 @@ Every error's message says what was wrong and, where there is one, what to do in
 from __future__ import annotations
 
 __all__ = [
+    "AlreadyExistsError",
     "BankNotReadyError",
+    "BusyError",
     "DimensionMismatchError",
     "FederationError",
     "NotFoundError",
@@ -57,3 +59,12 @@ class StateMismatchError(FederationError):
 
 class StorageError(FederationError):
     """The server could not make a message durable; it was not acknowledged."""
+
+
+class BusyError(FederationError):
+    """The server is briefly not accepting this (a withdrawal is rewriting the journal): retry
+    (UNAVAILABLE, which fedclient retries with backoff)."""
+
+
+class AlreadyExistsError(FederationError):
+    """An operator asked to create what exists (a site that holds a token)."""

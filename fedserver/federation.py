@@ -55,6 +55,7 @@ from fedserver.changes import ChangeFeed
 from fedserver.config import ConfigError, ServerConfig
 from fedserver.errors import (
     BankNotReadyError,
+    BusyError,
     DimensionMismatchError,
     FederationError,
     NotFoundError,
@@ -67,6 +68,7 @@ from fedserver.errors import (
 )
 from fedserver.ingest import Ingest, Pins
 from fedserver.journal import Journal, RecordKind, write_private
+from fedserver.membership import Withdrawal, departed_sites, withdraw_site
 from fedserver.replay import rebuild_aggregator, replay_journal
 from fedserver.report import ReportWriter, build_round_report
 from fedserver.rounds import Phase, Round, RoundSnapshot, RoundTerms, UploadProgress
@@ -130,7 +132,11 @@ class Federation:
         self.journal = journal
         self.device = device
         self._clock = clock
-        expected = config.expected_sites or tuple(site_ids)
+        # Sites an operator revoked or withdrew (fedserver.membership) are no longer expected,
+        # even where the config's expected_sites still names them.
+        departed = departed_sites(journal)
+        expected = tuple(s for s in (config.expected_sites or tuple(site_ids))
+                         if s not in departed)
         unknown = sorted(set(expected) - set(site_ids))
         if unknown:
             raise ValueError(f"expected_sites {unknown} have no token in the tokens file")
@@ -138,6 +144,15 @@ class Federation:
         self.lock = threading.RLock()
         self._feed = ChangeFeed()
         self._rounds: dict[int, Round] = {}
+        # Membership (fedserver.membership; journaled as SITE_* records): sites added and not
+        # yet expected in a round, sites revoked or withdrawn (never expected again unless
+        # added again), withdrawn sites, and every site an operator added.
+        self._joiners: set[str] = set()
+        self._revoked: set[str] = set()
+        self._withdrawn: set[str] = set()
+        self._added: set[str] = set()
+        # True while a withdrawal rewrites the journal: uploads and lifecycle changes wait.
+        self._paused = False
         self._pins = Pins(config.feature_fingerprint, config.feature_dim)
         self._closing = False
         self._aggregator = self._new_aggregator()
@@ -150,6 +165,10 @@ class Federation:
         self._deadline_thread: threading.Thread | None = None
         self._check_state_settings()
         replay_journal(self)
+        if 1 in self._rounds:  # sites added since are not round 1's (they hold tokens now)
+            self._expected_round1 = tuple(
+                s for s in self._expected_round1 if s in self._rounds[1].expected
+            )
         if not self._rounds:
             with self.lock:
                 opened = self._open_round(1)
@@ -283,6 +302,7 @@ class Federation:
                 novelty_threshold=rnd.novelty_threshold,
                 base_bank_version=rnd.base_version,
                 federation_id=self.federation_id,
+                full_coreset=bool(site_id) and not self._aggregator.has_radius(site_id),
             )
 
     def progress(self, site_id: str, round_number: int = 0) -> UploadProgress:
@@ -301,6 +321,13 @@ class Federation:
         with self.lock:
             rnd = self._current
             if site_id not in rnd.expected:
+                if site_id in self._joiners:
+                    raise RoundClosedError(
+                        f"site {site_id!r} was added while round {rnd.number} is "
+                        f"{rnd.phase.value}; it takes part from round {rnd.number + 1}, which "
+                        "opens when the operator opens it (fedserver round open), by the "
+                        "schedule (round_interval_s) or by `rounds`; run again then"
+                    )
                 if rnd.number > 1 and site_id in self._expected_round1:
                     raise RoundClosedError(
                         f"site {site_id!r} did not complete round 1, so it cannot take part in "
@@ -368,9 +395,10 @@ class Federation:
             expected = self._expected_round1
             threshold, base = 0.0, 0
         else:
-            expected = tuple(sorted(previous.included or previous.complete_sites()))
+            expected = self.next_expected()
             radius = self._bank.server_radius(previous.bank_version)
             threshold, base = (radius if math.isfinite(radius) else 0.0), previous.bank_version
+        self._joiners -= set(expected)
         quorum = min(self.config.quorum or len(expected), len(expected))
         timeout = self.config.round_timeout_s
         deadline = self._clock() + timeout if timeout > 0 else None
@@ -389,6 +417,167 @@ class Federation:
         )
         self._feed.notify()
         return opened
+
+    def next_expected(self) -> tuple[str, ...]:
+        """The sites the next round expects (lock held): the current round's complete (or
+        included) sites that were not revoked or withdrawn since, and the sites added since."""
+        current = self._current
+        done = set(current.included or current.complete_sites()) - self._revoked
+        return tuple(sorted(done | self._joiners))
+
+    # -- operator commands (fedserver.operator; journaled, so a restart resumes them) --------
+
+    def open_round(self) -> RoundSnapshot:
+        """Open the next round now (OpenRound). RoundClosedError unless the current round is
+        ready (a failed round ends the rounds: restart the server to take it up again), or when
+        no site would take part; StorageError if the journal cannot record it."""
+        with self.lock:
+            self._check_not_paused("open a round")
+            current = self._current
+            if current.phase is not Phase.READY:
+                raise RoundClosedError(
+                    f"round {current.number} is {current.phase.value}: the next round opens "
+                    "once it is ready" + (" (it failed: restart the server to take it up "
+                                          "again)" if current.phase is Phase.FAILED else "")
+                )
+            if not self.next_expected():
+                raise RoundClosedError(
+                    f"no site would take part in round {current.number + 1}: add one first"
+                )
+            number = current.number + 1
+            opened = self._open_round(number)
+        if not self._wait_journaled(opened, f"round {number} opened"):
+            raise StorageError(f"round {number} opened but the journal cannot record it")
+        return self.snapshot(number)
+
+    def add_site(self, site_id: str) -> int:
+        """Record that ``site_id`` joins (AddSite; its token is the operator service's
+        business). Returns the round it takes part from: the next one to open."""
+        with self.lock:
+            self._check_not_paused("add a site")
+            if site_id in self._joiners:
+                return self._current.number + 1
+            done = self.journal.submit(RecordKind.SITE_ADDED, _json({"site": site_id}))
+            self._joiners.add(site_id)
+            self._added.add(site_id)
+            self._revoked.discard(site_id)
+            self._withdrawn.discard(site_id)
+            joins = self._current.number + 1
+        try:
+            done.result()
+        except OSError as error:
+            with self.lock:
+                self._joiners.discard(site_id)
+            raise StorageError(f"cannot record site {site_id!r} in the journal: {error}") from error
+        logger.info("site %s added: it takes part from round %d", site_id, joins)
+        return joins
+
+    def revoke_site(self, site_id: str) -> str:
+        """Stop expecting ``site_id`` (RevokeSite; its token is revoked by the caller). Its
+        uploads stay. In a collecting round it is dropped unless its upload is complete; a
+        partial upload refuses (withdraw the site instead, which removes it). Returns a line
+        saying what changed."""
+        with self.lock:
+            self._check_not_paused("revoke a site")
+            rnd = self._current
+            progress = rnd.sites.get(site_id)
+            dropped = False
+            if rnd.phase is Phase.COLLECTING and site_id in rnd.expected:
+                if progress is not None and progress.summary_committed and not progress.complete:
+                    raise RoundClosedError(
+                        f"site {site_id!r} has a partial upload in round {rnd.number}: withdraw "
+                        "it (its rows are removed) or revoke it once the round is ready"
+                    )
+                if progress is None or not progress.complete:
+                    self._drop_expected(rnd, site_id)
+                    dropped = True
+            done = self.journal.submit(RecordKind.SITE_REVOKED,
+                                       _json({"site": site_id, "round": rnd.number}))
+            self._revoked.add(site_id)
+            self._joiners.discard(site_id)
+        try:
+            done.result()
+        except OSError as error:
+            raise StorageError(f"cannot record the revocation in the journal: {error}") from error
+        self._after_expected_changed()
+        message = (f"site {site_id!r} revoked: later rounds do not expect it; its uploads stay "
+                   "in the bank (withdraw it to remove them)")
+        if dropped:
+            message += f"; round {rnd.number} no longer waits for it"
+        logger.info(message)
+        return message
+
+    def withdraw_site(self, site_id: str) -> Withdrawal:
+        """Withdraw ``site_id`` with exact removal (WithdrawSite): fedserver.membership."""
+        return withdraw_site(self, site_id)
+
+    def expected_sites(self, round_number: int = 0) -> tuple[str, ...]:
+        with self.lock:
+            return self._round(round_number).expected
+
+    def preview_download(self, version: int, have_version: int) -> BankDownload:
+        """The DownloadBank reply a site holding ``have_version`` would get (not counted in any
+        report): the operator's figures of what a withdrawal costs each site."""
+        return self._bank.download(version, have_version)
+
+    def note_withdrawal_deltas(self, withdrawal: Withdrawal,
+                               deltas: list[dict[str, Any]]) -> None:
+        """Add the bytes each remaining site downloads to the withdrawal's report entry."""
+        with self.lock:
+            rnd = self._rounds.get(withdrawal.bank_round or withdrawal.round)
+            if rnd is None:
+                return
+            for entry in rnd.withdrawals:
+                if entry.get("site_id") == withdrawal.site_id and "deltas" not in entry:
+                    entry["deltas"] = deltas
+        self._reports.request(rnd.number)
+
+    def membership(self) -> dict[str, Any]:
+        """ListSites: per site known to the rounds or the operator, its state and the rounds it
+        completed; the current round."""
+        with self.lock:
+            sites: dict[str, list[int]] = {}
+            for number, rnd in sorted(self._rounds.items()):
+                for site in rnd.expected:
+                    sites.setdefault(site, [])
+                for site, progress in rnd.sites.items():
+                    if progress.complete:
+                        sites.setdefault(site, []).append(number)
+            for site in self._joiners | self._revoked | self._added:
+                sites.setdefault(site, [])
+            states = {}
+            for site in sites:
+                states[site] = ("withdrawn" if site in self._withdrawn else
+                                "revoked" if site in self._revoked else
+                                "joining" if site in self._joiners else "active")
+            current = self._current
+            return {"sites": {s: (states[s], sites[s]) for s in sorted(sites)},
+                    "round": current.number, "phase": current.phase.value,
+                    "bank_version": self._bank.latest.version if self._bank.latest else 0}
+
+    @property
+    def paused(self) -> bool:
+        """True while a withdrawal rewrites the journal (ingest answers UNAVAILABLE)."""
+        return self._paused
+
+    def _check_not_paused(self, what: str) -> None:
+        if self._paused:
+            raise BusyError(f"cannot {what} now: a withdrawal is rewriting the journal; retry")
+
+    def _drop_expected(self, rnd: Round, site_id: str) -> None:
+        """Remove ``site_id`` from a collecting round's expected sites (lock held)."""
+        rnd.expected = tuple(s for s in rnd.expected if s != site_id)
+        rnd.quorum = min(rnd.quorum, len(rnd.expected))
+
+    def _after_expected_changed(self) -> None:
+        """Close the current round if dropping a site left every expected upload complete."""
+        with self.lock:
+            rnd = self._current
+            if rnd.phase is Phase.COLLECTING and rnd.expected and rnd.all_complete():
+                rnd.completed_at = time.perf_counter()
+                rnd.uploads_complete_at = time.time()
+                self._start_selection(rnd)
+        self._feed.notify()
 
     def _start_selection(self, rnd: Round) -> None:
         rnd.phase = Phase.SELECTING
@@ -421,8 +610,10 @@ class Federation:
         try:
             version, rows = self._bank.store(rnd.number, outcome.bank, outcome.server_radius,
                                              outcome.max_site_radius)
+            closed_at = self._clock()
             self.journal.append_json(RecordKind.ROUND_CLOSED,
-                                     {"round": rnd.number, "version": version})
+                                     {"round": rnd.number, "version": version,
+                                      "closed_at": closed_at})
         except OSError as error:
             logger.exception("round %d: cannot store its bank", rnd.number)
             self._fail(rnd, f"selection failed: cannot store the bank: {error}",
@@ -451,6 +642,8 @@ class Federation:
             rnd.phase = Phase.READY
             if rnd.number < self.config.rounds and not self._closing:
                 opened = self._open_round(rnd.number + 1)
+            elif self.config.round_interval_s > 0:
+                rnd.next_open_at = closed_at + self.config.round_interval_s
         self._feed.notify()
         if opened is not None:
             self._wait_journaled(opened, f"round {rnd.number + 1} opened")
@@ -508,12 +701,26 @@ class Federation:
             cutoff: Future[None] | None = None
             cut: Round = self._current
             failed: Round | None = None
+            scheduled: tuple[int, Future[None]] | None = None
             with self.lock:
                 if self._closing:
                     return
                 rnd = self._current
                 if (
-                    rnd.phase is Phase.COLLECTING
+                    rnd.phase is Phase.READY and not self._paused
+                    and rnd.next_open_at is not None and self._clock() >= rnd.next_open_at
+                ):
+                    rnd.next_open_at = None
+                    if self.next_expected():
+                        logger.info("round %d opens by the schedule (round_interval_s = %g)",
+                                    rnd.number + 1, self.config.round_interval_s)
+                        scheduled = (rnd.number + 1, self._open_round(rnd.number + 1))
+                    else:
+                        logger.warning("round %d: no site to expect; the schedule stops",
+                                       rnd.number + 1)
+                elif (
+                    not self._paused
+                    and rnd.phase is Phase.COLLECTING
                     and rnd.deadline is not None
                     and self._clock() >= rnd.deadline
                 ):
@@ -534,6 +741,8 @@ class Federation:
                     else:
                         rnd.phase = Phase.SELECTING  # no upload is accepted while it fails
                         failed = rnd
+            if scheduled is not None:
+                self._wait_journaled(scheduled[1], f"round {scheduled[0]} opened")
             # Select only once the cut-off is durable: a replay must see it before the round's
             # ROUND_CLOSED record.
             if cutoff is not None and self._wait_journaled(cutoff, "its deadline passed"):
@@ -616,6 +825,7 @@ class Federation:
     def _report_settings(self) -> dict[str, Any]:
         return {"device": self.device, "strategy": self.config.strategy,
                 "server_selection": self.config.server_selection, "codec": self.config.codec,
+                "global_bank_size": self.config.global_bank_size,
                 "floor_fraction": self._aggregator.floor_fraction,
                 "max_site_share": self.config.max_site_share}
 

@@ -45,6 +45,7 @@ from core.federated.aggregator import (
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import chunk_identity
 from fedserver.errors import (
+    BusyError,
     DimensionMismatchError,
     OutOfRangeError,
     PermissionDeniedError,
@@ -88,6 +89,9 @@ class IngestHost(Protocol):
     def site_complete(self, rnd: Round, arrived: float) -> None: ...
 
     def changed(self) -> None: ...
+
+    @property
+    def paused(self) -> bool: ...
 
 
 def _uncancellable() -> Future[bool]:
@@ -150,6 +154,7 @@ class Ingest:
     def _submit_summary(self, site_id: str, summary: SiteSummary, raw: bytes) -> Future[bool]:
         host = self._host
         with host.lock:
+            _check_not_paused(host, site_id)
             rnd = self._open_round_of(site_id, summary.round, summary_resend=summary)
             if rnd is None:
                 return _done(False)
@@ -208,6 +213,7 @@ class Ingest:
         arrived = time.perf_counter()
         host = self._host
         with host.lock:
+            _check_not_paused(host, site_id)
             rnd = self._open_round_of(site_id, chunk.round, chunk_resend=chunk)
             if rnd is None:
                 return _done(False)
@@ -240,6 +246,12 @@ class Ingest:
                 rnd.site_stats(site_id).chunks_resent += 1
             return _done(False)
         with host.lock:
+            if host.paused or host.aggregator is not aggregator:
+                aggregator.rollback(site_id, chunk.sequence)
+                raise BusyError(
+                    f"chunk {chunk.sequence} of site {site_id!r} arrived while a withdrawal "
+                    "rewrote the journal; it was not accepted: resend it"
+                )
             if host.current_round() is not rnd or rnd.phase is not Phase.COLLECTING:
                 aggregator.rollback(site_id, chunk.sequence)
                 raise RoundClosedError(
@@ -364,3 +376,11 @@ class Ingest:
             # rule); what the site sends from its committed position on is a new generation.
             progress.generation += 1
         progress.accepted_sequence = progress.committed_sequence
+
+
+def _check_not_paused(host: IngestHost, site_id: str) -> None:
+    """BusyError (UNAVAILABLE: fedclient retries) while a withdrawal rewrites the journal."""
+    if host.paused:
+        raise BusyError(
+            f"the server is removing a withdrawn site's data; site {site_id!r} retries shortly"
+        )

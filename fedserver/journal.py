@@ -20,8 +20,13 @@ Record: ``<u32 length> <u8 kind> <u64 xxh64(payload)> <u32 xxh32(the 13 bytes be
 <payload>``, little-endian; the file starts with the 8-byte magic ``FPCJRNL1``. The header's own
 checksum tells a torn append (a short header, or a valid header whose payload runs to or past
 the end of the file) from a damaged length field, which must not be mistaken for a tail.
-Kinds: ROUND_OPENED / ROUND_CUTOFF / ROUND_CLOSED / ROUND_FAILED (JSON payloads), SUMMARY /
-CHUNK (serialized fedpatchcore.v1.UploadFeaturesRequest).
+Kinds: ROUND_OPENED / ROUND_CUTOFF / ROUND_CLOSED / ROUND_FAILED / SITE_ADDED / SITE_REVOKED /
+SITE_WITHDRAWN (JSON payloads), SUMMARY / CHUNK (serialized
+fedpatchcore.v1.UploadFeaturesRequest).
+
+The log is append-only with one exception: withdrawing a site (fedserver.membership) rewrites it
+without that site's SUMMARY/CHUNK records (:meth:`Journal.rewrite`: a new file, fsync'ed, renamed
+over the old one, directory fsync'ed), so its features leave the state directory.
 
 Permissions: the state directory and ``banks/`` are created (or tightened to) mode 0700 and
 every file in them is created 0600 whatever the umask: the journal holds every site's features.
@@ -131,6 +136,9 @@ class RecordKind(enum.IntEnum):
     ROUND_CUTOFF = 4
     ROUND_CLOSED = 5
     ROUND_FAILED = 6
+    SITE_ADDED = 7  # {"site"}: an operator added the site; it joins at the next round
+    SITE_REVOKED = 8  # {"site"}: its token was revoked; later rounds do not expect it
+    SITE_WITHDRAWN = 9  # {"site", ...}: its uploads were removed (Journal.rewrite)
 
 
 @dataclass(frozen=True)
@@ -245,6 +253,35 @@ class Journal:
                 self._writer.start()
             self._queue.put(_Pending(header + payload, on_durable, future, stream, generation))
         return future
+
+    def rewrite(self, records: Iterator[Record] | list[Record]) -> int:
+        """Replace the whole log by ``records`` atomically; returns the new file's size.
+
+        The caller must have stopped every submitter and called :meth:`barrier` (the writer is
+        idle). The records go to ``journal.log.tmp`` (mode 0600), which is fsync'ed and renamed
+        over the log, and the directory is fsync'ed: a crash leaves the old log or the new one.
+        Later appends go to the new file. The old file's blocks are freed by the file system
+        (not overwritten: see docs/operator.md on what remains on the disk)."""
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with _open_private(tmp) as handle:
+            handle.write(MAGIC)
+            for record in records:
+                body = struct.pack("<IBQ", len(record.payload), int(record.kind),
+                                   xxhash.xxh64_intdigest(record.payload))
+                handle.write(body + struct.pack("<I", xxhash.xxh32_intdigest(body)))
+                handle.write(record.payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        with self._writer_lock:
+            os.replace(tmp, self.path)
+            _fsync_dir(self.state_dir)
+            old = self._file
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND, FILE_MODE)
+            self._file = os.fdopen(fd, "ab", buffering=0)
+            old.close()
+        logger.info("journal %s rewritten: %d bytes", self.path, size)
+        return size
 
     def barrier(self) -> None:
         """Wait until every record submitted so far is written and fsync'ed (or failed), so

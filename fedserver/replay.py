@@ -10,19 +10,26 @@ too; timings do not (the journal keeps what a replay needs, not when things happ
 
 Cut-off sites: a round that closed at its deadline selected without the sites it cut off
 (ROUND_CUTOFF names the included ones); their messages stay in the journal but are not fed.
+
+Membership (fedserver.membership): SITE_ADDED / SITE_REVOKED / SITE_WITHDRAWN records restore
+the joiners, the revoked and withdrawn sites. A withdrawal rewrote the journal without the
+site's uploads, so rounds closed before it no longer reproduce their stored versions (those
+held the site's rows, and were deleted or redacted): they are adopted unverified, and the
+SITE_WITHDRAWN record's reselected version is checked instead (or stored, when a crash came
+between the journal's rewrite and the bank's).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Protocol
 
 from core.federated.aggregator import GlobalBankAggregator
 from core.messages import FeatureChunk, SiteSummary
 from core.serde import chunk_identity, upload_request_from_proto
 from fedpatchcore.v1 import features_pb2 as pb
-from fedserver.journal import Journal, Record, RecordKind
+from fedserver.journal import Record, RecordKind
 from fedserver.rounds import Phase, Round
 
 if TYPE_CHECKING:
@@ -33,11 +40,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["cut_off_sites", "rebuild_aggregator", "replay_journal"]
 
 
+class RecordSource(Protocol):
+    """A journal, or a view of one (fedserver.membership reads one without a site)."""
+
+    def records(self) -> Iterator[Record]: ...
+
+
 def _item(record: Record) -> SiteSummary | FeatureChunk:
     return upload_request_from_proto(pb.UploadFeaturesRequest.FromString(record.payload))
 
 
-def cut_off_sites(journal: Journal) -> dict[int, set[str]]:
+def cut_off_sites(journal: RecordSource) -> dict[int, set[str]]:
     """Per round that cut sites off at its deadline: the sites it included."""
     cutoffs = {}
     for record in journal.records():
@@ -55,7 +68,7 @@ def _feed(aggregator: GlobalBankAggregator, item: SiteSummary | FeatureChunk) ->
 
 
 def rebuild_aggregator(
-    journal: Journal,
+    journal: RecordSource,
     new_aggregator: Callable[[], GlobalBankAggregator],
     *,
     extra_cutoffs: Mapping[int, set[str]] | None = None,
@@ -85,6 +98,8 @@ def replay_journal(federation: Federation) -> None:
     rounds = federation._rounds
     aggregator = federation.aggregator
     pins = federation._pins
+    # Rounds closed before the last withdrawal selected with the withdrawn site's rows.
+    unverified_until = _last_withdrawal(journal)
     count = 0
     for record in journal.records():
         count += 1
@@ -101,6 +116,7 @@ def replay_journal(federation: Federation) -> None:
                 int(value["base_version"]),
                 restarted=True,
             )
+            federation._joiners -= set(value["expected"])
         elif record.kind in (RecordKind.SUMMARY, RecordKind.CHUNK):
             item = _item(record)
             rnd = rounds[item.round]
@@ -128,8 +144,14 @@ def replay_journal(federation: Federation) -> None:
             number, version = int(value["round"]), int(value["version"])
             rnd = rounds[number]
             outcome = aggregator.finish_round()
-            rows = federation._bank.verify_replayed(number, version, outcome.bank)
+            if count < unverified_until:
+                rows = federation._bank.adopt(version)
+            else:
+                rows = federation._bank.verify_replayed(number, version, outcome.bank)
             rnd.phase, rnd.bank_version, rnd.bank_rows = Phase.READY, version, rows
+            interval = federation.config.round_interval_s
+            if interval > 0 and "closed_at" in value:
+                rnd.next_open_at = float(value["closed_at"]) + interval
             rnd.allocation = [a.as_dict() for a in outcome.allocation]
             rnd.flooding = dict(outcome.flooding)
             rnd.reported = False  # closed before this process started: its report exists
@@ -139,6 +161,9 @@ def replay_journal(federation: Federation) -> None:
             rnd = rounds[int(value["round"])]
             rnd.phase, rnd.message = Phase.FAILED, str(value["message"])
             rnd.reported = False
+        elif record.kind in (RecordKind.SITE_ADDED, RecordKind.SITE_REVOKED,
+                             RecordKind.SITE_WITHDRAWN):
+            _replay_membership(federation, record, verify=count == unverified_until)
     if count:
         current = federation.current_round()
         logger.info(
@@ -149,3 +174,59 @@ def replay_journal(federation: Federation) -> None:
             with federation.lock:
                 opened = federation._open_round(current.number + 1)
             opened.result()
+
+
+def _last_withdrawal(journal: RecordSource) -> int:
+    """1-based position of the journal's last SITE_WITHDRAWN record (0: none)."""
+    last = 0
+    for position, record in enumerate(journal.records(), 1):
+        if record.kind is RecordKind.SITE_WITHDRAWN:
+            last = position
+    return last
+
+
+def _replay_membership(federation: Federation, record: Record, *, verify: bool) -> None:
+    """A SITE_* record at start (fedserver.membership, Federation.add_site / revoke_site).
+    ``verify``: the journal's last withdrawal, whose bank the replayed aggregator must
+    reproduce (an earlier one's bank held rows of a site withdrawn later)."""
+    from fedserver.membership import apply_withdrawal
+
+    value = record.json()
+    site = str(value["site"])
+    if record.kind is RecordKind.SITE_ADDED:
+        federation._joiners.add(site)
+        federation._added.add(site)
+        federation._revoked.discard(site)
+        federation._withdrawn.discard(site)
+        return
+    if record.kind is RecordKind.SITE_REVOKED:
+        federation._revoked.add(site)
+        federation._joiners.discard(site)
+        current = federation.current_round()
+        progress = current.sites.get(site)
+        if (current.phase is Phase.COLLECTING and site in current.expected
+                and (progress is None or not progress.complete)):
+            federation._drop_expected(current, site)
+        return
+    bank = federation._bank
+    bank.purge([int(v) for v in value["deleted"]],
+               {int(v): list(p) for v, p in value["positions"].items()})
+    after, before = int(value["version_after"]), int(value["version_before"])
+    bank_round = int(value["bank_round"])
+    if after != before:
+        outcome = federation.aggregator.last_outcome
+        assert outcome is not None
+        if not verify:
+            rows = bank.adopt(after)
+        elif after in federation.journal.bank_versions():
+            rows = bank.verify_replayed(bank_round, after, outcome.bank)
+        else:  # the server stopped between the journal's rewrite and the new version
+            version, rows = bank.store(bank_round, outcome.bank, outcome.server_radius,
+                                       outcome.max_site_radius)
+            logger.warning("stored bank version %d of %s's withdrawal at start", version, site)
+        rnd = federation._rounds[bank_round]
+        rnd.bank_version, rnd.bank_rows = after, rows
+    apply_withdrawal(federation, site)
+    federation._rounds[bank_round or int(value["round"])].withdrawals.append(
+        {k: v for k, v in value.items() if k != "positions"}
+    )

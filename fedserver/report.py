@@ -5,7 +5,8 @@ What it holds (built by :func:`build_round_report` from the round, under the fed
 then rendered and written by :class:`ReportWriter` off every lock):
 
 * the round's outcome: state (ready / failed and why), expected, included and cut-off sites,
-  quorum; the bank version and rows; the coverage certificate ``max_i r_i + r_S`` with its parts
+  quorum; the bank version and rows, the k asked for, and a line when the uploads could not fill
+  k (``bank.short``); the coverage certificate ``max_i r_i + r_S`` with its parts
   (each site's r_i, the server's r_S including the codec's error);
 * selection: seconds from the last upload to the stored bank, on which device, which strategy;
 * bank allocation (prefix selection): per site its patches, rows uploaded (all rounds) and
@@ -36,6 +37,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.federated.upload import short_bank_note
 from core.htmlreport import json_safe, page, section, table, write_atomic
 
 if TYPE_CHECKING:
@@ -83,6 +85,8 @@ def render_round_report(report: Mapping[str, Any]) -> str:
          if report.get("cut_off_sites") else None),
         ("bank version", bank.get("version")),
         ("bank rows", bank.get("rows")),
+        ("bank rows asked (k)", bank.get("rows_asked")),
+        ("bank short", bank.get("short")),
         ("codec", bank.get("codec")),
         ("opened (UTC)", _clock(report.get("opened_at"))),
         ("last upload complete (UTC)", _clock(report.get("uploads_complete_at"))),
@@ -203,12 +207,14 @@ def build_round_report(
     strategy: str,
     server_selection: str,
     codec: str,
+    global_bank_size: int,
     floor_fraction: float = 0.0,
     max_site_share: float | None = None,
 ) -> dict[str, Any]:
     """What round ``rnd``'s report holds, as a JSON-ready dict (a snapshot: call it under the
     federation's lock; nothing in it refers back to live state). ``meta``: its bank version's
-    metadata (None when the round has no bank)."""
+    metadata (None when the round has no bank); ``global_bank_size``: the k asked for, so a
+    bank the uploads could not fill says so (``bank.short``)."""
     allocation = {a["site_id"]: a for a in rnd.allocation}
     sites = []
     for site_id in sorted(set(rnd.expected) | set(rnd.stats) | set(rnd.sites)):
@@ -267,6 +273,8 @@ def build_round_report(
         "uploads_complete_at": rnd.uploads_complete_at,
         "ready_at": rnd.ready_unix,
         "restarted": rnd.restarted,
+        # sites withdrawn while this round's bank was the latest (docs/operator.md)
+        "withdrawals": [dict(w) for w in rnd.withdrawals],
         "selection": {
             "seconds": rnd.selection_seconds,
             "device": device,
@@ -276,6 +284,10 @@ def build_round_report(
         "bank": {
             "version": rnd.bank_version,
             "rows": rnd.bank_rows,
+            "rows_asked": global_bank_size,
+            # None, or the line saying the uploads could not fill k
+            "short": short_bank_note(global_bank_size, rnd.bank_rows,
+                                     sum(int(s["rows"]) for s in sites)),
             "codec": codec,
         } if meta is not None else None,
         "certificate": {

@@ -105,6 +105,7 @@ class RoundTerms:
     novelty_threshold: float
     base_bank_version: int
     federation_id: str = ""
+    full_coreset: bool = False
 
 
 @dataclass
@@ -172,6 +173,11 @@ class Round:
     # Per site, the identity (core.serde.chunk_identity) of each committed chunk: a resend
     # after the round closed is recognised as identical, and ignored, without the chunk.
     committed_chunks: dict[str, list[tuple[object, ...]]] = field(default_factory=dict)
+    # Withdrawals that reselected this round's bank, or happened while it collected
+    # (fedserver.membership): what the report says about each.
+    withdrawals: list[dict[str, Any]] = field(default_factory=list)
+    # When the next round opens by the schedule (round_interval_s), in the federation clock.
+    next_open_at: float | None = None
 
     def snapshot(self) -> RoundSnapshot:
         return RoundSnapshot(

@@ -38,6 +38,7 @@ from core.serde import (
 from fedpatchcore.v1 import features_pb2 as pb
 from fedpatchcore.v1 import federation_pb2 as fpb
 from fedserver.auth import AuthError, TokenStore
+from fedserver.errors import AlreadyExistsError, BusyError
 from fedserver.federation import (
     REMOVED_BATCH,
     BankDownload,
@@ -78,6 +79,7 @@ class ServerStartingError(Exception):
 #: validation error is a ValueError subclass that names the offending field: INVALID_ARGUMENT.
 STATUS_BY_ERROR: Final[tuple[tuple[type[BaseException], grpc.StatusCode], ...]] = (
     (AuthError, grpc.StatusCode.UNAUTHENTICATED),
+    (AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (ChecksumMismatchError, grpc.StatusCode.DATA_LOSS),
     (PayloadTooLargeError, grpc.StatusCode.RESOURCE_EXHAUSTED),
@@ -92,6 +94,7 @@ STATUS_BY_ERROR: Final[tuple[tuple[type[BaseException], grpc.StatusCode], ...]] 
     (RoundClosedError, grpc.StatusCode.FAILED_PRECONDITION),
     (BankNotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
     (StorageError, grpc.StatusCode.UNAVAILABLE),
+    (BusyError, grpc.StatusCode.UNAVAILABLE),
     (ServerStartingError, grpc.StatusCode.UNAVAILABLE),
     (ValueError, grpc.StatusCode.INVALID_ARGUMENT),
 )
@@ -357,7 +360,7 @@ class FederationServicer:
             return fpb.JoinRoundResponse(
                 config=terms_to_proto(terms),
                 upload=progress_to_proto(progress),
-                status=snapshot_to_proto(snapshot),
+                status=snapshot_to_proto(snapshot, self._federation.config.global_bank_size),
             )
         raise AssertionError("unreachable: _statuses aborts")  # pragma: no cover
 
@@ -504,7 +507,7 @@ class FederationServicer:
             async for snapshot in self._federation.watch(
                 request.round, interval, lambda: not context.done()
             ):
-                yield snapshot_to_proto(snapshot)
+                yield snapshot_to_proto(snapshot, self._federation.config.global_bank_size)
 
 
 def _retrieve(future: asyncio.Future[bool]) -> None:
@@ -558,7 +561,9 @@ def progress_to_proto(progress: UploadProgress) -> fpb.UploadStatus:
     )
 
 
-def snapshot_to_proto(snapshot: RoundSnapshot) -> fpb.RoundStatus:
+def snapshot_to_proto(snapshot: RoundSnapshot, global_bank_size: int) -> fpb.RoundStatus:
+    """RoundStatus of ``snapshot``; ``global_bank_size``: the k the server asks for (a READY
+    round's bank_rows below it is a short bank)."""
     return fpb.RoundStatus(
         round=snapshot.round,
         state=_PHASES[snapshot.phase],  # type: ignore[arg-type]
@@ -571,6 +576,7 @@ def snapshot_to_proto(snapshot: RoundSnapshot) -> fpb.RoundStatus:
         bank_version=snapshot.bank_version,
         bank_rows=snapshot.bank_rows,
         message=snapshot.message,
+        global_bank_size=global_bank_size,
     )
 
 
@@ -605,4 +611,5 @@ def terms_to_proto(terms: RoundTerms) -> fpb.RoundConfig:
         novelty_threshold=terms.novelty_threshold,
         base_bank_version=terms.base_bank_version,
         federation_id=terms.federation_id,
+        full_coreset=terms.full_coreset,
     )

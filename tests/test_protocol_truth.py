@@ -377,8 +377,11 @@ def _run_site_against(tmp_path: Path, name: str, out: Path, data: Path,
     fed.start()
     try:
         with SiteSession(ConnectionConfig(f"127.0.0.1:{port}", tokens["a"]), "a") as session:
+            # a fixed 10 % (64 rows > k): sized from k, a lone site sends exactly k rows and
+            # the "random" and "coreset" servers would have no choice between them
             options = SiteOptions(data=data, out_dir=out, features=SMALL_FEATURES,
-                                  categories=("stripes",), overlays=False, report=False)
+                                  categories=("stripes",), overlays=False, report=False,
+                                  coreset_percentage=0.1)
             metrics = run_site(session, options)
             full = session.download_bank()
         return metrics, fed.federation.federation_id, full.bank

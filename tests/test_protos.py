@@ -259,9 +259,31 @@ EXPECTED_FEDERATION_FIELDS = {
         ("feature_dim", 8, "uint32"), ("deadline", 9, "message"),
         ("expected_sites", 10, "uint32"), ("quorum", 11, "uint32"),
         ("novelty_threshold", 12, "double"), ("base_bank_version", 13, "uint64"),
-        ("federation_id", 14, "string"),
+        ("federation_id", 14, "string"), ("full_coreset", 15, "bool"),
     ],
 }
+
+#: OperatorService (operator.proto): name -> (request, response, client stream, server stream).
+EXPECTED_OPERATOR_RPCS = {
+    "AddSite": ("AddSiteRequest", "AddSiteResponse", False, False),
+    "RevokeSite": ("RevokeSiteRequest", "RevokeSiteResponse", False, False),
+    "WithdrawSite": ("WithdrawSiteRequest", "WithdrawSiteResponse", False, False),
+    "OpenRound": ("OpenRoundRequest", "OpenRoundResponse", False, False),
+    "ListSites": ("ListSitesRequest", "ListSitesResponse", False, False),
+}
+
+
+def test_operator_service_contract() -> None:
+    operator = importlib.import_module("fedpatchcore.v1.operator_pb2")
+    grpc_module = importlib.import_module("fedpatchcore.v1.operator_pb2_grpc")
+    assert hasattr(grpc_module, "OperatorServiceStub")
+    service = operator.DESCRIPTOR.services_by_name["OperatorService"]
+    actual = {
+        m.name: (m.input_type.name, m.output_type.name, m.client_streaming, m.server_streaming)
+        for m in service.methods
+    }
+    assert actual == EXPECTED_OPERATOR_RPCS
+    assert service.full_name == "fedpatchcore.v1.OperatorService"
 
 
 def test_federation_service_contract() -> None:

@@ -83,6 +83,13 @@ def _fedserver(argv: list[str], env: dict[str, str], cwd: Path) -> None:
         assert server_cli.main(argv) == 0, argv
         args = server_cli.build_parser().parse_args(argv)
         _hand_over_tokens(cwd / args.dir, cwd)
+    elif argv[0] in ("site", "round"):
+        # an operator command resolves the server's address and the operator's token (the
+        # operator.token init-config wrote next to server.toml), as it would to call the server
+        from fedserver.operator_cli import _address, _token
+
+        args = server_cli.build_parser().parse_args(argv)
+        assert _address(args) and _token(args), argv
     else:
         server_cli.build_parser().parse_args(argv)
 

@@ -112,7 +112,8 @@ def test_site_init_config_documents_every_setting_and_loads_back(tmp_path: Path)
     text = path.read_text()
     assert sorted(_setting_lines(text)) == sorted(SITE_FIELDS)
     data = tomllib.loads(text)
-    assert data["site_id"] == "plant-1" and data["coreset_percentage"] == 0.1
+    assert data["site_id"] == "plant-1" and data["upload_factor"] == 2.0
+    assert "coreset_percentage" not in data  # unset: the upload is sized from k
     # One file serves every command: status has no --data, yet the file's `data` is fine.
     args = client_cli.build_parser().parse_args(["status", "--config", str(path)])
     values = client_cli._settings(args, environ={})

@@ -22,8 +22,12 @@ from core.federated.strategies import (
     federated_random_aggregation as federated_random_aggregation,
 )
 from core.federated.strategies import federated_weighted_union as federated_weighted_union
+from core.federated.upload import UPLOAD_FACTOR as UPLOAD_FACTOR
+from core.federated.upload import UploadBudget as UploadBudget
+from core.federated.upload import short_bank_note as short_bank_note
 
 __all__ = [
+    "UPLOAD_FACTOR",
     "CommunicationProtocol",
     "FederatedPatchCore",
     "FederatedServer",
@@ -31,8 +35,10 @@ __all__ = [
     "PatchCoreClient",
     "RoundOutcome",
     "RoundReport",
+    "UploadBudget",
     "federated_coreset_aggregation",
     "federated_prefix_aggregation",
     "federated_random_aggregation",
     "federated_weighted_union",
+    "short_bank_note",
 ]

@@ -338,6 +338,10 @@ class GlobalBankAggregator:
         """Rows accepted in earlier rounds (they stay in the prefix merge's buffer)."""
         return self._rows_before_round
 
+    def has_radius(self, site_id: str) -> bool:
+        """True once ``site_id``'s r_i is on record (a round with its first upload closed)."""
+        return site_id in self._site_radius
+
     # -- round lifecycle -------------------------------------------------------------------
 
     def begin_round(self, round_number: int) -> None:
@@ -356,8 +360,10 @@ class GlobalBankAggregator:
     def receive_summary(self, summary: SiteSummary) -> None:
         """Register a site's upload for the open round (before its chunks).
 
-        An identical resend is ignored; a different summary for the same site and round, a
-        different feature extractor or dimension, or a site unknown after round 1 is rejected.
+        An identical resend is ignored; a different summary for the same site and round, or a
+        different feature extractor or dimension is rejected. A site unknown so far joins: its
+        upload must be its full local coreset (the caller tells it so: :meth:`has_radius`),
+        since its summary's r_i becomes its term of the certificate.
         """
         self._check_round(summary.round, f"summary of site {summary.site_id!r}")
         previous = self._uploads.get(summary.site_id)
@@ -379,11 +385,6 @@ class GlobalBankAggregator:
             raise IncompatibleSiteError(
                 f"site {summary.site_id!r} sends D={summary.feature_dim}, the federation uses "
                 f"D={self._feature_dim}"
-            )
-        if self.round > 1 and summary.site_id not in self._site_radius:
-            raise RoundStateError(
-                f"site {summary.site_id!r} did not take part in round 1; it cannot join in "
-                f"round {self.round} (its coverage radius is not part of the certificate)"
             )
         if self._prefix is not None:
             pending = sum(u.summary.coreset_rows for u in self._uploads.values())
@@ -535,8 +536,9 @@ class GlobalBankAggregator:
         if self.round == 1 and not self._uploads:
             raise RoundStateError("round 1 ended without any site upload")
         for site_id, upload in self._uploads.items():
-            if self.round == 1:
-                self._site_radius[site_id] = upload.summary.coverage_radius
+            # A site's first upload (round 1, or the round it joined in) is its full local
+            # coreset: its r_i enters the certificate. Later uploads are novel rows only.
+            self._site_radius.setdefault(site_id, upload.summary.coverage_radius)
         allocation: tuple[SiteAllocation, ...] = ()
         if self._prefix is not None:
             # n_i is a site's patch count, the same patches every round: the latest summary's,

@@ -15,6 +15,7 @@ import numpy as np
 from core.codec import CodecConfig
 from core.coreset import IncrementalCoreset
 from core.features import FeatureConfig
+from core.federated.upload import UploadBudget
 from core.knn import NearestNeighbourIndex
 from core.messages import FeatureChunk, SiteSummary
 from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
@@ -53,7 +54,11 @@ class PatchCoreClient:
             normally a :class:`~core.data.AnomalyDataset` of good images).
         backbone: timm backbone name, shared by all clients; or a full
             :class:`~core.features.FeatureConfig` (layers, dims, weights file, image size).
-        coreset_percentage: local coreset size as a fraction of the site's training patches.
+        coreset_percentage: local coreset size as a fraction of the site's training patches
+            (None: sized by ``upload_budget``).
+        upload_budget: size the local coreset (the round-1 upload) from the round's k, the
+            number of sites and the site's patch count (core.federated.upload.UploadBudget)
+            instead of a fixed fraction; give it with ``coreset_percentage=None``.
         seed: seeds projection and coreset start points (use the same on every site).
         device: "cpu", "cuda", or None for CUDA when available.
         batch_size: images per backbone pass.
@@ -71,8 +76,9 @@ class PatchCoreClient:
         client_id: int | str,
         dataset: ImageSource,
         backbone: str | FeatureConfig = "wide_resnet50_2",
-        coreset_percentage: float = 0.1,
+        coreset_percentage: float | None = 0.1,
         *,
+        upload_budget: UploadBudget | None = None,
         seed: int = 0,
         device: str | None = None,
         batch_size: int = 8,
@@ -80,13 +86,20 @@ class PatchCoreClient:
     ) -> None:
         if len(dataset) == 0:
             raise ValueError(f"client {client_id!r}: dataset is empty")
+        if (coreset_percentage is None) == (upload_budget is None):
+            raise ValueError(
+                f"client {client_id!r}: give exactly one of coreset_percentage and "
+                f"upload_budget (got {coreset_percentage!r} and {upload_budget!r})"
+            )
         features = backbone if isinstance(backbone, FeatureConfig) else FeatureConfig(backbone)
         self.client_id = client_id
+        #: How the local coreset is sized: None when a fixed coreset_percentage does it.
+        self.upload_budget = upload_budget
         self.dataset = dataset
         self.model = PatchCore(
             PatchCoreConfig(
                 features=features,
-                coreset_ratio=coreset_percentage,
+                coreset_ratio=1.0 if coreset_percentage is None else coreset_percentage,
                 seed=seed,
                 device=device,
                 batch_size=batch_size,
@@ -144,7 +157,10 @@ class PatchCoreClient:
 
     def train(self) -> np.ndarray:
         """Extract features and build the local coreset ([k_i, D] float32)."""
-        self.model.fit(self.dataset)
+        if self.upload_budget is None:
+            self.model.fit(self.dataset)
+        else:
+            self.model.fit(self.dataset, bank_size=self.upload_budget.rows)
         self._coreset = self.model.memory_bank.copy()
         self._codec_error.clear()
         logger.info(

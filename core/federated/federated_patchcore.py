@@ -13,20 +13,13 @@ from core.features import FeatureConfig
 from core.federated.aggregator import ServerSelection, Strategy
 from core.federated.client import PatchCoreClient
 from core.federated.server import FederatedServer, RoundReport
+from core.federated.upload import UPLOAD_FACTOR, UploadBudget
 from core.knn import Backend
 from core.patchcore import ImageSource, PatchCore, PatchCoreConfig, Predictions
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["UPLOAD_FACTOR", "FederatedPatchCore"]
-
-#: Default upload: the sites together send this many times the global bank (each in proportion
-#: to its patches). 1x (send exactly the bank) leaves the server no choice: every site keeps its
-#: size share whatever its diversity. Measured on the realistic parity benchmark
-#: (docs/python-api.md, "How much each site sends"): with the prefix-merge server selection,
-#: 1.5x, 2x and 2.5x uploads gave the same bank on IID sites, so more than about 2x only costs
-#: bytes.
-UPLOAD_FACTOR = 2.0
 
 
 class FederatedPatchCore:
@@ -37,10 +30,13 @@ class FederatedPatchCore:
         backbone: feature extractor backbone (timm name), or a full FeatureConfig.
         global_bank_size: target global memory bank size.
         coreset_percentage: each client's local coreset (its upload), as a fraction of its
-            patches. None (default): ``UPLOAD_FACTOR`` x the global bank's share of all
-            patches, so the sites together send UPLOAD_FACTOR x global_bank_size rows and the
-            server has a choice (docs/python-api.md, "How much each site sends"); resolved in
-            :meth:`setup_clients` from the sites' image counts and the patch grid.
+            patches. None (default): sized by the rule ``fedclient`` follows
+            (core.federated.upload.UploadBudget): each site sends min(its patches,
+            ceil(upload_factor x global_bank_size / num_clients)) rows, so the sites together
+            send about upload_factor x the bank and the server has a choice
+            (docs/python-api.md, "How much each site sends").
+        upload_factor: f of that rule (default ``UPLOAD_FACTOR``); unused with a
+            coreset_percentage.
         aggregation_strategy: "coreset" or "random" (see FederatedServer).
         weighted: see FederatedServer.
         codec: wire codec (default fp16 + shuffle + zstd).
@@ -71,6 +67,7 @@ class FederatedPatchCore:
         global_bank_size: int = 10000,
         *,
         coreset_percentage: float | None = None,
+        upload_factor: float = UPLOAD_FACTOR,
         aggregation_strategy: Strategy = "coreset",
         weighted: bool = True,
         codec: CodecConfig = DEFAULT_CODEC,
@@ -91,8 +88,13 @@ class FederatedPatchCore:
             raise ValueError(f"coreset_percentage must be in (0, 1] or None, got "
                              f"{coreset_percentage}")
         self.global_bank_size = global_bank_size
-        #: The local fraction in use (None until setup_clients resolves the default).
+        #: The fixed local fraction (None: every site's upload is sized by ``upload_budget``).
         self.coreset_percentage = coreset_percentage
+        #: The upload rule in use, None with a fixed coreset_percentage.
+        self.upload_budget = (
+            UploadBudget(global_bank_size, num_clients, factor=upload_factor)
+            if coreset_percentage is None else None
+        )
         self.seed = seed
         self.device = device
         self.batch_size = batch_size
@@ -133,14 +135,19 @@ class FederatedPatchCore:
             raise ValueError(
                 f"expected {self.num_clients} client datasets, got {len(client_datasets)}"
             )
-        if self.coreset_percentage is None:
-            self.coreset_percentage = self._default_local_fraction(client_datasets)
+        if self.upload_budget is not None:
+            logger.info(
+                "local coresets: min(site patches, %d) rows each (%g x a global bank of %d over "
+                "%d sites)", self.upload_budget.share, self.upload_budget.factor,
+                self.global_bank_size, self.num_clients,
+            )
         self.clients = [
             PatchCoreClient(
                 i,
                 dataset,
                 self.feature_config,
                 self.coreset_percentage,
+                upload_budget=self.upload_budget,
                 seed=self.seed,
                 device=self.device,
                 batch_size=self.batch_size,
@@ -148,24 +155,6 @@ class FederatedPatchCore:
             )
             for i, dataset in enumerate(client_datasets)
         ]
-
-    def _default_local_fraction(self, client_datasets: Sequence[ImageSource]) -> float:
-        """UPLOAD_FACTOR x global_bank_size / all sites' patches, capped at 1.
-
-        The patch grid comes from one image through the shared backbone (all images are
-        transformed to one input size, so every image has the same number of patches).
-        """
-        source = next((d for d in client_datasets if len(d)), None)
-        if source is None:
-            raise ValueError("every client dataset is empty")
-        _, _, grid = next(self.global_model.iter_features(source, [0]))
-        total = sum(len(d) for d in client_datasets) * grid[0] * grid[1]
-        fraction = min(1.0, UPLOAD_FACTOR * self.global_bank_size / total)
-        logger.info(
-            "local coreset: %.4g of each site's patches (%g x a global bank of %d of %d "
-            "patches)", fraction, UPLOAD_FACTOR, self.global_bank_size, total,
-        )
-        return fraction
 
     def train(self, num_rounds: int = 1) -> FederatedPatchCore:
         """Execute federated training.
@@ -214,6 +203,8 @@ class FederatedPatchCore:
                     "global_bank_size": int(self.global_bank.shape[0]),
                     "requested_bank_size": self.global_bank_size,
                     "coreset_percentage": self.coreset_percentage,
+                    "upload_factor": (None if self.upload_budget is None
+                                      else self.upload_budget.factor),
                     "aggregation_strategy": self.server.aggregation_strategy,
                     "codec": self.server.codec.value_type,
                     "rounds": [r.as_dict() for r in self.reports],
@@ -246,7 +237,9 @@ class FederatedPatchCore:
                 if "requested_bank_size" in federation
                 else federation["global_bank_size"]
             ),
-            coreset_percentage=float(federation["coreset_percentage"]),
+            coreset_percentage=(None if federation["coreset_percentage"] is None
+                                else float(federation["coreset_percentage"])),
+            upload_factor=float(federation.get("upload_factor") or UPLOAD_FACTOR),
             aggregation_strategy=federation["aggregation_strategy"],
             seed=model.config.seed,
             device=device,

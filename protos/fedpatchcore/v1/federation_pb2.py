@@ -26,15 +26,15 @@ from fedpatchcore.v1 import features_pb2 as fedpatchcore_dot_v1_dot_features__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedpatchcore/v1/federation.proto\x12\x0f\x66\x65\x64patchcore.v1\x1a\x1e\x66\x65\x64patchcore/v1/features.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x10JoinRoundRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x1b\n\x13\x66\x65\x61ture_fingerprint\x18\x02 \x01(\t\"\x9e\x01\n\x11JoinRoundResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.fedpatchcore.v1.RoundConfig\x12-\n\x06upload\x18\x02 \x01(\x0b\x32\x1d.fedpatchcore.v1.UploadStatus\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1c.fedpatchcore.v1.RoundStatus\"\xc3\x01\n\x10\x46\x65\x61tureExtractor\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x12\n\npretrained\x18\x03 \x01(\x08\x12\x1a\n\x12pretrain_embed_dim\x18\x04 \x01(\r\x12\x18\n\x10target_embed_dim\x18\x05 \x01(\r\x12\x12\n\npatch_size\x18\x06 \x01(\r\x12\x0e\n\x06resize\x18\x07 \x03(\r\x12\x0c\n\x04\x63rop\x18\x08 \x01(\r\x12\x11\n\tinit_seed\x18\t \x01(\x04\"\xa2\x03\n\x0bRoundConfig\x12\r\n\x05round\x18\x01 \x01(\r\x12\x1b\n\x13\x66\x65\x61ture_fingerprint\x18\x02 \x01(\t\x12\x34\n\textractor\x18\x03 \x01(\x0b\x32!.fedpatchcore.v1.FeatureExtractor\x12+\n\x05\x63odec\x18\x04 \x01(\x0b\x32\x1c.fedpatchcore.v1.CodecConfig\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x18\n\x10global_bank_size\x18\x06 \x01(\x04\x12\x19\n\x11max_rows_per_site\x18\x07 \x01(\x04\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x08 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65xpected_sites\x18\n \x01(\r\x12\x0e\n\x06quorum\x18\x0b \x01(\r\x12\x19\n\x11novelty_threshold\x18\x0c \x01(\x01\x12\x19\n\x11\x62\x61se_bank_version\x18\r \x01(\x04\x12\x15\n\rfederation_id\x18\x0e \x01(\t\":\n\x18QueryUploadStatusRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"J\n\x19QueryUploadStatusResponse\x12-\n\x06upload\x18\x01 \x01(\x0b\x32\x1d.fedpatchcore.v1.UploadStatus\"\x8f\x01\n\x0cUploadStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11summary_committed\x18\x03 \x01(\x08\x12\x1a\n\x12\x63ommitted_sequence\x18\x04 \x01(\x04\x12\x16\n\x0e\x63ommitted_rows\x18\x05 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\"x\n\x16UploadFeaturesResponse\x12-\n\x06upload\x18\x01 \x01(\x0b\x32\x1d.fedpatchcore.v1.UploadStatus\x12\x17\n\x0f\x63hunks_accepted\x18\x02 \x01(\x04\x12\x16\n\x0e\x63hunks_ignored\x18\x03 \x01(\x04\"M\n\x13\x44ownloadBankRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\"\xab\x01\n\x14\x44ownloadBankResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedpatchcore.v1.BankHeaderH\x00\x12/\n\x07removed\x18\x02 \x01(\x0b\x32\x1c.fedpatchcore.v1.RemovedRowsH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.fedpatchcore.v1.BankChunkH\x00\x42\x06\n\x04\x62ody\"\xb9\x02\n\nBankHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x12\n\ntotal_rows\x18\x04 \x01(\x04\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x05 \x01(\r\x12\x16\n\x0erows_in_stream\x18\x06 \x01(\x04\x12\x14\n\x0crows_removed\x18\x07 \x01(\x04\x12\x15\n\rbank_checksum\x18\x08 \x01(\x06\x12\x1e\n\x16server_coverage_radius\x18\t \x01(\x01\x12 \n\x18max_site_coverage_radius\x18\n \x01(\x01\x12.\n\nvalue_type\x18\x0b \x01(\x0e\x32\x1a.fedpatchcore.v1.ValueType\x12\x15\n\rfederation_id\x18\x0c \x01(\t\"\x1e\n\x0bRemovedRows\x12\x0f\n\x07indices\x18\x01 \x03(\x04\"L\n\x11WatchRoundRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\x0fmin_interval_ms\x18\x03 \x01(\r\"\x9d\x02\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\r\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.fedpatchcore.v1.RoundState\x12\x16\n\x0esites_expected\x18\x03 \x01(\r\x12\x0e\n\x06quorum\x18\x04 \x01(\r\x12\x14\n\x0csites_joined\x18\x05 \x01(\r\x12\x16\n\x0esites_complete\x18\x06 \x01(\r\x12\x15\n\rrows_received\x18\x07 \x01(\x04\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62\x61nk_version\x18\t \x01(\x04\x12\x11\n\tbank_rows\x18\n \x01(\x04\x12\x0f\n\x07message\x18\x0b \x01(\t*\x8f\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x01\x12\x19\n\x15ROUND_STATE_SELECTING\x10\x02\x12\x15\n\x11ROUND_STATE_READY\x10\x03\x12\x16\n\x12ROUND_STATE_FAILED\x10\x04\x32\xe9\x03\n\x11\x46\x65\x64\x65rationService\x12R\n\tJoinRound\x12!.fedpatchcore.v1.JoinRoundRequest\x1a\".fedpatchcore.v1.JoinRoundResponse\x12\x63\n\x0eUploadFeatures\x12&.fedpatchcore.v1.UploadFeaturesRequest\x1a\'.fedpatchcore.v1.UploadFeaturesResponse(\x01\x12j\n\x11QueryUploadStatus\x12).fedpatchcore.v1.QueryUploadStatusRequest\x1a*.fedpatchcore.v1.QueryUploadStatusResponse\x12]\n\x0c\x44ownloadBank\x12$.fedpatchcore.v1.DownloadBankRequest\x1a%.fedpatchcore.v1.DownloadBankResponse0\x01\x12P\n\nWatchRound\x12\".fedpatchcore.v1.WatchRoundRequest\x1a\x1c.fedpatchcore.v1.RoundStatus0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n fedpatchcore/v1/federation.proto\x12\x0f\x66\x65\x64patchcore.v1\x1a\x1e\x66\x65\x64patchcore/v1/features.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"@\n\x10JoinRoundRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x1b\n\x13\x66\x65\x61ture_fingerprint\x18\x02 \x01(\t\"\x9e\x01\n\x11JoinRoundResponse\x12,\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x1c.fedpatchcore.v1.RoundConfig\x12-\n\x06upload\x18\x02 \x01(\x0b\x32\x1d.fedpatchcore.v1.UploadStatus\x12,\n\x06status\x18\x03 \x01(\x0b\x32\x1c.fedpatchcore.v1.RoundStatus\"\xc3\x01\n\x10\x46\x65\x61tureExtractor\x12\x10\n\x08\x62\x61\x63kbone\x18\x01 \x01(\t\x12\x0e\n\x06layers\x18\x02 \x03(\t\x12\x12\n\npretrained\x18\x03 \x01(\x08\x12\x1a\n\x12pretrain_embed_dim\x18\x04 \x01(\r\x12\x18\n\x10target_embed_dim\x18\x05 \x01(\r\x12\x12\n\npatch_size\x18\x06 \x01(\r\x12\x0e\n\x06resize\x18\x07 \x03(\r\x12\x0c\n\x04\x63rop\x18\x08 \x01(\r\x12\x11\n\tinit_seed\x18\t \x01(\x04\"\xb8\x03\n\x0bRoundConfig\x12\r\n\x05round\x18\x01 \x01(\r\x12\x1b\n\x13\x66\x65\x61ture_fingerprint\x18\x02 \x01(\t\x12\x34\n\textractor\x18\x03 \x01(\x0b\x32!.fedpatchcore.v1.FeatureExtractor\x12+\n\x05\x63odec\x18\x04 \x01(\x0b\x32\x1c.fedpatchcore.v1.CodecConfig\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\r\x12\x18\n\x10global_bank_size\x18\x06 \x01(\x04\x12\x19\n\x11max_rows_per_site\x18\x07 \x01(\x04\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x08 \x01(\r\x12,\n\x08\x64\x65\x61\x64line\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x65xpected_sites\x18\n \x01(\r\x12\x0e\n\x06quorum\x18\x0b \x01(\r\x12\x19\n\x11novelty_threshold\x18\x0c \x01(\x01\x12\x19\n\x11\x62\x61se_bank_version\x18\r \x01(\x04\x12\x15\n\rfederation_id\x18\x0e \x01(\t\x12\x14\n\x0c\x66ull_coreset\x18\x0f \x01(\x08\":\n\x18QueryUploadStatusRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\"J\n\x19QueryUploadStatusResponse\x12-\n\x06upload\x18\x01 \x01(\x0b\x32\x1d.fedpatchcore.v1.UploadStatus\"\x8f\x01\n\x0cUploadStatus\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x19\n\x11summary_committed\x18\x03 \x01(\x08\x12\x1a\n\x12\x63ommitted_sequence\x18\x04 \x01(\x04\x12\x16\n\x0e\x63ommitted_rows\x18\x05 \x01(\x04\x12\x10\n\x08\x63omplete\x18\x06 \x01(\x08\"x\n\x16UploadFeaturesResponse\x12-\n\x06upload\x18\x01 \x01(\x0b\x32\x1d.fedpatchcore.v1.UploadStatus\x12\x17\n\x0f\x63hunks_accepted\x18\x02 \x01(\x04\x12\x16\n\x0e\x63hunks_ignored\x18\x03 \x01(\x04\"M\n\x13\x44ownloadBankRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x04\x12\x14\n\x0chave_version\x18\x03 \x01(\x04\"\xab\x01\n\x14\x44ownloadBankResponse\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.fedpatchcore.v1.BankHeaderH\x00\x12/\n\x07removed\x18\x02 \x01(\x0b\x32\x1c.fedpatchcore.v1.RemovedRowsH\x00\x12+\n\x05\x63hunk\x18\x03 \x01(\x0b\x32\x1a.fedpatchcore.v1.BankChunkH\x00\x42\x06\n\x04\x62ody\"\xb9\x02\n\nBankHeader\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x14\n\x0c\x62\x61se_version\x18\x03 \x01(\x04\x12\x12\n\ntotal_rows\x18\x04 \x01(\x04\x12\x13\n\x0b\x66\x65\x61ture_dim\x18\x05 \x01(\r\x12\x16\n\x0erows_in_stream\x18\x06 \x01(\x04\x12\x14\n\x0crows_removed\x18\x07 \x01(\x04\x12\x15\n\rbank_checksum\x18\x08 \x01(\x06\x12\x1e\n\x16server_coverage_radius\x18\t \x01(\x01\x12 \n\x18max_site_coverage_radius\x18\n \x01(\x01\x12.\n\nvalue_type\x18\x0b \x01(\x0e\x32\x1a.fedpatchcore.v1.ValueType\x12\x15\n\rfederation_id\x18\x0c \x01(\t\"\x1e\n\x0bRemovedRows\x12\x0f\n\x07indices\x18\x01 \x03(\x04\"L\n\x11WatchRoundRequest\x12\x0f\n\x07site_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\r\x12\x17\n\x0fmin_interval_ms\x18\x03 \x01(\r\"\xb7\x02\n\x0bRoundStatus\x12\r\n\x05round\x18\x01 \x01(\r\x12*\n\x05state\x18\x02 \x01(\x0e\x32\x1b.fedpatchcore.v1.RoundState\x12\x16\n\x0esites_expected\x18\x03 \x01(\r\x12\x0e\n\x06quorum\x18\x04 \x01(\r\x12\x14\n\x0csites_joined\x18\x05 \x01(\r\x12\x16\n\x0esites_complete\x18\x06 \x01(\r\x12\x15\n\rrows_received\x18\x07 \x01(\x04\x12,\n\x08\x64\x65\x61\x64line\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0c\x62\x61nk_version\x18\t \x01(\x04\x12\x11\n\tbank_rows\x18\n \x01(\x04\x12\x0f\n\x07message\x18\x0b \x01(\t\x12\x18\n\x10global_bank_size\x18\x10 \x01(\x04*\x8f\x01\n\nRoundState\x12\x1b\n\x17ROUND_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16ROUND_STATE_COLLECTING\x10\x01\x12\x19\n\x15ROUND_STATE_SELECTING\x10\x02\x12\x15\n\x11ROUND_STATE_READY\x10\x03\x12\x16\n\x12ROUND_STATE_FAILED\x10\x04\x32\xe9\x03\n\x11\x46\x65\x64\x65rationService\x12R\n\tJoinRound\x12!.fedpatchcore.v1.JoinRoundRequest\x1a\".fedpatchcore.v1.JoinRoundResponse\x12\x63\n\x0eUploadFeatures\x12&.fedpatchcore.v1.UploadFeaturesRequest\x1a\'.fedpatchcore.v1.UploadFeaturesResponse(\x01\x12j\n\x11QueryUploadStatus\x12).fedpatchcore.v1.QueryUploadStatusRequest\x1a*.fedpatchcore.v1.QueryUploadStatusResponse\x12]\n\x0c\x44ownloadBank\x12$.fedpatchcore.v1.DownloadBankRequest\x1a%.fedpatchcore.v1.DownloadBankResponse0\x01\x12P\n\nWatchRound\x12\".fedpatchcore.v1.WatchRoundRequest\x1a\x1c.fedpatchcore.v1.RoundStatus0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fedpatchcore.v1.federation_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ROUNDSTATE']._serialized_start=2336
-  _globals['_ROUNDSTATE']._serialized_end=2479
+  _globals['_ROUNDSTATE']._serialized_start=2384
+  _globals['_ROUNDSTATE']._serialized_end=2527
   _globals['_JOINROUNDREQUEST']._serialized_start=118
   _globals['_JOINROUNDREQUEST']._serialized_end=182
   _globals['_JOINROUNDRESPONSE']._serialized_start=185
@@ -42,27 +42,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FEATUREEXTRACTOR']._serialized_start=346
   _globals['_FEATUREEXTRACTOR']._serialized_end=541
   _globals['_ROUNDCONFIG']._serialized_start=544
-  _globals['_ROUNDCONFIG']._serialized_end=962
-  _globals['_QUERYUPLOADSTATUSREQUEST']._serialized_start=964
-  _globals['_QUERYUPLOADSTATUSREQUEST']._serialized_end=1022
-  _globals['_QUERYUPLOADSTATUSRESPONSE']._serialized_start=1024
-  _globals['_QUERYUPLOADSTATUSRESPONSE']._serialized_end=1098
-  _globals['_UPLOADSTATUS']._serialized_start=1101
-  _globals['_UPLOADSTATUS']._serialized_end=1244
-  _globals['_UPLOADFEATURESRESPONSE']._serialized_start=1246
-  _globals['_UPLOADFEATURESRESPONSE']._serialized_end=1366
-  _globals['_DOWNLOADBANKREQUEST']._serialized_start=1368
-  _globals['_DOWNLOADBANKREQUEST']._serialized_end=1445
-  _globals['_DOWNLOADBANKRESPONSE']._serialized_start=1448
-  _globals['_DOWNLOADBANKRESPONSE']._serialized_end=1619
-  _globals['_BANKHEADER']._serialized_start=1622
-  _globals['_BANKHEADER']._serialized_end=1935
-  _globals['_REMOVEDROWS']._serialized_start=1937
-  _globals['_REMOVEDROWS']._serialized_end=1967
-  _globals['_WATCHROUNDREQUEST']._serialized_start=1969
-  _globals['_WATCHROUNDREQUEST']._serialized_end=2045
-  _globals['_ROUNDSTATUS']._serialized_start=2048
-  _globals['_ROUNDSTATUS']._serialized_end=2333
-  _globals['_FEDERATIONSERVICE']._serialized_start=2482
-  _globals['_FEDERATIONSERVICE']._serialized_end=2971
+  _globals['_ROUNDCONFIG']._serialized_end=984
+  _globals['_QUERYUPLOADSTATUSREQUEST']._serialized_start=986
+  _globals['_QUERYUPLOADSTATUSREQUEST']._serialized_end=1044
+  _globals['_QUERYUPLOADSTATUSRESPONSE']._serialized_start=1046
+  _globals['_QUERYUPLOADSTATUSRESPONSE']._serialized_end=1120
+  _globals['_UPLOADSTATUS']._serialized_start=1123
+  _globals['_UPLOADSTATUS']._serialized_end=1266
+  _globals['_UPLOADFEATURESRESPONSE']._serialized_start=1268
+  _globals['_UPLOADFEATURESRESPONSE']._serialized_end=1388
+  _globals['_DOWNLOADBANKREQUEST']._serialized_start=1390
+  _globals['_DOWNLOADBANKREQUEST']._serialized_end=1467
+  _globals['_DOWNLOADBANKRESPONSE']._serialized_start=1470
+  _globals['_DOWNLOADBANKRESPONSE']._serialized_end=1641
+  _globals['_BANKHEADER']._serialized_start=1644
+  _globals['_BANKHEADER']._serialized_end=1957
+  _globals['_REMOVEDROWS']._serialized_start=1959
+  _globals['_REMOVEDROWS']._serialized_end=1989
+  _globals['_WATCHROUNDREQUEST']._serialized_start=1991
+  _globals['_WATCHROUNDREQUEST']._serialized_end=2067
+  _globals['_ROUNDSTATUS']._serialized_start=2070
+  _globals['_ROUNDSTATUS']._serialized_end=2381
+  _globals['_FEDERATIONSERVICE']._serialized_start=2530
+  _globals['_FEDERATIONSERVICE']._serialized_end=3019
 # @@protoc_insertion_point(module_scope)

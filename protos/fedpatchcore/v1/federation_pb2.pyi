@@ -65,7 +65,7 @@ class FeatureExtractor(_message.Message):
     def __init__(self, backbone: _Optional[str] = ..., layers: _Optional[_Iterable[str]] = ..., pretrained: _Optional[bool] = ..., pretrain_embed_dim: _Optional[int] = ..., target_embed_dim: _Optional[int] = ..., patch_size: _Optional[int] = ..., resize: _Optional[_Iterable[int]] = ..., crop: _Optional[int] = ..., init_seed: _Optional[int] = ...) -> None: ...
 
 class RoundConfig(_message.Message):
-    __slots__ = ("round", "feature_fingerprint", "extractor", "codec", "max_chunk_bytes", "global_bank_size", "max_rows_per_site", "feature_dim", "deadline", "expected_sites", "quorum", "novelty_threshold", "base_bank_version", "federation_id")
+    __slots__ = ("round", "feature_fingerprint", "extractor", "codec", "max_chunk_bytes", "global_bank_size", "max_rows_per_site", "feature_dim", "deadline", "expected_sites", "quorum", "novelty_threshold", "base_bank_version", "federation_id", "full_coreset")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     FEATURE_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     EXTRACTOR_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class RoundConfig(_message.Message):
     NOVELTY_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     BASE_BANK_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEDERATION_ID_FIELD_NUMBER: _ClassVar[int]
+    FULL_CORESET_FIELD_NUMBER: _ClassVar[int]
     round: int
     feature_fingerprint: str
     extractor: FeatureExtractor
@@ -94,7 +95,8 @@ class RoundConfig(_message.Message):
     novelty_threshold: float
     base_bank_version: int
     federation_id: str
-    def __init__(self, round: _Optional[int] = ..., feature_fingerprint: _Optional[str] = ..., extractor: _Optional[_Union[FeatureExtractor, _Mapping]] = ..., codec: _Optional[_Union[_features_pb2.CodecConfig, _Mapping]] = ..., max_chunk_bytes: _Optional[int] = ..., global_bank_size: _Optional[int] = ..., max_rows_per_site: _Optional[int] = ..., feature_dim: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expected_sites: _Optional[int] = ..., quorum: _Optional[int] = ..., novelty_threshold: _Optional[float] = ..., base_bank_version: _Optional[int] = ..., federation_id: _Optional[str] = ...) -> None: ...
+    full_coreset: bool
+    def __init__(self, round: _Optional[int] = ..., feature_fingerprint: _Optional[str] = ..., extractor: _Optional[_Union[FeatureExtractor, _Mapping]] = ..., codec: _Optional[_Union[_features_pb2.CodecConfig, _Mapping]] = ..., max_chunk_bytes: _Optional[int] = ..., global_bank_size: _Optional[int] = ..., max_rows_per_site: _Optional[int] = ..., feature_dim: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., expected_sites: _Optional[int] = ..., quorum: _Optional[int] = ..., novelty_threshold: _Optional[float] = ..., base_bank_version: _Optional[int] = ..., federation_id: _Optional[str] = ..., full_coreset: _Optional[bool] = ...) -> None: ...
 
 class QueryUploadStatusRequest(_message.Message):
     __slots__ = ("site_id", "round")
@@ -201,7 +203,7 @@ class WatchRoundRequest(_message.Message):
     def __init__(self, site_id: _Optional[str] = ..., round: _Optional[int] = ..., min_interval_ms: _Optional[int] = ...) -> None: ...
 
 class RoundStatus(_message.Message):
-    __slots__ = ("round", "state", "sites_expected", "quorum", "sites_joined", "sites_complete", "rows_received", "deadline", "bank_version", "bank_rows", "message")
+    __slots__ = ("round", "state", "sites_expected", "quorum", "sites_joined", "sites_complete", "rows_received", "deadline", "bank_version", "bank_rows", "message", "global_bank_size")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     SITES_EXPECTED_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +215,7 @@ class RoundStatus(_message.Message):
     BANK_VERSION_FIELD_NUMBER: _ClassVar[int]
     BANK_ROWS_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    GLOBAL_BANK_SIZE_FIELD_NUMBER: _ClassVar[int]
     round: int
     state: RoundState
     sites_expected: int
@@ -224,4 +227,5 @@ class RoundStatus(_message.Message):
     bank_version: int
     bank_rows: int
     message: str
-    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., sites_expected: _Optional[int] = ..., quorum: _Optional[int] = ..., sites_joined: _Optional[int] = ..., sites_complete: _Optional[int] = ..., rows_received: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bank_version: _Optional[int] = ..., bank_rows: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+    global_bank_size: int
+    def __init__(self, round: _Optional[int] = ..., state: _Optional[_Union[RoundState, str]] = ..., sites_expected: _Optional[int] = ..., quorum: _Optional[int] = ..., sites_joined: _Optional[int] = ..., sites_complete: _Optional[int] = ..., rows_received: _Optional[int] = ..., deadline: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., bank_version: _Optional[int] = ..., bank_rows: _Optional[int] = ..., message: _Optional[str] = ..., global_bank_size: _Optional[int] = ...) -> None: ...

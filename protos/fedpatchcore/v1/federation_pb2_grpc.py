@@ -72,7 +72,8 @@ class FederationServiceServicer:
         Idempotent; a site calls it again after a restart. The reply describes the latest round:
         when every round is done its status is ROUND_STATE_READY (download the bank). Fails with
         PERMISSION_DENIED for a site the federation does not expect, FAILED_PRECONDITION for a site
-        that missed round 1 (it cannot join later rounds) or whose feature_fingerprint differs.
+        that missed its round (a site added by the operator takes part from the next round it
+        opens) or whose feature_fingerprint differs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
