@@ -53,6 +53,9 @@ COMMANDS: Final[dict[str, tuple[str, str]]] = {
                          "realistic generated setting"),
     "upload-size": ("upload_size", "rows each site uploads in round 1 against the bank's "
                     "coverage and AUROC (upload multiplier f x k / S)"),
+    "site-allocation": ("site_allocation", "bank rows kept per site and AUROC per category "
+                        "for floors of the allocation rule, a compact category beside busy "
+                        "ones"),
     "server-selection": ("server_selection", "server selection latency after the last chunk"),
     "selection-scale": ("selection_scale", "server selection at k = 10k .. 100k: ingest work, "
                         "tail, memory, certified r_S, quality against the exact ranking"),

@@ -107,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--server-selection", choices=("prefix", "farthest_first"),
                        help="how the coreset strategy picks the bank: prefix merge of the "
                        "sites' pick-ordered uploads (default) or farthest-first over the union")
+    group.add_argument("--floor-fraction", type=float,
+                       help="prefix selection: each site's guaranteed fraction of its "
+                            "proportional share of the bank (default 0.1)")
+    group.add_argument("--max-site-share", type=float,
+                       help="prefix selection: most rows one site may keep, fraction of k "
+                            "(default: no cap)")
     group.add_argument("--seed", type=int, help="selection seed (default 0)")
     group.add_argument("--device", choices=("auto", "cpu", "cuda"),
                        help="where selection runs (auto: CUDA when available)")
@@ -184,7 +190,8 @@ _SERVE_KEYS = (
     "max_workers", "max_rpcs_per_site", "max_exempt_streams_per_peer", "max_exempt_streams",
     "expected_sites", "quorum", "round_timeout_s", "rounds", "round_interval_s",
     "global_bank_size",
-    "strategy", "server_selection", "seed", "device", "buffer_rows", "codec", "byte_shuffle",
+    "strategy", "server_selection", "floor_fraction", "max_site_share", "seed", "device",
+    "buffer_rows", "codec", "byte_shuffle",
     "zstd_level", "max_chunk_bytes",
     "max_rows_per_site", "feature_fingerprint", "feature_dim", "state_dir", "grace_s",
     "log_level", "log_format", "metrics_port", "metrics_host",

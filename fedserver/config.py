@@ -113,6 +113,18 @@ class ServerConfig:
         "at the\n"
         "largest local separation) or \"farthest_first\" (farthest-first again over the "
         "union)."))
+    floor_fraction: float | None = field(default=None, metadata=_help(
+        "prefix selection: each site first keeps this fraction of its proportional share "
+        "of the bank,\n"
+        "k x num_patches_i / all patches (its rows of largest separation); the rest follows "
+        "coverage.\n"
+        "Unset = 0.1; 0 = the plain k largest separations (a compact site can be starved)."))
+    max_site_share: float | None = field(default=None, metadata=_help(
+        "prefix selection: most rows one site may keep, as a fraction of k (0 < x <= 1); "
+        "unset = no\n"
+        "cap. The round report says when it applied. A site far above its share of "
+        "patches is\n"
+        "flagged in the report and the log either way."))
     seed: int = field(default=0, metadata=_help(
         "Seeds the selection (projection, start point, sampling keys)."))
     codec: str = field(default="fp16", metadata=_help(
@@ -231,6 +243,20 @@ class ServerConfig:
                 "server_selection must be 'prefix' or 'farthest_first', got "
                 f"{self.server_selection!r}"
             )
+        for name in ("floor_fraction", "max_site_share"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if self.strategy != "coreset" or self.server_selection != "prefix":
+                raise ConfigError(f"{name} applies to the prefix selection only (strategy "
+                                  "'coreset', server_selection 'prefix'); unset it")
+            low_ok = value >= 0 if name == "floor_fraction" else value > 0
+            if not isinstance(value, int | float) or isinstance(value, bool) or not (
+                low_ok and value <= 1
+            ):
+                bounds = "[0, 1]" if name == "floor_fraction" else "(0, 1]"
+                raise ConfigError(f"{name} must be in {bounds}, got {value!r}")
+            object.__setattr__(self, name, float(value))
         _int_range("seed", self.seed, 0, 2**63 - 1)
         if self.codec not in CODEC_PRESETS:
             raise ConfigError(f"codec must be one of {sorted(CODEC_PRESETS)}, got {self.codec!r}")
@@ -428,6 +454,8 @@ _EXAMPLES: Final[dict[str, str]] = {
     "tls_key": '"server.key"',
     "client_ca": '"ca.pem"',
     "buffer_rows": "131072",
+    "floor_fraction": "0.1",
+    "max_site_share": "0.5",
     "byte_shuffle": "true",
     "zstd_level": "3",
     "extractor": (

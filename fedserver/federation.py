@@ -622,6 +622,8 @@ class Federation:
         with self.lock:
             self._aggregator = aggregator
             rnd.bank_version, rnd.bank_rows = version, rows
+            rnd.allocation = [a.as_dict() for a in outcome.allocation]
+            rnd.flooding = dict(outcome.flooding)
             rnd.ready_at = time.perf_counter()
             rnd.ready_unix = time.time()
             started = rnd.completed_at if rnd.completed_at is not None else rnd.ready_at
@@ -823,7 +825,9 @@ class Federation:
     def _report_settings(self) -> dict[str, Any]:
         return {"device": self.device, "strategy": self.config.strategy,
                 "server_selection": self.config.server_selection, "codec": self.config.codec,
-                "global_bank_size": self.config.global_bank_size}
+                "global_bank_size": self.config.global_bank_size,
+                "floor_fraction": self._aggregator.floor_fraction,
+                "max_site_share": self.config.max_site_share}
 
     async def watch(
         self, round_number: int, min_interval_s: float, is_active: Callable[[], bool]
@@ -892,6 +896,8 @@ class Federation:
             "global_bank_size": self.config.global_bank_size,
             "strategy": self.config.strategy,
             "server_selection": self.config.server_selection,
+            "floor_fraction": self._aggregator.floor_fraction,  # the default resolved
+            "max_site_share": self.config.max_site_share,
             "seed": self.config.seed,
             "buffer_rows": self.config.buffer_rows,
             "codec": self.config.codec,
@@ -904,7 +910,10 @@ class Federation:
         settings = self._selection_settings()
         if path.exists():
             stored = json.loads(path.read_text(encoding="utf-8"))
-            changed = {k: (stored.get(k), v) for k, v in settings.items() if stored.get(k) != v}
+            # A state directory from before the allocation settings was selected without them.
+            legacy = {"floor_fraction": 0.0, "max_site_share": None}
+            changed = {k: (stored.get(k, legacy.get(k)), v) for k, v in settings.items()
+                       if stored.get(k, legacy.get(k)) != v}
             if changed:
                 details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
                 raise StateMismatchError(
@@ -936,8 +945,9 @@ class Federation:
             buffer_rows=self.config.buffer_rows,
             device=self.device,
             server_selection=self.config.server_selection,
+            floor_fraction=self.config.floor_fraction,
+            max_site_share=self.config.max_site_share,
         )
-
 
 
 #: File of the state directory that holds its federation id (one line, 32 lowercase hex).

@@ -213,6 +213,8 @@ def _aggregator(server: ServerConfig) -> GlobalBankAggregator:
         buffer_rows=server.buffer_rows,
         device=server.selection_device(),
         server_selection=server.server_selection,
+        floor_fraction=server.floor_fraction,
+        max_site_share=server.max_site_share,
     )
 
 
@@ -335,6 +337,8 @@ def run_round(grid: Grid, settings: FlowerRunSettings) -> dict[str, Any]:
         "server_coverage_radius": server_radius,
         "max_site_coverage_radius": outcome.max_site_radius,
         "certificate": server_radius + outcome.max_site_radius,
+        "allocation": [a.as_dict() for a in outcome.allocation],
+        "flooding": dict(outcome.flooding),
         "site_metrics": {
             str(r.content[SITE_KEY]["site-id"]): dict(r.content["metrics"]) for r in receipts
         },

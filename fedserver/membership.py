@@ -238,6 +238,8 @@ def _withdraw(fed: Federation, site_id: str) -> Withdrawal:
         if changed:
             rnd = fed._rounds[withdrawal.bank_round]
             rnd.bank_version, rnd.bank_rows = after, rows
+            rnd.allocation = [a.as_dict() for a in outcome.allocation]
+            rnd.flooding = dict(outcome.flooding)
         entry = {**withdrawal.record(), "at": time.time(),
                  "seconds": time.perf_counter() - started}
         target = fed._rounds[withdrawal.bank_round or withdrawal.round]

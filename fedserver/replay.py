@@ -152,6 +152,8 @@ def replay_journal(federation: Federation) -> None:
             interval = federation.config.round_interval_s
             if interval > 0 and "closed_at" in value:
                 rnd.next_open_at = float(value["closed_at"]) + interval
+            rnd.allocation = [a.as_dict() for a in outcome.allocation]
+            rnd.flooding = dict(outcome.flooding)
             rnd.reported = False  # closed before this process started: its report exists
             logger.info("replayed round %d: bank version %d verified", number, version)
         elif record.kind is RecordKind.ROUND_FAILED:

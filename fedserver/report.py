@@ -9,6 +9,10 @@ then rendered and written by :class:`ReportWriter` off every lock):
   k (``bank.short``); the coverage certificate ``max_i r_i + r_S`` with its parts
   (each site's r_i, the server's r_S including the codec's error);
 * selection: seconds from the last upload to the stored bank, on which device, which strategy;
+* bank allocation (prefix selection): per site its patches, rows uploaded (all rounds) and
+  kept, proportional share k x n_i / N, floor, whether max_site_share capped it, whether its
+  whole upload was kept (then its upload limited the bank), and the flooding flag
+  (core.federated.allocation);
 * per site: rows and r_i of its summary, chunks committed and resent, messages and bytes
   received (serialized UploadFeaturesRequest messages, rejected ones included), rejections
   with their reasons, bytes sent back in bank downloads of this round's bank (serialized
@@ -114,6 +118,32 @@ def render_round_report(report: Mapping[str, Any]) -> str:
             ("strategy", selection.get("strategy")),
             ("server selection", selection.get("server_selection")),
         ], table_id="selection")))
+    allocation = report.get("allocation")
+    if allocation:
+        flagged = allocation.get("flooding") or {}
+        alloc_rows = [
+            [site["site_id"], site.get("num_patches"), site.get("rows_uploaded_all_rounds"),
+             site.get("bank_rows_kept"), site.get("proportional_share"), site.get("floor"),
+             site.get("capped_from"), "yes" if site.get("whole_upload_kept") else "no",
+             (f"FLOODING ({flagged[site['site_id']]:.1f} x the others' rows per patch)"
+              if site["site_id"] in flagged else "")]
+            for site in report["sites"] if site.get("bank_rows_kept") is not None
+        ]
+        cap = allocation.get("max_site_share")
+        applied = allocation.get("cap_applied_to") or []
+        sections.append(section(
+            "Bank allocation",
+            table(["site", "patches", "rows uploaded (all rounds)", "rows kept",
+                   "proportional share k n_i/N", "floor", "capped from", "whole upload kept",
+                   "flag"], alloc_rows, table_id="allocation", digits=4),
+            note=f"floor_fraction {allocation.get('floor_fraction')}; max_site_share "
+            f"{cap if cap is not None else 'unset'}"
+            + (f" (applied to {', '.join(applied)})" if applied else "")
+            + ". A site whose whole upload is kept limited the bank by its upload. FLOODING: "
+            "more than 5 x the other sites' bank rows per patch and a bank share over 10 "
+            "points above its share of patches (random rows, a broken camera or extractor "
+            "look like that; so can a genuinely far more diverse site).",
+        ))
     headers = ["site", "rows", "chunks", "chunks resent", "messages up", "bytes up",
                "downloads", "bytes down", "join -> upload complete s",
                "upload complete -> bank ready s", "rejected"]
@@ -178,11 +208,14 @@ def build_round_report(
     server_selection: str,
     codec: str,
     global_bank_size: int,
+    floor_fraction: float = 0.0,
+    max_site_share: float | None = None,
 ) -> dict[str, Any]:
     """What round ``rnd``'s report holds, as a JSON-ready dict (a snapshot: call it under the
     federation's lock; nothing in it refers back to live state). ``meta``: its bank version's
     metadata (None when the round has no bank); ``global_bank_size``: the k asked for, so a
     bank the uploads could not fill says so (``bank.short``)."""
+    allocation = {a["site_id"]: a for a in rnd.allocation}
     sites = []
     for site_id in sorted(set(rnd.expected) | set(rnd.stats) | set(rnd.sites)):
         stats = rnd.stats.get(site_id)
@@ -208,6 +241,21 @@ def build_round_report(
             "upload_complete_at": stats.upload_complete_at if stats else None,
             "rejected_count": stats.rejected_count if stats else 0,
             "rejected": list(stats.rejected) if stats else [],
+            # The selection's share for the site (prefix selection; None otherwise): rows it
+            # uploaded over all rounds and kept, k x n_i / N, its floor, whether the cap took
+            # rows from it, whether its whole upload is in the bank (its upload limited it).
+            "bank_rows_kept": allocation[site_id]["kept"] if site_id in allocation else None,
+            "rows_uploaded_all_rounds": (allocation[site_id]["uploaded"]
+                                         if site_id in allocation else None),
+            "num_patches": allocation[site_id]["num_patches"] if site_id in allocation else None,
+            "proportional_share": (allocation[site_id]["proportional"]
+                                   if site_id in allocation else None),
+            "floor": allocation[site_id]["floor"] if site_id in allocation else None,
+            "capped_from": (allocation[site_id]["uncapped"]
+                            if site_id in allocation and allocation[site_id]["capped"] else None),
+            "whole_upload_kept": (allocation[site_id]["whole_upload_kept"]
+                                  if site_id in allocation else None),
+            "flooding_ratio": rnd.flooding.get(site_id),
         })
     included = list(rnd.included) if rnd.included is not None else None
     counted = [s for s in sites if included is None or s["site_id"] in included]
@@ -249,6 +297,14 @@ def build_round_report(
             "certificate": float(meta["server_radius"]) + float(meta["max_site_radius"]),
             "site_radii": radii,
         } if meta is not None else None,
+        "allocation": {
+            "floor_fraction": floor_fraction,
+            "max_site_share": max_site_share,
+            "cap_applied_to": sorted(a["site_id"] for a in rnd.allocation if a["capped"]),
+            "flooding": dict(rnd.flooding),
+            "upload_limited": sorted(a["site_id"] for a in rnd.allocation
+                                     if a["whole_upload_kept"]),
+        } if rnd.allocation else None,
         "sites": sites,
         "totals": {
             key: sum(s[key] for s in sites)

@@ -166,6 +166,10 @@ class Round:
     selection_seconds: float | None = None
     restarted: bool = False
     reported: bool = True
+    # The selection's rows per site (core.federated.allocation.SiteAllocation.as_dict) and the
+    # sites flagged as flooding the bank (-> rows-per-patch ratio against the others).
+    allocation: list[dict[str, object]] = field(default_factory=list)
+    flooding: dict[str, float] = field(default_factory=dict)
     # Per site, the identity (core.serde.chunk_identity) of each committed chunk: a resend
     # after the round closed is recognised as identical, and ignored, without the chunk.
     committed_chunks: dict[str, list[tuple[object, ...]]] = field(default_factory=dict)

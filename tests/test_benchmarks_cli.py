@@ -15,7 +15,7 @@ from benchmarks.report import RESULTS
 SCRIPTS = [
     "coreset_speed", "fit_memory", "federated_parity", "codec_tradeoff", "server_selection",
     "system_round", "realistic_parity",
-    "report_speed", "selection_scale",
+    "report_speed", "selection_scale", "site_allocation",
 ]
 
 #: script -> (quick-mode arguments, a header cell its printed table must contain)

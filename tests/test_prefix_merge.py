@@ -11,6 +11,7 @@ from core.codec import CODEC_PRESETS
 from core.coreset import coverage_radius, greedy_coreset
 from core.federated import CommunicationProtocol, GlobalBankAggregator
 from core.federated.aggregator import AggregationError
+from core.federated.allocation import DEFAULT_FLOOR_FRACTION
 from core.federated.communication import parse_upload
 from core.federated.prefix import CapacityError, PrefixMergeSelector, prefix_separations
 from core.knn import NearestNeighbourIndex
@@ -101,7 +102,7 @@ def test_aggregator_prefix_selection_over_the_wire_and_its_typed_errors() -> Non
     aggregator = GlobalBankAggregator(150)
     assert aggregator.server_selection == "prefix"
     aggregator.begin_round(1)
-    reference = PrefixMergeSelector(150, capacity=10_000)
+    reference = PrefixMergeSelector(150, capacity=10_000, floor_fraction=DEFAULT_FLOOR_FRACTION)
     for i, upload in enumerate(uploads):
         messages = CommunicationProtocol.send_to_server(
             str(i), upload, codec=CODEC_PRESETS["lossless"], summary=_summary(str(i), len(upload)),
@@ -114,8 +115,10 @@ def test_aggregator_prefix_selection_over_the_wire_and_its_typed_errors() -> Non
                 aggregator.receive_chunk(item)
         reference.add(str(i), upload)
     outcome = aggregator.finish_round()
-    np.testing.assert_array_equal(outcome.bank, reference.select().features)
-    assert outcome.server_radius == pytest.approx(reference.select().radius_bound)
+    patches = {str(i): 1000 for i in range(len(uploads))}
+    np.testing.assert_array_equal(outcome.bank, reference.select(num_patches=patches).features)
+    assert outcome.server_radius == pytest.approx(
+        reference.select(num_patches=patches).radius_bound)
 
     small = GlobalBankAggregator(10, buffer_rows=100)
     small.begin_round(1)
@@ -130,12 +133,15 @@ def test_direct_aggregate_uses_the_same_prefix_merge_as_the_rounds() -> None:
     from core.federated import FederatedServer, federated_prefix_aggregation
 
     uploads = [_upload(s, 0.3) for s in _sites()]
-    reference = PrefixMergeSelector(150, capacity=10_000)
+    reference = PrefixMergeSelector(150, capacity=10_000, floor_fraction=DEFAULT_FLOOR_FRACTION)
     for i, upload in enumerate(uploads):
         reference.add(str(i), upload)
     bank = FederatedServer(num_clients=3, global_bank_size=150).aggregate(uploads, [1, 2, 3])
-    np.testing.assert_array_equal(bank, reference.select().features)
-    np.testing.assert_array_equal(bank, federated_prefix_aggregation(uploads, 150, [5, 1, 1]))
+    # Client sizes size the floors (in proportion: 1e6 x w / sum w patch counts).
+    patches = {str(i): round(1e6 * w / 6) for i, w in enumerate([1, 2, 3])}
+    np.testing.assert_array_equal(bank, reference.select(num_patches=patches).features)
+    np.testing.assert_array_equal(bank, federated_prefix_aggregation(
+        uploads, 150, [1, 2, 3], floor_fraction=DEFAULT_FLOOR_FRACTION))
     old = FederatedServer(3, 150, server_selection="farthest_first").aggregate(uploads)
     assert not np.array_equal(np.sort(old, axis=0), np.sort(bank, axis=0))
 

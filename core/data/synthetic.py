@@ -1,11 +1,13 @@
 """Deterministic synthetic industrial-inspection dataset (numpy + PIL only).
 
-Five categories, each with its own normal appearance, so federated sites holding different
+Six categories, each with its own normal appearance, so federated sites holding different
 categories really hold different data:
 
     stripes  texture: diagonal navy / sand stripes
     mesh     texture: tilted grey wire grid
     fabric   texture: fine green weave with smooth low-frequency shading
+    felt     texture: plain beige felt, only faint low-frequency shading (compact features:
+             the smooth category beside busy ones, benchmarks/site_allocation.py)
     washer   object:  brass ring on a dark background
     screw    object:  threaded steel bar with a head on a light background
 
@@ -59,7 +61,7 @@ from core.metrics import SaturationSpec
 
 logger = logging.getLogger(__name__)
 
-SYNTHETIC_CATEGORIES: tuple[str, ...] = ("fabric", "mesh", "screw", "stripes", "washer")
+SYNTHETIC_CATEGORIES: tuple[str, ...] = ("fabric", "felt", "mesh", "screw", "stripes", "washer")
 DEFAULT_SYNTHETIC_CATEGORIES: tuple[str, ...] = ("mesh", "screw", "stripes", "washer")
 #: Defect types of test images, in the order test images cycle through them.
 SYNTHETIC_DEFECTS: tuple[str, ...] = ("scratch", "spot", "missing", "combined")
@@ -267,6 +269,18 @@ def _fabric(size: int, rng: np.random.Generator) -> _Scene:
     return _Scene(image, np.ones((size, size), bool), look, _texture_anchor(size))
 
 
+def _felt(size: int, rng: np.random.Generator) -> _Scene:
+    """Plain felt: a fine random grain of low contrast on one beige, no pattern. Its patches'
+    features are much tighter than a weave's or a grid's (the compact site of issue 17), yet
+    the grain is random, so a bank needs more than a handful of its rows to cover it. Defects
+    are of moderate contrast: a slightly too coarse bank makes good felt score like a defect."""
+    grain = _smooth_field(size, max(4, size // 3), rng)
+    shade = 1.0 + 0.03 * _smooth_field(size, 3, rng)
+    image = _mix((178, 160, 132), (212, 194, 166), 0.5 + 0.5 * grain) * shade[..., None]
+    look = _Look(scratch=(228, 212, 186), spot=(160, 138, 110), hole=(150, 128, 100))
+    return _Scene(image, np.ones((size, size), bool), look, _texture_anchor(size))
+
+
 def _washer(size: int, rng: np.random.Generator) -> _Scene:
     yy, xx = _grid(size)
     cy, cx = size / 2 + rng.uniform(-0.025, 0.025, size=2) * size
@@ -330,6 +344,7 @@ def _screw(size: int, rng: np.random.Generator) -> _Scene:
 
 _RENDERERS: dict[str, Callable[[int, np.random.Generator], _Scene]] = {
     "fabric": _fabric,
+    "felt": _felt,
     "mesh": _mesh,
     "screw": _screw,
     "stripes": _stripes,

@@ -33,6 +33,12 @@ from typing import Literal
 import numpy as np
 
 from core.coreset import IncrementalCoreset
+from core.federated.allocation import (
+    DEFAULT_FLOOR_FRACTION,
+    SiteAllocation,
+    check_allocation_settings,
+    flooding,
+)
 from core.federated.prefix import CapacityError, PrefixMergeSelector
 from core.federated.reservoir import WeightedReservoir
 from core.messages import FeatureChunk, SiteSummary
@@ -53,6 +59,7 @@ __all__ = [
     "SummaryConflictError",
     "UploadSizeMismatchError",
     "check_chunk_codec",
+    "log_allocation",
     "summary_difference",
     "warn_if_bank_short",
 ]
@@ -122,6 +129,31 @@ def warn_if_bank_short(requested: int, bank_rows: int, available: int) -> bool:
     return True
 
 
+def log_allocation(outcome: RoundOutcome) -> None:
+    """Log each site's rows kept against its share, a warning per site flagged as flooding the
+    bank, and one per site the cap (max_site_share) took rows from."""
+    if not outcome.allocation:
+        return
+    logger.info("round %d: rows kept per site (kept / uploaded, proportional share, floor): %s",
+                outcome.round, ", ".join(
+                    f"{a.site_id} {a.kept}/{a.uploaded} ({a.proportional:.1f}, {a.floor})"
+                    for a in outcome.allocation))
+    bank = max(1, sum(a.kept for a in outcome.allocation))
+    patches = max(1, sum(a.num_patches for a in outcome.allocation))
+    for a in outcome.allocation:
+        if a.site_id in outcome.flooding:
+            logger.warning(
+                "round %d: site %s floods the bank: it keeps %d of %d rows (%.1f %%) with %.1f "
+                "%% of the patches, %.1f x the other sites' rows per patch; check its camera, "
+                "data and extractor (max_site_share caps a site's rows)",
+                outcome.round, a.site_id, a.kept, bank, 100 * a.kept / bank,
+                100 * a.num_patches / patches, outcome.flooding[a.site_id],
+            )
+        if a.capped:
+            logger.warning("round %d: max_site_share capped site %s at %d rows (it would have "
+                           "kept %d)", outcome.round, a.site_id, a.kept, a.uncapped)
+
+
 def check_chunk_codec(chunk: FeatureChunk, summary: SiteSummary) -> None:
     """Raise CodecMismatchError unless ``chunk`` has the value type of ``summary.codec``.
 
@@ -163,6 +195,10 @@ class RoundOutcome:
             bank's codec error (``core.serde.chunked_roundtrip``; FederatedServer reports that).
         max_site_radius: max_i r_i over the sites merged so far.
         rows_received: rows accepted this round, per site.
+        allocation: prefix selection only: per site (ids sorted) rows uploaded (all rounds) and
+            kept, proportional share, floor, cap (core.federated.allocation); () otherwise.
+        flooding: sites flagged as flooding the bank, with their ratio of bank rows per
+            training patch against the other sites (core.federated.allocation.flooding).
     """
 
     round: int
@@ -170,6 +206,8 @@ class RoundOutcome:
     server_radius: float
     max_site_radius: float
     rows_received: dict[str, int] = field(default_factory=dict)
+    allocation: tuple[SiteAllocation, ...] = ()
+    flooding: dict[str, float] = field(default_factory=dict)
 
     @property
     def certificate(self) -> float:
@@ -204,6 +242,12 @@ class GlobalBankAggregator:
         server_selection: coreset strategy only: "prefix" (default) or "farthest_first"
             (see ServerSelection). "prefix" buffers every uploaded row (at most
             ``buffer_rows``; more raises AggregationError) and reports r_S exactly.
+        floor_fraction: prefix selection only: each site first keeps this fraction of its
+            proportional share k x n_i / N, n_i its SiteSummary.num_patches (latest round);
+            None: DEFAULT_FLOOR_FRACTION (core.federated.allocation). Another selection with a
+            value set is an error (they have no floor).
+        max_site_share: prefix selection only: most rows one site may keep, as a fraction of
+            k; None: no cap.
     """
 
     def __init__(
@@ -217,6 +261,8 @@ class GlobalBankAggregator:
         buffer_rows: int | None = None,
         device: str | None = None,
         server_selection: ServerSelection = "prefix",
+        floor_fraction: float | None = None,
+        max_site_share: float | None = None,
     ) -> None:
         if global_bank_size < 1:
             raise ValueError(f"global_bank_size must be >= 1, got {global_bank_size}")
@@ -240,8 +286,24 @@ class GlobalBankAggregator:
             buffer_rows if buffer_rows is not None
             else max(2 * global_bank_size, SERVER_BUFFER_ROWS)
         )
-        if strategy == "coreset" and server_selection == "prefix":
-            self._prefix = PrefixMergeSelector(global_bank_size, capacity=capacity, device=device)
+        prefix = strategy == "coreset" and server_selection == "prefix"
+        if not prefix and (floor_fraction is not None or max_site_share is not None):
+            raise ValueError(
+                "floor_fraction and max_site_share apply to the prefix selection only (strategy "
+                f"'coreset', server_selection 'prefix'), not to {strategy!r} / "
+                f"{server_selection!r}"
+            )
+        self.floor_fraction = (
+            (DEFAULT_FLOOR_FRACTION if floor_fraction is None else floor_fraction)
+            if prefix else 0.0
+        )
+        self.max_site_share = max_site_share
+        check_allocation_settings(self.floor_fraction, max_site_share)
+        if prefix:
+            self._prefix = PrefixMergeSelector(
+                global_bank_size, capacity=capacity, device=device,
+                floor_fraction=self.floor_fraction, max_site_share=max_site_share,
+            )
         elif strategy == "coreset":
             self._selector = IncrementalCoreset(
                 global_bank_size,
@@ -257,6 +319,7 @@ class GlobalBankAggregator:
         self._fingerprint: str | None = None
         self._feature_dim: int | None = None
         self._site_radius: dict[str, float] = {}
+        self._site_patches: dict[str, int] = {}  # n_i: latest summary's num_patches
         self._uploads: dict[str, _SiteUpload] = {}
         self._rows_before_round = 0  # rows accepted in earlier rounds (held by the selector)
         # Where each accepted chunk's rows sit in the selector's buffer: (canonical key, start,
@@ -479,8 +542,15 @@ class GlobalBankAggregator:
             # term of the certificate, never shrink it.
             radius = upload.summary.coverage_radius
             self._site_radius[site_id] = max(radius, self._site_radius.get(site_id, radius))
+        allocation: tuple[SiteAllocation, ...] = ()
         if self._prefix is not None:
-            chosen = self._prefix.select()
+            # n_i is a site's patch count, the same patches every round: the latest summary's,
+            # not a sum over rounds (a later round re-describes the site, it adds no patches).
+            patches = {**self._site_patches,
+                       **{s: u.summary.num_patches for s, u in self._uploads.items()}}
+            chosen = self._prefix.select(num_patches=patches)
+            self._site_patches = patches
+            allocation = chosen.allocation
             bank, server_radius = chosen.features, chosen.radius_bound
             available = chosen.num_seen
         elif self._selector is not None:
@@ -499,6 +569,8 @@ class GlobalBankAggregator:
             server_radius=server_radius,
             max_site_radius=max(self._site_radius.values()),
             rows_received={s: u.assembler.rows_received for s, u in self._uploads.items()},
+            allocation=allocation,
+            flooding={a.site_id: ratio for a, ratio in flooding(allocation)},
         )
         self._open = False
         self.last_outcome = outcome
@@ -507,6 +579,7 @@ class GlobalBankAggregator:
             self.round, bank.shape[0], outcome.server_radius, outcome.max_site_radius,
             outcome.certificate,
         )
+        log_allocation(outcome)
         return outcome
 
     def _add_to_selector(self, rows: np.ndarray, key: tuple[int, str, int]) -> None:

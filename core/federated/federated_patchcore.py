@@ -47,6 +47,10 @@ class FederatedPatchCore:
         knn_backend: nearest-neighbour backend of the global model.
         server_selection: how the coreset strategy picks the bank from the uploads (see
             FederatedServer).
+        floor_fraction: prefix selection: each site's guaranteed fraction of its proportional
+            share of the bank (None: the default; see FederatedServer).
+        max_site_share: prefix selection: most rows one site may keep, fraction of k (None:
+            no cap).
 
     Example::
 
@@ -73,6 +77,8 @@ class FederatedPatchCore:
         num_neighbors: int = 1,
         knn_backend: Backend = "auto",
         server_selection: ServerSelection = "prefix",
+        floor_fraction: float | None = None,
+        max_site_share: float | None = None,
     ) -> None:
         self.num_clients = num_clients
         self.feature_config = (
@@ -101,6 +107,8 @@ class FederatedPatchCore:
             seed=seed,
             device=device,
             server_selection=server_selection,
+            floor_fraction=floor_fraction,
+            max_site_share=max_site_share,
         )
         self.clients: list[PatchCoreClient] = []
         #: The federation record read by :meth:`load` (None for a model trained here).

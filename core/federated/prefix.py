@@ -1,12 +1,32 @@
-"""Server selection by merging the sites' farthest-first prefixes ("prefix merge").
+"""Server selection by merging the sites' uploads by separation ("prefix merge").
 
-A site's local coreset arrives in farthest-first pick order, and a prefix of a farthest-first
-order is itself the site's farthest-first coreset of that size, selected over *all* its patches.
-Row t's *separation* s_t (its distance to the site's earlier rows) is the distance at which the
-site picked it: about the coverage radius of the prefix before it. Keeping the k uploaded rows
-with the largest separations (all sites together) therefore keeps, for every site, a prefix
-chosen to the same common radius: a site whose patches are more diverse keeps more rows, and no
-row is re-selected from the union of local selections.
+Every uploaded row gets a *separation* s_t: its distance to the site's earlier rows of its
+stream (round 1), or to the round's starting bank and the site's earlier rows of the round
+(later rounds). When a site's upload is in farthest-first pick order, s_t is the distance at
+which the site picked the row, about the coverage radius of the prefix before it, and every
+prefix of the upload is the site's own farthest-first coreset; keeping the k rows of largest
+separation over all sites then keeps, for every site, a prefix chosen to one common radius.
+
+**What the upload order has, and lacks** (issue 17; docs/protocol.md). It has: a total order
+per site and round (chunk ``sequence``, then row order), the same for the same data and seed;
+rows that are the site's own training patches (as decoded); and together they cover every
+site patch within r_i. It lacks, in general: monotone separations and "every prefix is the
+site's coreset". A site with more patches than its coreset buffer reduces in a stream, and
+the final order then mixes pick distance and represented radius (on one real site 3,031 of
+3,839 rows sat more than 5 % above the running minimum of the separations, Spearman 0.48).
+So nothing here relies on position in the upload: a row's separation is a measured distance
+to real earlier rows (valid in any order; an order far from farthest-first only makes some
+early rows look more separated than they are, i.e. that site's coverage coarser), the
+allocation ranks each site's rows by separation, never by position, and the certificate is
+measured on the kept rows whatever the order.
+
+**Allocation** (core.federated.allocation): pure k-center (the k largest separations) starves
+a site whose features are compact, and lets a site of random rows take nearly the whole bank.
+So each site first keeps a floor, ``ceil(floor_fraction x k x n_i / N)`` of its rows of largest
+own separation (n_i its SiteSummary.num_patches), the rest of the bank is filled by the largest
+separations over all sites, and ``max_site_share`` optionally caps each site's rows; the
+selection reports rows kept per site (PrefixSelection.allocation). The selector's own default
+is no floor (floor_fraction 0); the aggregator sets the default floor.
 
 Why not farthest-first again over the union (the old server selection): the union of local
 coresets has already lost the density of the patches (every region is represented at spacing
@@ -33,7 +53,7 @@ arrive, and costs O(n^1.5 d + n D) per site of n rows, not O(n^2 D):
   true separation, equal when the nearest earlier row was among the candidates (always when
   D <= d, where the projection is the identity). The candidates are kept as the row's *edges*
   (row, exact distance).
-* **Certificate.** :meth:`PrefixMergeSelector.select` keeps the k most separated rows, then
+* **Certificate.** :meth:`PrefixMergeSelector.select` keeps its rows (allocation above), then
   bounds every row's distance to the bank by edge paths to kept rows (triangle inequality,
   O(N); core.federated.coverage.chain_bounds) and refines exactly only the rows whose bound
   exceeds the largest exact distance found so far (coverage.refine_radius). The r_S it reports
@@ -71,13 +91,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from core.coreset import projection_matrix
+from core.federated.allocation import SiteAllocation, allocate, check_allocation_settings
 from core.federated.cells import CellIndex, FlatIndex, num_cells_for, smallest
 from core.federated.coverage import chain_bounds, exact_distances, refine_radius
 
@@ -180,6 +201,8 @@ class PrefixSelection:
         chain_radius: the O(N) chain bound before refinement (max over rows of the shortest
             edge path to a bank row); >= radius_bound. 0.0 when every row is kept.
         exact_checks: rows given the full [1, k] x D check while certifying.
+        allocation: per site (ids sorted): rows uploaded and kept, proportional share, floor,
+            cap (core.federated.allocation).
     """
 
     features: np.ndarray
@@ -189,6 +212,7 @@ class PrefixSelection:
     radius_exact: bool = True
     chain_radius: float = 0.0
     exact_checks: int = 0
+    allocation: tuple[SiteAllocation, ...] = ()
 
 
 @contextlib.contextmanager
@@ -290,6 +314,10 @@ class PrefixMergeSelector:
             at least 32.
         block_rows: rows per block of a site's stream (the bank depends on it, like on
             ``seed``; tests use small blocks to cover many of them).
+        floor_fraction: each site first keeps this fraction of its proportional share
+            k x n_i / N (core.federated.allocation; 0: the plain k largest separations).
+            :meth:`select` then needs the sites' patch counts.
+        max_site_share: most rows one site may keep, as a fraction of k (None: no cap).
     """
 
     def __init__(
@@ -302,9 +330,14 @@ class PrefixMergeSelector:
         exhaustive_rows: int | None = None,
         max_exact_rows: int | None = None,
         block_rows: int = BLOCK_ROWS,
+        floor_fraction: float = 0.0,
+        max_site_share: float | None = None,
     ) -> None:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
+        check_allocation_settings(floor_fraction, max_site_share)
+        self.floor_fraction = floor_fraction
+        self.max_site_share = max_site_share
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self.k = k
@@ -555,13 +588,20 @@ class PrefixMergeSelector:
 
     # -- selection -----------------------------------------------------------------------
 
-    def select(self, k: int | None = None) -> PrefixSelection:
-        """The ``k`` rows (default the constructor's) of largest separation, with r_S
-        certified (exact unless the refinement's budget ran out; see PrefixSelection)."""
-        with _one_thread(self.device):
-            return self._select(k)
+    def select(self, k: int | None = None, *, num_patches: Mapping[str, int] | None = None
+               ) -> PrefixSelection:
+        """``k`` rows (default the constructor's): each site's floor, then the largest
+        separations, within any cap (core.federated.allocation), with r_S certified on the
+        kept rows (exact unless the refinement's budget ran out; see PrefixSelection).
 
-    def _select(self, k: int | None) -> PrefixSelection:
+        ``num_patches``: n_i of every site that uploaded (SiteSummary.num_patches); required
+        when ``floor_fraction`` > 0, reported (and used by the flooding flag) otherwise.
+        """
+        with _one_thread(self.device):
+            return self._select(k, num_patches)
+
+    def _select(self, k: int | None, num_patches: Mapping[str, int] | None = None
+                ) -> PrefixSelection:
         k = self.k if k is None else k
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
@@ -583,12 +623,13 @@ class PrefixMergeSelector:
                        device=self.device) for s in streams
         ])
         n = canonical.numel()
-        order = torch.sort(self._separations[canonical], descending=True, stable=True).indices
-        keep = torch.sort(order[: min(k, n)]).values  # canonical positions of kept rows
+        keep, allocation = allocate(
+            self._separations[canonical], site_of, sites, k, num_patches=num_patches,
+            floor_fraction=self.floor_fraction, max_site_share=self.max_site_share,
+        )  # canonical positions of kept rows, ascending
         kept_rows = canonical[keep]
         bank = self._rows[kept_rows]
-        counts = torch.bincount(site_of[keep], minlength=len(sites)).tolist()
-        rows_kept = dict(zip(sites, counts, strict=True))
+        rows_kept = {a.site_id: a.kept for a in allocation}
         features = bank.cpu().numpy() if bank.device.type != "cpu" else bank.numpy()
         if keep.numel() == n:
             result_radius, exact, chain, checks = 0.0, True, 0.0, 0
@@ -630,5 +671,6 @@ class PrefixMergeSelector:
             radius_exact=exact,
             chain_radius=chain,
             exact_checks=checks,
+            allocation=allocation,
         )
         return self.last_selection

@@ -20,6 +20,7 @@ from core.federated.aggregator import (
     Strategy,
     warn_if_bank_short,
 )
+from core.federated.allocation import SiteAllocation
 from core.federated.client import PatchCoreClient
 from core.federated.communication import CommunicationProtocol, parse_upload
 from core.federated.strategies import (
@@ -58,6 +59,10 @@ class RoundReport:
             patches): the realised coverage the certificate bounds.
         bank_changed: whether the round's bank differs (as a set of rows) from the one the
             sites held; only then was it broadcast (``bytes_down`` is 0 otherwise).
+        allocation: prefix selection: per site rows uploaded (all rounds) and kept, its
+            proportional share, floor and cap (core.federated.allocation.SiteAllocation).
+        flooding: sites flagged as flooding the bank -> their ratio of bank rows per patch
+            against the other sites (core.federated.allocation.flooding).
     """
 
     round: int
@@ -72,6 +77,8 @@ class RoundReport:
     num_novel: dict[str, int] = field(default_factory=dict)
     training_radius: float | None = None
     bank_changed: bool = True
+    allocation: tuple[SiteAllocation, ...] = ()
+    flooding: dict[str, float] = field(default_factory=dict)
 
     @property
     def total_bytes_up(self) -> int:
@@ -114,6 +121,11 @@ class FederatedServer:
         device: "cuda" to run selection on the GPU.
         server_selection: how the coreset strategy picks the bank from the uploads ("prefix",
             the default, or "farthest_first"; see core.federated.aggregator.ServerSelection).
+        floor_fraction: prefix selection: each site first keeps this fraction of its
+            proportional share of the bank (None: the default, see
+            core.federated.allocation); :meth:`aggregate` sizes the shares by ``client_sizes``.
+        max_site_share: prefix selection: most rows one site may keep, fraction of k (None:
+            no cap).
 
     Example::
 
@@ -133,6 +145,8 @@ class FederatedServer:
         buffer_rows: int | None = None,
         device: str | None = None,
         server_selection: ServerSelection = "prefix",
+        floor_fraction: float | None = None,
+        max_site_share: float | None = None,
     ) -> None:
         if num_clients < 1:
             raise ValueError(f"num_clients must be >= 1, got {num_clients}")
@@ -152,6 +166,8 @@ class FederatedServer:
             buffer_rows=buffer_rows,
             device=device,
             server_selection=server_selection,
+            floor_fraction=floor_fraction,
+            max_site_share=max_site_share,
         )
         self._global_bank: np.ndarray | None = None
         #: The bank last broadcast (float32, as selected) and its largest row error under the
@@ -186,7 +202,11 @@ class FederatedServer:
             )
         weights = list(client_sizes) if (self.weighted and client_sizes is not None) else None
         if self.aggregation_strategy == "coreset" and self.server_selection == "prefix":
-            bank = federated_prefix_aggregation(client_coresets, self.global_bank_size, weights)
+            bank = federated_prefix_aggregation(
+                client_coresets, self.global_bank_size,
+                list(client_sizes) if client_sizes is not None else None,
+                floor_fraction=self.aggregator.floor_fraction,
+            )
         elif self.aggregation_strategy == "coreset":
             bank = federated_coreset_aggregation(
                 client_coresets, self.global_bank_size, weights, seed=self.seed
@@ -327,6 +347,8 @@ class FederatedServer:
             num_novel=num_novel,
             training_radius=training_radius,
             bank_changed=bank_changed,
+            allocation=outcome.allocation,
+            flooding=dict(outcome.flooding),
         )
         logger.info(
             "round %d: up %d B, down %d B, bank %d, realised %.4f, certificate %.4f",

@@ -11,10 +11,12 @@ sites' image counts; they are normalised to sum to 1 internally):
   normal patterns are. Weighting would let a big site crowd out a small site's rare-but-normal
   patches, the false positives federation exists to remove. The weights are validated and
   otherwise ignored, and the docstring and tests say so.
-* :func:`federated_prefix_aggregation` -- **no effect** either, for the same reason: it keeps
-  each site's farthest-first prefix down to one common local radius (core.federated.prefix),
-  so how many rows a site keeps follows the diversity of its patches, not its size. It is the
-  selection :class:`~core.federated.aggregator.GlobalBankAggregator` makes by default.
+* :func:`federated_prefix_aggregation` -- the weights only size each site's **floor**: with
+  ``floor_fraction`` f > 0, site i first keeps ceil(f x k x w_i / sum w) of its most separated
+  rows (core.federated.allocation), so a compact site is never starved; the rest of the bank
+  follows coverage (each site's rows down to one common separation, core.federated.prefix),
+  not size. It is the selection :class:`~core.federated.aggregator.GlobalBankAggregator` makes
+  by default (there with n_i = the sites' patch counts).
 * :func:`federated_random_aggregation` -- the probability that a row is drawn is proportional to
   its site's weight divided by the number of rows that site sent, so each site's expected share
   of the bank is its weight (unweighted: every uploaded row is equally likely).
@@ -124,13 +126,17 @@ def federated_prefix_aggregation(
     client_coresets: Sequence[np.ndarray],
     global_size: int,
     client_weights: Sequence[float] | None = None,
+    *,
+    floor_fraction: float = 0.0,
 ) -> np.ndarray:
     """Aggregate local coresets by prefix merge (the aggregator's default server selection).
 
-    Each coreset must be in its site's farthest-first pick order (``PatchCoreClient.train``
-    returns it so). The k rows picked at the largest local distance are kept, which is a
-    prefix of every site's coreset chosen to a common radius. ``client_weights`` do not change
-    the selection (module doc).
+    Each coreset is one site's upload (``PatchCoreClient.train`` returns it). Every site first
+    keeps its floor, ceil(floor_fraction x k x w_i / sum w) of its rows of largest separation
+    (w_i: ``client_weights``, else the coresets' row counts: a site's coreset is a fixed
+    fraction of its patches); then the rows of largest separation over all sites fill the
+    bank (core.federated.allocation). floor_fraction 0: the plain k largest separations, and
+    the weights change nothing.
 
     Returns:
         [min(global_size, total rows), D] float32 global bank, site by site in upload order.
@@ -139,10 +145,16 @@ def federated_prefix_aggregation(
     normalised_weights(client_weights, len(coresets))  # validate only: see the module docstring
     if global_size < 1:
         raise ValueError(f"global_size must be >= 1, got {global_size}")
-    selector = PrefixMergeSelector(global_size, capacity=sum(len(c) for c in coresets))
+    selector = PrefixMergeSelector(global_size, capacity=sum(len(c) for c in coresets),
+                                   floor_fraction=floor_fraction)
+    sizes = client_weights if client_weights is not None else [len(c) for c in coresets]
+    total = float(sum(sizes))
+    # Integer patch counts in proportion to the weights (the allocation takes counts).
+    patches = {str(i): max(1, round(1e6 * float(w) / total)) if total > 0 else 1
+               for i, w in enumerate(sizes)}
     for i, coreset in enumerate(coresets):
         selector.add(str(i), coreset)
-    return selector.select().features
+    return selector.select(num_patches=patches).features
 
 
 def federated_random_aggregation(
