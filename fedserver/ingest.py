@@ -188,10 +188,14 @@ class Ingest:
 
     def _check_summary(self, rnd: Round, summary: SiteSummary) -> None:
         pins = self._pins
-        if pins.feature_dim and summary.feature_dim != pins.feature_dim:
+        # D is fixed by the first summary accepted, before it is durable: a summary of another
+        # D that arrives meanwhile is the same malformed message (INVALID_ARGUMENT), not a
+        # state conflict that the aggregator would report (FAILED_PRECONDITION).
+        feature_dim = pins.feature_dim or self._host.aggregator.feature_dim
+        if feature_dim and summary.feature_dim != feature_dim:
             raise DimensionMismatchError(
                 f"site {summary.site_id!r} sends D={summary.feature_dim}, the federation uses "
-                f"D={pins.feature_dim}"
+                f"D={feature_dim}"
             )
         if pins.fingerprint and summary.feature_fingerprint != pins.fingerprint:
             raise IncompatibleSiteError(

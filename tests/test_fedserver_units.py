@@ -370,6 +370,40 @@ def test_fingerprint_pinned_by_the_first_site(tmp_path: Path) -> None:
     federation.close()
 
 
+def test_a_summary_of_another_dimension_is_invalid_before_the_first_is_durable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first accepted summary fixes D at once: another site's summary of another D that
+    arrives while the first is still on its way to disk is refused as malformed
+    (DimensionMismatchError, INVALID_ARGUMENT), as it is afterwards. It used to reach the
+    aggregator and come back as IncompatibleSiteError (FAILED_PRECONDITION), so the status code
+    depended on the journal's timing."""
+    import threading
+
+    from fedserver.errors import DimensionMismatchError
+
+    config, _ = make_config(tmp_path, ["a", "b"])
+    journal = Journal(config.state_dir)
+    federation = Federation(config, journal, ("a", "b"))
+    gate = threading.Event()
+    write_batch = journal._write_batch
+
+    def held(*args: object, **kwargs: object) -> None:
+        gate.wait(timeout=30)
+        write_batch(*args, **kwargs)
+
+    monkeypatch.setattr(journal, "_write_batch", held)
+    summary, _ = upload_messages("a", site_rows(0, 10))
+    pending = federation.submit("a", summary, _raw(summary))
+    assert not pending.done()  # a's summary is accepted, not yet durable
+    other, _ = upload_messages("b", site_rows(1, 10, dim=16))
+    with pytest.raises(DimensionMismatchError, match="D=16"):
+        federation.submit("b", other, _raw(other))
+    gate.set()
+    assert pending.result(timeout=30) is True
+    federation.close()
+
+
 # -- command line ------------------------------------------------------------------------------
 
 

@@ -328,6 +328,11 @@ class GlobalBankAggregator:
         self.last_outcome: RoundOutcome | None = None
 
     @property
+    def feature_dim(self) -> int | None:
+        """D fixed by the first summary accepted (None before one is), durable or not."""
+        return self._feature_dim
+
+    @property
     def buffer_capacity(self) -> int | None:
         """Most rows the selection can hold over all sites and rounds (the prefix merge keeps
         every uploaded row); None when uploads beyond the buffer are reduced or sampled."""
