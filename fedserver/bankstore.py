@@ -13,8 +13,10 @@ version table is replaced, never mutated in place, so readers take no lock (``_l
 from __future__ import annotations
 
 import logging
+import threading
+import weakref
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -68,12 +70,56 @@ class BankDownload:
     chunks: Iterator[BankChunk]
 
 
+class _SharedStream:
+    """One download's header, removed indices and chunks, shared by every download of the same
+    (target, base) pair that is in flight at the same time.
+
+    When a round's bank is ready, every site asks for the same delta (or full bank) at once:
+    256 sites used to encode the same 16.5 MiB 256 times (benchmarks/scale.py: the round was
+    download-bound). Chunks are encoded once, lazily and in order, by whichever download needs
+    the next one first (the others wait for it, then reuse it), so the first chunk still goes
+    out before the last is encoded. The object lives only while a download iterates it
+    (:class:`BankStore` holds it weakly): no encoded copy of the bank stays in memory between
+    rounds, only while sites download it.
+    """
+
+    def __init__(self, header: BankHeaderView, removed: np.ndarray,
+                 source: Iterator[BankChunk]) -> None:
+        self.header = header
+        self.removed = removed
+        self._source = source
+        self._encoded: list[BankChunk] = []
+        self._exhausted = False
+        self._lock = threading.Lock()
+
+    def chunks(self) -> Iterator[BankChunk]:
+        """The chunks in order; the generator keeps this stream (and its encodings) alive."""
+        index = 0
+        while True:
+            with self._lock:
+                if index == len(self._encoded):
+                    if self._exhausted:
+                        return
+                    try:
+                        self._encoded.append(next(self._source))
+                    except StopIteration:
+                        self._exhausted = True
+                        return
+                chunk = self._encoded[index]
+            yield chunk
+            index += 1
+
+
 @dataclass(frozen=True)
 class _Table:
-    """The versions' metadata and the latest version (replaced whole on every store)."""
+    """The versions' metadata and the latest version (replaced whole on every store or
+    purge), and the download streams in flight for them: (target version, base version) ->
+    :class:`_SharedStream`, held weakly, so a new table starts with none."""
 
     versions: dict[int, dict[str, Any]]
     latest: BankVersion | None
+    streams: weakref.WeakValueDictionary[tuple[int, int], _SharedStream] = field(
+        default_factory=weakref.WeakValueDictionary, compare=False, repr=False)
 
 
 class BankStore:
@@ -96,6 +142,7 @@ class BankStore:
         self._codec_name = codec_name
         self._chunk_bytes = max_chunk_bytes
         self._table = _Table({}, None)
+        self._streams_lock = threading.Lock()
 
     @property
     def latest(self) -> BankVersion | None:
@@ -283,14 +330,28 @@ class BankStore:
                 f"bank version {version} held a withdrawn site's rows and was purged; ask for "
                 f"the latest ({table.latest.version})"
             )
-        target = table.latest if version in (0, table.latest.version) else (
-            self._journal.load_bank(version)
+        target_version = table.latest.version if version in (0, table.latest.version) else version
+        # An up-to-date site (have == target) gets an empty delta, not the whole bank again.
+        base_version = (have_version if have_version and have_version <= target_version
+                        and have_version in table.versions else 0)
+        key = (target_version, base_version)
+        with self._streams_lock:
+            shared = table.streams.get(key)
+            if shared is None:
+                shared = self._encode(table, target_version, base_version)
+                table.streams[key] = shared
+        return BankDownload(header=shared.header, removed=shared.removed,
+                            chunks=shared.chunks())
+
+    def _encode(self, table: _Table, target_version: int, base_version: int) -> _SharedStream:
+        """The header, removed indices and (lazy) chunks of the stream from ``base_version``
+        (0: none, a full download) to ``target_version``."""
+        assert table.latest is not None
+        target = table.latest if target_version == table.latest.version else (
+            self._journal.load_bank(target_version)
         )
         meta = table.versions[target.version]
-        base: BankVersion | None = None
-        # An up-to-date site (have == target) gets an empty delta, not the whole bank again.
-        if have_version and have_version <= target.version and have_version in table.versions:
-            base = self._journal.load_bank(have_version)
+        base = self._journal.load_bank(base_version) if base_version else None
         if base is not None:
             delta = bank_delta(base.bank, target.bank)
             removed, rows = delta.removed, delta.added
@@ -325,4 +386,4 @@ class BankStore:
             # the current setting.
             max_chunk_bytes=int(meta.get("bank_chunk_bytes", self._chunk_bytes)),
         )
-        return BankDownload(header=header, removed=removed, chunks=chunks)
+        return _SharedStream(header, removed, chunks)

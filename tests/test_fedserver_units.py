@@ -194,6 +194,50 @@ def test_bank_versions_round_trip(tmp_path: Path) -> None:
     assert journal.bank_versions() == [1]
 
 
+def test_downloads_in_flight_share_one_encoding_of_the_bank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sites that download the same stream at once (every site, when a round's bank is ready)
+    share its encoded chunks: the bank is encoded once, not once per site. Nothing is kept
+    once no download holds the stream, and a new version gets its own stream."""
+    import gc
+
+    import fedserver.bankstore as bankstore
+
+    encodings: list[int] = []
+    split = bankstore.split_bank_into_chunks
+
+    def counted(rows: np.ndarray, **kwargs: object) -> object:
+        encodings.append(rows.shape[0])
+        return split(rows, **kwargs)
+
+    monkeypatch.setattr(bankstore, "split_bank_into_chunks", counted)
+    store = bankstore.BankStore(Journal(tmp_path), CODEC_PRESETS["fp16"], "fp16",
+                                max_chunk_bytes=1024)
+    first = site_rows(0, 200, 16)
+    store.store(1, first, 0.5, 0.25)
+    downloads = [store.download() for _ in range(3)]
+    streams = [list(d.chunks) for d in downloads]
+    assert encodings == [200] and len(streams[0]) > 1  # one encoding, several chunks
+    assert all(a is b for other in streams[1:] for a, b in zip(streams[0], other, strict=True))
+    expected = [c.features.payload for c in split(first, config=CODEC_PRESETS["fp16"], round=1,
+                                                  server_coverage_radius=0.5,
+                                                  max_site_coverage_radius=0.25,
+                                                  max_chunk_bytes=1024)]
+    assert [c.features.payload for c in streams[0]] == expected  # the chunks a site always got
+    del downloads, streams
+    gc.collect()
+    assert sum(1 for _ in store.download().chunks) > 1
+    assert encodings == [200, 200]  # nobody held the stream: it was not kept
+    second = np.concatenate([first[:150], site_rows(1, 50, 16)])
+    store.store(2, second, 0.5, 0.25)
+    held = [store.download(have_version=1) for _ in range(2)]
+    assert held[0].header.base_version == 1 and held[0].removed.size == 50
+    deltas = [list(d.chunks) for d in held]
+    assert all(a is b for a, b in zip(*deltas, strict=True))
+    assert encodings == [200, 200, 50]  # the delta, encoded once for both sites
+
+
 # -- bank deltas -------------------------------------------------------------------------------
 
 
