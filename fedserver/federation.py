@@ -68,8 +68,8 @@ from fedserver.errors import (
 )
 from fedserver.ingest import Ingest, Pins
 from fedserver.journal import Journal, RecordKind, write_private
-from fedserver.membership import Withdrawal, departed_sites, withdraw_site
-from fedserver.replay import rebuild_aggregator, replay_journal
+from fedserver.membership import Withdrawal, withdraw_site
+from fedserver.replay import outline_journal, rebuild_aggregator, replay_journal
 from fedserver.report import ReportWriter, build_round_report
 from fedserver.rounds import Phase, Round, RoundSnapshot, RoundTerms, UploadProgress
 from fedserver.selection import SelectionResult, SelectionWorker
@@ -134,9 +134,9 @@ class Federation:
         self._clock = clock
         # Sites an operator revoked or withdrew (fedserver.membership) are no longer expected,
         # even where the config's expected_sites still names them.
-        departed = departed_sites(journal)
+        outline = outline_journal(journal)
         expected = tuple(s for s in (config.expected_sites or tuple(site_ids))
-                         if s not in departed)
+                         if s not in outline.departed)
         unknown = sorted(set(expected) - set(site_ids))
         if unknown:
             raise ValueError(f"expected_sites {unknown} have no token in the tokens file")
@@ -164,7 +164,7 @@ class Federation:
         self._ingest = Ingest(self, journal, self._pins, config.max_chunk_bytes)
         self._deadline_thread: threading.Thread | None = None
         self._check_state_settings()
-        replay_journal(self)
+        replay_journal(self, outline)
         if 1 in self._rounds:  # sites added since are not round 1's (they hold tokens now)
             self._expected_round1 = tuple(
                 s for s in self._expected_round1 if s in self._rounds[1].expected

@@ -53,7 +53,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Withdrawal", "departed_sites", "withdraw_site", "without_site"]
+__all__ = ["Withdrawal", "withdraw_site", "without_site"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,17 +81,6 @@ class Withdrawal:
     def record(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self), "deleted": list(self.deleted),
                 "redacted": list(self.redacted)}
-
-
-def departed_sites(journal: Journal) -> set[str]:
-    """Sites revoked or withdrawn and not added again since (a pass over the journal)."""
-    departed: set[str] = set()
-    for record in journal.records():
-        if record.kind is RecordKind.SITE_ADDED:
-            departed.discard(str(record.json()["site"]))
-        elif record.kind in (RecordKind.SITE_REVOKED, RecordKind.SITE_WITHDRAWN):
-            departed.add(str(record.json()["site"]))
-    return departed
 
 
 def _encode(value: dict[str, Any]) -> bytes:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from core.federated.aggregator import GlobalBankAggregator
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["cut_off_sites", "rebuild_aggregator", "replay_journal"]
+__all__ = ["JournalOutline", "outline_journal", "rebuild_aggregator", "replay_journal"]
 
 
 class RecordSource(Protocol):
@@ -50,14 +51,39 @@ def _item(record: Record) -> SiteSummary | FeatureChunk:
     return upload_request_from_proto(pb.UploadFeaturesRequest.FromString(record.payload))
 
 
-def cut_off_sites(journal: RecordSource) -> dict[int, set[str]]:
-    """Per round that cut sites off at its deadline: the sites it included."""
-    cutoffs = {}
-    for record in journal.records():
+@dataclass(frozen=True)
+class JournalOutline:
+    """What start-up must know before it replays (one pass over the journal's records).
+
+    cutoffs: per round that cut sites off at its deadline, the sites it included.
+    departed: sites revoked or withdrawn and not added again since (not expected any more).
+    last_withdrawal: 1-based position of the last SITE_WITHDRAWN record (0: none); rounds
+        closed before it selected with the withdrawn site's rows.
+    """
+
+    cutoffs: dict[int, set[str]]
+    departed: set[str]
+    last_withdrawal: int
+
+
+def outline_journal(journal: RecordSource) -> JournalOutline:
+    """The :class:`JournalOutline` of ``journal``: one read of every record, which costs as
+    much as the replay's own (the chunks make up the file), so start-up reads it twice, not
+    once per question."""
+    cutoffs: dict[int, set[str]] = {}
+    departed: set[str] = set()
+    last_withdrawal = 0
+    for position, record in enumerate(journal.records(), 1):
         if record.kind is RecordKind.ROUND_CUTOFF:
             value = record.json()
             cutoffs[int(value["round"])] = set(value["included"])
-    return cutoffs
+        elif record.kind is RecordKind.SITE_ADDED:
+            departed.discard(str(record.json()["site"]))
+        elif record.kind in (RecordKind.SITE_REVOKED, RecordKind.SITE_WITHDRAWN):
+            departed.add(str(record.json()["site"]))
+            if record.kind is RecordKind.SITE_WITHDRAWN:
+                last_withdrawal = position
+    return JournalOutline(cutoffs, departed, last_withdrawal)
 
 
 def _feed(aggregator: GlobalBankAggregator, item: SiteSummary | FeatureChunk) -> None:
@@ -75,7 +101,7 @@ def rebuild_aggregator(
 ) -> GlobalBankAggregator:
     """A fresh aggregator fed the journal again, without cut-off sites' messages; the round
     being closed passes its cut-off in ``extra_cutoffs`` (its record may be the newest)."""
-    cutoffs = {**cut_off_sites(journal), **(extra_cutoffs or {})}
+    cutoffs = {**outline_journal(journal).cutoffs, **(extra_cutoffs or {})}
     aggregator = new_aggregator()
     for record in journal.records():
         if record.kind is RecordKind.ROUND_OPENED:
@@ -91,15 +117,16 @@ def rebuild_aggregator(
     return aggregator
 
 
-def replay_journal(federation: Federation) -> None:
-    """Rebuild rounds, upload positions, the aggregator and bank versions from the journal."""
+def replay_journal(federation: Federation, outline: JournalOutline) -> None:
+    """Rebuild rounds, upload positions, the aggregator and bank versions from the journal
+    (``outline``: :func:`outline_journal` of it)."""
     journal = federation.journal
-    cutoffs = cut_off_sites(journal)
+    cutoffs = outline.cutoffs
     rounds = federation._rounds
     aggregator = federation.aggregator
     pins = federation._pins
     # Rounds closed before the last withdrawal selected with the withdrawn site's rows.
-    unverified_until = _last_withdrawal(journal)
+    unverified_until = outline.last_withdrawal
     count = 0
     for record in journal.records():
         count += 1
@@ -174,15 +201,6 @@ def replay_journal(federation: Federation) -> None:
             with federation.lock:
                 opened = federation._open_round(current.number + 1)
             opened.result()
-
-
-def _last_withdrawal(journal: RecordSource) -> int:
-    """1-based position of the journal's last SITE_WITHDRAWN record (0: none)."""
-    last = 0
-    for position, record in enumerate(journal.records(), 1):
-        if record.kind is RecordKind.SITE_WITHDRAWN:
-            last = position
-    return last
 
 
 def _replay_membership(federation: Federation, record: Record, *, verify: bool) -> None:
