@@ -255,9 +255,9 @@ class Federation:
         self._worker.feed(self._aggregator, rnd.number, site_id, rows, row_offset, last=last)
 
     def site_complete(self, rnd: Round, arrived: float) -> None:
-        """Ingest's event for a site's last chunk (lock held): close the round if it was the
-        last expected upload."""
-        if rnd.phase is Phase.COLLECTING and rnd.all_complete():
+        """Ingest's event for a site's last chunk (lock held), and a site no longer expected:
+        close the round if every expected upload is complete."""
+        if rnd.phase is Phase.COLLECTING and rnd.expected and rnd.all_complete():
             rnd.completed_at = arrived
             rnd.uploads_complete_at = time.time()
             self._start_selection(rnd)
@@ -572,11 +572,7 @@ class Federation:
     def _after_expected_changed(self) -> None:
         """Close the current round if dropping a site left every expected upload complete."""
         with self.lock:
-            rnd = self._current
-            if rnd.phase is Phase.COLLECTING and rnd.expected and rnd.all_complete():
-                rnd.completed_at = time.perf_counter()
-                rnd.uploads_complete_at = time.time()
-                self._start_selection(rnd)
+            self.site_complete(self._current, time.perf_counter())
         self._feed.notify()
 
     def _start_selection(self, rnd: Round) -> None:
