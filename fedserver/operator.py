@@ -15,13 +15,12 @@ changes nothing.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Callable
 from concurrent.futures import Executor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -43,7 +42,7 @@ from fedserver.federation import BankDownload, Federation
 from fedserver.membership import Withdrawal
 from fedserver.servicer import (
     _HANDLER_KINDS,
-    ServerStartingError,
+    AttachedServicer,
     _header_responses,
     _statuses,
     _tolerant,
@@ -55,7 +54,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["OPERATOR_SERVICE", "OperatorServicer", "add_operator_to_server", "stream_bytes"]
 
 OPERATOR_SERVICE = opb.DESCRIPTOR.services_by_name["OperatorService"]
-T = TypeVar("T")
 
 
 def stream_bytes(download: BankDownload) -> int:
@@ -67,7 +65,7 @@ def stream_bytes(download: BankDownload) -> int:
     return total
 
 
-class OperatorServicer:
+class OperatorServicer(AttachedServicer):
     """OperatorService's asyncio handlers (module docstring).
 
     Args:
@@ -82,20 +80,6 @@ class OperatorServicer:
         self._executor = executor
         self._attached: Federation | None = None
         self._file_lock = threading.Lock()  # one rewrite of the tokens file at a time
-
-    def attach(self, federation: Federation) -> None:
-        self._attached = federation
-
-    @property
-    def _federation(self) -> Federation:
-        if self._attached is None:
-            raise ServerStartingError(
-                "the server is starting (replaying its state directory); retry shortly"
-            )
-        return self._attached
-
-    async def _run(self, function: Callable[..., T], *args: object) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     # -- the tokens file ------------------------------------------------------------------
 

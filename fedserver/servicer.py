@@ -61,6 +61,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "STATUS_BY_ERROR",
+    "AttachedServicer",
     "FederationServicer",
     "MalformedRequest",
     "ServerStartingError",
@@ -226,7 +227,32 @@ def certificate_names(context: grpc.ServicerContext) -> set[str]:
     }
 
 
-class FederationServicer:
+class AttachedServicer:
+    """What every servicer of the daemon shares: the :class:`Federation` it serves once the
+    state directory is replayed (until then every call fails with UNAVAILABLE, which clients
+    retry), and the bounded executor its blocking calls run on."""
+
+    _attached: Federation | None
+    _executor: Executor
+
+    def attach(self, federation: Federation) -> None:
+        """Serve ``federation`` from now on (its journal has been replayed)."""
+        self._attached = federation
+
+    @property
+    def _federation(self) -> Federation:
+        if self._attached is None:
+            raise ServerStartingError(
+                "the server is starting (replaying its state directory); retry shortly"
+            )
+        return self._attached
+
+    async def _run(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on the CPU executor, awaited without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+
+
+class FederationServicer(AttachedServicer):
     """The gRPC face of a :class:`Federation`, as asyncio handlers; ``tokens`` identify the
     calling site.
 
@@ -260,22 +286,6 @@ class FederationServicer:
         self._on_chunk = on_chunk
         self._bind_certificates = bind_certificates
         self._uploads_open: dict[str, int] = {}
-
-    def attach(self, federation: Federation) -> None:
-        """Serve ``federation`` from now on (its journal has been replayed)."""
-        self._attached = federation
-
-    @property
-    def _federation(self) -> Federation:
-        if self._attached is None:
-            raise ServerStartingError(
-                "the server is starting (replaying its state directory); retry shortly"
-            )
-        return self._attached
-
-    async def _run(self, function: Callable[..., T], *args: object) -> T:
-        """``function(*args)`` on the CPU executor, awaited without blocking the event loop."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def _wait_for_streams(self, site: str, round_number: int) -> None:
         """Let the site's running upload streams finish committing what has arrived before
