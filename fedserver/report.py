@@ -199,6 +199,19 @@ def write_round_report(state_dir: Path, report: Mapping[str, Any]) -> tuple[Path
     return json_path, html_path
 
 
+def _allocation_fields(share: Mapping[str, Any] | None) -> dict[str, Any]:
+    """A site's report fields from its SiteAllocation.as_dict (all None without one)."""
+    return {
+        "bank_rows_kept": share["kept"] if share else None,
+        "rows_uploaded_all_rounds": share["uploaded"] if share else None,
+        "num_patches": share["num_patches"] if share else None,
+        "proportional_share": share["proportional"] if share else None,
+        "floor": share["floor"] if share else None,
+        "capped_from": share["uncapped"] if share and share["capped"] else None,
+        "whole_upload_kept": share["whole_upload_kept"] if share else None,
+    }
+
+
 def build_round_report(
     rnd: Round,
     meta: Mapping[str, Any] | None,
@@ -244,17 +257,7 @@ def build_round_report(
             # The selection's share for the site (prefix selection; None otherwise): rows it
             # uploaded over all rounds and kept, k x n_i / N, its floor, whether the cap took
             # rows from it, whether its whole upload is in the bank (its upload limited it).
-            "bank_rows_kept": allocation[site_id]["kept"] if site_id in allocation else None,
-            "rows_uploaded_all_rounds": (allocation[site_id]["uploaded"]
-                                         if site_id in allocation else None),
-            "num_patches": allocation[site_id]["num_patches"] if site_id in allocation else None,
-            "proportional_share": (allocation[site_id]["proportional"]
-                                   if site_id in allocation else None),
-            "floor": allocation[site_id]["floor"] if site_id in allocation else None,
-            "capped_from": (allocation[site_id]["uncapped"]
-                            if site_id in allocation and allocation[site_id]["capped"] else None),
-            "whole_upload_kept": (allocation[site_id]["whole_upload_kept"]
-                                  if site_id in allocation else None),
+            **_allocation_fields(allocation.get(site_id)),
             "flooding_ratio": rnd.flooding.get(site_id),
         })
     included = list(rnd.included) if rnd.included is not None else None
