@@ -123,7 +123,7 @@ def warn_if_bank_short(requested: int, bank_rows: int, available: int) -> bool:
         return False
     logger.warning(
         "global bank has %d rows, fewer than the %d asked for: the sites uploaded only %d rows "
-        "(raise coreset_percentage, or lower global_bank_size)",
+        "(raise the sites' upload_factor or coreset_percentage, or lower global_bank_size)",
         bank_rows, requested, available,
     )
     return True
