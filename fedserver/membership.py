@@ -39,7 +39,7 @@ import numpy as np
 
 from core.bankdelta import stable_order
 from core.codec import decode_matrix
-from core.messages import SiteSummary
+from core.messages import FeatureChunk
 from core.serde import upload_request_from_proto
 from fedpatchcore.v1 import features_pb2 as pb
 from fedserver.bankstore import row_digest
@@ -125,23 +125,20 @@ class _WithoutSite:
         return without_site(self._journal.records(), self._site_id)
 
 
-def _site_rows(journal: Journal, site_id: str) -> tuple[int, set[bytes], bool]:
-    """(rows ``site_id`` uploaded, the digests of those rows as the server decoded them, whether
-    it ever sent a summary)."""
-    rows, digests, summaries = 0, set(), False
+def _site_rows(journal: Journal, site_id: str) -> tuple[int, set[bytes]]:
+    """(rows ``site_id`` uploaded, the digests of those rows as the server decoded them)."""
+    rows, digests = 0, set()
     for record in journal.records():
-        if record.kind not in (RecordKind.SUMMARY, RecordKind.CHUNK):
+        if record.kind is not RecordKind.CHUNK:
             continue
         item = upload_request_from_proto(pb.UploadFeaturesRequest.FromString(record.payload))
         if item.site_id != site_id:
             continue
-        if isinstance(item, SiteSummary):
-            summaries = True
-            continue
+        assert isinstance(item, FeatureChunk)
         decoded = decode_matrix(item.features, max_decoded_bytes=item.features.decoded_size)
         rows += decoded.shape[0]
         digests.update(row_digest(row) for row in decoded)
-    return rows, digests, summaries
+    return rows, digests
 
 
 def withdraw_site(federation: Federation, site_id: str) -> Withdrawal:
@@ -184,7 +181,7 @@ def _withdraw(fed: Federation, site_id: str) -> Withdrawal:
     journal = fed.journal
     started = time.perf_counter()
     bytes_before = journal.path.stat().st_size
-    rows_uploaded, digests, _ = _site_rows(journal, site_id)
+    rows_uploaded, digests = _site_rows(journal, site_id)
     aggregator = rebuild_aggregator(_WithoutSite(journal, site_id), fed._new_aggregator)
     outcome = aggregator.last_outcome
     bank = fed._bank
