@@ -53,6 +53,10 @@ def test_cover_new_patches_covers_every_patch_to_the_measured_radius() -> None:
     distances = NearestNeighbourIndex(everything).search(np.concatenate([near, far]), 1)[0]
     assert float(distances.max()) <= upload.radius + 1e-5
     assert upload.radius <= 1.0 + 0.01  # the target plus the fp16 error of the picks
+    # A radius below the far cluster's spread takes several picks, each patch within it.
+    tight = cover_new_patches([far], cover, 0.3, codec=DEFAULT_CODEC, max_chunk_bytes=1 << 20)
+    assert tight.features.shape[0] > upload.features.shape[0]
+    assert tight.radius <= 0.3 + 0.01
     # Nothing new to cover: no rows.
     none = cover_new_patches([near], cover, 1.0, codec=DEFAULT_CODEC, max_chunk_bytes=1 << 20)
     assert none.features.shape == (0, 16) and none.num_uncovered == 0
